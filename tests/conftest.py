@@ -1,0 +1,17 @@
+"""Shared test setup: 8 fake CPU devices for sharding tests, deterministic host RNG."""
+import os
+
+# Must be set before jax is imported anywhere in the test session.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+_flags = os.environ.get("XLA_FLAGS", "")
+if "xla_force_host_platform_device_count" not in _flags:
+    os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=8").strip()
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def np_rng():
+    import numpy as np
+
+    return np.random.default_rng(0)
