@@ -1,0 +1,121 @@
+"""A thin orbax wrapper: save a state pytree plus JSON metadata, restore into target shardings.
+
+A checkpoint that cannot be read, or whose tree/shapes differ from what the run expects, raises
+`CheckpointError` naming the directory and the mismatch: a run never silently starts from scratch
+when it was asked to resume.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def _abstract(tree):
+    """ShapeDtypeStructs carrying each leaf's sharding (the restore target)."""
+    def one(x):
+        sharding = getattr(x, "sharding", None)
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+    return jax.tree.map(one, tree)
+
+
+def _describe_mismatch(expected, found: dict[str, tuple]) -> str:
+    """List paths that are missing, unexpected or of another shape, comparing with saved metadata."""
+    want = {jax.tree_util.keystr(p): tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(expected)[0]}
+    missing = sorted(set(want) - set(found))
+    extra = sorted(set(found) - set(want))
+    shapes = sorted(k for k in set(want) & set(found) if tuple(found[k]) != want[k])
+    parts = []
+    if missing:
+        parts.append(f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}")
+    if extra:
+        parts.append(f"unexpected {extra[:5]}{'...' if len(extra) > 5 else ''}")
+    if shapes:
+        parts.append("shape " + ", ".join(f"{k}: saved {found[k]} vs expected {want[k]}" for k in shapes[:5]))
+    return "; ".join(parts)
+
+
+class Checkpointer:
+    """Step-numbered checkpoints of `{"state": pytree, "meta": json}` in `directory`."""
+
+    def __init__(self, directory: str, *, max_to_keep: int = 3):
+        self.directory = os.path.abspath(directory)
+        self._manager = ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
+        )
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self._manager.all_steps())
+
+    def save(self, step: int, state, meta: dict[str, Any] | None = None, *, force: bool = True) -> None:
+        self._manager.save(
+            int(step),
+            args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                    meta=ocp.args.JsonSave(meta or {})),
+            force=force,
+        )
+
+    def wait(self) -> None:
+        self._manager.wait_until_finished()
+
+    def restore(self, target_state, step: int | None = None):
+        """Restore into the structure, shapes, dtypes and shardings of `target_state`.
+
+        Returns `(state, meta, step)`. Raises CheckpointError if no checkpoint exists, or if it is
+        corrupt or does not match the target.
+        """
+        self.wait()
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise CheckpointError(f"no checkpoint found in {self.directory}")
+        try:
+            restored = self._manager.restore(
+                step,
+                args=ocp.args.Composite(state=ocp.args.StandardRestore(_abstract(target_state)),
+                                        meta=ocp.args.JsonRestore()),
+            )
+        except Exception as err:  # orbax raises many types; all mean "cannot use this checkpoint"
+            detail = ""
+            try:
+                found = self._saved_shapes(step)
+                detail = _describe_mismatch(target_state, found)
+            except Exception:  # metadata unreadable too: the checkpoint is corrupt
+                pass
+            msg = f"cannot restore checkpoint step {step} from {self.directory}: "
+            msg += detail if detail else f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"
+            raise CheckpointError(msg) from err
+        self._check_shapes(target_state, restored.state, step)
+        return restored.state, dict(restored.meta), step
+
+    def _saved_shapes(self, step: int) -> dict[str, tuple]:
+        meta = self._manager.item_metadata(step)
+        tree = meta["state"] if isinstance(meta, dict) or hasattr(meta, "__getitem__") else meta.state
+        out = {}
+        for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+            shape = getattr(leaf, "shape", None)
+            if shape is not None:
+                out[jax.tree_util.keystr(path)] = tuple(shape)
+        return out
+
+    def _check_shapes(self, target, restored, step):
+        for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(target)[0], jax.tree.leaves(restored)):
+            if tuple(np.shape(a)) != tuple(np.shape(b)):
+                raise CheckpointError(
+                    f"checkpoint step {step} in {self.directory}: {jax.tree_util.keystr(path)} has shape "
+                    f"{np.shape(b)}, expected {np.shape(a)}")
+
+    def close(self) -> None:
+        self._manager.wait_until_finished()
+        self._manager.close()

@@ -1,0 +1,63 @@
+"""Value checks on a loaded config, so a bad setting fails in one line before anything compiles.
+
+Each rule is (dotted key, predicate, what is expected). Keys absent from a config are skipped:
+a pretraining config has no `normguard` block.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+_positive_int = (lambda v: isinstance(v, int) and v > 0, "a positive integer")
+_nonneg = (lambda v: isinstance(v, (int, float)) and v >= 0, "a number >= 0")
+_positive = (lambda v: isinstance(v, (int, float)) and v > 0, "a number > 0")
+_prob = (lambda v: isinstance(v, (int, float)) and 0 <= v <= 1, "a number in [0, 1]")
+
+RULES: list[tuple[str, Callable[[Any], bool], str]] = [
+    ("seed", *(lambda v: isinstance(v, int), "an integer")),
+    ("data.batch_size", *_positive_int),
+    ("train.steps", *_positive_int),
+    ("train.cfg_dropout", *_prob),
+    ("train.ema_decay", *_prob),
+    ("optim.lr", *_positive),
+    ("optim.grad_clip", *_nonneg),
+    ("sample.num_steps", *_positive_int),
+    ("sample.cfg_scale", *_nonneg),
+    ("sample.shift", *_positive),
+    ("rl.method", lambda v: v in ("nft", "awm", "dpo"), "one of nft, awm, dpo"),
+    ("rl.group_size", lambda v: isinstance(v, int) and v >= 2, "an integer >= 2"),
+    ("rl.prompts_per_epoch", *_positive_int),
+    ("rl.epochs", *_positive_int),
+    ("rl.micro_batch", *_positive_int),
+    ("rl.rollout.num_steps", *_positive_int),
+    ("normguard.lam", *_nonneg),
+    ("normguard.margin", *_nonneg),
+    ("normguard.power", lambda v: v in (1, 2), "1 or 2"),
+    ("normguard.relative", lambda v: isinstance(v, bool), "true or false"),
+    ("lora.rank", *_nonneg),
+]
+
+
+def _get(config, dotted: str):
+    node = config
+    for part in dotted.split("."):
+        if not hasattr(node, "keys") or part not in node:
+            return _MISSING
+        node = node[part]
+    return node
+
+
+_MISSING = object()
+
+
+def check_config(config) -> None:
+    """Raise ValueError naming the first bad setting."""
+    for key, ok, expected in RULES:
+        value = _get(config, key)
+        if value is _MISSING:
+            continue
+        if not ok(value):
+            raise ValueError(f"{key}={value!r}: expected {expected}")
+    mesh = _get(config, "mesh.shape")
+    if mesh is not _MISSING and len(tuple(mesh)) != 3:
+        raise ValueError(f"mesh.shape={tuple(mesh)!r}: expected 3 entries (data, fsdp, tensor)")

@@ -1,0 +1,95 @@
+"""The one entry point.
+
+    python -m ng_jax.main --config=configs/awm_normguard.py [--workdir=DIR] [--config.a.b=value ...]
+
+`config.job` picks what runs: "rl" (post-training, ng_jax.train), "pretrain" (the reference model,
+ng_jax.pretrain) or "evaluate" (score a checkpoint on fixed prompts, ng_jax.evaluate).
+Config problems (missing file, unknown key, wrong type) are reported in one line, exit status 2.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+
+
+class UsageError(Exception):
+    """A problem with the command line or the config: reported in one line, no traceback."""
+
+
+JOBS = {
+    "pretrain": "ng_jax.pretrain",
+    "rl": "ng_jax.train",
+    "evaluate": "ng_jax.evaluate",
+}
+
+
+def parse_args(argv: list[str]):
+    """Parse flags into (config, workdir, distributed). Raises UsageError with a one-line message."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    fv = flags.FlagValues()
+    config_flag = config_flags.DEFINE_config_file("config", None, "Path to a config .py file.", flag_values=fv)
+    flags.DEFINE_string("workdir", None, "Output directory (default: config.workdir).", flag_values=fv)
+    flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() first (multi-host).",
+                      flag_values=fv)
+
+    for arg in argv[1:]:
+        m = re.match(r"--config=([^:]+)", arg)
+        if m and not os.path.isfile(m.group(1)):
+            raise UsageError(f"config file not found: {m.group(1)}")
+    if not any(a.startswith("--config=") for a in argv[1:]):
+        raise UsageError("missing --config=configs/NAME.py")
+    try:
+        fv(argv)
+        config = config_flag.value
+    except flags.UnrecognizedFlagError as err:
+        raise UsageError(f"unknown flag: {err.flagname}") from None
+    except flags.IllegalFlagValueError as err:
+        raise UsageError(f"bad value: {str(err).splitlines()[0]}") from None
+    except AttributeError as err:
+        bad = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
+        raise UsageError(f"unknown config key {err} in {' '.join(bad)}") from None
+    except KeyError as err:
+        raise UsageError(f"unknown config key {err}") from None
+    except flags.Error as err:
+        raise UsageError(str(err).splitlines()[0]) from None
+    except (SyntaxError, ImportError, TypeError, ValueError) as err:
+        raise UsageError(f"cannot load config: {type(err).__name__}: {str(err).splitlines()[0]}") from None
+    if "job" not in config or config.job not in JOBS:
+        raise UsageError(f"config.job must be one of {sorted(JOBS)}, got {config.get('job')!r}")
+    workdir = fv.workdir or config.get("workdir") or os.path.join("workdirs", config.get("name", config.job))
+    from ng_jax.config_checks import check_config
+
+    try:
+        check_config(config)
+    except ValueError as err:
+        raise UsageError(f"invalid config: {err}") from None
+    return config, workdir, fv.distributed
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv if argv is None else argv)
+    try:
+        config, workdir, distributed = parse_args(argv)
+    except UsageError as err:
+        print(f"ng_jax: error: {err}", file=sys.stderr)
+        return 2
+    import jax
+
+    if distributed:
+        jax.distributed.initialize()
+    import importlib
+
+    module = importlib.import_module(JOBS[config.job])
+    try:
+        return int(module.run(config, workdir) or 0)
+    except UsageError as err:
+        print(f"ng_jax: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

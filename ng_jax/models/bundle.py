@@ -1,0 +1,102 @@
+"""A self-describing model bundle on disk: `config.json` + `params.msgpack`.
+
+This is how the shipped reference model travels (ng_jax/assets/reference): the text encoder and
+velocity-model configs, the sampling defaults it was validated with, and the parameters
+`{"text": ..., "velocity": ...}`. Loading checks every tensor's path and shape against the
+config's freshly initialised abstract tree and names every mismatch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from flax import serialization
+
+BUNDLE_VERSION = 1
+DEFAULT_REFERENCE = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets", "reference")
+
+
+class BundleError(RuntimeError):
+    pass
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelBundle:
+    model_cfg: ml_collections.ConfigDict
+    text_cfg: ml_collections.ConfigDict
+    sampling: dict
+    params: Any  # {"text": ..., "velocity": ...}
+    info: dict = dataclasses.field(default_factory=dict)
+
+
+def _flat_shapes(tree) -> dict[str, tuple]:
+    return {jax.tree_util.keystr(p): tuple(np.shape(x)) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def save_bundle(directory: str, bundle: ModelBundle) -> str:
+    os.makedirs(directory, exist_ok=True)
+    params = jax.tree.map(lambda x: np.asarray(jax.device_get(x), np.float32), bundle.params)
+    blob = serialization.to_bytes(params)
+    meta = {
+        "version": BUNDLE_VERSION,
+        "model": bundle.model_cfg.to_dict(),
+        "text": bundle.text_cfg.to_dict(),
+        "sampling": dict(bundle.sampling),
+        "info": dict(bundle.info),
+        "params_sha256": hashlib.sha256(blob).hexdigest(),
+    }
+    with open(os.path.join(directory, "params.msgpack"), "wb") as f:
+        f.write(blob)
+    with open(os.path.join(directory, "config.json"), "w") as f:
+        json.dump(meta, f, indent=2, default=lambda o: list(o) if isinstance(o, tuple) else str(o))
+    return directory
+
+
+def load_bundle(directory: str | None = None) -> ModelBundle:
+    """Load and validate a bundle (default: the shipped reference)."""
+    from ng_jax.models.text import make_text_encoder
+    from ng_jax.models.velocity import make_velocity_model
+
+    directory = directory or DEFAULT_REFERENCE
+    cfg_path, params_path = os.path.join(directory, "config.json"), os.path.join(directory, "params.msgpack")
+    for path in (cfg_path, params_path):
+        if not os.path.isfile(path):
+            raise BundleError(f"model bundle {directory}: missing {os.path.basename(path)}")
+    try:
+        with open(cfg_path) as f:
+            meta = json.load(f)
+    except json.JSONDecodeError as err:
+        raise BundleError(f"model bundle {directory}: config.json is not valid JSON ({err})") from None
+    if meta.get("version") != BUNDLE_VERSION:
+        raise BundleError(f"model bundle {directory}: version {meta.get('version')}, expected {BUNDLE_VERSION}")
+    with open(params_path, "rb") as f:
+        blob = f.read()
+    if meta.get("params_sha256") and hashlib.sha256(blob).hexdigest() != meta["params_sha256"]:
+        raise BundleError(f"model bundle {directory}: params.msgpack checksum mismatch (corrupt or replaced)")
+    model_cfg = ml_collections.ConfigDict(meta["model"])
+    text_cfg = ml_collections.ConfigDict(meta["text"])
+    text = make_text_encoder(text_cfg)
+    model = make_velocity_model(model_cfg)
+    target = jax.eval_shape(lambda: {"text": text.init(jax.random.key(0)), "velocity": model.init(jax.random.key(0))})
+    try:
+        raw = serialization.msgpack_restore(blob)
+    except Exception as err:
+        raise BundleError(f"model bundle {directory}: cannot decode params.msgpack ({err})") from None
+    want, got = _flat_shapes(target), _flat_shapes(raw)
+    missing = sorted(set(want) - set(got))
+    extra = sorted(set(got) - set(want))
+    shape = sorted(k for k in set(want) & set(got) if want[k] != got[k])
+    if missing or extra or shape:
+        raise BundleError(
+            f"model bundle {directory} does not match its config: missing {missing[:5]}, unexpected {extra[:5]}, "
+            f"mis-shaped {[(k, got[k], want[k]) for k in shape[:5]]}")
+    params = serialization.from_state_dict(jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), target), raw)
+    return ModelBundle(model_cfg=model_cfg, text_cfg=text_cfg, sampling=meta.get("sampling", {}),
+                       params=params, info=meta.get("info", {}))

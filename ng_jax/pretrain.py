@@ -1,0 +1,180 @@
+"""Pretraining of the reference model: rectified flow on the shapes image-text set.
+
+    python -m ng_jax.main --config=configs/pretrain_shapes.py --workdir=workdirs/pretrain
+
+The text encoder and the MMDiT train jointly; captions are dropped to the empty prompt with
+probability `train.cfg_dropout` (classifier-free guidance); an EMA of both is what gets exported
+as the reference bundle. Host side (this file): data, logging, checkpoints, sample grids.
+Device side: `make_pretrain_step`, one jitted function with in/out shardings and a donated state.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ng_jax import flow, parallel, reporting
+from ng_jax.checkpoint import Checkpointer
+from ng_jax.models.bundle import ModelBundle, save_bundle
+from ng_jax.models.text import EMPTY_PROMPT, make_text_encoder, tokenize
+from ng_jax.models.velocity import make_velocity_model
+from ng_jax.sampling import make_sampler, to_uint8
+from ng_jax.state import TrainState, create_sharded, ema_update, make_optimizer, state_shardings
+
+
+@flax.struct.dataclass
+class ImageTextBatch:
+    images: jax.Array  # uint8 [B, H, W, 3]
+    ids: jax.Array     # int32 [B, L]
+    mask: jax.Array    # bool [B, L]
+
+
+def make_pretrain_step(model, text, optimizer, train_cfg, empty_ids, empty_mask):
+    """A pure step `(state, batch) -> (state, metrics)`; the caller jits it with shardings."""
+    cfg_dropout = float(train_cfg.cfg_dropout)
+    ema_decay = float(train_cfg.ema_decay)
+    ln_mean, ln_std = float(train_cfg.get("logit_mean", 0.0)), float(train_cfg.get("logit_std", 1.0))
+
+    def loss_fn(params, batch: ImageTextBatch, rng):
+        r_drop, r_sigma, r_noise = jax.random.split(rng, 3)
+        b = batch.ids.shape[0]
+        drop = jax.random.uniform(r_drop, (b,)) < cfg_dropout
+        ids = jnp.where(drop[:, None], empty_ids[None], batch.ids)
+        mask = jnp.where(drop[:, None], empty_mask[None], batch.mask)
+        cond = text.encode(params["text"], ids, mask)
+        x0 = batch.images.astype(jnp.float32) / 127.5 - 1.0
+        sigma = flow.sample_logit_normal(r_sigma, (b,), mean=ln_mean, std=ln_std)
+        noise = jax.random.normal(r_noise, x0.shape, x0.dtype)
+        x_t = flow.interpolate(x0, noise, sigma)
+        v = model.apply(params["velocity"], x_t, sigma, cond)
+        per_sample = flow.per_sample_mean(jnp.square(v - flow.velocity_target(x0, noise)))
+        return jnp.mean(per_sample), {"loss": jnp.mean(per_sample)}
+
+    def step(state: TrainState, batch: ImageTextBatch):
+        rng, step_rng = jax.random.split(state.rng)
+        (_, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, step_rng)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = jax.tree.map(lambda p, u: p + u, state.params, updates)
+        ema = ema_update(state.ema, params, ema_decay)
+        metrics = dict(aux, grad_norm=_global_norm(grads))
+        return state.replace(step=state.step + 1, params=params, ema=ema, opt_state=opt_state, rng=rng), metrics
+
+    return step
+
+
+def _global_norm(tree):
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree)))
+
+
+class _StopFlag:
+    """SIGTERM -> finish the current step, checkpoint, exit 0."""
+
+    def __init__(self):
+        self.stop = False
+        self._prev = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, *_):
+        self.stop = True
+
+    def restore(self):
+        signal.signal(signal.SIGTERM, self._prev)
+
+
+def run(config, workdir: str) -> int:
+    from ng_jax.data.sources import ImageTextStream
+    from ng_jax.data.tfds_shapes import load_image_text
+
+    os.makedirs(workdir, exist_ok=True)
+    mesh = parallel.make_mesh(config.mesh.shape)
+    batch_size = int(config.data.batch_size)
+    if batch_size % parallel.batch_size_multiple(mesh):
+        raise ValueError(f"data.batch_size={batch_size} must be divisible by data x fsdp = "
+                         f"{parallel.batch_size_multiple(mesh)}")
+    model = make_velocity_model(config.model)
+    text = make_text_encoder(config.text)
+    optimizer = make_optimizer(config.optim)
+    empty_ids, empty_mask = tokenize(text.tokenizer, [EMPTY_PROMPT])
+
+    def init_state():
+        r_text, r_model, r_state = jax.random.split(jax.random.key(config.seed), 3)
+        params = {"text": text.init(r_text), "velocity": model.init(r_model)}
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema=params,
+                          opt_state=optimizer.init(params), rng=r_state)
+
+    rules = [tuple(r) for r in config.mesh.rules]
+    state, shardings = create_sharded(init_state, mesh, rules)
+    batch_sh = parallel.batch_sharding(mesh)
+    step_fn = jax.jit(
+        make_pretrain_step(model, text, optimizer, config.train, jnp.asarray(empty_ids[0]), jnp.asarray(empty_mask[0])),
+        in_shardings=(shardings, batch_sh), out_shardings=(shardings, parallel.replicated(mesh)),
+        donate_argnums=(0,))
+
+    source = load_image_text(config.data.data_dir, "train", examples_per_prompt=config.data.examples_per_prompt)
+    stream = ImageTextStream(source, seed=config.seed)
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=2)
+    if ckpt.latest_step() is not None:
+        state, meta, _ = ckpt.restore(state)
+        stream.restore(meta["data"])
+        print(f"resumed from step {int(state.step)}")
+    writer = reporting.MetricWriter(workdir, enabled=jax.process_index() == 0)
+    sampler = jax.jit(make_sampler(model.apply, num_steps=int(config.sample.num_steps),
+                                   shift=float(config.sample.shift), cfg_scale=float(config.sample.cfg_scale)))
+    sample_prompts = list(config.sample.prompts)
+
+    def sample_grid(params, step):
+        ids, mask = tokenize(text.tokenizer, sample_prompts)
+        uids, umask = tokenize(text.tokenizer, [EMPTY_PROMPT] * len(sample_prompts))
+        cond = text.encode(params["text"], ids, mask)
+        uncond = text.encode(params["text"], uids, umask)
+        noise = jax.random.normal(jax.random.key(1234), (len(sample_prompts),) + model.sample_shape)
+        out = sampler(params["velocity"], noise, cond, uncond)
+        reporting.save_grid(os.path.join(workdir, "samples", f"step_{step:06d}.png"), np.asarray(to_uint8(out.x0)),
+                            labels=sample_prompts, cols=min(8, len(sample_prompts)), scale=3)
+
+    total = int(config.train.steps)
+    start = int(state.step)
+    stop = _StopFlag()
+    bar = reporting.progress(total, desc="pretrain", initial=start, enabled=jax.process_index() == 0)
+    t0, seen = time.time(), 0
+    try:
+        for step in range(start, total):
+            raw = stream.next_batch(batch_size)
+            ids, mask = tokenize(text.tokenizer, raw["prompt"])
+            batch = parallel.shard_batch(ImageTextBatch(images=raw["image"], ids=ids, mask=mask), mesh)
+            state, metrics = step_fn(state, batch)
+            seen += batch_size
+            done = step + 1
+            bar.update(1)
+            if done % config.log_every == 0 or done == total:
+                m = jax.device_get(metrics)
+                if not np.isfinite(m["loss"]):
+                    raise FloatingPointError(f"pretraining loss is {m['loss']} at step {done}")
+                m["images_per_s"] = seen / (time.time() - t0)
+                writer.write(done, m)
+                bar.set_postfix(loss=f"{float(m['loss']):.4f}")
+                t0, seen = time.time(), 0
+            if done % config.sample_every == 0 or done == total:
+                sample_grid(state.ema, done)
+            if done % config.ckpt_every == 0 or done == total or stop.stop:
+                ckpt.save(done, state, {"data": stream.state()})
+            if stop.stop:
+                print(f"SIGTERM: checkpointed step {done}, exiting")
+                break
+    finally:
+        bar.close()
+        stop.restore()
+        ckpt.wait()
+        writer.close()
+    if int(state.step) == total and config.get("export_dir"):
+        bundle = ModelBundle(model_cfg=config.model, text_cfg=config.text, sampling=dict(config.sample.to_dict()),
+                             params=jax.device_get(state.ema),
+                             info={"trained_steps": total, "batch_size": batch_size, "config": config.name})
+        save_bundle(config.export_dir, bundle)
+        print(f"exported reference bundle to {config.export_dir}")
+    return 0

@@ -1,0 +1,109 @@
+"""What a run writes for people to read: JSONL + TensorBoard metrics, PNG grids, progress bars."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+
+def _to_py(x: Any):
+    if isinstance(x, (np.generic,)):
+        return x.item()
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    if hasattr(x, "shape") and hasattr(x, "dtype"):  # jax arrays
+        return np.asarray(x).tolist()
+    if isinstance(x, Mapping):
+        return {str(k): _to_py(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_to_py(v) for v in x]
+    return x
+
+
+class MetricWriter:
+    """Appends `{"step": s, **metrics}` lines to `workdir/metrics.jsonl`, scalars to TensorBoard."""
+
+    def __init__(self, workdir: str, *, tensorboard: bool = True, enabled: bool = True):
+        self.enabled = enabled
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        self._tb = None
+        if not enabled:
+            return
+        os.makedirs(workdir, exist_ok=True)
+        if tensorboard:
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+    def write(self, step: int, metrics: Mapping[str, Any], *, prefix: str = "") -> None:
+        if not self.enabled:
+            return
+        record = {"step": int(step), "time": round(time.time(), 3)}
+        record.update({f"{prefix}{k}": _to_py(v) for k, v in metrics.items()})
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self._tb is not None:
+            for k, v in record.items():
+                if k not in ("step", "time") and isinstance(v, (int, float)) and math.isfinite(v):
+                    self._tb.add_scalar(k, v, int(step))
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.flush()
+            self._tb.close()
+
+
+def read_metrics(path: str) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def image_grid(images: np.ndarray, *, cols: int | None = None, scale: int = 2,
+               labels: Sequence[str] | None = None, pad: int = 2) -> Image.Image:
+    """uint8 [N, H, W, 3] -> one PIL image, optionally with a caption under each tile."""
+    images = np.asarray(images)
+    if images.dtype != np.uint8:
+        raise ValueError(f"image_grid needs uint8 images, got {images.dtype}")
+    n, h, w, _ = images.shape
+    cols = cols or int(math.ceil(math.sqrt(n)))
+    rows = int(math.ceil(n / cols))
+    th, tw = h * scale, w * scale
+    label_h = 12 if labels is not None else 0
+    canvas = Image.new("RGB", (cols * (tw + pad) + pad, rows * (th + label_h + pad) + pad), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    for i in range(n):
+        r, c = divmod(i, cols)
+        x, y = pad + c * (tw + pad), pad + r * (th + label_h + pad)
+        canvas.paste(Image.fromarray(images[i]).resize((tw, th), Image.NEAREST), (x, y))
+        if labels is not None:
+            draw.text((x, y + th), str(labels[i])[: max(4, tw // 6)], fill=(0, 0, 0))
+    return canvas
+
+
+def save_grid(path: str, images: np.ndarray, **kwargs) -> str:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    image_grid(images, **kwargs).save(path)
+    return path
+
+
+def progress(total: int, *, desc: str, initial: int = 0, enabled: bool = True):
+    """A tqdm bar on stderr (plain text lines when stderr is not a terminal)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, disable=not enabled, dynamic_ncols=True,
+                file=sys.stderr, mininterval=2.0 if not sys.stderr.isatty() else 0.1)
+
+
+def write_json(path: str, obj: Any) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(_to_py(obj), f, indent=2)
+    os.replace(tmp, path)
