@@ -8,6 +8,10 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+class ConfigError(ValueError):
+    """A setting that cannot work (reported in one line by the entry point)."""
+
+
 _positive_int = (lambda v: isinstance(v, int) and v > 0, "a positive integer")
 _nonneg = (lambda v: isinstance(v, (int, float)) and v >= 0, "a number >= 0")
 _positive = (lambda v: isinstance(v, (int, float)) and v > 0, "a number > 0")

@@ -89,6 +89,16 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as err:
         print(f"ng_jax: error: {err}", file=sys.stderr)
         return 2
+    except Exception as err:
+        if type(err).__name__ in REPORTED_ERRORS:
+            print(f"ng_jax: error: {err}", file=sys.stderr)
+            return 1
+        raise
+
+
+# Errors whose message says everything a user needs: printed in one line, exit status 1.
+REPORTED_ERRORS = {"TrainingError", "RewardError", "CheckpointError", "BundleError", "PromptError",
+                   "PromptFileError", "FileNotFoundError", "ConfigError"}
 
 
 if __name__ == "__main__":

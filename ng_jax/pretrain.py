@@ -21,6 +21,7 @@ import numpy as np
 
 from ng_jax import flow, parallel, reporting
 from ng_jax.checkpoint import Checkpointer
+from ng_jax.config_checks import ConfigError
 from ng_jax.models.bundle import ModelBundle, save_bundle
 from ng_jax.models.text import EMPTY_PROMPT, make_text_encoder, tokenize
 from ng_jax.models.velocity import make_velocity_model
@@ -94,7 +95,7 @@ def run(config, workdir: str) -> int:
     mesh = parallel.make_mesh(config.mesh.shape)
     batch_size = int(config.data.batch_size)
     if batch_size % parallel.batch_size_multiple(mesh):
-        raise ValueError(f"data.batch_size={batch_size} must be divisible by data x fsdp = "
+        raise ConfigError(f"data.batch_size={batch_size} must be divisible by data x fsdp = "
                          f"{parallel.batch_size_multiple(mesh)}")
     model = make_velocity_model(config.model)
     text = make_text_encoder(config.text)
@@ -171,10 +172,11 @@ def run(config, workdir: str) -> int:
         stop.restore()
         ckpt.wait()
         writer.close()
-    if int(state.step) == total and config.get("export_dir"):
+    if int(state.step) == total:
+        export_dir = config.get("export_dir") or os.path.join(workdir, "reference")
         bundle = ModelBundle(model_cfg=config.model, text_cfg=config.text, sampling=dict(config.sample.to_dict()),
                              params=jax.device_get(state.ema),
                              info={"trained_steps": total, "batch_size": batch_size, "config": config.name})
-        save_bundle(config.export_dir, bundle)
-        print(f"exported reference bundle to {config.export_dir}")
+        save_bundle(export_dir, bundle)
+        print(f"exported reference bundle to {export_dir}")
     return 0

@@ -1,0 +1,30 @@
+"""Score a model bundle (default: the shipped reference) on the held-out TEST prompts.
+
+    python -m ng_jax.main --config=configs/eval_reference.py --workdir=workdirs/eval_reference
+
+Prints the per-category verifier accuracy table of the README (20 Euler steps, the bundle's CFG).
+Another bundle: --config.reference=DIR.
+"""
+
+import ml_collections as mlc
+
+from ng_jax import config_base
+
+
+def get_config(arg=None):
+    rl = config_base.rl_config("awm")
+    c = mlc.ConfigDict()
+    c.job = "evaluate"
+    c.name = "eval_reference"
+    c.seed = 0
+    c.workdir = "workdirs/eval_reference"
+    c.reference = ""
+    c.mesh = config_base.mesh_config()
+    c.rewards = rl.rewards
+    c.eval = rl.eval
+    c.eval.split = "test"
+    c.eval.num_prompts = 0          # all test prompts
+    c.eval.samples_per_prompt = 2
+    c.eval.batch_size = 64
+    c.eval.grid_size = 64
+    return c

@@ -1,0 +1,185 @@
+"""Shared pieces of the config files in configs/ (one base for the toy world).
+
+Every knob is documented where it is set. Config files call these builders and change only what
+differs, so `configs/awm.py` and `configs/awm_normguard.py` differ in the `normguard` block alone.
+"""
+
+from __future__ import annotations
+
+import ml_collections as mlc
+
+# Toy-world reference and data locations (relative to the repository root).
+DEFAULT_DATA_DIR = "workdirs/tfds"
+
+
+def mesh_config() -> mlc.ConfigDict:
+    m = mlc.ConfigDict()
+    m.shape = (-1, 1, 1)  # devices along (data, fsdp, tensor); one -1 takes the remaining devices
+    # Partition rules: (regex on '/'-joined parameter path, rule), first match wins. "fsdp" shards
+    # the largest dimension divisible by the fsdp axis; "replicate"; or an explicit spec tuple.
+    m.rules = ((".*", "fsdp"),)
+    return m
+
+
+def toy_model_config() -> mlc.ConfigDict:
+    """The toy MMDiT (SD3-style) used by the shapes world: ~2.5M parameters at these settings."""
+    c = mlc.ConfigDict()
+    c.family = "toy_mmdit"
+    c.image_size = 32       # pixels; the toy world works in pixel space (no VAE)
+    c.in_channels = 3
+    c.patch_size = 4        # 8x8 = 64 image tokens
+    c.hidden_size = 128
+    c.depth = 4             # joint MMDiT blocks (the last is context-pre-only, as in SD3)
+    c.num_heads = 4
+    c.mlp_ratio = 4.0
+    c.context_dim = 64      # = text.width: per-token text embedding size
+    c.pooled_dim = 64       # = text.pooled_dim
+    c.dtype = "float32"     # compute dtype ("bfloat16" on accelerators); parameters stay float32
+    c.remat = False         # rematerialise blocks in the backward pass (saves memory, costs compute)
+    return c
+
+
+def toy_text_config() -> mlc.ConfigDict:
+    """The toy text encoder: per-token embeddings + pooled embedding, like SD3's CLIP/T5 stack."""
+    c = mlc.ConfigDict()
+    c.width = 64
+    c.depth = 2
+    c.heads = 4
+    c.max_length = 16       # tokens incl. bos/eos; longer prompts are truncated
+    c.pooled_dim = 64
+    return c
+
+
+def sample_config() -> mlc.ConfigDict:
+    """Sampling defaults (stored in the reference bundle; evaluation uses them unless overridden)."""
+    c = mlc.ConfigDict()
+    c.num_steps = 20        # Euler steps
+    c.shift = 1.0           # SD3-style sigma-grid shift (SD3.5-Medium uses 3)
+    c.cfg_scale = 3.0       # classifier-free guidance weight w in v_u + w (v_c - v_u)
+    return c
+
+
+def optim_config(lr: float) -> mlc.ConfigDict:
+    c = mlc.ConfigDict()
+    c.lr = lr               # AdamW peak learning rate
+    c.warmup_steps = 0      # linear warmup from 0
+    c.schedule = "constant"  # "constant" or "cosine" (then decay_steps and end_lr_frac apply)
+    c.decay_steps = 1
+    c.end_lr_frac = 0.1
+    c.b1 = 0.9
+    c.b2 = 0.999
+    c.eps = 1e-8
+    c.weight_decay = 0.0
+    c.grad_clip = 1.0       # global-norm clipping (0 disables)
+    return c
+
+
+# --- RL post-training on the toy world -------------------------------------------------------------
+
+# Per-method settings, scaled down for 2 CPU cores from the reference implementations' SD3.5 defaults
+# (ALGORITHMS.md sections 3-5). Each entry: (rollout steps, training timesteps per sample, grid
+# fraction, rollout policy, old/EMA max decay, learning rate, base-loss keyword arguments).
+METHODS = {
+    # DiffusionNFT: 10-step deterministic rollouts from the old policy; each sample trained at a random
+    # order of the grid (reference: ~99% of the 10 timesteps; here 3 of them to fit the CPU budget).
+    "nft": dict(num_steps=10, num_timesteps=3, grid_fraction=0.99, policy="old", ema_max=0.5, lr=1e-4,
+                loss=dict(beta=1.0, kl_beta=1e-4, adv_clip=5.0)),
+    # AWM: 14-step rollouts in the reference (10 here); T=6 stratified slots over the first 90% of the
+    # grid in the reference (3 here), shared by the micro-batch.
+    "awm": dict(num_steps=10, num_timesteps=3, grid_fraction=0.9, policy="current", ema_max=0.3, lr=1e-4,
+                loss=dict(beta=1e-4, ema_beta=1.0, p=0.25, clip_range=1.0, adv_clip=5.0)),
+    # Flow-DPO: winner/loser = argmax/argmin reward of each group, logit-normal sigma shared by the pair.
+    "dpo": dict(num_steps=10, num_timesteps=2, grid_fraction=1.0, policy="current", ema_max=0.0, lr=3e-5,
+                loss=dict(beta=100.0)),
+}
+
+
+def normguard_config(lam: float = 0.0) -> mlc.ConfigDict:
+    """NormGuard: L = L_base + lam * mean(relu(||v|| - (1 + margin) ||v_ref||) ** power [/ ||v_ref|| ** power])."""
+    c = mlc.ConfigDict()
+    c.lam = lam             # hinge weight; 0 turns NormGuard off (adds exactly nothing)
+    c.margin = 0.0          # tolerated relative excess of ||v|| over ||v_ref|| before the hinge acts
+    c.power = 1             # 1 (hinge) or 2 (squared hinge)
+    c.relative = True       # divide by ||v_ref|| ** power (scale-free penalty)
+    return c
+
+
+def rl_config(method: str, *, normguard_lam: float = 0.0) -> mlc.ConfigDict:
+    """The shared toy-world RL config; `configs/{method}[_normguard].py` call this."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; expected one of {sorted(METHODS)}")
+    m = METHODS[method]
+    c = mlc.ConfigDict()
+    c.job = "rl"
+    c.name = method + ("_normguard" if normguard_lam else "")
+    c.seed = 0
+    c.workdir = "workdirs/" + c.name
+    c.reference = ""        # model bundle directory; "" = the shipped reference (ng_jax/assets/reference)
+
+    c.data = mlc.ConfigDict()
+    c.data.data_dir = DEFAULT_DATA_DIR
+    c.data.prompt_file = ""  # a .txt (one prompt per line) or .jsonl ({"prompt": ...}) file; "" = TFDS train split
+
+    c.mesh = mesh_config()
+
+    c.rl = mlc.ConfigDict()
+    c.rl.method = method
+    c.rl.epochs = 40            # rollout -> train cycles
+    c.rl.prompts_per_epoch = 8  # distinct prompts per epoch
+    c.rl.group_size = 8         # samples per prompt (K); advantages are group-relative
+    c.rl.global_std = False     # normalise advantages by the std of all rewards of the epoch
+    c.rl.train_batch = 32       # samples (DPO: pairs) per optimizer step
+    c.rl.micro_batch = 16       # gradient-accumulation chunk inside the jitted step
+    c.rl.inner_epochs = 1       # passes over each epoch's rollouts
+    c.rl.num_timesteps = m["num_timesteps"]  # training timesteps per sample (pair) per optimizer step
+    c.rl.grid_fraction = m["grid_fraction"]  # fraction of the rollout grid the timestep schemes draw from
+    c.rl.dpo_logit_mean = 0.0   # DPO timestep sampling: logit-normal(mean, std), then shifted
+    c.rl.dpo_logit_std = 1.0
+    c.rl.dpo_shift = 1.0
+    c.rl.rollout = mlc.ConfigDict()
+    c.rl.rollout.num_steps = m["num_steps"]
+    c.rl.rollout.shift = 1.0
+    c.rl.rollout.cfg_scale = 3.0     # guidance in rollouts (training uses the conditional velocity)
+    c.rl.rollout.sde_noise = 0.0     # Flow-SDE noise level a (0 = deterministic Euler)
+    c.rl.rollout.sde_window = (0.3, 0.9)  # sigmas where SDE noise is injected
+    c.rl.rollout.policy = m["policy"]     # "old" (the EMA/old policy, NFT) or "current"
+    c.rl.ema = mlc.ConfigDict()
+    c.rl.ema.rate = 0.001       # old/EMA decay after each epoch: min(rate * optimizer_step, max)
+    c.rl.ema.max = m["ema_max"]
+
+    c.loss = mlc.ConfigDict(m["loss"])  # keyword arguments of the base loss (ng_jax.losses)
+    c.normguard = normguard_config(normguard_lam)
+
+    c.rewards = mlc.ConfigDict()
+    c.rewards.weights = mlc.ConfigDict({"verifier": 1.0})  # name -> weight; names: ng_jax.evaluate.REWARD_NAMES
+    c.rewards.timeout_s = 120.0  # a reward call slower than this stops the run (0 = no limit)
+    c.rewards.retries = 0        # retries of a failing reward call before giving up
+    c.rewards.remote_url = ""    # for the "remote" reward: http://host:port/ of a reward server
+
+    c.lora = mlc.ConfigDict()
+    c.lora.rank = 0              # 0 = full fine-tuning; > 0 trains LoRA adapters on a frozen base
+    c.lora.alpha = 16.0
+    c.lora.targets = ("attn/(to_q|to_k|to_v|to_out_0|add_q_proj|add_k_proj|add_v_proj|to_add_out)",)
+
+    c.optim = optim_config(lr=m["lr"])
+
+    c.eval = mlc.ConfigDict()
+    c.eval.every = 10            # epochs between evaluations (and always after the last)
+    c.eval.data_dir = DEFAULT_DATA_DIR
+    c.eval.split = "eval"        # fixed, category-balanced evaluation prompts
+    c.eval.prompt_file = ""
+    c.eval.num_prompts = 24      # 0 = all
+    c.eval.samples_per_prompt = 2
+    c.eval.batch_size = 48
+    c.eval.num_steps = 20
+    c.eval.shift = 1.0
+    c.eval.cfg_scale = 3.0
+    c.eval.seed = 0
+    c.eval.renorm = False        # inference-time renormalisation to the reference norm (baseline)
+    c.eval.quality = True        # FD and k-NN precision/recall against real renders
+    c.eval.grid_size = 32
+
+    c.ckpt = mlc.ConfigDict()
+    c.ckpt.every = 10            # epochs between checkpoints (and always after the last)
+    c.ckpt.max_to_keep = 2
+    return c

@@ -1,0 +1,187 @@
+"""Fixed-prompt evaluation: rewards, verifier accuracy per category, norm ratio against the
+reference per sigma along the sampling trajectory, Fréchet distance and k-NN precision/recall
+against real renders of the same prompts, and a PNG grid.
+
+Also the `evaluate` job, which scores a model bundle (default: the shipped reference):
+
+    python -m ng_jax.main --config=configs/eval_reference.py
+"""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+
+import jax
+import numpy as np
+
+from ng_jax import parallel, reporting
+from ng_jax.models.text import EMPTY_PROMPT, tokenize
+from ng_jax.sampling import make_sampler, to_uint8
+
+REWARD_NAMES = ("verifier", "jpeg_compressibility", "jpeg_incompressibility", "remote")
+
+
+def make_reward(name: str, cfg=None):
+    """One reward model by name (see REWARD_NAMES)."""
+    if name == "verifier":
+        from ng_jax.rewards.verifier import VerifierReward
+
+        return VerifierReward()
+    if name == "jpeg_compressibility":
+        from ng_jax.rewards.jpeg import JpegCompressibility
+
+        return JpegCompressibility()
+    if name == "jpeg_incompressibility":
+        from ng_jax.rewards.jpeg import JpegIncompressibility
+
+        return JpegIncompressibility()
+    if name == "remote":
+        from ng_jax.rewards.remote import RemoteReward
+
+        if cfg is None or not cfg.get("remote_url"):
+            raise ValueError("reward 'remote' needs rewards.remote_url")
+        return RemoteReward(cfg.remote_url, name="remote", timeout_s=float(cfg.get("timeout_s") or 60))
+    raise ValueError(f"unknown reward {name!r}; expected one of {REWARD_NAMES}")
+
+
+def build_rewards(rewards_cfg):
+    """WeightedRewards from `rewards.weights` (name -> weight), `timeout_s`, `retries`."""
+    from ng_jax.rewards.host import WeightedRewards
+
+    weights = {str(k): float(v) for k, v in rewards_cfg.weights.items()}
+    if not weights:
+        raise ValueError("rewards.weights is empty: configure at least one reward")
+    rewards = {name: make_reward(name, rewards_cfg) for name in weights}
+    return WeightedRewards(rewards, weights, timeout_s=rewards_cfg.get("timeout_s") or None,
+                           retries=int(rewards_cfg.get("retries", 0)))
+
+
+def eval_prompts(eval_cfg) -> list[str]:
+    from ng_jax.data.sources import read_prompt_file
+    from ng_jax.data.tfds_shapes import load_prompts
+
+    if eval_cfg.get("prompt_file"):
+        prompts = read_prompt_file(eval_cfg.prompt_file)
+    else:
+        source = load_prompts(eval_cfg.data_dir, eval_cfg.get("split", "eval"))
+        prompts = [_text(source[i]["prompt"]) for i in range(len(source))]
+    n = int(eval_cfg.get("num_prompts", 0) or 0)
+    return prompts[:n] if n else prompts
+
+
+def _text(x) -> str:
+    return x.decode() if isinstance(x, bytes) else str(x)
+
+
+class Evaluator:
+    """Callable `(trainable_params, tag, step) -> results dict`; keeps the last full result."""
+
+    def __init__(self, eval_cfg, model, text, text_params, ref_params, mesh, *, weighted, policy_params,
+                 workdir: str | None):
+        from ng_jax.data.prompts import category_of
+        from ng_jax.judges.toy import QualityJudge, reference_renders
+
+        self.cfg, self.model, self.mesh = eval_cfg, model, mesh
+        self.weighted, self.policy_params, self.ref = weighted, policy_params, ref_params
+        self.workdir = workdir
+        self.last = None
+        k = int(eval_cfg.samples_per_prompt)
+        base = eval_prompts(eval_cfg)
+        self.prompts = [p for p in base for _ in range(k)]
+        self.categories = [category_of(p) for p in self.prompts]
+        self.batch = int(eval_cfg.batch_size)
+        multiple = parallel.batch_size_multiple(mesh)
+        if self.batch % multiple:
+            raise ValueError(f"eval.batch_size={self.batch} must be divisible by data x fsdp ({multiple})")
+        pad = (-len(self.prompts)) % self.batch
+        self.n = len(self.prompts)
+        prompts_padded = self.prompts + self.prompts[:pad]
+        ids, mask = tokenize(text.tokenizer, prompts_padded)
+        uids, umask = tokenize(text.tokenizer, [EMPTY_PROMPT] * self.batch)
+        encode = jax.jit(text.encode)
+        self.conds = [encode(text_params, ids[i:i + self.batch], mask[i:i + self.batch])
+                      for i in range(0, len(prompts_padded), self.batch)]
+        self.uncond = encode(text_params, uids, umask)
+        seeds = np.arange(len(prompts_padded)) + int(eval_cfg.get("seed", 0)) * 100_003
+        self.noise = [jax.random.normal(jax.random.key(int(eval_cfg.get("seed", 0))), (len(prompts_padded),)
+                                        + model.sample_shape)[i:i + self.batch]
+                      for i in range(0, len(prompts_padded), self.batch)]
+        self.sampler = make_sampler(model.apply, num_steps=int(eval_cfg.num_steps), shift=float(eval_cfg.shift),
+                                    cfg_scale=float(eval_cfg.cfg_scale), record=("x0", "norms"),
+                                    renorm_to_ref=bool(eval_cfg.get("renorm", False)))
+        sh = parallel.batch_sharding(mesh)
+        self._sample = jax.jit(lambda p, r, noise, c, u: self.sampler(policy_params(p, r), noise, c, u, None,
+                                                                        ref_params=r),
+                               out_shardings=sh)
+        self.judge = QualityJudge() if eval_cfg.get("quality", True) else None
+        self.real = reference_renders(self.prompts, seeds[: self.n]) if self.judge else None
+
+    def sample(self, trainable):
+        xs, pol, ref = [], [], []
+        for noise, cond in zip(self.noise, self.conds):
+            out = self._sample(trainable, self.ref, noise, cond, self.uncond)
+            xs.append(np.asarray(to_uint8(out.x0)))
+            pol.append(np.asarray(out.norms_policy))
+            ref.append(np.asarray(out.norms_ref))
+        sigmas = np.asarray(out.sigmas)
+        return (np.concatenate(xs)[: self.n], np.concatenate(pol, 1)[:, : self.n],
+                np.concatenate(ref, 1)[:, : self.n], sigmas)
+
+    def __call__(self, trainable, *, tag: str, step: int) -> dict:
+        images, norm_p, norm_r, sigmas = self.sample(trainable)
+        total, parts = self.weighted.score_host(images, self.prompts)
+        ratio = norm_p / np.maximum(norm_r, 1e-12)  # [N_steps, n]
+        result = {"step": int(step), "reward": float(np.mean(total)),
+                  "norm_ratio": float(ratio.mean()),
+                  "norm_ratio_by_sigma": [[float(s), float(r)] for s, r in zip(sigmas[:-1], ratio.mean(1))],
+                  "norm_ratio_spread_by_sigma": [[float(s), float(r)] for s, r in zip(sigmas[:-1], ratio.std(1))]}
+        for name, vals in parts.items():
+            result[f"reward_{name}"] = float(np.mean(vals))
+        verifier = self.weighted.rewards.get("verifier") if hasattr(self.weighted, "rewards") else None
+        if verifier is None and self.cfg.get("accuracy", True):
+            from ng_jax.rewards.verifier import VerifierReward
+
+            verifier = VerifierReward()
+        if verifier is not None:
+            correct = np.asarray(verifier.judge(images, self.prompts), bool)
+            result["accuracy"] = float(correct.mean())
+            by_cat = defaultdict(list)
+            for c, ok in zip(self.categories, correct):
+                by_cat[c].append(ok)
+            result["accuracy_by_category"] = {c: float(np.mean(v)) for c, v in sorted(by_cat.items())}
+        if self.judge is not None:
+            result.update(self.judge.evaluate(images, self.real))
+        if self.workdir:
+            show = min(len(images), int(self.cfg.get("grid_size", 32)))
+            reporting.save_grid(os.path.join(self.workdir, "samples", f"{tag}.png"), images[:show],
+                                labels=self.prompts[:show], cols=8, scale=3)
+        self.last = result
+        return result
+
+
+def run(config, workdir: str) -> int:
+    """The `evaluate` job: score a bundle on fixed prompts, print a per-category accuracy table."""
+    from ng_jax.models.bundle import load_bundle
+    from ng_jax.models.text import make_text_encoder
+    from ng_jax.models.velocity import make_velocity_model
+
+    bundle = load_bundle(config.reference or None)
+    model = make_velocity_model(bundle.model_cfg)
+    text = make_text_encoder(bundle.text_cfg)
+    mesh = parallel.make_mesh(config.mesh.shape)
+    ref = bundle.params["velocity"]
+    evaluator = Evaluator(config.eval, model, text, bundle.params["text"], ref, mesh,
+                          weighted=build_rewards(config.rewards), policy_params=lambda p, r: p, workdir=workdir)
+    result = evaluator(ref, tag="evaluate", step=0)
+    reporting.write_json(os.path.join(workdir, "eval.json"), result)
+    counts = defaultdict(int)
+    for c in evaluator.categories:
+        counts[c] += 1
+    print(f"| category | prompts x samples | verifier accuracy |\n|---|---|---|")
+    for c, acc in result.get("accuracy_by_category", {}).items():
+        print(f"| {c} | {counts[c]} | {acc:.3f} |")
+    print(f"| **overall** | {evaluator.n} | {result.get('accuracy', float('nan')):.3f} |")
+    print(f"reward={result['reward']:.4f} fd={result.get('fd', float('nan')):.3f} "
+          f"precision={result.get('precision', float('nan')):.3f} recall={result.get('recall', float('nan')):.3f}")
+    return 0
