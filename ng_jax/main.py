@@ -31,7 +31,8 @@ def parse_args(argv: list[str]):
     from ml_collections import config_flags
 
     fv = flags.FlagValues()
-    config_flag = config_flags.DEFINE_config_file("config", None, "Path to a config .py file.", flag_values=fv)
+    config_flag = config_flags.DEFINE_config_file("config", None, "Path to a config .py file.", flag_values=fv,
+                                                   sys_argv=list(argv))
     flags.DEFINE_string("workdir", None, "Output directory (default: config.workdir).", flag_values=fv)
     flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() first (multi-host).",
                       flag_values=fv)
@@ -46,6 +47,8 @@ def parse_args(argv: list[str]):
         fv(argv)
         config = config_flag.value
     except flags.UnrecognizedFlagError as err:
+        if err.flagname.startswith("config."):
+            raise UsageError(f"unknown config key '{err.flagname[len('config.'):]}'") from None
         raise UsageError(f"unknown flag: {err.flagname}") from None
     except flags.IllegalFlagValueError as err:
         raise UsageError(f"bad value: {str(err).splitlines()[0]}") from None

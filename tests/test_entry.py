@@ -1,0 +1,50 @@
+"""The entry point reports config problems in one line (exit status 2), never a traceback."""
+import pytest
+
+from ng_jax.main import main
+
+
+def _run(capsys, *args):
+    code = main(["ng_jax.main", *args])
+    err = capsys.readouterr().err.strip()
+    return code, err
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--config=configs/does_not_exist.py"], "config file not found: configs/does_not_exist.py"),
+    (["--config=configs/awm.py", "--config.rl.no_such_knob=3"], "unknown config key"),
+    (["--config=configs/awm.py", "--config.rl.epochs=many"], "bad value"),
+    (["--config=configs/awm.py", "--config.rl.method=ppo"], "rl.method='ppo': expected one of nft, awm, dpo"),
+    (["--config=configs/awm.py", "--config.normguard.power=3"], "normguard.power=3: expected 1 or 2"),
+    (["--config=configs/awm.py", "--config.normguard.lam=-1.0"], "normguard.lam=-1.0"),
+    (["--config=configs/awm.py", "--no_such_flag=1"], "unknown flag"),
+    ([], "missing --config"),
+])
+def test_config_errors_are_one_line(capsys, args, expected):
+    code, err = _run(capsys, *args)
+    assert code == 2
+    assert expected in err
+    assert len(err.splitlines()) == 1, err
+    assert "Traceback" not in err
+
+
+def test_overrides_reach_the_config():
+    from ng_jax.main import parse_args
+
+    config, workdir, distributed = parse_args(
+        ["x", "--config=configs/nft_normguard.py", "--config.rl.epochs=3", "--config.normguard.margin=0.05",
+         "--workdir=/tmp/somewhere"])
+    assert config.rl.epochs == 3 and config.normguard.margin == 0.05
+    assert workdir == "/tmp/somewhere" and distributed is False
+
+
+def test_normguard_variants_differ_only_in_normguard_block():
+    from ng_jax.main import parse_args
+
+    for method in ("nft", "awm", "dpo"):
+        base, _, _ = parse_args(["x", f"--config=configs/{method}.py"])
+        ng, _, _ = parse_args(["x", f"--config=configs/{method}_normguard.py"])
+        b, g = base.to_dict(), ng.to_dict()
+        differing = {k for k in set(b) | set(g) if b.get(k) != g.get(k)}
+        assert differing == {"normguard", "name", "workdir"}, differing
+        assert g["normguard"]["lam"] > 0 and b["normguard"]["lam"] == 0
