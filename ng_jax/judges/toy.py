@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import warnings
+
 import numpy as np
 import scipy.linalg
 
@@ -35,7 +37,8 @@ def frechet_distance(feats_a: np.ndarray, feats_b: np.ndarray, eps: float = 1e-6
 
     ``||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2))``; the matrix square root's
     imaginary part (numerical noise) is dropped, and ``eps * I`` is added to both covariances
-    when the square root is not finite. The result is clipped at 0 (tiny negative values are
+    when their product is singular (fewer samples than dimensions, dead features) or the square
+    root is not finite. The result is clipped at 0 (tiny negative values are
     round-off).
     """
     a = _check_features(feats_a, "feats_a", 2)
@@ -45,8 +48,11 @@ def frechet_distance(feats_a: np.ndarray, feats_b: np.ndarray, eps: float = 1e-6
     mu_a, mu_b = a.mean(0), b.mean(0)
     cov_a = np.atleast_2d(np.cov(a, rowvar=False))
     cov_b = np.atleast_2d(np.cov(b, rowvar=False))
-    covmean = scipy.linalg.sqrtm(cov_a @ cov_b)
-    if not np.all(np.isfinite(covmean)):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", scipy.linalg.LinAlgWarning)
+        covmean = scipy.linalg.sqrtm(cov_a @ cov_b)
+    singular = any(issubclass(w.category, scipy.linalg.LinAlgWarning) for w in caught)
+    if singular or not np.all(np.isfinite(covmean)):
         offset = np.eye(cov_a.shape[0]) * eps
         covmean = scipy.linalg.sqrtm((cov_a + offset) @ (cov_b + offset))
     covmean = np.real(covmean)
