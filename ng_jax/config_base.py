@@ -32,6 +32,7 @@ def toy_model_config() -> mlc.ConfigDict:
     c.depth = 4             # joint MMDiT blocks (the last is context-pre-only, as in SD3)
     c.num_heads = 4
     c.mlp_ratio = 4.0
+    c.qk_norm = ""          # "" (SD3) or "rms_norm" (SD3.5: RMS-normalised queries and keys)
     c.context_dim = 64      # = text.width: per-token text embedding size
     c.pooled_dim = 64       # = text.pooled_dim
     c.dtype = "float32"     # compute dtype ("bfloat16" on accelerators); parameters stay float32

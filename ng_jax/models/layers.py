@@ -1,0 +1,167 @@
+"""Building blocks shared by the text encoder and the MMDiT (Flax linen).
+
+Submodule names follow diffusers' PyTorch modules (`linear_1`, `net_0/proj`, `norm1/linear`, ...)
+so that a diffusers state dict maps onto these parameters by a mechanical renaming: PyTorch
+`a.b.0.weight` -> `a/b_0/kernel` (transposed for linear layers).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Dtype = Any
+
+
+def attention(q, k, v, key_mask=None):
+    """Scaled dot-product attention. q [B, Lq, H, D], k/v [B, Lk, H, D], key_mask bool [B, Lk] or None.
+
+    Logits and softmax run in float32 whatever the compute dtype (bf16 softmax loses the tail)."""
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+    if key_mask is not None:
+        logits = jnp.where(key_mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
+    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+
+
+class MultiHeadAttention(nn.Module):
+    """Self-attention with a key-padding mask (the text encoder's; CLIP-style names)."""
+
+    width: int
+    heads: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, mask=None):
+        b, n, _ = x.shape
+        hd = self.width // self.heads
+        dense = lambda name: nn.Dense(self.width, dtype=self.dtype, name=name)  # noqa: E731
+        q, k, v = (dense(name)(x).reshape(b, n, self.heads, hd) for name in ("q_proj", "k_proj", "v_proj"))
+        return dense("out_proj")(attention(q, k, v, mask).reshape(b, n, self.width))
+
+
+class TransformerMLP(nn.Module):
+    width: int
+    hidden: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.gelu(nn.Dense(self.hidden, dtype=self.dtype, name="fc1")(x), approximate=True)
+        return nn.Dense(self.width, dtype=self.dtype, name="fc2")(x)
+
+
+class RMSNorm(nn.Module):
+    """RMS norm with a learned scale named `weight` (diffusers `RMSNorm`, SD3.5 qk-norm)."""
+
+    eps: float = 1e-6
+
+    @nn.compact
+    def __call__(self, x):
+        w = self.param("weight", nn.initializers.ones, (x.shape[-1],))
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+        return (x32 * w).astype(x.dtype)
+
+
+def layer_norm(x, eps: float = 1e-6):
+    """LayerNorm without affine parameters (diffusers `elementwise_affine=False`), in float32."""
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    return ((x32 - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
+
+
+def modulate(x, shift, scale):
+    return x * (1 + scale[:, None]) + shift[:, None]
+
+
+class AdaLayerNormZero(nn.Module):
+    """SiLU -> linear(6D) -> (shift, scale, gate) for attention and MLP; weights zero-initialised so
+    every block starts as the identity (adaLN-Zero)."""
+
+    dim: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, emb):
+        mod = nn.Dense(6 * self.dim, dtype=self.dtype, kernel_init=nn.initializers.zeros, name="linear")(nn.silu(emb))
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod, 6, axis=-1)
+        return modulate(layer_norm(x), shift_msa, scale_msa), gate_msa, shift_mlp, scale_mlp, gate_mlp
+
+
+class AdaLayerNormContinuous(nn.Module):
+    """SiLU -> linear(2D) -> (scale, shift) (diffusers' order) on an affine-free LayerNorm."""
+
+    dim: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, emb):
+        mod = nn.Dense(2 * self.dim, dtype=self.dtype, kernel_init=nn.initializers.zeros, name="linear")(nn.silu(emb))
+        scale, shift = jnp.split(mod, 2, axis=-1)
+        return modulate(layer_norm(x), shift, scale)
+
+
+class _GeluProj(nn.Module):
+    hidden: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        return nn.gelu(nn.Dense(self.hidden, dtype=self.dtype, name="proj")(x), approximate=True)
+
+
+class FeedForward(nn.Module):
+    """diffusers `FeedForward(activation_fn="gelu-approximate")`: net.0.proj -> GELU(tanh) -> net.2."""
+
+    dim: int
+    hidden: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        x = _GeluProj(self.hidden, self.dtype, name="net_0")(x)
+        return nn.Dense(self.dim, dtype=self.dtype, name="net_2")(x)
+
+
+class MLPEmbedder(nn.Module):
+    """linear_1 -> SiLU -> linear_2 (diffusers `TimestepEmbedding`, `PixArtAlphaTextProjection`)."""
+
+    dim: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.silu(nn.Dense(self.dim, dtype=self.dtype, name="linear_1")(x))
+        return nn.Dense(self.dim, dtype=self.dtype, name="linear_2")(x)
+
+
+def timestep_embedding(t, dim: int = 256, max_period: float = 10000.0):
+    """Sinusoidal embedding of t [B] as diffusers `Timesteps(dim, flip_sin_to_cos=True, shift=0)`:
+    [cos, sin] halves with frequencies exp(-log(max_period) * i / half)."""
+    half = dim // 2
+    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+    args = t.astype(jnp.float32)[:, None] * freqs[None]
+    return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+
+
+def sincos_2d_pos_embed(dim: int, grid_size: int, base_size: int | None = None,
+                        interpolation_scale: float = 1.0) -> np.ndarray:
+    """Fixed 2D sin-cos position table [grid_size**2, dim] (rows then columns), as SD3's PatchEmbed."""
+    base_size = base_size or grid_size
+    pos = np.arange(grid_size, dtype=np.float64) / (grid_size / base_size) / interpolation_scale
+    grid_w, grid_h = np.meshgrid(pos, pos)  # [h, w]: first varies along columns
+
+    def one_d(d, p):
+        omega = 1.0 / 10000 ** (np.arange(d // 2, dtype=np.float64) / (d / 2.0))
+        out = np.outer(p.reshape(-1), omega)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+    return np.concatenate([one_d(dim // 2, grid_w), one_d(dim // 2, grid_h)], axis=1).astype(np.float32)
