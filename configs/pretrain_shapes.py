@@ -5,12 +5,13 @@ The shipped reference (ng_jax/assets/reference) was produced by exactly:
     python -m ng_jax.main --config=configs/pretrain_shapes.py --workdir=workdirs/pretrain_shapes \
         --config.export_dir=ng_jax/assets/reference
 
-Smoke run (seconds): add --config.train.steps=20 --config.data.examples_per_prompt=2
+Smoke run (seconds): add --config.train.steps=20 --config.data.images_per_category=64
 """
 
 import ml_collections as mlc
 
 from ng_jax import config_base
+from ng_jax.data.world import CATEGORIES
 
 
 def get_config(arg=None):
@@ -22,7 +23,11 @@ def get_config(arg=None):
 
     c.data = mlc.ConfigDict()
     c.data.data_dir = config_base.DEFAULT_DATA_DIR  # where the TFDS builders prepare their files
-    c.data.examples_per_prompt = 48                   # rendered images per train prompt
+    c.data.images_per_category = 4000   # renders per prompt category (split evenly over its train prompts)
+    # Share of each category in every batch (0 drops it); uniform, so the 10 single-object prompts weigh
+    # as much as the 539 colour-attribution prompts.
+    c.data.category_weights = mlc.ConfigDict({cat: 1.0 for cat in CATEGORIES})
+    c.data.prompts_per_category = None  # keep only the first N train prompts per category (tiny test builds)
     c.data.batch_size = 64
 
     c.model = config_base.toy_model_config()
@@ -31,11 +36,11 @@ def get_config(arg=None):
     c.optim = config_base.optim_config(lr=1e-3)
     c.optim.warmup_steps = 200
     c.optim.schedule = "cosine"
-    c.optim.decay_steps = 6000
+    c.optim.decay_steps = 3000
     c.optim.weight_decay = 0.0
 
     c.train = mlc.ConfigDict()
-    c.train.steps = 6000
+    c.train.steps = 3000
     c.train.cfg_dropout = 0.1   # probability of replacing a caption by the empty prompt
     c.train.ema_decay = 0.999   # EMA of text encoder + MMDiT; the EMA is what gets exported
     c.train.logit_mean = 0.0    # logit-normal timestep sampling (SD3)
@@ -49,7 +54,7 @@ def get_config(arg=None):
     )
 
     c.log_every = 50
-    c.sample_every = 1000
-    c.ckpt_every = 1000
+    c.sample_every = 500
+    c.ckpt_every = 250
     c.export_dir = ""  # where the final EMA bundle is written ("" = WORKDIR/reference)
     return c

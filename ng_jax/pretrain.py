@@ -73,6 +73,28 @@ def _global_norm(tree):
     return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree)))
 
 
+def make_image_text_stream(data_cfg, batch_size: int, seed: int):
+    """One TFDS image-text source per prompt category, mixed in `data.category_weights` proportions.
+
+    Each category gets about `data.images_per_category` renders (examples per prompt = that divided by
+    the category's train-prompt count), so rare categories (10 single-object prompts) are seen as
+    often as the 539 colour-attribution prompts."""
+    from ng_jax.data.prompts import split_prompts
+    from ng_jax.data.sources import ImageTextStream, MixtureStream
+    from ng_jax.data.tfds_shapes import load_image_text
+
+    weights = {k: float(v) for k, v in data_cfg.category_weights.items() if float(v) > 0}
+    ppc = data_cfg.get("prompts_per_category")
+    streams = {}
+    for i, cat in enumerate(sorted(weights)):
+        n_prompts = len(split_prompts(cat, "train")) if ppc is None else min(int(ppc), len(split_prompts(cat, "train")))
+        per_prompt = max(1, -(-int(data_cfg.images_per_category) // n_prompts))
+        source = load_image_text(data_cfg.data_dir, "train", examples_per_prompt=per_prompt, categories=(cat,),
+                                 prompts_per_category=ppc)
+        streams[cat] = ImageTextStream(source, batch_size, seed=seed + 1000 * i)
+    return MixtureStream(streams, weights, batch_size, seed=seed)
+
+
 class _StopFlag:
     """SIGTERM -> finish the current step, checkpoint, exit 0."""
 
@@ -88,9 +110,6 @@ class _StopFlag:
 
 
 def run(config, workdir: str) -> int:
-    from ng_jax.data.sources import ImageTextStream
-    from ng_jax.data.tfds_shapes import load_image_text
-
     os.makedirs(workdir, exist_ok=True)
     mesh = parallel.make_mesh(config.mesh.shape)
     batch_size = int(config.data.batch_size)
@@ -116,8 +135,7 @@ def run(config, workdir: str) -> int:
         in_shardings=(shardings, batch_sh), out_shardings=(shardings, parallel.replicated(mesh)),
         donate_argnums=(0,))
 
-    source = load_image_text(config.data.data_dir, "train", examples_per_prompt=config.data.examples_per_prompt)
-    stream = ImageTextStream(source, seed=config.seed)
+    stream = make_image_text_stream(config.data, batch_size, seed=config.seed)
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=2)
     if ckpt.latest_step() is not None:
         state, meta, _ = ckpt.restore(state)
@@ -145,7 +163,7 @@ def run(config, workdir: str) -> int:
     t0, seen = time.time(), 0
     try:
         for step in range(start, total):
-            raw = stream.next_batch(batch_size)
+            raw = stream.next_batch()
             ids, mask = tokenize(text.tokenizer, raw["prompt"])
             batch = parallel.shard_batch(ImageTextBatch(images=raw["image"], ids=ids, mask=mask), mesh)
             state, metrics = step_fn(state, batch)

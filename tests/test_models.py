@@ -1,0 +1,182 @@
+"""Text encoder, tokenizer, MMDiT and LoRA on tiny configs (one compile per function, shared)."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections as mlc
+import numpy as np
+import pytest
+
+from ng_jax import config_base
+from ng_jax.models.lora import lora_init, lora_merge
+from ng_jax.models.text import EMPTY_PROMPT, TextCond, TokenizeError, make_text_encoder, tokenize
+from ng_jax.models.velocity import make_velocity_model
+
+
+def tiny_model_cfg(**kw):
+    c = config_base.toy_model_config()
+    c.update(dict(image_size=8, patch_size=2, hidden_size=32, depth=2, num_heads=2, context_dim=16, pooled_dim=16))
+    c.update(kw)
+    return c
+
+
+def tiny_text_cfg():
+    c = config_base.toy_text_config()
+    c.update(dict(width=16, depth=1, heads=2, pooled_dim=16))
+    return c
+
+
+@pytest.fixture(scope="module")
+def text():
+    return make_text_encoder(tiny_text_cfg())
+
+
+@pytest.fixture(scope="module")
+def text_params(text):
+    return text.init(jax.random.key(0))
+
+
+@pytest.fixture(scope="module")
+def model():
+    return make_velocity_model(tiny_model_cfg())
+
+
+@pytest.fixture(scope="module")
+def perturbed(model):
+    """Parameters with the zero-initialised (adaLN-Zero, proj_out) weights randomised, so the network is
+    not the identity/zero map and every path is exercised."""
+    params = model.init(jax.random.key(1))
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(2), len(leaves))
+    return jax.tree.unflatten(tree, [x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+
+
+@pytest.fixture(scope="module")
+def apply(model):
+    return jax.jit(model.apply)
+
+
+def test_tokenizer_pads_adds_specials_and_rejects_unknown_words(text):
+    ids, mask = tokenize(text.tokenizer, ["a red circle", EMPTY_PROMPT, "Two Blue Squares"])
+    assert ids.shape == mask.shape == (3, 16) and ids.dtype == np.int32 and mask.dtype == bool
+    tok = text.tokenizer
+    assert list(ids[0, :5]) == [tok.bos_token_id, tok.convert_tokens_to_ids("a"), tok.convert_tokens_to_ids("red"),
+                                tok.convert_tokens_to_ids("circle"), tok.eos_token_id]
+    assert mask[0].sum() == 5 and mask[1].sum() == 2 and mask[2].sum() == 5  # lower-cased, not [UNK]
+    assert (ids[~mask] == tok.pad_token_id).all()
+    with pytest.raises(TokenizeError, match="dog"):
+        tokenize(tok, ["a red dog"])
+    with pytest.raises(TokenizeError, match="at most 16"):
+        tokenize(tok, [" ".join(["red"] * 20)])
+
+
+def test_every_grammar_prompt_tokenizes_within_max_length(text):
+    from ng_jax.data import prompts as P
+
+    all_prompts = [p for c in P.CATEGORIES for p in P.all_prompts(c)]
+    _, mask = tokenize(text.tokenizer, all_prompts)
+    assert mask.sum(1).max() <= 16
+
+
+def test_text_encoder_shapes_and_padding_invariance(text, text_params):
+    encode = jax.jit(text.encode)
+    ids, mask = tokenize(text.tokenizer, ["a red circle", "a blue square left of a red circle"])
+    cond = encode(text_params, ids, mask)
+    assert isinstance(cond, TextCond)
+    assert cond.tokens.shape == (2, 16, 16) and cond.pooled.shape == (2, 16) and cond.mask.shape == (2, 16)
+    # What sits in padded positions must not change the real tokens or the pooled embedding.
+    junk = np.where(mask, ids, 7)
+    cond2 = encode(text_params, junk, mask)
+    np.testing.assert_allclose(np.asarray(cond.pooled), np.asarray(cond2.pooled), atol=1e-6)
+    np.testing.assert_allclose(np.asarray(cond.tokens)[mask], np.asarray(cond2.tokens)[mask], atol=1e-6)
+    assert not np.allclose(cond.pooled[0], cond.pooled[1])
+
+
+def test_mmdit_parameter_names_follow_diffusers(model):
+    params = model.init(jax.random.key(0))
+    flat = {"/".join(str(k.key) for k in p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]}
+    for name in ("pos_embed/proj/kernel", "time_text_embed/timestep_embedder/linear_1/kernel",
+                 "time_text_embed/text_embedder/linear_2/bias", "context_embedder/kernel",
+                 "transformer_blocks_0/norm1/linear/kernel", "transformer_blocks_0/attn/to_q/kernel",
+                 "transformer_blocks_0/attn/add_k_proj/kernel", "transformer_blocks_0/attn/to_add_out/kernel",
+                 "transformer_blocks_0/ff/net_0/proj/kernel", "transformer_blocks_0/ff_context/net_2/kernel",
+                 "transformer_blocks_1/norm1_context/linear/kernel", "norm_out/linear/kernel", "proj_out/kernel"):
+        assert name in flat, name
+    # The last block is context-pre-only: no context output projection, no context MLP.
+    assert not any(n.startswith("transformer_blocks_1/attn/to_add_out") for n in flat)
+    assert not any(n.startswith("transformer_blocks_1/ff_context") for n in flat)
+
+
+def test_mmdit_starts_at_zero_and_responds_to_inputs(model, apply, perturbed, text, text_params):
+    ids, mask = tokenize(text.tokenizer, ["a red circle", "a blue square"])
+    cond = text.encode(text_params, ids, mask)
+    x = jax.random.normal(jax.random.key(3), (2, 8, 8, 3))
+    sigma = jnp.array([0.3, 0.3])
+    v0 = apply(model.init(jax.random.key(1)), x, sigma, cond)
+    assert v0.shape == x.shape and float(jnp.abs(v0).max()) == 0.0  # adaLN-Zero + zero proj_out
+    v = apply(perturbed, x, sigma, cond)
+    assert float(jnp.abs(v).max()) > 1e-3
+    v_sigma = apply(perturbed, x, jnp.array([0.8, 0.8]), cond)
+    assert float(jnp.abs(v - v_sigma).max()) > 1e-4
+    swapped = jax.tree.map(lambda a: a[::-1], cond)
+    v_swap = apply(perturbed, x, sigma, swapped)
+    assert float(jnp.abs(v - v_swap).max()) > 1e-4
+    # Batch elements are independent: sample 0 alone gives the same velocity.
+    v_single = apply(perturbed, x[:1], sigma[:1], jax.tree.map(lambda a: a[:1], cond))
+    np.testing.assert_allclose(np.asarray(v_single), np.asarray(v[:1]), atol=1e-5)
+
+
+def test_mmdit_ignores_padded_text_tokens(apply, perturbed, text, text_params):
+    ids, mask = tokenize(text.tokenizer, ["a red circle"])
+    cond = text.encode(text_params, ids, mask)
+    noisy = cond.replace(tokens=jnp.where(cond.mask[..., None], cond.tokens, 100.0))
+    x = jax.random.normal(jax.random.key(4), (1, 8, 8, 3))
+    np.testing.assert_allclose(np.asarray(apply(perturbed, x, jnp.array([0.5]), cond)),
+                               np.asarray(apply(perturbed, x, jnp.array([0.5]), noisy)), atol=1e-5)
+
+
+def test_remat_and_bf16_match_float32(perturbed, text, text_params):
+    ids, mask = tokenize(text.tokenizer, ["a red circle"])
+    cond = text.encode(text_params, ids, mask)
+    x = jax.random.normal(jax.random.key(5), (1, 8, 8, 3))
+    s = jnp.array([0.5])
+
+    def loss(model, p):
+        return jnp.sum(jnp.square(model.apply(p, x, s, cond)))
+
+    base, remat = make_velocity_model(tiny_model_cfg()), make_velocity_model(tiny_model_cfg(remat=True))
+    g1, g2 = jax.grad(lambda p: loss(base, p))(perturbed), jax.grad(lambda p: loss(remat, p))(perturbed)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+    bf16 = make_velocity_model(tiny_model_cfg(dtype="bfloat16"))
+    v32, v16 = base.apply(perturbed, x, s, cond), bf16.apply(perturbed, x, s, cond)
+    assert v16.dtype == jnp.float32
+    rel = float(jnp.linalg.norm(v32 - v16) / jnp.linalg.norm(v32))
+    assert rel < 0.05
+
+
+def test_bad_model_configs_are_named():
+    with pytest.raises(ValueError, match="patch_size"):
+        make_velocity_model(tiny_model_cfg(image_size=9))
+    with pytest.raises(ValueError, match="family"):
+        make_velocity_model(tiny_model_cfg(family="unet"))
+    with pytest.raises(ValueError, match="dtype"):
+        make_velocity_model(tiny_model_cfg(dtype="float8"))
+
+
+def test_lora_starts_at_base_and_merges_low_rank_update(model, perturbed):
+    targets = ("attn/(to_q|to_v)",)
+    lora = lora_init(perturbed, jax.random.key(0), rank=2, alpha=4.0, targets=targets)
+    assert set(lora["transformer_blocks_0"]["attn"]) == {"to_q", "to_v"}
+    merged = lora_merge(perturbed, lora, alpha=4.0, rank=2)
+    for a, b in zip(jax.tree.leaves(merged), jax.tree.leaves(perturbed)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    lora = jax.tree.map(lambda x: x + 0.1, lora)
+    merged = lora_merge(perturbed, lora, alpha=4.0, rank=2)
+    a, b = lora["transformer_blocks_1"]["attn"]["to_q"]["lora_a"], lora["transformer_blocks_1"]["attn"]["to_q"]["lora_b"]
+    want = perturbed["transformer_blocks_1"]["attn"]["to_q"]["kernel"] + 2.0 * a @ b
+    np.testing.assert_allclose(np.asarray(merged["transformer_blocks_1"]["attn"]["to_q"]["kernel"]), np.asarray(want),
+                               rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(merged["transformer_blocks_1"]["attn"]["to_k"]["kernel"]),
+                                  np.asarray(perturbed["transformer_blocks_1"]["attn"]["to_k"]["kernel"]))
+    with pytest.raises(ValueError, match="match no Dense"):
+        lora_init(perturbed, jax.random.key(0), rank=2, alpha=4.0, targets=("nothing_here",))
