@@ -36,13 +36,13 @@ def get_config(arg=None):
     c.optim = config_base.optim_config(lr=1e-3)
     c.optim.warmup_steps = 200
     c.optim.schedule = "cosine"
-    c.optim.decay_steps = 3000
+    c.optim.decay_steps = 2500
     c.optim.weight_decay = 0.0
 
     c.train = mlc.ConfigDict()
-    c.train.steps = 3000
+    c.train.steps = 2500
     c.train.cfg_dropout = 0.1   # probability of replacing a caption by the empty prompt
-    c.train.ema_decay = 0.999   # EMA of text encoder + MMDiT; the EMA is what gets exported
+    c.train.ema_decay = 0.999   # EMA of text encoder + MMDiT (warm-up min(decay, (1+t)/(10+t))); exported
     c.train.logit_mean = 0.0    # logit-normal timestep sampling (SD3)
     c.train.logit_std = 1.0
 

@@ -62,7 +62,9 @@ def make_pretrain_step(model, text, optimizer, train_cfg, empty_ids, empty_mask)
         (_, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, step_rng)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = jax.tree.map(lambda p, u: p + u, state.params, updates)
-        ema = ema_update(state.ema, params, ema_decay)
+        # EMA warm-up: early on the average would be dominated by the (zero-output) initialisation.
+        step_f = state.step.astype(jnp.float32)
+        ema = ema_update(state.ema, params, jnp.minimum(ema_decay, (1.0 + step_f) / (10.0 + step_f)))
         metrics = dict(aux, grad_norm=_global_norm(grads))
         return state.replace(step=state.step + 1, params=params, ema=ema, opt_state=opt_state, rng=rng), metrics
 
