@@ -83,7 +83,14 @@ def main(argv: list[str] | None = None) -> int:
     import jax
 
     if distributed:
-        jax.distributed.initialize()
+        # On TPU pods / SLURM / GKE the cluster is auto-detected; NG_COORDINATOR, NG_NUM_PROCESSES and
+        # NG_PROCESS_ID name it explicitly (launch/local_multiprocess.sh: several processes on one machine).
+        if os.environ.get("NG_COORDINATOR"):
+            jax.distributed.initialize(coordinator_address=os.environ["NG_COORDINATOR"],
+                                       num_processes=int(os.environ["NG_NUM_PROCESSES"]),
+                                       process_id=int(os.environ["NG_PROCESS_ID"]))
+        else:
+            jax.distributed.initialize()
     import importlib
 
     module = importlib.import_module(JOBS[config.job])

@@ -14,6 +14,7 @@ Both builders write array_record files and are read through the random-access da
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Sequence
 
 import numpy as np
@@ -191,7 +192,17 @@ def _make_builder(builder_cls, data_dir: str, config: tfds.core.BuilderConfig) -
 def _prepared_source(builder: tfds.core.DatasetBuilder, split: str, splits: tuple[str, ...]):
     if split not in splits:
         raise ValueError(f"unknown split {split!r} for {builder.name}; expected one of {splits}")
-    builder.download_and_prepare(file_format=FILE_FORMAT)  # no-op when already prepared
+    if not builder.is_prepared():
+        print(f"preparing {builder.name}/{builder.builder_config.name} under {builder.data_dir} (once)", flush=True)
+        absl_logger = logging.getLogger("absl")
+        level = absl_logger.level
+        absl_logger.setLevel(logging.ERROR)  # tfds narrates every shard; one line above is enough
+        tfds.disable_progress_bar()
+        try:
+            builder.download_and_prepare(file_format=FILE_FORMAT)
+        finally:
+            absl_logger.setLevel(level)
+            tfds.enable_progress_bar()
     return builder.as_data_source(split)
 
 
