@@ -48,13 +48,33 @@ class Checkpointer:
 
     def __init__(self, directory: str, *, max_to_keep: int = 3):
         self.directory = os.path.abspath(directory)
-        self._manager = ocp.CheckpointManager(
-            self.directory,
-            options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
-        )
+        try:
+            self._manager = ocp.CheckpointManager(
+                self.directory,
+                options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
+            )
+        except Exception as err:  # e.g. the path is a file, or unreadable
+            raise CheckpointError(f"cannot open checkpoint directory {self.directory}: {type(err).__name__}: "
+                                  f"{str(err).splitlines()[0][:300] if str(err) else ''}") from err
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
+
+    def resume_step(self) -> int | None:
+        """The step to resume from, or None when the directory is empty (a fresh run).
+
+        A directory that holds something but no complete checkpoint (an interrupted first save,
+        foreign files) raises CheckpointError rather than letting the run start over silently.
+        """
+        step = self.latest_step()
+        if step is not None:
+            return step
+        entries = sorted(e for e in os.listdir(self.directory) if not e.startswith("."))
+        if entries:
+            listed = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
+            raise CheckpointError(f"{self.directory} holds no complete checkpoint but is not empty ({listed}); "
+                                  "remove it to start a fresh run")
+        return None
 
     def all_steps(self) -> list[int]:
         return list(self._manager.all_steps())

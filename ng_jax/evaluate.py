@@ -21,9 +21,24 @@ from ng_jax.sampling import make_sampler, to_uint8
 
 REWARD_NAMES = ("verifier", "jpeg_compressibility", "jpeg_incompressibility", "remote")
 
+# Extra rewards by name: name -> factory(rewards_cfg) -> Reward. Filled by `register_reward`.
+EXTRA_REWARDS: dict = {}
+
+
+def register_reward(name: str, factory) -> None:
+    """Make `rewards.weights.<name>` usable: `factory(rewards_cfg)` returns the Reward (a callable
+    `(uint8 images [B, H, W, 3], prompts) -> float32 [B]`). Built-in names cannot be replaced."""
+    if name in REWARD_NAMES:
+        raise ValueError(f"reward {name!r} is built in; register another name")
+    if not callable(factory):
+        raise ValueError(f"the factory of reward {name!r} must be callable, got {type(factory).__name__}")
+    EXTRA_REWARDS[name] = factory
+
 
 def make_reward(name: str, cfg=None):
-    """One reward model by name (see REWARD_NAMES)."""
+    """One reward model by name (see REWARD_NAMES and `register_reward`)."""
+    if name in EXTRA_REWARDS:
+        return EXTRA_REWARDS[name](cfg)
     if name == "verifier":
         from ng_jax.rewards.verifier import VerifierReward
 
@@ -42,7 +57,7 @@ def make_reward(name: str, cfg=None):
         if cfg is None or not cfg.get("remote_url"):
             raise ValueError("reward 'remote' needs rewards.remote_url")
         return RemoteReward(cfg.remote_url, name="remote", timeout_s=float(cfg.get("timeout_s") or 60))
-    raise ValueError(f"unknown reward {name!r}; expected one of {REWARD_NAMES}")
+    raise ValueError(f"unknown reward {name!r}; expected one of {REWARD_NAMES + tuple(EXTRA_REWARDS)}")
 
 
 def build_rewards(rewards_cfg):
@@ -78,7 +93,7 @@ class Evaluator:
     """Callable `(trainable_params, tag, step) -> results dict`; keeps the last full result."""
 
     def __init__(self, eval_cfg, model, text, text_params, ref_params, mesh, *, weighted, policy_params,
-                 workdir: str | None):
+                 workdir: str | None, prompts: list[str] | None = None):
         from ng_jax.data.prompts import category_of
         from ng_jax.judges.toy import QualityJudge, reference_renders
 
@@ -87,7 +102,7 @@ class Evaluator:
         self.workdir = workdir
         self.last = None
         k = int(eval_cfg.samples_per_prompt)
-        base = eval_prompts(eval_cfg)
+        base = list(prompts) if prompts is not None else eval_prompts(eval_cfg)
         self.prompts = [p for p in base for _ in range(k)]
         self.categories = [category_of(p) for p in self.prompts]
         self.batch = int(eval_cfg.batch_size)
@@ -110,10 +125,14 @@ class Evaluator:
         self.sampler = make_sampler(model.apply, num_steps=int(eval_cfg.num_steps), shift=float(eval_cfg.shift),
                                     cfg_scale=float(eval_cfg.cfg_scale), record=("x0", "norms"),
                                     renorm_to_ref=bool(eval_cfg.get("renorm", False)))
+        # Inputs are batch-sharded; outputs are left to the compiler (the grid `sigmas` and the
+        # [steps, batch] norms cannot take the batch sharding on their first axis).
         sh = parallel.batch_sharding(mesh)
+        self.noise = [jax.device_put(n, sh) for n in self.noise]
+        self.conds = [jax.device_put(c, sh) for c in self.conds]
+        self.uncond = jax.device_put(self.uncond, sh)
         self._sample = jax.jit(lambda p, r, noise, c, u: self.sampler(policy_params(p, r), noise, c, u, None,
-                                                                        ref_params=r),
-                               out_shardings=sh)
+                                                                        ref_params=r))
         self.judge = QualityJudge() if eval_cfg.get("quality", True) else None
         self.real = reference_renders(self.prompts, seeds[: self.n]) if self.judge else None
 
@@ -152,6 +171,8 @@ class Evaluator:
             result["accuracy_by_category"] = {c: float(np.mean(v)) for c, v in sorted(by_cat.items())}
         if self.judge is not None:
             result.update(self.judge.evaluate(images, self.real))
+        else:  # eval.quality=False: the keys stay, marked as not measured
+            result.update(fd=None, precision=None, recall=None)
         if self.workdir:
             show = min(len(images), int(self.cfg.get("grid_size", 32)))
             reporting.save_grid(os.path.join(self.workdir, "samples", f"{tag}.png"), images[:show],
@@ -182,6 +203,7 @@ def run(config, workdir: str) -> int:
     for c, acc in result.get("accuracy_by_category", {}).items():
         print(f"| {c} | {counts[c]} | {acc:.3f} |")
     print(f"| **overall** | {evaluator.n} | {result.get('accuracy', float('nan')):.3f} |")
-    print(f"reward={result['reward']:.4f} fd={result.get('fd', float('nan')):.3f} "
-          f"precision={result.get('precision', float('nan')):.3f} recall={result.get('recall', float('nan')):.3f}")
+    quality = " ".join(f"{k}={'n/a' if result.get(k) is None else format(result[k], '.3f')}"
+                       for k in ("fd", "precision", "recall"))
+    print(f"reward={result['reward']:.4f} {quality}")
     return 0

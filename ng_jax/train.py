@@ -7,15 +7,27 @@ callbacks inside the same jit) -> group-relative advantages -> optimizer steps (
 base-loss + NormGuard step of ng_jax.train_step) -> old/EMA update -> periodic evaluation ->
 checkpoint. An RL "step boundary" for checkpoints and SIGTERM is the end of an epoch.
 
-Failures stop the run with a clear message and leave the last good checkpoint untouched: a reward
-that raises, returns NaN/wrong shapes or times out (RewardError), a non-finite loss (detected in
-the step, whose update is then not applied), a corrupt or mismatched checkpoint.
+The workdir gets metrics.jsonl and TensorBoard events (train/* per epoch, eval/* per evaluation),
+samples/<tag>.png grids, checkpoints/<epoch>/ (policy, old/EMA, optimizer, RNG, optimizer step,
+prompt-stream position and the evaluation history) and, at the end, summary.json with
+"eval_initial" and "eval" (reward, norm_ratio, norm_ratio_by_sigma [[sigma, ratio], ...], fd,
+precision, recall, ...). A rerun with the same workdir resumes exactly where the checkpoint left off.
+
+Failures stop the run with a one-line message and leave the last good checkpoint untouched: a
+reward that raises, returns NaN or a wrong shape, or times out (RewardError, after
+`rewards.retries` retries); a non-finite loss or gradient (TrainingError naming the epoch; the
+step did not apply the update); a corrupt, mismatched or incomplete checkpoint (CheckpointError,
+never a silent fresh start); an unusable prompt file (PromptFileError). SIGTERM checkpoints at the
+next epoch boundary and returns 0.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import signal
+import threading
 import time
 
 import jax
@@ -23,13 +35,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from ng_jax import losses, parallel, reporting
-from ng_jax.checkpoint import Checkpointer
+from ng_jax.checkpoint import CheckpointError, Checkpointer
 from ng_jax.config_checks import ConfigError
-from ng_jax.evaluate import Evaluator, build_rewards
+from ng_jax.evaluate import Evaluator, build_rewards, eval_prompts
 from ng_jax.models.bundle import load_bundle
 from ng_jax.models.text import EMPTY_PROMPT, make_text_encoder, tokenize
 from ng_jax.models.velocity import make_velocity_model
-from ng_jax.rewards.host import RewardError, make_reward_fn
+from ng_jax.rewards.host import RewardError, make_reward_fn, reset_callback_tokens
 from ng_jax.sampling import make_sampler
 from ng_jax.state import TrainState, make_optimizer
 from ng_jax.train_step import StepSpec, TrainBatch, bucket_centres, make_ema_update, make_train_step, \
@@ -37,18 +49,43 @@ from ng_jax.train_step import StepSpec, TrainBatch, bucket_centres, make_ema_upd
 
 
 class TrainingError(RuntimeError):
-    pass
+    """The run cannot go on (non-finite loss, ...); the message names the epoch and the last checkpoint."""
+
+
+class PromptFileError(ValueError):
+    """A prompt file (or prompt data set) that cannot be used; reported in one line by the entry point."""
+
+
+def _one_line(text) -> str:
+    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
+    return (" | ".join(lines[:3]) if lines else "")[:800]
+
+
+def _read_prompts(what: str, read) -> list[str]:
+    try:
+        return read()
+    except (OSError, ValueError) as err:  # missing file, empty file, unparseable line, unprepared TFDS
+        raise PromptFileError(f"{what}: {_one_line(err)}") from None
 
 
 def load_rl_prompts(config) -> list[str]:
+    """Training prompts: `data.prompt_file` if set, else the TFDS train split (PromptFileError if unusable)."""
     from ng_jax.data.sources import read_prompt_file
     from ng_jax.data.tfds_shapes import load_prompts
 
-    if config.data.get("prompt_file"):
-        return read_prompt_file(config.data.prompt_file)
-    source = load_prompts(config.data.data_dir, "train")
-    return [source[i]["prompt"] if isinstance(source[i]["prompt"], str) else source[i]["prompt"].decode()
-            for i in range(len(source))]
+    def read():
+        if config.data.get("prompt_file"):
+            return read_prompt_file(config.data.prompt_file)
+        source = load_prompts(config.data.data_dir, "train")
+        return [_text(source[i]["prompt"]) for i in range(len(source))]
+
+    what = (f"data.prompt_file={config.data.prompt_file!r}" if config.data.get("prompt_file")
+            else f"training prompts in data.data_dir={config.data.data_dir!r}")
+    return _read_prompts(what, read)
+
+
+def _text(x) -> str:
+    return x.decode() if isinstance(x, bytes) else str(x)
 
 
 def make_step_spec(config, grid: np.ndarray) -> StepSpec:
@@ -74,16 +111,82 @@ def dpo_pairs(rewards: np.ndarray, group_size: int) -> tuple[np.ndarray, np.ndar
     return base + r.argmax(1), base + r.argmin(1), r.max(1) > r.min(1)
 
 
+def check_rl_config(config, multiple: int) -> None:
+    """Batch arithmetic the loop relies on (ConfigError, one line)."""
+    rl = config.rl
+    n_samples = int(rl.prompts_per_epoch) * int(rl.group_size)
+    for name, value in (("rl.prompts_per_epoch * rl.group_size", n_samples), ("rl.micro_batch", rl.micro_batch)):
+        if value % multiple:
+            raise ConfigError(f"{name}={value} must be divisible by the data x fsdp devices ({multiple})")
+    if int(rl.train_batch) % int(rl.micro_batch):
+        raise ConfigError(f"rl.train_batch={rl.train_batch} must be a multiple of rl.micro_batch={rl.micro_batch}")
+    per_epoch = int(rl.prompts_per_epoch) if rl.method == "dpo" else n_samples
+    if int(rl.train_batch) > per_epoch:
+        unit = "winner/loser pairs (one per prompt)" if rl.method == "dpo" else "rollouts"
+        raise ConfigError(f"rl.train_batch={rl.train_batch} exceeds the {per_epoch} {unit} of an epoch: "
+                          "no optimizer step would run")
+    if rl.rollout.policy not in ("old", "current"):
+        raise ConfigError(f"rl.rollout.policy={rl.rollout.policy!r}: expected 'old' or 'current'")
+
+
 class _Sigterm:
+    """SIGTERM -> `requested`; the loop checkpoints at the next epoch boundary and returns 0."""
+
     def __init__(self):
         self.requested = False
-        self._prev = signal.signal(signal.SIGTERM, self._set)
+        self._prev = None
+        if threading.current_thread() is threading.main_thread():  # handlers can only be set there
+            self._prev = signal.signal(signal.SIGTERM, self._set)
 
     def _set(self, *_):
         self.requested = True
 
     def close(self):
-        signal.signal(signal.SIGTERM, self._prev)
+        if self._prev is not None:
+            signal.signal(signal.SIGTERM, self._prev)
+            self._prev = None
+
+
+class _DropRewardErrorLogs(logging.Filter):
+    """jax logs every failed host callback with a full traceback, once per device shard. A RewardError
+    already names the reward and the problem, and the loop reports it in one line, so those records
+    are dropped; any other callback failure (a bug) is still logged."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not isinstance(exc, RewardError)
+
+
+_CALLBACK_LOGGER = logging.getLogger("jax._src.callback")
+
+
+def _host_array(x) -> np.ndarray:
+    """A batch-sharded device array as one numpy array on every host (gathered across hosts)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
+
+
+def _trim_metrics(path: str, epoch: int) -> None:
+    """On resume, drop metric lines written after the restored epoch (they are about to be redone)."""
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()
+    keep = []
+    for line in lines:
+        try:
+            if int(json.loads(line)["step"]) > epoch:
+                continue
+        except (ValueError, KeyError, TypeError):
+            pass
+        keep.append(line)
+    if len(keep) != len(lines):
+        with open(path + ".tmp", "w") as f:
+            f.writelines(keep)
+        os.replace(path + ".tmp", path)
 
 
 def run(config, workdir: str) -> int:
@@ -91,16 +194,16 @@ def run(config, workdir: str) -> int:
 
     os.makedirs(workdir, exist_ok=True)
     rl = config.rl
+    # Cheap checks first: a bad prompt file or batch setting fails before anything compiles.
+    prompts = load_rl_prompts(config)
+    eval_base = _read_prompts(
+        f"eval.prompt_file={config.eval.prompt_file!r}" if config.eval.get("prompt_file")
+        else f"evaluation prompts in eval.data_dir={config.eval.data_dir!r}", lambda: eval_prompts(config.eval))
     mesh = parallel.make_mesh(config.mesh.shape)
     rules = [tuple(r) for r in config.mesh.rules]
-    multiple = parallel.batch_size_multiple(mesh)
+    check_rl_config(config, parallel.batch_size_multiple(mesh))
     k = int(rl.group_size)
     n_samples = int(rl.prompts_per_epoch) * k
-    for name, value in (("rl.prompts_per_epoch * rl.group_size", n_samples), ("rl.micro_batch", rl.micro_batch)):
-        if value % multiple:
-            raise ConfigError(f"{name}={value} must be divisible by the data x fsdp devices ({multiple})")
-    if int(rl.train_batch) % int(rl.micro_batch):
-        raise ConfigError(f"rl.train_batch={rl.train_batch} must be a multiple of rl.micro_batch={rl.micro_batch}")
 
     bundle = load_bundle(config.reference or None)
     model = make_velocity_model(bundle.model_cfg)
@@ -123,11 +226,11 @@ def run(config, workdir: str) -> int:
 
     def init_state():
         trainable = init_trainable()
-        return TrainState(step=jnp.zeros((), jnp.int32), params=trainable, ema=trainable,
+        return TrainState(step=jnp.zeros((), jnp.int32), params=trainable, ema=jax.tree.map(jnp.copy, trainable),
                           opt_state=optimizer.init(trainable), rng=jax.random.key(config.seed))
 
-    state_sh = parallel.param_shardings(jax.eval_shape(init_state), mesh, rules)
-    state = jax.jit(init_state, out_shardings=state_sh)()
+    state_abstract = jax.eval_shape(init_state)
+    state_sh = parallel.param_shardings(state_abstract, mesh, rules)
     policy_params = policy_params_fn(lora_cfg)
     batch_sh = parallel.batch_sharding(mesh)
 
@@ -159,33 +262,50 @@ def run(config, workdir: str) -> int:
                      donate_argnums=(0,))
     adv_fn = jax.jit(lambda r, g: losses.group_advantages(r, g, global_std=bool(rl.global_std)))
 
-    # --- prompts, evaluation, checkpoints --------------------------------------------------------
-    prompts = load_rl_prompts(config)
+    # --- prompts, checkpoints (resume), evaluation -------------------------------------------------
     stream = PromptStream(prompts, seed=config.seed)
-    evaluator = Evaluator(config.eval, model, text, text_params, ref, mesh, weighted=weighted,
-                          policy_params=policy_params, workdir=workdir)
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=int(config.ckpt.max_to_keep))
-    meta = {"epoch": 0, "data": stream.state(), "eval_initial": None, "evals": []}
-    if ckpt.latest_step() is not None:
-        state, meta, _ = ckpt.restore(state)
-        stream.restore(meta["data"])
-        print(f"resumed at epoch {meta['epoch']} (optimizer step {int(state.step)})")
+    meta = {"epoch": 0, "data": stream.state(), "method": rl.method, "eval_initial": None, "evals": [],
+            "eval_last": None}
     is_main = jax.process_index() == 0
+    try:
+        if ckpt.resume_step() is not None:
+            target = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+                                  state_abstract, state_sh)
+            state, meta = _resume(ckpt, target, stream, meta)
+            if is_main:
+                _trim_metrics(os.path.join(workdir, "metrics.jsonl"), meta["epoch"])
+            print(f"resumed at epoch {meta['epoch']} (optimizer step {int(state.step)}) from {ckpt.directory}")
+        else:
+            state = jax.jit(init_state, out_shardings=state_sh)()
+        evaluator = Evaluator(config.eval, model, text, text_params, ref, mesh, weighted=weighted,
+                              policy_params=policy_params, workdir=workdir, prompts=eval_base)
+        uids, umask = tokenize(text.tokenizer, [EMPTY_PROMPT] * n_samples)
+        uncond = jax.device_put(encode_fn(text_params, uids, umask), batch_sh)
+    except BaseException:
+        ckpt.close()
+        raise
     writer = reporting.MetricWriter(workdir, enabled=is_main)
-    uids, umask = tokenize(text.tokenizer, [EMPTY_PROMPT] * n_samples)
-    uncond = jax.device_put(encode_fn(text_params, uids, umask), batch_sh)
 
-    if meta["eval_initial"] is None:
-        meta["eval_initial"] = evaluator(state.params, tag="initial", step=0)
-        writer.write(0, _scalars(meta["eval_initial"]), prefix="eval/")
-        print(_eval_line("initial", meta["eval_initial"]))
+    def evaluate(params, tag, step):
+        try:
+            return evaluator(params, tag=tag, step=step)
+        except RewardError as err:
+            raise RewardError(f"evaluation ({tag}): {_one_line(err)}; {_last_good(ckpt)}") from err
 
     epochs = int(rl.epochs)
     sigterm = _Sigterm()
+    quiet = _DropRewardErrorLogs()
+    _CALLBACK_LOGGER.addFilter(quiet)
     bar = reporting.progress(epochs, desc=f"{rl.method}{'+normguard' if config.normguard.lam else ''}",
-                             initial=meta["epoch"], enabled=is_main)
+                             initial=min(meta["epoch"], epochs), enabled=is_main)
     try:
+        if meta["eval_initial"] is None:
+            meta["eval_initial"] = evaluate(state.params, "initial", 0)
+            writer.write(0, _scalars(meta["eval_initial"]), prefix="eval/")
+            bar.write(_eval_line("initial", meta["eval_initial"]))
         for epoch in range(meta["epoch"], epochs):
+            done = epoch + 1
             t0 = time.time()
             epoch_prompts = stream.next_batch(int(rl.prompts_per_epoch))
             prompt_table[:] = epoch_prompts
@@ -195,71 +315,128 @@ def run(config, workdir: str) -> int:
             rng = jax.random.fold_in(jax.random.key(config.seed + 7), epoch)
             r_noise, r_sde = jax.random.split(rng)
             noise = jax.random.normal(r_noise, (n_samples,) + model.sample_shape)
+            weighted.clear_error()
             try:
                 x0, rewards, parts = rollout_fn(state.params, state.ema, ref, jax.device_put(noise, batch_sh), cond,
                                                 uncond, jax.device_put(prompt_ids, batch_sh), r_sde)
-                rewards = np.asarray(jax.device_get(rewards))
+                # A failing host callback surfaces here, inside the try (not later, at a fetch).
+                jax.block_until_ready((x0, rewards, parts))
             except Exception as err:
-                raise _reward_failure(err, weighted, ckpt) from None
+                _reset_callbacks(mesh)
+                cause = weighted.last_error
+                if cause is None and not isinstance(err, RewardError):
+                    raise  # not a reward problem: keep jax's own error and traceback
+                raise RewardError(f"epoch {done}: {_one_line(cause or err)}; {_last_good(ckpt)}") from err
+            rewards, parts = _host_array(rewards), _host_array(parts)
             t_roll = time.time() - t0
             advantages = np.asarray(adv_fn(jnp.asarray(rewards), jnp.asarray(prompt_ids)))
-            metrics_sum: dict = {}
+            sums: dict = {}
             n_steps = 0
             for batch in _train_batches(config, x0, cond, advantages, rewards, k, epoch):
                 state, m = step_fn(state, ref, jax.device_put(batch, batch_sh))
                 m = jax.device_get(m)
                 if not bool(m["finite"]):
-                    last = ckpt.latest_step()
                     raise TrainingError(
-                        f"non-finite loss or gradient at epoch {epoch} (loss={float(m['loss'])}, grad_norm="
-                        f"{float(m['grad_norm'])}); the update was not applied; last good checkpoint: "
-                        f"{'epoch ' + str(last) if last is not None else 'none'} in {ckpt.directory}")
-                for key, val in m.items():
-                    metrics_sum[key] = metrics_sum.get(key, 0) + np.asarray(val, np.float64)
+                        f"non-finite loss or gradient at epoch {done}, optimizer step {n_steps + 1} of the epoch "
+                        f"(loss={float(m['loss'])}, grad_norm={float(m['grad_norm'])}); the update was not "
+                        f"applied; {_last_good(ckpt)}")
+                _accumulate(sums, m)
                 n_steps += 1
             state = ema_fn(state, jnp.float32(ema_decay(config, int(state.step))))
-            record = {key: v / max(n_steps, 1) for key, v in metrics_sum.items() if key not in ("finite",)}
-            record.update(reward=float(rewards.mean()), reward_std=float(rewards.std()), epoch=epoch + 1,
+            record = _epoch_record(sums, n_steps)
+            record.update(reward=float(rewards.mean()), reward_std=float(rewards.std()), epoch=done,
                           rollout_s=t_roll, epoch_s=time.time() - t0, optimizer_steps=int(state.step))
             for i, name in enumerate(weighted.names):
-                record[f"reward/{name}"] = float(np.asarray(parts)[:, i].mean())
-            if "norm_ratio_by_bucket" in record:
-                by_bucket = record.pop("norm_ratio_by_bucket")
-                counts = record.pop("bucket_count")
-                for c, r, n in zip(bucket_centres(), by_bucket, counts):
-                    if n > 0:
-                        record[f"norm_ratio_sigma_{c:.1f}"] = float(r)
-            writer.write(epoch + 1, record, prefix="train/")
+                record[f"reward/{name}"] = float(parts[:, i].mean())
+            writer.write(done, record, prefix="train/")
             bar.update(1)
             bar.set_postfix(reward=f"{record['reward']:.3f}", ratio=f"{record.get('norm_ratio', float('nan')):.3f}")
-            meta["epoch"] = epoch + 1
+            meta["epoch"] = done
             meta["data"] = stream.state()
-            done = epoch + 1
             if done % int(config.eval.every) == 0 or done == epochs:
-                result = evaluator(state.params, tag=f"epoch_{done:04d}", step=done)
+                result = evaluate(state.params, f"epoch_{done:04d}", done)
                 meta["evals"].append({"epoch": done, **_scalars(result)})
+                meta["eval_last"] = result
                 writer.write(done, _scalars(result), prefix="eval/")
                 bar.write(_eval_line(f"epoch {done}", result))
             if done % int(config.ckpt.every) == 0 or done == epochs or sigterm.requested:
                 ckpt.save(done, state, meta)
             if sigterm.requested:
-                bar.write(f"SIGTERM: checkpoint saved at epoch {done}; exiting")
-                ckpt.wait()
+                bar.write(f"SIGTERM: checkpoint saved at epoch {done} in {ckpt.directory}; exiting")
                 return 0
     finally:
+        _CALLBACK_LOGGER.removeFilter(quiet)
         bar.close()
         sigterm.close()
-        ckpt.wait()
+        ckpt.close()  # waits for a pending save
         writer.close()
-    final = meta["evals"][-1] if meta["evals"] else None
-    final_full = evaluator.last if evaluator.last is not None else final
     summary = {"config": config.name, "method": rl.method, "normguard": config.normguard.to_dict(),
-               "epochs": epochs, "eval_initial": meta["eval_initial"], "eval": final_full,
+               "epochs": epochs, "eval_initial": meta["eval_initial"], "eval": meta["eval_last"],
                "history": meta["evals"]}
     if is_main:
         reporting.write_json(os.path.join(workdir, "summary.json"), summary)
         print(f"summary: {os.path.join(workdir, 'summary.json')}")
     return 0
+
+
+def _resume(ckpt: Checkpointer, target, stream, fresh_meta: dict):
+    """Restore state and metadata; anything unusable is a CheckpointError (never a silent fresh start)."""
+    state, meta, step = ckpt.restore(target)
+    missing = sorted(set(fresh_meta) - set(meta) - {"eval_last", "method"})
+    if missing:
+        raise CheckpointError(f"checkpoint step {step} in {ckpt.directory}: metadata lacks {missing}")
+    if meta.get("method", fresh_meta["method"]) != fresh_meta["method"]:
+        raise CheckpointError(f"checkpoint step {step} in {ckpt.directory} was written by rl.method="
+                              f"{meta['method']!r}, this run is {fresh_meta['method']!r}")
+    if int(meta["epoch"]) != step:
+        raise CheckpointError(f"checkpoint step {step} in {ckpt.directory} records epoch {meta['epoch']}")
+    try:
+        stream.restore(meta["data"])
+    except ValueError as err:
+        raise CheckpointError(f"checkpoint step {step} in {ckpt.directory}: cannot restore the prompt stream "
+                              f"({_one_line(err)}); was it written with other prompts or another seed?") from None
+    meta.setdefault("eval_last", None)
+    meta["method"] = fresh_meta["method"]
+    return state, meta
+
+
+def _last_good(ckpt: Checkpointer) -> str:
+    last = ckpt.latest_step()
+    return f"last good checkpoint: epoch {last} in {ckpt.directory}" if last is not None else "no checkpoint yet"
+
+
+def _reset_callbacks(mesh) -> None:
+    """After a failed host callback: replace jax's failed callback tokens (see rewards.host)."""
+    try:
+        reset_callback_tokens(mesh)
+    except Exception:  # noqa: BLE001 - never mask the reward error being reported
+        pass
+
+
+def _accumulate(sums: dict, m: dict) -> None:
+    """Sum one step's metrics; per-sigma-bucket ratios are weighted by their sample counts."""
+    counts = np.asarray(m["bucket_count"], np.float64)
+    for key, val in m.items():
+        if key in ("finite", "bucket_count"):
+            continue
+        val = np.asarray(val, np.float64)
+        if key == "norm_ratio_by_bucket":
+            val = val * counts
+        sums[key] = sums.get(key, 0.0) + val
+    sums["bucket_count"] = sums.get("bucket_count", 0.0) + counts
+
+
+def _epoch_record(sums: dict, n_steps: int) -> dict:
+    """Epoch means of the step metrics; per-bucket norm ratios as `norm_ratio_sigma_<centre>`."""
+    sums = dict(sums)
+    counts = sums.pop("bucket_count", None)
+    by_bucket = sums.pop("norm_ratio_by_bucket", None)
+    record = {key: float(v) / max(n_steps, 1) for key, v in sums.items()}
+    if by_bucket is not None:
+        for c, total, n in zip(bucket_centres(), by_bucket, counts):
+            if n > 0:
+                record[f"norm_ratio_sigma_{c:.1f}"] = float(total / n)
+    return record
 
 
 def sampler_sigmas(ro):
@@ -292,19 +469,13 @@ def _train_batches(config, x0, cond, advantages, rewards, k, epoch):
 
 
 def _scalars(result: dict) -> dict:
-    return {k: v for k, v in result.items() if isinstance(v, (int, float))}
+    return {k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 def _eval_line(tag: str, r: dict) -> str:
-    return (f"[eval {tag}] reward={r.get('reward', float('nan')):.4f} norm_ratio={r.get('norm_ratio', float('nan')):.4f} "
-            f"fd={r.get('fd', float('nan')):.3f} precision={r.get('precision', float('nan')):.3f} "
-            f"recall={r.get('recall', float('nan')):.3f}")
+    def fmt(key, digits):
+        v = r.get(key)
+        return "n/a" if v is None else f"{v:.{digits}f}"
 
-
-def _reward_failure(err, weighted, ckpt) -> Exception:
-    last = ckpt.latest_step()
-    where = f"last good checkpoint: epoch {last} in {ckpt.directory}" if last is not None else "no checkpoint yet"
-    cause = weighted.last_error if getattr(weighted, "last_error", None) is not None else err
-    if isinstance(cause, RewardError) or isinstance(err, RewardError):
-        return TrainingError(f"reward failed: {cause}; {where}")
-    return TrainingError(f"rollout failed: {type(err).__name__}: {str(err).splitlines()[0][:500]}; {where}")
+    return (f"[eval {tag}] reward={fmt('reward', 4)} norm_ratio={fmt('norm_ratio', 4)} fd={fmt('fd', 3)} "
+            f"precision={fmt('precision', 3)} recall={fmt('recall', 3)}")

@@ -3,20 +3,33 @@
 Per optimizer step the step receives a `TrainBatch` of samples (clean rollout results `x0`, their
 text conditioning and advantages; DPO: winner/loser pairs). Inside one jitted function it
 
-1. draws each method's training timesteps (NFT: a random permutation of the rollout grid per sample;
-   AWM: stratified slots over the grid, shared by a micro-batch; DPO: logit-normal, shared by a pair);
-2. scans over micro-batches x timesteps: fresh noise, `x_t`, then ONE policy forward (with gradient),
-   one reference forward and (NFT/AWM) one old/EMA forward (without). The base loss's KL terms and the
-   NormGuard hinge read these same velocities, so NormGuard costs no extra forward;
-3. accumulates gradients, clips (optax), applies the update only if the loss and gradient are finite;
-4. reports loss parts, hinge-active fraction, mean norm ratio, per-sigma-bucket norm ratios, grad norm.
+1. draws each method's training timesteps (ALGORITHMS.md secs 3-5; NFT: a random order of the
+   rollout grid per sample; AWM: stratified slots over the grid, shared by a micro-batch; DPO:
+   logit-normal, shared by a pair) and one noise key per sample and timestep. Everything except
+   AWM's per-micro-batch slots is drawn for the whole batch, so the micro-batch size is a memory
+   knob only: accumulating micro-batches gives the gradient of the whole batch;
+2. scans over micro-batches x timesteps: fresh noise, `x_t`, then ONE reference forward and
+   (NFT/AWM) ONE old/EMA forward, both outside the differentiated function (no gradient, no saved
+   activations), and ONE policy forward inside `jax.value_and_grad`. The base loss's KL terms and
+   the NormGuard hinge read these same velocities, so NormGuard costs no extra forward. With
+   `lam == 0` the hinge is not traced at all (the step is the base method's, op for op);
+3. averages the gradients, and applies the optax update (clipping is part of the optimizer chain,
+   `ng_jax.state.make_optimizer`) only if the loss and every gradient entry are finite; otherwise
+   the whole state comes back unchanged and `metrics["finite"]` is False, so the loop can stop;
+4. reports the base loss's parts, NormGuard's penalty and hinge-active fraction (when on), the mean
+   norm ratio `||v|| / ||v_ref||` and its mean per sigma bucket, and the pre-clip gradient norm.
 
-The state is donated; in/out shardings come from the caller (ng_jax.train).
+The caller jits `step` with the mesh shardings and donates the state (ng_jax.train):
+
+    jax.jit(make_train_step(model.apply, optimizer, spec, lora_cfg),
+            in_shardings=(state_sh, ref_sh, batch_sh), out_shardings=(state_sh, replicated),
+            donate_argnums=(0,))
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable
 
 import flax
@@ -26,9 +39,12 @@ import numpy as np
 import optax
 
 from ng_jax import flow, losses
-from ng_jax.state import TrainState
+from ng_jax.state import TrainState, ema_update, tree_all_finite
 
+METHODS = ("nft", "awm", "dpo")
 NUM_SIGMA_BUCKETS = 5
+# NormGuard diagnostics that exist only when the hinge is on (lam > 0).
+NORMGUARD_METRICS = ("normguard_penalty", "normguard_active_frac")
 
 
 @flax.struct.dataclass
@@ -49,13 +65,35 @@ class StepSpec:
     grid: tuple[float, ...]          # rollout sigma grid without the final 0 (NFT/AWM schemes)
     grid_fraction: float             # NFT 0.99 / AWM 0.9 of the grid is used
     loss_kwargs: dict                # keyword arguments of the base loss
-    lam: float = 0.0                 # NormGuard weight (0: off)
+    lam: float = 0.0                 # NormGuard weight (0: off, the hinge is not even computed)
     margin: float = 0.0
     power: int = 1
     relative: bool = True
     dpo_logit_mean: float = 0.0
     dpo_logit_std: float = 1.0
     dpo_shift: float = 1.0
+
+
+def _check_spec(spec: StepSpec) -> None:
+    """Clear errors at build time for what would otherwise fail deep inside tracing (or silently)."""
+    if spec.method not in METHODS:
+        raise ValueError(f"StepSpec.method must be one of {METHODS}, got {spec.method!r}")
+    if spec.micro_batch < 1 or spec.num_timesteps < 1:
+        raise ValueError(f"StepSpec: micro_batch ({spec.micro_batch}) and num_timesteps ({spec.num_timesteps}) "
+                         "must be >= 1")
+    if not spec.lam >= 0:
+        raise ValueError(f"StepSpec.lam (NormGuard weight) must be >= 0, got {spec.lam!r}")
+    if spec.method == "nft":
+        # flow.permuted_grid_timesteps draws from the first K grid values; more timesteps than K
+        # would silently train on fewer (or, before this check, break the scan's shapes).
+        n = len(spec.grid)
+        k = min(n, max(1, int(math.floor(spec.grid_fraction * n + 1e-9))))
+        if spec.num_timesteps > k:
+            raise ValueError(f"NFT: num_timesteps={spec.num_timesteps} exceeds the {k} grid timesteps available "
+                             f"(grid of {n} with grid_fraction={spec.grid_fraction})")
+    elif spec.method == "awm" and spec.num_timesteps > len(spec.grid):
+        raise ValueError(f"AWM: num_timesteps={spec.num_timesteps} stratified slots exceed the grid length "
+                         f"{len(spec.grid)}")
 
 
 def policy_params_fn(lora_cfg) -> Callable[[Any, Any], Any]:
@@ -68,23 +106,25 @@ def policy_params_fn(lora_cfg) -> Callable[[Any, Any], Any]:
     return lambda trainable, ref: lora_merge(ref, trainable, alpha=alpha, rank=rank)
 
 
-def _sigmas(spec: StepSpec, rng, num_micro: int) -> jax.Array:
-    """Training sigmas [num_micro, T, micro_batch] following each method's scheme."""
+def _sigmas(spec: StepSpec, rng, n: int) -> jax.Array:
+    """Training sigmas [num_micro, T, micro_batch] following each method's scheme.
+
+    NFT and DPO draw per sample over the whole batch (independent of the micro-batch size); AWM
+    draws one set of stratified slots per micro-batch (the reference shares them by micro-batch).
+    """
     t, mb = spec.num_timesteps, spec.micro_batch
+    m = n // mb
     grid = jnp.asarray(spec.grid, jnp.float32)
-    rngs = jax.random.split(rng, num_micro)
-    if spec.method == "nft":
-        def one(r):  # [T, mb]: each sample its own random order of the grid prefix
-            return flow.permuted_grid_timesteps(r, grid, mb, fraction=spec.grid_fraction)[:t]
-    elif spec.method == "awm":
-        def one(r):  # [T] shared by the micro-batch, stratified over the grid prefix
-            s = flow.stratified_slot_timesteps(r, grid, num_slots=t, fraction=spec.grid_fraction)
-            return jnp.broadcast_to(s[:, None], (t, mb))
-    else:
-        def one(r):
-            return flow.sample_logit_normal(r, (t, mb), mean=spec.dpo_logit_mean, std=spec.dpo_logit_std,
-                                            shift=spec.dpo_shift)
-    return jax.vmap(one)(rngs)
+    if spec.method == "awm":
+        slots = jax.vmap(lambda r: flow.stratified_slot_timesteps(r, grid, num_slots=t, fraction=spec.grid_fraction))(
+            jax.random.split(rng, m))                                           # [M, T]
+        return jnp.broadcast_to(slots[:, :, None], (m, t, mb))
+    if spec.method == "nft":  # each sample its own random order of the grid prefix
+        per_sample = flow.permuted_grid_timesteps(rng, grid, n, fraction=spec.grid_fraction)[:t]   # [T, n]
+    else:                     # DPO: one sigma per pair (winner and loser share it)
+        per_sample = flow.sample_logit_normal(rng, (t, n), mean=spec.dpo_logit_mean, std=spec.dpo_logit_std,
+                                              shift=spec.dpo_shift)
+    return per_sample.reshape(t, m, mb).transpose(1, 0, 2)
 
 
 def _bucket_stats(sigma, ratio):
@@ -94,48 +134,78 @@ def _bucket_stats(sigma, ratio):
     return jnp.sum(one_hot * ratio[:, None], 0), jnp.sum(one_hot, 0)
 
 
-def make_micro_loss(apply_fn, spec: StepSpec, policy_params: Callable):
-    """loss(trainable, ref, ema, mb_batch, sigma [mb], rng) -> (loss, aux) for one micro-batch and timestep."""
+def _norm_ratio(v, v_ref):
+    """Per-sample `||v|| / ||v_ref||` (diagnostic; the same guard as losses.with_normguard)."""
+    v, v_ref = jax.lax.stop_gradient(v), jax.lax.stop_gradient(v_ref)
+    return losses.per_sample_norm(v) / jnp.maximum(losses.per_sample_norm(v_ref), losses.NORM_EPS)
+
+
+def make_micro_grad(apply_fn, spec: StepSpec, policy_params: Callable):
+    """`(trainable, ref, ema, mb_batch, sigma [mb], keys [mb]) -> (loss, grads, aux)` for one micro-batch
+    at one timestep. aux holds the loss parts plus `_ratio` / `_sigma` per sample (for the buckets)."""
     ng = dict(lam=spec.lam, margin=spec.margin, power=spec.power, relative=spec.relative)
 
-    def nft_awm(trainable, ref, ema, mb: TrainBatch, sigma, rng):
-        noise = jax.random.normal(rng, mb.x0.shape, mb.x0.dtype)
+    def add_normguard(base, v_list, v_ref_list):
+        if spec.lam == 0:  # off: trace nothing of the hinge, so the step is exactly the base method's
+            return base, {}
+        total, ng_aux = losses.with_normguard(base, v_list, v_ref_list, **ng)
+        return total, {k: ng_aux[k] for k in NORMGUARD_METRICS}
+
+    def noise_like(x0, keys):  # one key per sample: the noise does not depend on the micro-batching
+        return jax.vmap(lambda k: jax.random.normal(k, x0.shape[1:], x0.dtype))(keys)
+
+    def nft_awm(trainable, ref, ema, mb: TrainBatch, sigma, keys):
+        noise = noise_like(mb.x0, keys)
         x_t = flow.interpolate(mb.x0, noise, sigma)
-        v = apply_fn(policy_params(trainable, ref), x_t, sigma, mb.cond)
+        # No-gradient forwards, once each, shared by the base loss and the hinge.
         v_ref = jax.lax.stop_gradient(apply_fn(ref, x_t, sigma, mb.cond))
         v_old = jax.lax.stop_gradient(apply_fn(policy_params(ema, ref), x_t, sigma, mb.cond))
-        if spec.method == "nft":
-            base, aux = losses.nft_loss(v, v_old, v_ref, x_t, mb.x0, sigma, mb.advantages, **spec.loss_kwargs)
-        else:
-            target = flow.velocity_target(mb.x0, noise)
-            base, aux = losses.awm_loss(v, v_ref, v_old, target, sigma, mb.advantages, **spec.loss_kwargs)
-        total, ng_aux = losses.with_normguard(base, [v], [v_ref], **ng)
-        ratio = flow.per_sample_norm(v) / (flow.per_sample_norm(v_ref) + 1e-12)
-        return total, {**aux, **ng_aux, "base_loss": base, "_ratio": ratio, "_sigma": sigma}
+        target = flow.velocity_target(mb.x0, noise)
 
-    def dpo(trainable, ref, ema, mb: TrainBatch, sigma, rng):
-        noise = jax.random.normal(rng, mb.x0.shape, mb.x0.dtype)  # shared by the pair
-        x_w, x_l = flow.interpolate(mb.x0, noise, sigma), flow.interpolate(mb.x0_l, noise, sigma)
-        x = jnp.concatenate([x_w, x_l])
+        def loss_fn(tr):
+            v = apply_fn(policy_params(tr, ref), x_t, sigma, mb.cond)
+            if spec.method == "nft":
+                base, aux = losses.nft_loss(v, v_old, v_ref, x_t, mb.x0, sigma, mb.advantages, **spec.loss_kwargs)
+            else:
+                base, aux = losses.awm_loss(v, v_ref, v_old, target, sigma, mb.advantages, **spec.loss_kwargs)
+            total, ng_aux = add_normguard(base, [v], [v_ref])  # NFT: on v_theta, not v_pos / v_neg
+            return total, ({**aux, **ng_aux, "base_loss": base}, v)
+
+        (loss, (aux, v)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+        return loss, grads, {**aux, "_ratio": _norm_ratio(v, v_ref), "_sigma": sigma}
+
+    def dpo(trainable, ref, ema, mb: TrainBatch, sigma, keys):
+        del ema
+        noise = noise_like(mb.x0, keys)  # shared by the pair, as the sigma
+        n = mb.x0.shape[0]
+        x = jnp.concatenate([flow.interpolate(mb.x0, noise, sigma), flow.interpolate(mb.x0_l, noise, sigma)])
         s2 = jnp.concatenate([sigma, sigma])
         c2 = jax.tree.map(lambda c: jnp.concatenate([c, c]), mb.cond)
-        v = apply_fn(policy_params(trainable, ref), x, s2, c2)
-        v_ref = jax.lax.stop_gradient(apply_fn(ref, x, s2, c2))
-        n = mb.x0.shape[0]
-        base, aux = losses.dpo_loss(v[:n], v[n:], v_ref[:n], v_ref[n:], flow.velocity_target(mb.x0, noise),
-                                    flow.velocity_target(mb.x0_l, noise), **spec.loss_kwargs)
-        total, ng_aux = losses.with_normguard(base, [v[:n], v[n:]], [v_ref[:n], v_ref[n:]], **ng)
-        ratio = flow.per_sample_norm(v) / (flow.per_sample_norm(v_ref) + 1e-12)
-        return total, {**aux, **ng_aux, "base_loss": base, "_ratio": ratio, "_sigma": s2}
+        v_ref = jax.lax.stop_gradient(apply_fn(ref, x, s2, c2))   # winners and losers in one forward
+        target_w, target_l = flow.velocity_target(mb.x0, noise), flow.velocity_target(mb.x0_l, noise)
+
+        def loss_fn(tr):
+            v = apply_fn(policy_params(tr, ref), x, s2, c2)
+            base, aux = losses.dpo_loss(v[:n], v[n:], v_ref[:n], v_ref[n:], target_w, target_l, **spec.loss_kwargs)
+            total, ng_aux = add_normguard(base, [v[:n], v[n:]], [v_ref[:n], v_ref[n:]])  # winner and loser
+            return total, ({**aux, **ng_aux, "base_loss": base}, v)
+
+        (loss, (aux, v)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+        return loss, grads, {**aux, "_ratio": _norm_ratio(v, v_ref), "_sigma": s2}
 
     return dpo if spec.method == "dpo" else nft_awm
 
 
 def make_train_step(apply_fn, optimizer: optax.GradientTransformation, spec: StepSpec, lora_cfg=None):
-    """`step(state, ref_params, batch) -> (state, metrics)`; pure, to be jitted by the caller."""
+    """`step(state, ref_params, batch) -> (state, metrics)`; pure, to be jitted by the caller.
+
+    `state.params` / `state.ema` are the trainable tree (LoRA: adapters only) and `ref_params` the
+    frozen reference (LoRA: also the base the adapters apply to); `ref_params` is never written.
+    """
+    _check_spec(spec)
     policy_params = policy_params_fn(lora_cfg)
-    micro_loss = make_micro_loss(apply_fn, spec, policy_params)
-    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+    micro_grad = make_micro_grad(apply_fn, spec, policy_params)
+    t = spec.num_timesteps
 
     def step(state: TrainState, ref, batch: TrainBatch):
         n = batch.advantages.shape[0]
@@ -143,50 +213,40 @@ def make_train_step(apply_fn, optimizer: optax.GradientTransformation, spec: Ste
             raise ValueError(f"train batch {n} is not a multiple of micro_batch {spec.micro_batch}")
         num_micro = n // spec.micro_batch
         rng, r_sigma, r_noise = jax.random.split(state.rng, 3)
-        sigmas = _sigmas(spec, r_sigma, num_micro)                      # [M, T, mb]
-        micro = jax.tree.map(lambda x: x.reshape((num_micro, spec.micro_batch) + x.shape[1:]), batch)
-        noise_keys = jax.random.split(r_noise, num_micro * spec.num_timesteps).reshape(
-            num_micro, spec.num_timesteps)
-        zeros = jax.tree.map(jnp.zeros_like, state.params)
+        sigmas = _sigmas(spec, r_sigma, n)                                        # [M, T, mb]
+        to_micro = lambda x: x.reshape((num_micro, spec.micro_batch) + x.shape[1:])  # noqa: E731
+        micro = jax.tree.map(to_micro, batch)
+        noise_keys = to_micro(jax.random.split(r_noise, (n, t))).transpose(0, 2, 1)  # [M, T, mb], per sample
 
-        def body(carry, inputs):
-            grads, sums = carry
+        def one(g_acc, inputs):  # one micro-batch at one timestep: gradients add up in the carry
+            mb, sigma, keys = inputs
+            loss, g, aux = micro_grad(state.params, ref, state.ema, mb, sigma, keys)
+            bsum, bcnt = _bucket_stats(aux.pop("_sigma"), aux.pop("_ratio"))
+            per_step = {**aux, "loss": loss, "norm_ratio": bsum.sum() / bcnt.sum(), "_bucket_sum": bsum,
+                        "_bucket_cnt": bcnt}
+            return jax.tree.map(jnp.add, g_acc, g), per_step
+
+        def body(g_acc, inputs):  # one micro-batch, scanning its timesteps
             mb, sig, keys = inputs
+            return jax.lax.scan(lambda c, st: one(c, (mb, *st)), g_acc, (sig, keys))
 
-            def inner(carry_t, inp_t):
-                g_acc, s_acc = carry_t
-                sigma, key = inp_t
-                (loss, aux), g = grad_fn(state.params, ref, state.ema, mb, sigma, key)
-                bsum, bcnt = _bucket_stats(aux.pop("_sigma"), aux.pop("_ratio"))
-                s_new = {k: s_acc[k] + v for k, v in {**aux, "loss": loss}.items()}
-                s_new["_bucket_sum"] = s_acc["_bucket_sum"] + bsum
-                s_new["_bucket_cnt"] = s_acc["_bucket_cnt"] + bcnt
-                return (jax.tree.map(jnp.add, g_acc, g), s_new), None
+        zeros = jax.tree.map(jnp.zeros_like, state.params)
+        grads, per_step = jax.lax.scan(body, zeros, (micro, sigmas, noise_keys))  # per_step: [M, T, ...]
 
-            (grads, sums), _ = jax.lax.scan(inner, (grads, sums), (sig, keys))
-            return (grads, sums), None
-
-        # Shapes of the metric sums, from an abstract evaluation of one micro-step.
-        mb0 = jax.tree.map(lambda x: x[0], micro)
-        aux_shape = jax.eval_shape(lambda: micro_loss(state.params, ref, state.ema, mb0, sigmas[0, 0],
-                                                      noise_keys[0, 0])[1])
-        sums0 = {k: jnp.zeros((), jnp.float32) for k in aux_shape if not k.startswith("_")}
-        sums0.update(loss=jnp.zeros(()), _bucket_sum=jnp.zeros(NUM_SIGMA_BUCKETS),
-                     _bucket_cnt=jnp.zeros(NUM_SIGMA_BUCKETS))
-        (grads, sums), _ = jax.lax.scan(body, (zeros, sums0), (micro, sigmas, noise_keys))
-        count = num_micro * spec.num_timesteps
+        count = num_micro * t   # every micro-step's loss is a mean over equal-sized micro-batches
         grads = jax.tree.map(lambda g: g / count, grads)
+        metrics = {k: jnp.mean(v) for k, v in per_step.items() if not k.startswith("_")}
+        bucket_sum = per_step["_bucket_sum"].sum((0, 1))
+        bucket_cnt = per_step["_bucket_cnt"].sum((0, 1))
         grad_norm = optax.global_norm(grads)
-        metrics = {k: v / count for k, v in sums.items() if not k.startswith("_")}
-        finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+        finite = jnp.isfinite(metrics["loss"]) & tree_all_finite(grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
-        new_state = state.replace(step=state.step + jnp.where(finite, 1, 0), params=keep(params, state.params),
-                                  opt_state=keep(opt_state, state.opt_state), rng=rng)
+        updated = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                                opt_state=opt_state, rng=rng)
+        # A non-finite loss or gradient: nothing of the state moves (not even the rng or step).
+        new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, state)
         metrics.update(grad_norm=grad_norm, finite=finite,
-                       norm_ratio_by_bucket=sums["_bucket_sum"] / jnp.maximum(sums["_bucket_cnt"], 1),
-                       bucket_count=sums["_bucket_cnt"])
+                       norm_ratio_by_bucket=bucket_sum / jnp.maximum(bucket_cnt, 1), bucket_count=bucket_cnt)
         return new_state, metrics
 
     return step
@@ -195,8 +255,7 @@ def make_train_step(apply_fn, optimizer: optax.GradientTransformation, spec: Ste
 def make_ema_update():
     """(state, decay) -> state with `ema <- decay * ema + (1 - decay) * params` (old/EMA policy)."""
     def update(state: TrainState, decay):
-        ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema, state.params)
-        return state.replace(ema=ema)
+        return state.replace(ema=ema_update(state.ema, state.params, decay))
     return update
 
 

@@ -1,0 +1,367 @@
+"""The RL loop end to end on a tiny pretrained model (32x32, 16 tokens) and 8 fake CPU devices.
+
+One uninterrupted 8-epoch AWM run (the `baseline` fixture) is shared: it must raise the reward and
+write metrics, TensorBoard events, sample grids, checkpoints and summary.json. A SIGTERM'd run
+resumed to the end must reproduce its metrics exactly. Failure runs start from a copy of its
+workdir (so a "last good checkpoint" exists) and must stop with their message, leaving that
+checkpoint byte-for-byte intact.
+
+Compile time dominates on 2 cores, so a persistent compilation cache (module-scoped, in a tmp
+dir) lets later runs reuse the executables of the first one; only the rollout, whose host
+callback cannot be cached, is compiled again in every run.
+"""
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+import threading
+import time
+
+import jax
+import numpy as np
+import pytest
+from jax.experimental.compilation_cache import compilation_cache
+
+import rl_fixtures
+from ng_jax import evaluate, train
+from ng_jax.checkpoint import CheckpointError, Checkpointer
+from ng_jax.main import main
+from ng_jax.models.bundle import ModelBundle, load_bundle, save_bundle
+from ng_jax.reporting import read_metrics
+from ng_jax.rewards.host import RewardError
+from ng_jax.rewards.jpeg import JpegIncompressibility
+
+EPOCHS = 8
+TIMING_KEYS = ("time", "train/rollout_s", "train/epoch_s")
+
+
+# ------------------------------------------------------------------ test rewards
+
+
+class _Incompressible:
+    """JPEG incompressibility with a failure mode; counts its calls (one per device shard)."""
+
+    def __init__(self, name, mode):
+        self.name, self.mode = name, mode
+        self.inner = JpegIncompressibility()
+        self.calls = 0
+        self._lock = threading.Lock()
+
+    def __call__(self, images, prompts):
+        with self._lock:
+            self.calls += 1
+            call = self.calls
+        scores = self.inner(images, prompts)
+        if self.mode == "raises":
+            raise RuntimeError("scorer crashed")
+        if self.mode == "nan":
+            scores[0] = np.nan
+            return scores
+        if self.mode == "shape":
+            return scores[:, None]
+        if self.mode == "sleeps":
+            time.sleep(3.0)
+        if self.mode == "flaky" and call == 1:
+            raise ConnectionError("transient failure")
+        return scores
+
+
+TEST_REWARDS = {}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def test_rewards():
+    """Registers `test_<mode>` rewards; `TEST_REWARDS[name]` is the instance of the latest run."""
+    def factory(name, mode):
+        def make(cfg):
+            TEST_REWARDS[name] = _Incompressible(name, mode)
+            return TEST_REWARDS[name]
+        return make
+
+    names = []
+    for mode in ("raises", "nan", "shape", "sleeps", "flaky"):
+        names.append(f"test_{mode}")
+        evaluate.register_reward(names[-1], factory(names[-1], mode))
+    yield
+    for name in names:
+        evaluate.EXTRA_REWARDS.pop(name, None)
+
+
+# ------------------------------------------------------------------ shared fixtures
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compile_cache(tmp_path_factory):
+    keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+            "jax_persistent_cache_min_entry_size_bytes")
+    saved = {k: getattr(jax.config, k) for k in keys}
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla_cache")))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+    compilation_cache.reset_cache()
+    yield
+    for k, v in saved.items():
+        jax.config.update(k, v)
+    compilation_cache.reset_cache()
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("rl")
+    bundle = rl_fixtures.build_tiny_bundle(str(root / "bundle"))
+    return {"root": root, "bundle": bundle, "prompts": rl_fixtures.write_prompt_file(str(root))}
+
+
+def _config(files, **kw):
+    return rl_fixtures.tiny_rl_config(files["bundle"], files["prompts"], **kw)
+
+
+@pytest.fixture(scope="module")
+def baseline(files):
+    workdir = str(files["root"] / "baseline")
+    assert train.run(_config(files, epochs=EPOCHS), workdir) == 0
+    return workdir
+
+
+def _metrics(workdir):
+    return [{k: v for k, v in m.items() if k not in TIMING_KEYS}
+            for m in read_metrics(os.path.join(workdir, "metrics.jsonl"))]
+
+
+def _train_records(workdir):
+    return [m for m in _metrics(workdir) if "train/reward" in m]
+
+
+def _summary(workdir):
+    with open(os.path.join(workdir, "summary.json")) as f:
+        return json.load(f)
+
+
+def _digest(directory):
+    """sha256 over every file's relative path and bytes (is a checkpoint intact?)."""
+    h = hashlib.sha256()
+    for root, dirs, names in sorted(os.walk(directory)):
+        dirs.sort()
+        for name in sorted(names):
+            path = os.path.join(root, name)
+            h.update(os.path.relpath(path, directory).encode())
+            with open(path, "rb") as f:
+                h.update(f.read())
+    return h.hexdigest()
+
+
+def _steps(ckpt_dir):
+    ckpt = Checkpointer(ckpt_dir)
+    try:
+        return ckpt.all_steps()
+    finally:
+        ckpt.close()
+
+
+def _copy(baseline, tmp_path, name="resumed"):
+    workdir = str(tmp_path / name)
+    shutil.copytree(baseline, workdir)
+    return workdir
+
+
+# ------------------------------------------------------------------ the short run
+
+
+def test_short_run_raises_the_reward(baseline):
+    train_rewards = [m["train/reward"] for m in _train_records(baseline)]
+    assert len(train_rewards) == EPOCHS
+    assert np.mean(train_rewards[-2:]) > np.mean(train_rewards[:2]) + 0.05, train_rewards
+    summary = _summary(baseline)
+    assert summary["eval"]["reward"] > summary["eval_initial"]["reward"] + 0.05
+
+
+def test_run_writes_summary_metrics_grids_and_checkpoints(baseline):
+    summary = _summary(baseline)
+    config = rl_fixtures.tiny_rl_config("", "")
+    for key in ("eval_initial", "eval"):
+        ev = summary[key]
+        for name in ("reward", "norm_ratio", "fd", "precision", "recall"):
+            assert isinstance(ev[name], float) and np.isfinite(ev[name]), (key, name, ev.get(name))
+        by_sigma = np.asarray(ev["norm_ratio_by_sigma"])
+        assert by_sigma.shape == (config.eval.num_steps, 2)
+        assert by_sigma[0, 0] == pytest.approx(1.0) and np.all(np.diff(by_sigma[:, 0]) < 0)
+        assert np.all(by_sigma[:, 1] > 0)
+        assert 0.0 <= ev["precision"] <= 1.0 and 0.0 <= ev["recall"] <= 1.0
+    # Before any update the policy is the reference: the norm ratio is exactly 1 at every sigma.
+    np.testing.assert_allclose(np.asarray(summary["eval_initial"]["norm_ratio_by_sigma"])[:, 1], 1.0, rtol=1e-6)
+    assert [h["epoch"] for h in summary["history"]] == [3, 6, 8]
+
+    with open(os.path.join(baseline, "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    assert all(isinstance(r["step"], int) for r in records)
+    train_recs = [r for r in records if "train/reward" in r]
+    assert [r["step"] for r in train_recs] == list(range(1, EPOCHS + 1))
+    for r in train_recs:
+        for key in ("train/loss", "train/norm_ratio", "train/grad_norm", "train/reward/jpeg_incompressibility"):
+            assert np.isfinite(r[key]), key
+        assert r["train/optimizer_steps"] == 2 * r["step"]  # 16 rollouts / train_batch 8
+    assert sorted(r["step"] for r in records if "eval/reward" in r) == [0, 3, 6, 8]
+
+    assert sorted(os.listdir(os.path.join(baseline, "samples"))) == [
+        "epoch_0003.png", "epoch_0006.png", "epoch_0008.png", "initial.png"]
+    assert any(n.startswith("events.out.tfevents") for n in os.listdir(os.path.join(baseline, "tensorboard")))
+    assert _steps(os.path.join(baseline, "checkpoints")) == [4, 6, 8]
+
+
+# ------------------------------------------------------------------ SIGTERM and exact resume
+
+
+def _sigterm_once_the_loop_handles_it(timeout_s=600.0):
+    """Send SIGTERM to this process as soon as the RL loop's handler is installed (never before:
+    pytest would die)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        handler = signal.getsignal(signal.SIGTERM)
+        if isinstance(getattr(handler, "__self__", None), train._Sigterm):
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+        time.sleep(0.005)
+
+
+def test_sigterm_checkpoints_at_the_epoch_boundary_and_resume_is_exact(files, baseline, tmp_path):
+    workdir = str(tmp_path / "interrupted")
+    config = _config(files, epochs=EPOCHS)
+    killer = threading.Thread(target=_sigterm_once_the_loop_handles_it, daemon=True)
+    killer.start()
+    assert train.run(config, workdir) == 0
+    killer.join(timeout=1)
+    assert _steps(os.path.join(workdir, "checkpoints")) == [1]
+    assert [m["step"] for m in _train_records(workdir)] == [1]
+    assert not os.path.exists(os.path.join(workdir, "summary.json"))
+    assert not isinstance(getattr(signal.getsignal(signal.SIGTERM), "__self__", None), train._Sigterm)
+
+    assert train.run(config, workdir) == 0
+    assert _metrics(workdir) == _metrics(baseline)  # every epoch's reward, loss, norms, evals: bit for bit
+    assert _summary(workdir)["eval"] == _summary(baseline)["eval"]
+
+
+# ------------------------------------------------------------------ failures
+
+
+def _write_config(tmp_path, files, **kw):
+    """A config file for the entry point that builds the tiny config with `kw`."""
+    path = tmp_path / "tiny_rl_config.py"
+    path.write_text(
+        "import sys\n"
+        f"sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})\n"
+        "import rl_fixtures\n\n\n"
+        "def get_config(arg=None):\n"
+        f"    c = rl_fixtures.tiny_rl_config({files['bundle']!r}, {files['prompts']!r}, **{kw!r})\n"
+        "    return c\n")
+    return str(path)
+
+
+def _error_lines(stderr):
+    return [line for line in stderr.splitlines() if line.startswith("ng_jax: error:")]
+
+
+@pytest.mark.parametrize("mode, timeout_s, message", [
+    ("raises", 0.0, r"reward 'test_raises' raised RuntimeError: scorer crashed"),
+    ("nan", 0.0, r"reward 'test_nan' returned 1 non-finite value\(s\)"),
+    ("shape", 0.0, r"reward 'test_shape' returned shape \(2, 1\); expected \(2,\)"),
+    ("sleeps", 0.3, r"reward 'test_sleeps' timed out after 0.3 s"),
+])
+def test_reward_failure_stops_with_its_message_and_keeps_the_checkpoint(files, baseline, tmp_path, capsys,
+                                                                         mode, timeout_s, message):
+    workdir = _copy(baseline, tmp_path)
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    before = _digest(ckpt_dir)
+    config_file = _write_config(tmp_path, files, epochs=EPOCHS + 1, rewards={f"test_{mode}": 1.0}, quality=False)
+    code = main(["ng_jax.main", f"--config={config_file}", f"--workdir={workdir}",
+                 f"--config.rewards.timeout_s={timeout_s}"])
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err
+    lines = _error_lines(err)
+    assert len(lines) == 1, err
+    assert re.search(message, lines[0]), lines[0]
+    assert f"epoch {EPOCHS + 1}:" in lines[0]
+    assert f"last good checkpoint: epoch {EPOCHS} in {os.path.abspath(ckpt_dir)}" in lines[0]
+    assert _digest(ckpt_dir) == before
+    assert _steps(ckpt_dir) == [4, 6, 8]
+    assert [m["step"] for m in _train_records(workdir)] == list(range(1, EPOCHS + 1))
+
+
+def test_reward_failure_in_process_is_a_reward_error(files, baseline, tmp_path):
+    workdir = _copy(baseline, tmp_path)
+    config = _config(files, epochs=EPOCHS + 1, rewards={"test_raises": 1.0}, quality=False)
+    with pytest.raises(RewardError, match=r"epoch 9: reward 'test_raises' raised RuntimeError: scorer crashed; "
+                                          r"last good checkpoint: epoch 8") as info:
+        train.run(config, workdir)
+    assert "\n" not in str(info.value)
+
+
+def test_nonfinite_loss_stops_naming_the_epoch_after_a_retried_reward(files, baseline, tmp_path):
+    """A reference with one NaN parameter makes the loss NaN (its KL term) while the rollouts of the
+    restored, finite policy stay fine. The reward fails its first call and is retried (retries=1)."""
+    ref = load_bundle(files["bundle"])
+    params = jax.tree.map(np.array, ref.params)
+    params["velocity"]["proj_out"]["bias"][0] = np.nan
+    nan_bundle = save_bundle(str(tmp_path / "nan_bundle"), ModelBundle(ref.model_cfg, ref.text_cfg, ref.sampling,
+                                                                       params, ref.info))
+    workdir = _copy(baseline, tmp_path)
+    before = _digest(os.path.join(workdir, "checkpoints"))
+    config = rl_fixtures.tiny_rl_config(nan_bundle, files["prompts"], epochs=EPOCHS + 1,
+                                        rewards={"test_flaky": 1.0}, quality=False)
+    config.rewards.retries = 1
+    with pytest.raises(train.TrainingError, match=r"non-finite loss or gradient at epoch 9, optimizer step 1 .*"
+                                                  r"the update was not applied; last good checkpoint: epoch 8"):
+        train.run(config, workdir)
+    assert TEST_REWARDS["test_flaky"].calls == 8 + 1  # 8 device shards, one retried
+    assert _digest(os.path.join(workdir, "checkpoints")) == before
+
+
+def _truncate_data_files(step_dir):
+    for root, _, names in os.walk(os.path.join(step_dir, "state")):
+        for name in names:
+            path = os.path.join(root, name)
+            if os.path.getsize(path) > 1:
+                with open(path, "r+b") as f:
+                    f.truncate(1)
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("corrupt", r"cannot restore checkpoint step 8"),
+    ("leftovers_only", r"holds no complete checkpoint but is not empty \(8.orbax-checkpoint-tmp-1\)"),
+    ("lora_mismatch", r"cannot restore checkpoint step 8 .*(missing|unexpected)"),
+])
+def test_bad_checkpoints_are_checkpoint_errors_not_fresh_starts(files, baseline, tmp_path, damage, message):
+    workdir = _copy(baseline, tmp_path)
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    config = _config(files, epochs=EPOCHS + 1, quality=False)
+    if damage == "corrupt":
+        _truncate_data_files(os.path.join(ckpt_dir, "8"))
+    elif damage == "leftovers_only":  # an interrupted first save
+        shutil.rmtree(ckpt_dir)
+        os.makedirs(os.path.join(ckpt_dir, "8.orbax-checkpoint-tmp-1"))
+    else:  # resuming a full fine-tuning checkpoint as a LoRA run
+        config.lora.rank = 2
+    lines_before = len(_metrics(workdir))
+    with pytest.raises(CheckpointError, match=message):
+        train.run(config, workdir)
+    assert len(_metrics(workdir)) == lines_before  # nothing was trained or logged
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, r"data.prompt_file='.*missing.txt': prompt file '.*missing.txt' does not exist"),
+    ("# only a comment\n\n", r"holds no prompts"),
+    ("a red circle\na purple elephant\n", r"bad.txt:2"),
+])
+def test_bad_prompt_file_is_one_line_exit_1(tmp_path, capsys, content, message):
+    path = tmp_path / ("missing.txt" if content is None else "bad.txt")
+    if content is not None:
+        path.write_text(content)
+    code = main(["ng_jax.main", "--config=configs/awm.py", f"--workdir={tmp_path / 'wd'}",
+                 f"--config.data.prompt_file={path}"])
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1, err
+    assert re.search(message, err), err
+    assert not os.path.exists(tmp_path / "wd" / "checkpoints")
