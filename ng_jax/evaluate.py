@@ -101,6 +101,7 @@ class Evaluator:
         self.weighted, self.policy_params, self.ref = weighted, policy_params, ref_params
         self.workdir = workdir
         self.last = None
+        self.last_images = None  # uint8 [n, H, W, 3] of the last call
         k = int(eval_cfg.samples_per_prompt)
         base = list(prompts) if prompts is not None else eval_prompts(eval_cfg)
         self.prompts = [p for p in base for _ in range(k)]
@@ -124,7 +125,8 @@ class Evaluator:
                       for i in range(0, len(prompts_padded), self.batch)]
         self.sampler = make_sampler(model.apply, num_steps=int(eval_cfg.num_steps), shift=float(eval_cfg.shift),
                                     cfg_scale=float(eval_cfg.cfg_scale), record=("x0", "norms"),
-                                    renorm_to_ref=bool(eval_cfg.get("renorm", False)))
+                                    renorm_to_ref=bool(eval_cfg.get("renorm", False)),
+                                    cfg_rescale_phi=float(eval_cfg.get("cfg_rescale", 0.0)))
         # Inputs are batch-sharded; outputs are left to the compiler (the grid `sigmas` and the
         # [steps, batch] norms cannot take the batch sharding on their first axis).
         sh = parallel.batch_sharding(mesh)
@@ -177,7 +179,7 @@ class Evaluator:
             show = min(len(images), int(self.cfg.get("grid_size", 32)))
             reporting.save_grid(os.path.join(self.workdir, "samples", f"{tag}.png"), images[:show],
                                 labels=self.prompts[:show], cols=8, scale=3)
-        self.last = result
+        self.last, self.last_images = result, images
         return result
 
 

@@ -3,7 +3,8 @@
     python -m ng_jax.main --config=configs/awm_normguard.py [--workdir=DIR] [--config.a.b=value ...]
 
 `config.job` picks what runs: "rl" (post-training, ng_jax.train), "pretrain" (the reference model,
-ng_jax.pretrain) or "evaluate" (score a checkpoint on fixed prompts, ng_jax.evaluate).
+ng_jax.pretrain), "evaluate" (score a checkpoint on fixed prompts, ng_jax.evaluate) or "analyze"
+(the paper's analyses, ng_jax.analyze).
 Config problems (missing file, unknown key, wrong type) are reported in one line, exit status 2.
 """
 
@@ -22,6 +23,7 @@ JOBS = {
     "pretrain": "ng_jax.pretrain",
     "rl": "ng_jax.train",
     "evaluate": "ng_jax.evaluate",
+    "analyze": "ng_jax.analyze",
 }
 
 
@@ -108,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
 
 # Errors whose message says everything a user needs: printed in one line, exit status 1.
 REPORTED_ERRORS = {"TrainingError", "RewardError", "CheckpointError", "BundleError", "PromptError",
-                   "PromptFileError", "FileNotFoundError", "ConfigError"}
+                   "PromptFileError", "FileNotFoundError", "ConfigError", "RunSummaryError", "JudgeError"}
 
 
 if __name__ == "__main__":

@@ -38,7 +38,8 @@ from ng_jax import losses, parallel, reporting
 from ng_jax.checkpoint import CheckpointError, Checkpointer
 from ng_jax.config_checks import ConfigError
 from ng_jax.evaluate import Evaluator, build_rewards, eval_prompts
-from ng_jax.models.bundle import load_bundle
+from ng_jax.analysis.checkpoints import POLICY_DIR
+from ng_jax.models.bundle import ModelBundle, load_bundle, save_bundle
 from ng_jax.models.text import EMPTY_PROMPT, make_text_encoder, tokenize
 from ng_jax.models.velocity import make_velocity_model
 from ng_jax.rewards.host import RewardError, make_reward_fn, reset_callback_tokens
@@ -371,9 +372,17 @@ def run(config, workdir: str) -> int:
         ckpt.close()  # waits for a pending save
         writer.close()
     summary = {"config": config.name, "method": rl.method, "normguard": config.normguard.to_dict(),
+               "rewards": {str(k): float(v) for k, v in config.rewards.weights.items()}, "seed": int(config.seed),
                "epochs": epochs, "eval_initial": meta["eval_initial"], "eval": meta["eval_last"],
                "history": meta["evals"]}
+    # The final policy as a self-contained bundle (LoRA merged), for the analyses and for sampling.
+    policy = jax.device_get(jax.jit(policy_params)(state.params, ref))
     if is_main:
+        save_bundle(os.path.join(workdir, POLICY_DIR),
+                    ModelBundle(model_cfg=bundle.model_cfg, text_cfg=bundle.text_cfg, sampling=bundle.sampling,
+                                params={"text": text_params, "velocity": policy},
+                                info={"rl_config": config.name, "epochs": epochs, "reference": config.reference or
+                                      "shipped", "optimizer_steps": int(state.step)}))
         reporting.write_json(os.path.join(workdir, "summary.json"), summary)
         print(f"summary: {os.path.join(workdir, 'summary.json')}")
     return 0

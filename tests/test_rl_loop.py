@@ -178,7 +178,7 @@ def test_short_run_raises_the_reward(baseline):
     assert summary["eval"]["reward"] > summary["eval_initial"]["reward"] + 0.05
 
 
-def test_run_writes_summary_metrics_grids_and_checkpoints(baseline):
+def test_run_writes_summary_metrics_grids_and_checkpoints(files, baseline):
     summary = _summary(baseline)
     config = rl_fixtures.tiny_rl_config("", "")
     for key in ("eval_initial", "eval"):
@@ -209,6 +209,16 @@ def test_run_writes_summary_metrics_grids_and_checkpoints(baseline):
         "epoch_0003.png", "epoch_0006.png", "epoch_0008.png", "initial.png"]
     assert any(n.startswith("events.out.tfevents") for n in os.listdir(os.path.join(baseline, "tensorboard")))
     assert _steps(os.path.join(baseline, "checkpoints")) == [4, 6, 8]
+
+    # The final policy is exported as a bundle (what the analyses load): the checkpoint's params.
+    assert summary["rewards"] == {"jpeg_incompressibility": 1.0} and summary["seed"] == 0
+    policy = load_bundle(os.path.join(baseline, "policy"))
+    reference = load_bundle(files["bundle"])
+    moved = [float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(policy.params["velocity"]),
+                                                        jax.tree.leaves(reference.params["velocity"]))]
+    assert max(moved) > 0  # trained
+    for a, b in zip(jax.tree.leaves(policy.params["text"]), jax.tree.leaves(reference.params["text"])):
+        np.testing.assert_array_equal(a, b)  # RL does not train the text encoder
 
 
 # ------------------------------------------------------------------ SIGTERM and exact resume
