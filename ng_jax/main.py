@@ -3,8 +3,8 @@
     python -m ng_jax.main --config=configs/awm_normguard.py [--workdir=DIR] [--config.a.b=value ...]
 
 `config.job` picks what runs: "rl" (post-training, ng_jax.train), "pretrain" (the reference model,
-ng_jax.pretrain), "evaluate" (score a checkpoint on fixed prompts, ng_jax.evaluate) or "analyze"
-(the paper's analyses, ng_jax.analyze).
+ng_jax.pretrain), "evaluate" (score a checkpoint on fixed prompts, ng_jax.evaluate), "analyze"
+(the paper's analyses, ng_jax.analyze) or "grid" (the reproduction grid and docs/RESULTS.md, ng_jax.grid).
 Config problems (missing file, unknown key, wrong type) are reported in one line, exit status 2.
 """
 
@@ -24,6 +24,7 @@ JOBS = {
     "rl": "ng_jax.train",
     "evaluate": "ng_jax.evaluate",
     "analyze": "ng_jax.analyze",
+    "grid": "ng_jax.grid",
 }
 
 

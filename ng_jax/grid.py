@@ -1,0 +1,121 @@
+"""The reproduction grid (`config.job = "grid"`, configs/experiments/toy_grid.py).
+
+1. Every RL run of {methods} x {base, +NormGuard} x {rewards} x {seeds}, in this process, one
+   after the other, each in WORKDIR/<method>[_normguard]_<reward>_s<seed>. A run with a
+   summary.json is reused; an interrupted one resumes from its checkpoint (ng_jax.train).
+2. The analyses (ng_jax.analyze) on the reference and the runs of `grid.analysis_reward` and
+   `grid.analysis_seed`, and the matched-reward control over all runs, into WORKDIR/analysis.
+3. The report (`config.results`, figures next to it in results/), with the command and commit
+   at its top, built from those JSON files by `ng_jax.report`.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import os
+import time
+
+import ml_collections as mlc
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+def load_config_file(name: str) -> mlc.ConfigDict:
+    path = os.path.join(CONFIG_DIR, name)
+    spec = importlib.util.spec_from_file_location(f"ng_config_{os.path.basename(name)[:-3]}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def _apply(config: mlc.ConfigDict, overrides: mlc.ConfigDict, prefix: str = "") -> None:
+    for key, value in overrides.items():
+        if isinstance(value, mlc.ConfigDict):
+            if key not in config:
+                raise KeyError(f"grid override {prefix}{key}: no such block in the RL config")
+            _apply(config[key], value, f"{prefix}{key}.")
+        else:
+            if key not in config:
+                raise KeyError(f"grid override {prefix}{key}: no such key in the RL config")
+            config[key] = value
+
+
+def run_name(method: str, normguard: bool, reward: str, seed: int) -> str:
+    return f"{method}{'_normguard' if normguard else ''}_{reward}_s{seed}"
+
+
+def run_configs(config) -> dict[str, mlc.ConfigDict]:
+    """name -> the RL config of every run of the grid (validated, so a typo fails before any training)."""
+    from ng_jax.config_checks import check_config
+    from ng_jax.evaluate import REWARD_NAMES
+
+    g = config.grid
+    out = {}
+    for method in g.methods:
+        for ng in g.normguard:
+            for reward in g.rewards:
+                if reward not in REWARD_NAMES:
+                    raise ValueError(f"grid.rewards: unknown reward {reward!r}; expected one of {REWARD_NAMES}")
+                for seed in g.seeds:
+                    c = load_config_file(f"{method}{'_normguard' if ng else ''}.py")
+                    c.seed = int(seed)
+                    c.reference = config.reference
+                    c.rewards.weights = mlc.ConfigDict({reward: 1.0})
+                    _apply(c, config.overrides)
+                    name = run_name(method, bool(ng), reward, int(seed))
+                    c.name = name
+                    c.workdir = os.path.join(config.workdir, name)
+                    check_config(c)
+                    out[name] = c
+    return out
+
+
+def analysis_config(config, checkpoints: list[str], runs: list[str]) -> mlc.ConfigDict:
+    a = load_config_file("analyze.py")
+    a.reference = config.reference
+    first = next(iter(run_configs(config).values()))
+    a.eval = copy.deepcopy(first.eval)
+    a.eval.cfg_rescale = 0.0
+    a.eval.samples_per_prompt = int(config.analysis.samples_per_prompt)
+    for key in ("few_steps", "cfg_rescale_phi", "adjoint_prompts", "adjoint_samples"):
+        a.analysis[key] = config.analysis[key]
+    a.analysis.name = "all"
+    a.analysis.checkpoints = ",".join(checkpoints)
+    a.analysis.runs = ",".join(runs)
+    return a
+
+
+def run(config, workdir: str) -> int:
+    from ng_jax import analyze, report, train
+    from ng_jax.config_checks import ConfigError
+
+    t_start = time.time()
+    try:
+        runs = run_configs(config)
+    except (KeyError, ValueError) as err:
+        raise ConfigError(str(err).strip("'\"")) from None
+    os.makedirs(workdir, exist_ok=True)
+    timings = {}
+    for i, (name, c) in enumerate(runs.items(), 1):
+        run_dir = os.path.join(workdir, name)
+        if os.path.isfile(os.path.join(run_dir, "summary.json")):
+            print(f"[{i}/{len(runs)}] {name}: finished earlier, reused")
+            continue
+        print(f"[{i}/{len(runs)}] {name}: training")
+        t0 = time.time()
+        code = train.run(c, run_dir)
+        if code != 0 or not os.path.isfile(os.path.join(run_dir, "summary.json")):
+            print(f"{name}: stopped before the end (exit {code}); rerun the command to resume it")
+            return code or 1
+        timings[name] = time.time() - t0
+    g = config.grid
+    analysed = [f"{n}={os.path.join(workdir, n)}" for n, c in runs.items()
+                if c.rewards.weights.get(g.analysis_reward) and c.seed == int(g.analysis_seed)]
+    a_cfg = analysis_config(config, ["reference"] + analysed, [os.path.join(workdir, n) for n in runs])
+    t0 = time.time()
+    analyze.run(a_cfg, os.path.join(workdir, "analysis"))
+    timings["analysis"] = time.time() - t0
+    path = report.write_results(config, workdir, runs, timings, total_s=time.time() - t_start)
+    print(f"report: {path}")
+    return 0

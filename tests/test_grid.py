@@ -1,0 +1,95 @@
+"""The reproduction grid end to end at a tiny size: runs, analyses, the report, and reuse."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import ml_collections as mlc
+import numpy as np
+import pytest
+
+import rl_fixtures
+from ng_jax import grid
+
+pytestmark = pytest.mark.slow
+
+
+def _tiny_grid(root, bundle, prompts):
+    c = grid.load_config_file("experiments/toy_grid.py")
+    c.workdir = str(root / "grid")
+    c.reference = bundle
+    c.grid.methods = ("awm",)
+    c.grid.rewards = ("jpeg_incompressibility",)
+    c.grid.seeds = (0,)
+    c.grid.analysis_reward = "jpeg_incompressibility"
+    tiny = rl_fixtures.tiny_rl_config(bundle, prompts, epochs=2)
+    c.overrides = mlc.ConfigDict({
+        "data": {"prompt_file": prompts},
+        "rl": {k: tiny.rl[k] for k in ("epochs", "prompts_per_epoch", "group_size", "train_batch", "micro_batch",
+                                       "num_timesteps")} | {"rollout": {"num_steps": 6, "cfg_scale": 2.0}},
+        "optim": {"lr": tiny.optim.lr},
+        "loss": {"adv_clip": 1.0},
+        "eval": {k: tiny.eval[k] for k in ("prompt_file", "num_prompts", "samples_per_prompt", "batch_size",
+                                           "num_steps", "cfg_scale", "every")},
+    })
+    c.analysis.samples_per_prompt = 2
+    c.analysis.few_steps = (2, 4)
+    c.analysis.adjoint_prompts = 2
+    c.analysis.adjoint_samples = 1
+    c.results = str(root / "docs" / "RESULTS.md")
+    return c
+
+
+def test_tiny_grid_runs_analyses_reports_and_reuses(tmp_path, capsys):
+    bundle = rl_fixtures.build_tiny_bundle(str(tmp_path / "bundle"), steps=150)
+    prompts = rl_fixtures.write_prompt_file(str(tmp_path))
+    config = _tiny_grid(tmp_path, bundle, prompts)
+    assert grid.run(config, config.workdir) == 0
+    names = ["awm_jpeg_incompressibility_s0", "awm_normguard_jpeg_incompressibility_s0"]
+    for n in names:
+        assert os.path.isfile(os.path.join(config.workdir, n, "policy", "params.msgpack"))
+    for a in ("norms", "renorm", "few_step", "adjoint", "matched"):
+        assert os.path.isfile(os.path.join(config.workdir, "analysis", f"{a}.json")), a
+    text = open(config.results).read()
+    assert text.startswith("# NormGuard on the toy world") and "commit `" in text
+    for section in ("## 1. Every run", "## 2. Norm inflation", "## 3. NormGuard against", "## 4. Inference-time",
+                    "## 5. Few-step", "## 6. Matched-reward", "## 7. Adjoint", "## Verdicts"):
+        assert section in text, section
+    assert os.path.isfile(tmp_path / "docs" / "results" / "norms.png")
+    # The report's numbers are the summaries' numbers.
+    s = json.load(open(os.path.join(config.workdir, names[0], "summary.json")))
+    gain = s["eval"]["reward"] - s["eval_initial"]["reward"]
+    assert f"| {names[0]} | {s['eval_initial']['reward']:.4f} -> {s['eval']['reward']:.4f} | {gain:.4f} |" in text
+    norms = json.load(open(os.path.join(config.workdir, "analysis", "norms.json")))
+    assert set(norms) == {"reference", *names}
+    np.testing.assert_allclose(norms["reference"]["mean"], 1.0, rtol=1e-5)
+
+    # Repeating the command reuses both runs (nothing retrained) and rewrites the report.
+    stamps = [os.path.getmtime(os.path.join(config.workdir, n, "summary.json")) for n in names]
+    capsys.readouterr()
+    assert grid.run(config, config.workdir) == 0
+    out = capsys.readouterr().out
+    assert out.count("finished earlier, reused") == 2
+    assert stamps == [os.path.getmtime(os.path.join(config.workdir, n, "summary.json")) for n in names]
+
+
+def test_grid_config_errors_name_the_key(tmp_path):
+    c = grid.load_config_file("experiments/toy_grid.py")
+    c.overrides.rl.no_such_knob = 3
+    with pytest.raises(KeyError, match="rl.no_such_knob"):
+        grid.run_configs(c)
+    c = grid.load_config_file("experiments/toy_grid.py")
+    c.grid.rewards = ("verifier", "beauty")
+    with pytest.raises(ValueError, match="unknown reward 'beauty'"):
+        grid.run_configs(c)
+    # The shipped grid: 24 valid runs whose configs differ from the method's config file only where intended.
+    c = grid.load_config_file("experiments/toy_grid.py")
+    runs = grid.run_configs(c)
+    assert len(runs) == 24
+    a, b = runs["awm_verifier_s0"], runs["awm_normguard_verifier_s0"]
+    assert a.normguard.lam == 0 and b.normguard.lam > 0
+    a.normguard, b.normguard = b.normguard, b.normguard
+    a.name = b.name
+    a.workdir = b.workdir
+    assert a.to_dict() == b.to_dict()
