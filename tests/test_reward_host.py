@@ -262,3 +262,22 @@ def test_process_exits_cleanly_after_a_callback_failure(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     assert "LAST: reward 'broken' raised OSError: scorer offline" in out.stdout
     assert "Exception ignored" not in out.stderr
+
+
+def test_verifier_reward_in_per_shard_callbacks_does_not_deadlock():
+    """The shipped verifier scores inside the 8-device callbacks of an outer jit (a host reward that
+    called JAX there would wait forever for the busy devices; the timeout turns that into an error)."""
+    from ng_jax.data import world
+    from ng_jax.rewards.verifier import VerifierReward
+
+    mesh = jax.make_mesh((2, 4, 1), ("data", "fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 3)
+    verifier = VerifierReward()
+    weighted = WeightedRewards({"verifier": verifier}, {"verifier": 1.0}, timeout_s=60)
+    prompts = ["a red circle", "two blue squares", "a green triangle left of a yellow cross", "a white cross"]
+    fn = make_reward_fn(weighted, PromptTable(prompts), mesh, BATCH_SPEC)
+    ids = np.arange(16, dtype=np.int32) % 4
+    images = np.stack([world.render_prompt(prompts[i], 100 + k)[0] for k, i in enumerate(ids)])
+    sh = NamedSharding(mesh, BATCH_SPEC)
+    total, _ = jax.jit(lambda x, i: fn(x, i))(jax.device_put(images, sh), jax.device_put(ids, sh))
+    np.testing.assert_allclose(np.asarray(total), verifier(images, [prompts[i] for i in ids]), rtol=1e-6)
+    assert np.mean(np.asarray(total)) > 0.9  # renders of the prompts are judged correct

@@ -177,3 +177,19 @@ def test_jpeg_rejects_bad_inputs():
         JpegCompressibility()(np.zeros((8, 8, 3), np.uint8), ["x"])
     with pytest.raises(ValueError, match="quality"):
         JpegCompressibility(quality=0)
+
+
+def test_numpy_detector_forward_matches_the_jax_network():
+    """The host reward's numpy forward is the jax network's (same detections, same centres)."""
+    params = vf.load_verifier_params()
+    rng = np.random.default_rng(0)
+    renders = np.stack([world.render_prompt(p, s)[0] for s, p in enumerate(
+        ["a red circle", "three blue squares", "a small green triangle above a large yellow cross"])])
+    noise = rng.integers(0, 256, size=(3, 32, 32, 3), dtype=np.uint8)
+    x = vf.images_to_float(np.concatenate([renders, noise]))
+    want = jax.device_get(vf.make_cell_forward()(params, x))
+    got = vf.numpy_cell_forward(jax.device_get(params), x)
+    np.testing.assert_allclose(got[0], want[0], atol=2e-5)   # objectness
+    for g, w in zip(got[1:4], want[1:4]):                     # shape / colour / size decisions
+        assert np.array_equal(g[want[0] > 0.05], w[want[0] > 0.05])
+    np.testing.assert_allclose(got[4], want[4], atol=1e-4)   # centres

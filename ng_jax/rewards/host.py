@@ -38,7 +38,11 @@ class Reward(Protocol):
 
     `images` is a numpy uint8 array [B, H, W, 3] in [0, 255]; `prompts` holds B strings, one per
     image. Implementations must be safe to call from several threads at once (the jax bridge
-    scores device shards concurrently).
+    scores device shards concurrently), and must not run JAX computations on the devices of the
+    run: they are called from inside the rollout's device computation, and on a backend with
+    several CPU devices such a call waits forever for the busy devices (the shipped verifier runs
+    its detector in numpy for this reason). Use numpy / a framework on its own devices / a
+    reward server (`ng_jax.rewards.remote`).
     """
 
     name: str

@@ -48,7 +48,7 @@ ASSETS_DIR = pathlib.Path(__file__).resolve().parent.parent / "assets"
 DEFAULT_WEIGHTS = ASSETS_DIR / "verifier.msgpack"
 OBJECTNESS_THRESHOLD = 0.5
 NMS_RADIUS_PX = 5.0  # world scenes keep centres >= ~8.6 px apart
-CHUNK = 64  # images per jitted forward call (the batch is padded to a multiple)
+CHUNK = 64  # images per host forward call
 MAX_CONSTRAINTS = 2 * 3 + 1  # per group: count, colour, size; plus no_extra_objects
 SOFT_RELATION_TEMPERATURE_PX = 1.0
 
@@ -166,6 +166,42 @@ def make_cell_forward():
     return forward
 
 
+def _np_conv(x: np.ndarray, kernel: np.ndarray, bias: np.ndarray, stride: int) -> np.ndarray:
+    """NHWC convolution with flax/XLA "SAME" padding (extra padding at the end), in numpy."""
+    k = kernel.shape[0]
+    h = x.shape[1]
+    out = -(-h // stride)
+    total = max((out - 1) * stride + k - h, 0)
+    lo = total // 2
+    xp = np.pad(x, ((0, 0), (lo, total - lo), (lo, total - lo), (0, 0)))
+    win = np.lib.stride_tricks.sliding_window_view(xp, (k, k), axis=(1, 2))[:, ::stride, ::stride]
+    # win: [B, Ho, Wo, C, kh, kw]; kernel: [kh, kw, C, O]
+    return np.einsum("bhwcij,ijco->bhwo", win, kernel, optimize=True) + bias
+
+
+_NP_LAYERS = (("stem", 1), ("down1", 2), ("mid1", 1), ("down2", 2), ("cell1", 1), ("cell2", 1))
+
+
+def numpy_cell_forward(params, images: np.ndarray):
+    """`make_cell_forward`'s computation in numpy: what the host-side reward runs.
+
+    Host rewards are called from inside a running device computation (a `pure_callback` in the
+    rollout's jit); calling JAX there can deadlock the CPU backend when it has several devices
+    (each device's callback would wait for the same busy devices). So the detector's forward on
+    the host is plain numpy (about as fast for this 6-layer CNN)."""
+    np_params = {name: {k: np.asarray(v, np.float32) for k, v in layer.items()} for name, layer in params.items()}
+    h = np.asarray(images, np.float32)
+    for name, stride in _NP_LAYERS:
+        h = np.maximum(_np_conv(h, np_params[name]["kernel"], np_params[name]["bias"], stride), 0.0)
+    logits = _np_conv(h, np_params["head"]["kernel"], np_params["head"]["bias"], 1)
+    sigmoid = lambda z: 1.0 / (1.0 + np.exp(-z))  # noqa: E731
+    cols = np.arange(GRID, dtype=np.float32)
+    base = np.stack(np.meshgrid(cols, cols, indexing="xy"), axis=-1)
+    center = (base + sigmoid(logits[..., OFFSET])) * CELL_PX
+    return (sigmoid(logits[..., 0]), np.argmax(logits[..., SHAPE], -1), np.argmax(logits[..., COLOR], -1),
+            np.argmax(logits[..., SIZE], -1), center)
+
+
 def decode_cells(objectness, shape_idx, color_idx, size_idx, center,
                  threshold: float = OBJECTNESS_THRESHOLD) -> list[world.PlacedObject]:
     """Objects of one image from per-cell outputs ([G, G] and [G, G, 2] numpy arrays): cells above the
@@ -204,18 +240,15 @@ class VerifierReward:
             raise ValueError("give either params or weights_path, not both")
         self.params = params if params is not None else load_verifier_params(weights_path or DEFAULT_WEIGHTS)
         self.threshold = threshold
-        self._forward = make_cell_forward()
+        self._np_params = jax.tree.map(lambda a: np.asarray(a, np.float32), jax.device_get(self.params))
 
     def detect(self, images: np.ndarray) -> list[list[world.PlacedObject]]:
         """Detected objects of every image."""
         check_verifier_images(images, "VerifierReward.detect")
         x = images_to_float(images)
         n = x.shape[0]
-        pad = (-n) % CHUNK
-        if pad:
-            x = np.concatenate([x, np.zeros((pad, *x.shape[1:]), np.float32)])
-        outs = [jax.device_get(self._forward(self.params, x[i:i + CHUNK])) for i in range(0, x.shape[0], CHUNK)]
-        obj, sh, co, si, ce = (np.concatenate(parts)[:n] for parts in zip(*outs))
+        outs = [numpy_cell_forward(self._np_params, x[i:i + CHUNK]) for i in range(0, n, CHUNK)]
+        obj, sh, co, si, ce = (np.concatenate(parts) for parts in zip(*outs))
         return [decode_cells(obj[i], sh[i], co[i], si[i], ce[i], self.threshold) for i in range(n)]
 
     def _specs(self, images: np.ndarray, prompts: Sequence[str]) -> list[world.PromptSpec]:
