@@ -23,6 +23,7 @@ def get_config(arg=None):
     c.rewards = rl.rewards
     c.eval = rl.eval
     c.eval.split = "test"
+    c.eval.cfg_scale = 3.0          # the bundle's sampling CFG (the RL evaluations are CFG-free)
     c.eval.num_prompts = 0          # all test prompts
     c.eval.samples_per_prompt = 2
     c.eval.batch_size = 64

@@ -78,11 +78,24 @@ def load_rl_prompts(config) -> list[str]:
         if config.data.get("prompt_file"):
             return read_prompt_file(config.data.prompt_file)
         source = load_prompts(config.data.data_dir, "train")
-        return [_text(source[i]["prompt"]) for i in range(len(source))]
+        prompts = [_text(source[i]["prompt"]) for i in range(len(source))]
+        return balance_categories(prompts) if config.data.get("balance_categories", False) else prompts
 
     what = (f"data.prompt_file={config.data.prompt_file!r}" if config.data.get("prompt_file")
             else f"training prompts in data.data_dir={config.data.data_dir!r}")
     return _read_prompts(what, read)
+
+
+def balance_categories(prompts: list[str]) -> list[str]:
+    """Every prompt category as often as the largest: each category's prompts are cycled to that length
+    (the shapes world has 10 single-object but 539 colour-attribution train prompts)."""
+    from ng_jax.data.prompts import category_of
+
+    by_cat: dict[str, list[str]] = {}
+    for p in prompts:
+        by_cat.setdefault(category_of(p), []).append(p)
+    n = max(len(v) for v in by_cat.values())
+    return [v[i % len(v)] for _, v in sorted(by_cat.items()) for i in range(n)]
 
 
 def _text(x) -> str:

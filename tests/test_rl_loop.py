@@ -375,3 +375,14 @@ def test_bad_prompt_file_is_one_line_exit_1(tmp_path, capsys, content, message):
     assert len(err.strip().splitlines()) == 1, err
     assert re.search(message, err), err
     assert not os.path.exists(tmp_path / "wd" / "checkpoints")
+
+
+def test_balance_categories_gives_every_category_the_same_share():
+    from ng_jax.data.prompts import category_of
+
+    prompts = ["a red circle", "a blue square"] + [f"a {c} circle left of a {d} square" for c, d in
+                                                   [("red", "blue"), ("green", "white"), ("cyan", "red")]]
+    out = train.balance_categories(prompts)
+    cats = [category_of(p) for p in out]
+    assert sorted(set(out)) == sorted(prompts)
+    assert cats.count("colors") == cats.count("position") == 3

@@ -1,30 +1,46 @@
-"""SD3-style MMDiT velocity network in Flax linen.
+"""SD3 / SD3.5 MMDiT velocity network in Flax linen, weight-compatible with diffusers'
+`SD3Transformer2DModel` (diffusers 0.39: `models/transformers/transformer_sd3.py`,
+`models/attention.py::JointTransformerBlock`, `models/normalization.py`).
 
 Joint attention over image and text tokens (image first, as diffusers' `JointAttnProcessor2_0`),
 adaLN-Zero modulation from timestep + pooled text, patchify by a strided convolution, fixed 2D
-sin-cos positions, and a context-pre-only last block. Parameter names mirror diffusers'
-`SD3Transformer2DModel` (`pos_embed/proj`, `time_text_embed/timestep_embedder/linear_1`,
+sin-cos positions (centre-cropped from a `pos_embed_max_size` table, as SD3's `PatchEmbed`), and
+a context-pre-only last block. SD3.5 adds RMS qk-norm (`qk_norm="rms_norm"`) and MMDiT-X blocks
+(`dual_attention_layers`): an extra image-only self-attention `attn2` whose modulation comes from
+the same `norm1` (`SD35AdaLayerNormZeroX`, 9 outputs instead of 6).
+
+Parameter names mirror diffusers (`pos_embed/proj`, `time_text_embed/timestep_embedder/linear_1`,
 `context_embedder`, `transformer_blocks_{i}/attn/to_q`, `.../ff/net_0/proj`, `norm_out/linear`,
-`proj_out`) so diffusers weights map onto it by renaming.
+`proj_out`); `ng_jax.models.sd3_weights` maps a diffusers checkpoint onto them. With
+`scan_blocks`, each run of two or more structurally identical consecutive blocks (same dual
+attention, not the context-pre-only last block) is one `nn.scan` named
+`transformer_blocks_{first}_to_{last}/block/...` whose parameters carry a leading layer axis: one
+compiled block body per run instead of one per layer.
 
 Input and output images are NHWC; the network is fed `t = 1000 * sigma` (SD3's convention).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
+import numpy as np
 
 from ng_jax.models.layers import (AdaLayerNormContinuous, AdaLayerNormZero, FeedForward, MLPEmbedder, RMSNorm,
-                                  attention, layer_norm, sincos_2d_pos_embed, timestep_embedding)
+                                  attention, layer_norm, modulate, sincos_2d_pos_embed, timestep_embedding)
 
 Dtype = Any
 
 
 class JointAttention(nn.Module):
-    """Attention over [image tokens; text tokens] with separate projections per stream."""
+    """Attention over [image tokens; text tokens] with separate projections per stream.
+
+    With `c=None` it is plain self-attention over the image tokens (SD3.5's `attn2`: `to_q/k/v`,
+    `norm_q/k`, `to_out_0` only). Returns `(x_out, c_out)`; `c_out` is None when `c` is None or
+    the block is context-pre-only.
+    """
 
     dim: int
     heads: int
@@ -33,9 +49,10 @@ class JointAttention(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, c, c_mask=None):
+    def __call__(self, x, c=None, c_mask=None):
+        if self.qk_norm not in (None, "rms_norm"):
+            raise ValueError(f"qk_norm must be None or 'rms_norm', got {self.qk_norm!r}")
         b, n, _ = x.shape
-        m = c.shape[1]
         hd = self.dim // self.heads
         dense = lambda name: nn.Dense(self.dim, dtype=self.dtype, name=name)  # noqa: E731
 
@@ -43,12 +60,14 @@ class JointAttention(nn.Module):
             return t.reshape(b, length, self.heads, hd)
 
         q, k, v = (heads(dense(nm)(x), n) for nm in ("to_q", "to_k", "to_v"))
-        cq, ck, cv = (heads(dense(nm)(c), m) for nm in ("add_q_proj", "add_k_proj", "add_v_proj"))
         if self.qk_norm == "rms_norm":
             q, k = RMSNorm(name="norm_q")(q), RMSNorm(name="norm_k")(k)
+        if c is None:
+            return dense("to_out_0")(attention(q, k, v).reshape(b, n, self.dim)), None
+        m = c.shape[1]
+        cq, ck, cv = (heads(dense(nm)(c), m) for nm in ("add_q_proj", "add_k_proj", "add_v_proj"))
+        if self.qk_norm == "rms_norm":
             cq, ck = RMSNorm(name="norm_added_q")(cq), RMSNorm(name="norm_added_k")(ck)
-        elif self.qk_norm is not None:
-            raise ValueError(f"qk_norm must be None or 'rms_norm', got {self.qk_norm!r}")
         key_mask = None
         if c_mask is not None:
             key_mask = jnp.concatenate([jnp.ones((b, n), bool), c_mask.astype(bool)], axis=1)
@@ -59,18 +78,42 @@ class JointAttention(nn.Module):
         return x_out, c_out
 
 
+class AdaLayerNormZeroX(nn.Module):
+    """diffusers `SD35AdaLayerNormZeroX`: SiLU -> linear(9D) -> the six adaLN-Zero outputs plus a
+    second (shift, scale, gate) for `attn2`, both modulating the same affine-free LayerNorm."""
+
+    dim: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, emb):
+        mod = nn.Dense(9 * self.dim, dtype=self.dtype, kernel_init=nn.initializers.zeros, name="linear")(nn.silu(emb))
+        (shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp,
+         shift_msa2, scale_msa2, gate_msa2) = jnp.split(mod, 9, axis=-1)
+        nx = layer_norm(x)
+        return (modulate(nx, shift_msa, scale_msa), gate_msa, shift_mlp, scale_mlp, gate_mlp,
+                modulate(nx, shift_msa2, scale_msa2), gate_msa2)
+
+
 class JointTransformerBlock(nn.Module):
+    """diffusers `JointTransformerBlock` (MMDiT; MMDiT-X with `use_dual_attention`)."""
+
     dim: int
     heads: int
     mlp_ratio: float = 4.0
     context_pre_only: bool = False
     qk_norm: str | None = None
     dtype: Dtype = jnp.float32
+    use_dual_attention: bool = False
 
     @nn.compact
     def __call__(self, x, c, temb, c_mask=None):
         hidden = int(self.dim * self.mlp_ratio)
-        nx, gate_msa, shift_mlp, scale_mlp, gate_mlp = AdaLayerNormZero(self.dim, self.dtype, name="norm1")(x, temb)
+        if self.use_dual_attention:
+            nx, gate_msa, shift_mlp, scale_mlp, gate_mlp, nx2, gate_msa2 = AdaLayerNormZeroX(
+                self.dim, self.dtype, name="norm1")(x, temb)
+        else:
+            nx, gate_msa, shift_mlp, scale_mlp, gate_mlp = AdaLayerNormZero(self.dim, self.dtype, name="norm1")(x, temb)
         if self.context_pre_only:
             nc = AdaLayerNormContinuous(self.dim, self.dtype, name="norm1_context")(c, temb)
         else:
@@ -79,6 +122,10 @@ class JointTransformerBlock(nn.Module):
         attn_x, attn_c = JointAttention(self.dim, self.heads, self.context_pre_only, self.qk_norm, self.dtype,
                                         name="attn")(nx, nc, c_mask)
         x = x + gate_msa[:, None] * attn_x
+        if self.use_dual_attention:
+            attn_x2, _ = JointAttention(self.dim, self.heads, qk_norm=self.qk_norm, dtype=self.dtype,
+                                        name="attn2")(nx2)
+            x = x + gate_msa2[:, None] * attn_x2
         h = layer_norm(x) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
         x = x + gate_mlp[:, None] * FeedForward(self.dim, hidden, self.dtype, name="ff")(h)
         if self.context_pre_only:
@@ -89,8 +136,31 @@ class JointTransformerBlock(nn.Module):
         return x, c
 
 
+def sincos_pos_table(dim: int, grid_h: int, grid_w: int, base_size: int) -> np.ndarray:
+    """diffusers `get_2d_sincos_pos_embed(dim, (grid_h, grid_w), base_size)` (interpolation 1):
+    [grid_h * grid_w, dim], rows then columns; each axis' positions are `arange(n) / (n / base_size)`;
+    the first half of the channels encodes the column, the second half the row."""
+    pos_h = np.arange(grid_h, dtype=np.float64) / (grid_h / base_size)
+    pos_w = np.arange(grid_w, dtype=np.float64) / (grid_w / base_size)
+    gw, gh = np.meshgrid(pos_w, pos_h)  # [h, w]
+
+    def one_d(d, p):
+        omega = 1.0 / 10000 ** (np.arange(d // 2, dtype=np.float64) / (d / 2.0))
+        out = np.outer(p.reshape(-1), omega)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+    return np.concatenate([one_d(dim // 2, gw), one_d(dim // 2, gh)], axis=1).astype(np.float32)
+
+
 class PatchEmbed(nn.Module):
-    """Strided-conv patchify plus a fixed sin-cos table, centre-cropped from pos_embed_max_size."""
+    """Strided-conv patchify plus a fixed sin-cos table (diffusers `PatchEmbed`).
+
+    With `pos_embed_max_size` the table is built once for a `max x max` grid with
+    `base_size = sample_size // patch_size` and centre-cropped to the latent's grid (SD3's
+    `cropped_pos_embed`: top = (max - h) // 2, left = (max - w) // 2; larger grids are an error).
+    Without it, the table is built for the (h, w) grid itself with `base_size` (diffusers'
+    interpolated table). `base_size=None` keeps the toy model's convention (base = the grid size).
+    """
 
     dim: int
     patch_size: int
@@ -98,15 +168,28 @@ class PatchEmbed(nn.Module):
     base_size: int | None = None
     dtype: Dtype = jnp.float32
 
+    def table(self, h: int, w: int) -> np.ndarray:
+        """The [h * w, dim] position table added to an (h, w) grid of patches."""
+        mx = self.pos_embed_max_size
+        if mx is not None:
+            if h > mx or w > mx:
+                raise ValueError(f"patch grid {h}x{w} is larger than pos_embed_max_size={mx}")
+            table = sincos_pos_table(self.dim, mx, mx, self.base_size or mx).reshape(mx, mx, self.dim)
+            top, left = (mx - h) // 2, (mx - w) // 2
+            return table[top:top + h, left:left + w].reshape(h * w, self.dim)
+        if self.base_size is None:  # the toy model's table (square grids)
+            size = max(h, w)
+            table = sincos_2d_pos_embed(self.dim, size).reshape(size, size, self.dim)
+            top, left = (size - h) // 2, (size - w) // 2
+            return table[top:top + h, left:left + w].reshape(h * w, self.dim)
+        return sincos_pos_table(self.dim, h, w, self.base_size)
+
     @nn.compact
     def __call__(self, x):
         p = self.patch_size
         x = nn.Conv(self.dim, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype, name="proj")(x)
         b, h, w, d = x.shape
-        size = self.pos_embed_max_size or max(h, w)
-        table = sincos_2d_pos_embed(d, size, base_size=self.base_size or size).reshape(size, size, d)
-        top, left = (size - h) // 2, (size - w) // 2
-        pos = jnp.asarray(table[top:top + h, left:left + w].reshape(1, h * w, d), x.dtype)
+        pos = jnp.asarray(self.table(h, w)[None], x.dtype)
         return x.reshape(b, h * w, d) + pos
 
 
@@ -120,8 +203,48 @@ class CombinedTimestepTextEmbed(nn.Module):
         return temb + MLPEmbedder(self.dim, self.dtype, name="text_embedder")(pooled.astype(self.dtype))
 
 
+def block_runs(depth: int, dual_attention_layers: Sequence[int] = (), scan_blocks: bool = False
+               ) -> list[tuple[int, int, bool, bool]]:
+    """How the `depth` blocks are laid out: `[(start, stop, use_dual_attention, context_pre_only)]`.
+
+    Unscanned, every block is its own run. Scanned, consecutive blocks with the same structure are
+    one run (the context-pre-only last block is always alone). A run of length >= 2 is a scan.
+    """
+    dual = set(int(i) for i in dual_attention_layers)
+    flags = [(i in dual, i == depth - 1) for i in range(depth)]
+    runs: list[tuple[int, int, bool, bool]] = []
+    for i, f in enumerate(flags):
+        if scan_blocks and runs and (runs[-1][2], runs[-1][3]) == f and not f[1]:
+            runs[-1] = (runs[-1][0], i + 1) + f
+        else:
+            runs.append((i, i + 1) + f)
+    return runs
+
+
+def block_name(start: int, stop: int) -> str:
+    """Parameter-tree name of a run of blocks: `transformer_blocks_{i}` or `transformer_blocks_{a}_to_{b}`."""
+    return f"transformer_blocks_{start}" if stop - start == 1 else f"transformer_blocks_{start}_to_{stop - 1}"
+
+
+class _ScanBody(nn.Module):
+    """One block as an `nn.scan` body: carry (image, text), broadcast (temb, mask)."""
+
+    block_kwargs: Any  # a tuple of (name, value) pairs for JointTransformerBlock
+    remat: bool = False
+
+    @nn.compact
+    def __call__(self, carry, temb, mask):
+        cls = nn.remat(JointTransformerBlock, prevent_cse=False) if self.remat else JointTransformerBlock
+        x, c = cls(**dict(self.block_kwargs), name="block")(carry[0], carry[1], temb, mask)
+        return (x, c), None
+
+
 class MMDiT(nn.Module):
-    """`__call__(x [B,H,W,C], t [B], tokens [B,L,Dc], pooled [B,Dp], mask [B,L] | None) -> [B,H,W,C_out]`."""
+    """`__call__(x [B,H,W,C], t [B], tokens [B,L,Dc], pooled [B,Dp], mask [B,L] | None) -> [B,H,W,C_out]`.
+
+    `use_text_mask=False` ignores `mask` (diffusers' SD3 attends to every text token, padding
+    included); the toy model masks padded tokens out.
+    """
 
     patch_size: int = 2
     in_channels: int = 3
@@ -135,19 +258,32 @@ class MMDiT(nn.Module):
     base_size: int | None = None
     dtype: Dtype = jnp.float32
     remat: bool = False
+    dual_attention_layers: tuple[int, ...] = ()
+    scan_blocks: bool = False
+    use_text_mask: bool = True
 
     @nn.compact
     def __call__(self, x, t, tokens, pooled, mask=None):
         b, hgt, wid, _ = x.shape
         p, d = self.patch_size, self.hidden_size
         out_ch = self.out_channels or self.in_channels
+        if hgt % p or wid % p:
+            raise ValueError(f"image {hgt}x{wid} is not divisible by patch_size={p}")
+        mask = mask if self.use_text_mask else None
         h = PatchEmbed(d, p, self.pos_embed_max_size, self.base_size, self.dtype, name="pos_embed")(x.astype(self.dtype))
         temb = CombinedTimestepTextEmbed(d, self.dtype, name="time_text_embed")(t, pooled)
         c = nn.Dense(d, dtype=self.dtype, name="context_embedder")(tokens.astype(self.dtype))
         block_cls = nn.remat(JointTransformerBlock, static_argnums=()) if self.remat else JointTransformerBlock
-        for i in range(self.depth):
-            h, c = block_cls(d, self.num_heads, self.mlp_ratio, context_pre_only=i == self.depth - 1,
-                             qk_norm=self.qk_norm, dtype=self.dtype, name=f"transformer_blocks_{i}")(h, c, temb, mask)
+        for start, stop, dual, pre_only in block_runs(self.depth, self.dual_attention_layers, self.scan_blocks):
+            kwargs = dict(dim=d, heads=self.num_heads, mlp_ratio=self.mlp_ratio, context_pre_only=pre_only,
+                          qk_norm=self.qk_norm, dtype=self.dtype, use_dual_attention=dual)
+            if stop - start == 1:
+                h, c = block_cls(**kwargs, name=block_name(start, stop))(h, c, temb, mask)
+            else:
+                scan = nn.scan(_ScanBody, variable_axes={"params": 0}, split_rngs={"params": True},
+                               in_axes=(nn.broadcast, nn.broadcast), length=stop - start)
+                (h, c), _ = scan(tuple(sorted(kwargs.items())), self.remat, name=block_name(start, stop))(
+                    (h, c), temb, mask)
         h = AdaLayerNormContinuous(d, self.dtype, name="norm_out")(h, temb)
         h = nn.Dense(p * p * out_ch, dtype=self.dtype, kernel_init=nn.initializers.zeros, name="proj_out")(h)
         gh, gw = hgt // p, wid // p

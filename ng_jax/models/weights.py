@@ -115,8 +115,29 @@ class SafetensorsDir:
     def shape(self, key: str) -> tuple[int, ...]:
         return tuple(self._handles[self.key_file[key]].get_slice(key).get_shape())
 
+    def dtype(self, key: str) -> str:
+        """The stored dtype as safetensors names it ("F32", "BF16", "F16", ...)."""
+        return self._handles[self.key_file[key]].get_slice(key).get_dtype()
+
     def get(self, key: str) -> np.ndarray:
-        return self._handles[self.key_file[key]].get_tensor(key)
+        handle = self._handles[self.key_file[key]]
+        if self.dtype(key) == "BF16":
+            # safetensors' numpy backend cannot build bfloat16 arrays (most released diffusion
+            # checkpoints are bf16): read the raw bytes and view them as ml_dtypes.bfloat16.
+            return self._read_raw(self.key_file[key], key)
+        return handle.get_tensor(key)
+
+    def _read_raw(self, name: str, key: str) -> np.ndarray:
+        import ml_dtypes
+
+        path = os.path.join(self.directory, name)
+        with open(path, "rb") as f:
+            header_len = int.from_bytes(f.read(8), "little")
+            info = json.loads(f.read(header_len))[key]
+            start, end = info["data_offsets"]
+            f.seek(8 + header_len + start)
+            raw = f.read(end - start)
+        return np.frombuffer(raw, dtype=ml_dtypes.bfloat16).reshape(info["shape"])
 
     def config(self) -> dict:
         path = os.path.join(self.directory, "config.json")
