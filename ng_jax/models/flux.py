@@ -16,7 +16,7 @@ latent packing and the position ids. Structure:
 Parameter paths mirror the diffusers state dict (`transformer_blocks_3/attn/to_out_0/kernel` <->
 `transformer_blocks.3.attn.to_out.0.weight`); with `scan_blocks` each stack is one scanned module
 (`transformer_blocks/...`, `single_transformer_blocks/...`) whose parameters carry a leading layer
-axis. `flux_weights.py` holds the key map and the loader.
+axis. `flux_weights.py` holds the key map, the loader and the layout conversions.
 
 Conventions (docs/ALGORITHMS.md sec 1): FLUX is fed `timestep = sigma` and multiplies it by 1000
 itself; the guidance-distilled dev model also gets `guidance = guidance_scale` (x1000 inside).
@@ -27,6 +27,7 @@ not used (padding tokens are part of the conditioning, as in the reference).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
@@ -210,9 +211,9 @@ class TimeTextEmbed(nn.Module):
     `CombinedTimestepGuidanceTextProjEmbeddings`: MLP(sinusoid(t)) [+ MLP(sinusoid(g))] + MLP(pooled).
 
     The sinusoid of 1000 * guidance (up to ~5000) is the least reproducible part across frameworks:
-    torch's and XLA's float32 `exp` differ by an ulp on a few frequencies, which moves those angles by
-    ~1e-4 (the FLUX.1-dev parity error is dominated by it; the reference itself differs by the same on
-    CUDA vs CPU)."""
+    torch's (CPU) and XLA's float32 `exp` differ by an ulp on a few frequencies, which moves those
+    angles by ~1e-4; on the tiny test models this dominates the dev-vs-diffusers error (~2e-5 vs ~4e-6
+    without guidance)."""
 
     dim: int
     guidance_embeds: bool = False
@@ -322,6 +323,8 @@ class FluxVelocityModel:
     pooled_dim: int
     guidance: float | None = None
     time_scale: float = 1.0         # FLUX's transformer is fed sigma (x1000 inside the module)
+    # (dtype=None, shardings=None) -> params from pretrained weights; None without model.weights_dir.
+    loader: Callable | None = dataclasses.field(default=None, compare=False)
 
     def _guidance(self, guidance, batch: int):
         g = self.guidance if guidance is None else guidance
@@ -356,6 +359,12 @@ class FluxVelocityModel:
         out = self.module.apply({"params": params}, *self.inputs(x_t, sigma, cond, guidance))
         return unpack_latents(out, x_t.shape[1], x_t.shape[2])
 
+    def load_pretrained(self, dtype=None, shardings=None):
+        """Strictly load the configured pretrained weights (`model.weights_dir`) as a params tree."""
+        if self.loader is None:
+            raise ValueError("this model has no pretrained weights configured (set model.weights_dir)")
+        return self.loader(dtype=dtype, shardings=shardings)
+
     @property
     def apply_fn(self) -> Callable:
         return self.apply
@@ -381,7 +390,8 @@ def make_flux_model(cfg) -> FluxVelocityModel:
     out_channels, num_layers, num_single_layers, attention_head_dim, num_attention_heads,
     joint_attention_dim, pooled_projection_dim, guidance_embeds, axes_dims_rope) plus
     sample_size (latent pixels, int or (H, W)), max_sequence_length (T5 tokens for init inputs),
-    guidance (None -> 3.5 when guidance_embeds), dtype, remat, scan_blocks."""
+    guidance (None -> 3.5 when guidance_embeds), dtype, remat, scan_blocks, and optionally
+    weights_dir (WEIGHTS_DIR or its transformer/ directory) for `load_pretrained`."""
     get = cfg.get
     if int(get("patch_size", 1)) != 1:
         raise ValueError(f"FLUX packs 2x2 latent patches outside the transformer; patch_size must be 1, "
@@ -410,33 +420,12 @@ def make_flux_model(cfg) -> FluxVelocityModel:
                              num_attention_heads=heads, guidance_embeds=guidance_embeds, axes_dims_rope=axes,
                              dtype=_dtype(get("dtype", "float32")), remat=bool(get("remat", False)),
                              scan_blocks=bool(get("scan_blocks", False)))
+    loader = None
+    if get("weights_dir"):
+        from ng_jax.models.flux_weights import load_flux_transformer  # flux_weights imports this module
+
+        loader = functools.partial(load_flux_transformer, str(cfg["weights_dir"]), cfg)
     return FluxVelocityModel(module=module, sample_shape=(hgt, wid, in_ch // (PACK * PACK)),
                              context_shape=(int(get("max_sequence_length", 512)), int(cfg["joint_attention_dim"])),
                              pooled_dim=int(cfg["pooled_projection_dim"]),
-                             guidance=None if guidance is None else float(guidance))
-
-
-# ----------------------------------------------------------------------------------------------
-# Scanned <-> unrolled parameter layouts
-
-_STACKS = ("transformer_blocks", "single_transformer_blocks")
-
-
-def scan_params(params: dict, num_layers: int, num_single_layers: int) -> dict:
-    """Unrolled parameters (`transformer_blocks_{i}`) -> the scan_blocks layout (one stacked tree)."""
-    out = {k: v for k, v in params.items() if not any(k.startswith(s + "_") for s in _STACKS)}
-    for name, n in zip(_STACKS, (num_layers, num_single_layers)):
-        if n:
-            out[name] = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *[params[f"{name}_{i}"] for i in range(n)])
-    return out
-
-
-def unscan_params(params: dict) -> dict:
-    """The scan_blocks layout -> unrolled parameters (e.g. for LoRA, whose targets are 2-D kernels)."""
-    out = {k: v for k, v in params.items() if k not in _STACKS}
-    for name in _STACKS:
-        if name in params:
-            n = jax.tree_util.tree_leaves(params[name])[0].shape[0]
-            for i in range(n):
-                out[f"{name}_{i}"] = jax.tree_util.tree_map(lambda x, i=i: x[i], params[name])
-    return out
+                             guidance=None if guidance is None else float(guidance), loader=loader)

@@ -11,6 +11,7 @@ parameter (leading layer axis) is the stack of its per-layer tensors: the checkp
 strictly layer by layer against the unrolled layout (so an error names the real tensor, e.g.
 `transformer_blocks.1.attn.to_q.weight`), then each stacked parameter is read as one virtual tensor
 `transformer_blocks.*.attn.to_q.weight` (host memory: one stack of a tensor at a time).
+`scan_params` / `unscan_params` convert loaded trees between the two layouts.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import re
 from typing import Any, Mapping
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from ng_jax.models import flux
@@ -79,6 +81,31 @@ def _check_config(cfg, directory: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
+# Scanned <-> unrolled parameter layouts
+
+
+def scan_params(params: dict, num_layers: int, num_single_layers: int) -> dict:
+    """Unrolled parameters (`transformer_blocks_{i}`) -> the scan_blocks layout (one stacked tree)."""
+    out = {k: v for k, v in params.items() if not any(k.startswith(s + "_") for s in _STACKS)}
+    for name, n in zip(_STACKS, (num_layers, num_single_layers)):
+        if n:
+            layers = [params[f"{name}_{i}"] for i in range(n)]
+            out[name] = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *layers)
+    return out
+
+
+def unscan_params(params: dict) -> dict:
+    """The scan_blocks layout -> unrolled parameters (e.g. for LoRA, whose targets are 2-D kernels)."""
+    out = {k: v for k, v in params.items() if k not in _STACKS}
+    for name in _STACKS:
+        if name in params:
+            n = jax.tree_util.tree_leaves(params[name])[0].shape[0]
+            for i in range(n):
+                out[f"{name}_{i}"] = jax.tree_util.tree_map(lambda x, i=i: x[i], params[name])
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
 # Key map
 
 
@@ -113,7 +140,8 @@ def _stacked(src: Source) -> Source:
 
 
 def _paths(tree) -> list[tuple[tuple[str, ...], Any]]:
-    return [(tuple(str(getattr(k, "key", k)) for k in p), leaf) for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]]
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return [(tuple(str(getattr(k, "key", k)) for k in p), leaf) for p, leaf in flat]
 
 
 def flux_keymap(params_abstract, cfg) -> dict[tuple[str, ...], Source]:
@@ -183,7 +211,7 @@ def load_flux_transformer(weights_dir: str, cfg, dtype=None, shardings=None):
     abstract = jax.eval_shape(model.init, jax.random.key(0))
     if not bool(cfg.get("scan_blocks", False)):
         return load_params(flux_keymap(abstract, cfg), abstract, reader, dtype=dtype, shardings=shardings)
-    unrolled = jax.eval_shape(flux.unscan_params, abstract)
+    unrolled = jax.eval_shape(unscan_params, abstract)
     check_map(flux_keymap(unrolled, cfg), unrolled, reader)  # names the real per-layer tensors
     counts = {"transformer_blocks": int(cfg["num_layers"]), "single_transformer_blocks": int(cfg["num_single_layers"])}
     return load_params(flux_keymap(abstract, cfg), abstract, _StackedReader(reader, counts), dtype=dtype,
@@ -194,11 +222,14 @@ def load_flux_transformer(weights_dir: str, cfg, dtype=None, shardings=None):
 # Parity against diffusers (test extra: torch + diffusers)
 
 
-def parity_flux(weights_dir: str, seed: int = 0, *, batch: int = 2, height: int = 8, width: int = 12,
-                text_len: int = 8) -> dict:
+def parity_flux(weights_dir: str, seed: int = 0, latent_size: int | None = None, *, batch: int = 2,
+                height: int = 8, width: int = 12, text_len: int = 8) -> dict:
     """Load WEIGHTS_DIR/transformer into diffusers (torch, float32) and into ours, run the same random
-    inputs (latents [batch, height, width, C] NHWC, T5-like tokens, pooled, sigma, guidance) and return
-    {"family": "flux", "max_abs_err": max |v_ours - v_diffusers|, "params": parameter count}."""
+    inputs (latents [batch, height, width, C] NHWC, or latent_size x latent_size; T5-like tokens,
+    pooled, sigma, guidance) and return {"family": "flux", "max_abs_err": max |v_ours - v_diffusers|,
+    "params": parameter count, "ref_max_abs": max |v_diffusers|}."""
+    if latent_size:
+        height = width = int(latent_size)
     import torch
     from diffusers import FluxTransformer2DModel
     from diffusers.pipelines.flux.pipeline_flux import FluxPipeline
@@ -233,4 +264,5 @@ def parity_flux(weights_dir: str, seed: int = 0, *, batch: int = 2, height: int 
     n_ref = int(sum(p.numel() for p in ref.parameters()))
     if n_params != n_ref:
         raise WeightsError(f"parameter count differs: ours {n_params}, diffusers {n_ref}")
-    return {"family": "flux", "max_abs_err": float(np.max(np.abs(ours - theirs))), "params": n_params}
+    return {"family": "flux", "max_abs_err": float(np.max(np.abs(ours - theirs))), "params": n_params,
+            "ref_max_abs": float(np.max(np.abs(theirs)))}

@@ -178,10 +178,11 @@ def parity_vae(weights_dir: str, seed: int = 0, batch: int = 2, image_size: int 
     Returns {"family": "vae", "max_abs_err", "params", "encode_mean_err", "encode_logvar_err", "decode_err"}."""
     import torch
     from diffusers import AutoencoderKL as TorchAutoencoderKL
+    from diffusers.utils import logging as diffusers_logging
 
     vae, params = load_vae(weights_dir)
     cfg = vae.cfg
-    torch.manual_seed(seed)
+    diffusers_logging.set_verbosity_error()  # parity's one-JSON-line contract: no loader chatter
     ref = TorchAutoencoderKL.from_pretrained(os.path.join(weights_dir, "vae"), torch_dtype=torch.float32).eval()
 
     f = cfg.downsample_factor
