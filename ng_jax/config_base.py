@@ -162,6 +162,13 @@ def rl_config(method: str, *, normguard_lam: float = 0.0) -> mlc.ConfigDict:
     c.rewards.timeout_s = 120.0  # a reward call slower than this stops the run (0 = no limit)
     c.rewards.retries = 0        # retries of a failing reward call before giving up
     c.rewards.remote_url = ""    # for the "remote" reward: http://host:port/ of a reward server
+    # Real reward models from local weights (ng_jax.rewards.clip): transformers CLIPModel directories.
+    c.rewards.clip_score_dir = ""         # e.g. openai/clip-vit-large-patch14 saved locally
+    c.rewards.pickscore_dir = ""          # yuvalkirstain/PickScore_v1 saved locally
+    c.rewards.pickscore_tokenizer_dir = ""  # its tokenizer (laion CLIP-ViT-H-14); "" = from pickscore_dir
+    c.rewards.hpsv2_dir = ""              # `python -m ng_jax.rewards.clip HPS_v2_compressed.pt --out DIR` output
+    c.rewards.clip_backend = "auto"       # "torch" (if installed) or "numpy" (never JAX: host callbacks)
+    c.rewards.clip_device = "cpu"         # torch device for the CLIP rewards
 
     c.lora = mlc.ConfigDict()
     c.lora.rank = 0              # 0 = full fine-tuning; > 0 trains LoRA adapters on a frozen base

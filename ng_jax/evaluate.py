@@ -19,7 +19,9 @@ from ng_jax import parallel, reporting
 from ng_jax.models.text import EMPTY_PROMPT, tokenize
 from ng_jax.sampling import make_sampler, to_uint8
 
-REWARD_NAMES = ("verifier", "jpeg_compressibility", "jpeg_incompressibility", "remote")
+REWARD_NAMES = ("verifier", "jpeg_compressibility", "jpeg_incompressibility", "remote", "clip_score", "pickscore",
+                "hpsv2")
+CLIP_REWARDS = ("clip_score", "pickscore", "hpsv2")  # real reward models from local CLIP weights (ng_jax.rewards.clip)
 
 # Extra rewards by name: name -> factory(rewards_cfg) -> Reward. Filled by `register_reward`.
 EXTRA_REWARDS: dict = {}
@@ -51,6 +53,15 @@ def make_reward(name: str, cfg=None):
         from ng_jax.rewards.jpeg import JpegIncompressibility
 
         return JpegIncompressibility()
+    if name in CLIP_REWARDS:
+        from ng_jax.rewards.clip import ClipScore, HPSv2, PickScore
+
+        if cfg is None or not cfg.get(f"{name}_dir"):
+            raise ValueError(f"reward {name!r} needs rewards.{name}_dir (a local CLIPModel directory)")
+        kw = dict(backend=cfg.get("clip_backend", "auto"), device=cfg.get("clip_device", "cpu"))
+        if name == "pickscore" and cfg.get("pickscore_tokenizer_dir"):
+            kw["tokenizer_dir"] = cfg.pickscore_tokenizer_dir
+        return {"clip_score": ClipScore, "pickscore": PickScore, "hpsv2": HPSv2}[name](cfg[f"{name}_dir"], **kw)
     if name == "remote":
         from ng_jax.rewards.remote import RemoteReward
 
@@ -142,10 +153,10 @@ class Evaluator:
         xs, pol, ref = [], [], []
         for noise, cond in zip(self.noise, self.conds):
             out = self._sample(trainable, self.ref, noise, cond, self.uncond)
-            xs.append(np.asarray(to_uint8(out.x0)))
-            pol.append(np.asarray(out.norms_policy))
-            ref.append(np.asarray(out.norms_ref))
-        sigmas = np.asarray(out.sigmas)
+            xs.append(parallel.to_host(to_uint8(out.x0)))
+            pol.append(parallel.to_host(out.norms_policy))
+            ref.append(parallel.to_host(out.norms_ref))
+        sigmas = parallel.to_host(out.sigmas)
         return (np.concatenate(xs)[: self.n], np.concatenate(pol, 1)[:, : self.n],
                 np.concatenate(ref, 1)[:, : self.n], sigmas)
 

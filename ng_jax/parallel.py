@@ -128,6 +128,22 @@ def replicated_fraction(params, shardings) -> float:
     return replicated_bytes / max(total, 1)
 
 
+def to_host(x) -> np.ndarray:
+    """A (possibly multi-host, sharded) jax array as a full numpy array on this host.
+
+    Arrays spanning devices of other processes are gathered with `process_allgather` (a collective:
+    every process must call it with the same array); local or replicated ones are just fetched."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
+
+
+def tree_to_host(tree):
+    return jax.tree.map(to_host, tree)
+
+
 def shard_batch(batch, mesh: Mesh):
     """Place a host batch (pytree of numpy arrays, identical on every process) on the mesh."""
     sharding = batch_sharding(mesh)

@@ -95,13 +95,16 @@ def _concat_batch(a: Any, b: Any) -> Any:
 
 
 def make_sampler(apply_fn: Callable, *, num_steps: int, shift: float = 1.0, mu: Optional[float] = None,
+                 s_min: Optional[float] = None,
                  cfg_scale: float = 1.0, cfg_rescale_phi: float = 0.0, sde_noise: float = 0.0,
                  sde_window: Sequence[float] = (0.0, 1.0), renorm_to_ref: bool = False,
                  record: Sequence[str] = ("x0",)) -> Callable:
     """Builds `sample_fn(params, noise, cond, uncond=None, rng=None, *, ref_params=None,
     step_scales=None) -> SampleOutput`.
 
-    - Grid: `flow.sigma_grid(num_steps, shift, mu)`. Step i moves sigma_i -> sigma_{i+1}.
+    - Grid: `flow.sigma_grid(num_steps, shift, mu, s_min)`. Step i moves sigma_i -> sigma_{i+1}.
+      `s_min=None` ends the unshifted linspace at 1/N; diffusers' FlowMatchEulerDiscreteScheduler
+      `set_timesteps(N)` (the SD3 pipeline's default) ends it at `flow.shift_sigmas(1/1000, shift)`.
     - Guidance: with `cfg_scale != 1` the conditional and unconditional velocities come from one
       call on the batch `[x; x]` with `[cond; uncond]` (any pytree with a leading batch dim), then
       `cfg_combine` and, with `cfg_rescale_phi > 0`, `cfg_rescale`. `uncond` is required then.
@@ -128,7 +131,7 @@ def make_sampler(apply_fn: Callable, *, num_steps: int, shift: float = 1.0, mu: 
     guided = float(cfg_scale) != 1.0
     use_sde = float(sde_noise) > 0.0
 
-    grid = np.asarray(jax.device_get(flow.sigma_grid(num_steps, shift=shift, mu=mu)), np.float32)
+    grid = np.asarray(jax.device_get(flow.sigma_grid(num_steps, shift=shift, mu=mu, s_min=s_min)), np.float32)
     sig, sig_next = grid[:-1], grid[1:]
     sde_active = (sig >= lo) & (sig <= hi) & (sig_next > 0.0) if use_sde else np.zeros(num_steps, bool)
     # sigma = 1 uses the grid's next value in the SDE denominator (Flow-GRPO); capped below 1.

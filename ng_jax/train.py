@@ -174,13 +174,6 @@ class _DropRewardErrorLogs(logging.Filter):
 _CALLBACK_LOGGER = logging.getLogger("jax._src.callback")
 
 
-def _host_array(x) -> np.ndarray:
-    """A batch-sharded device array as one numpy array on every host (gathered across hosts)."""
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return np.asarray(jax.device_get(x))
 
 
 def _trim_metrics(path: str, epoch: int) -> None:
@@ -313,11 +306,12 @@ def run(config, workdir: str) -> int:
     _CALLBACK_LOGGER.addFilter(quiet)
     bar = reporting.progress(epochs, desc=f"{rl.method}{'+normguard' if config.normguard.lam else ''}",
                              initial=min(meta["epoch"], epochs), enabled=is_main)
+    say = bar.write if is_main else (lambda *_: None)  # one copy of each report line, from process 0
     try:
         if meta["eval_initial"] is None:
             meta["eval_initial"] = evaluate(state.params, "initial", 0)
             writer.write(0, _scalars(meta["eval_initial"]), prefix="eval/")
-            bar.write(_eval_line("initial", meta["eval_initial"]))
+            say(_eval_line("initial", meta["eval_initial"]))
         for epoch in range(meta["epoch"], epochs):
             done = epoch + 1
             t0 = time.time()
@@ -341,7 +335,7 @@ def run(config, workdir: str) -> int:
                 if cause is None and not isinstance(err, RewardError):
                     raise  # not a reward problem: keep jax's own error and traceback
                 raise RewardError(f"epoch {done}: {_one_line(cause or err)}; {_last_good(ckpt)}") from err
-            rewards, parts = _host_array(rewards), _host_array(parts)
+            rewards, parts = parallel.to_host(rewards), parallel.to_host(parts)
             t_roll = time.time() - t0
             advantages = np.asarray(adv_fn(jnp.asarray(rewards), jnp.asarray(prompt_ids)))
             sums: dict = {}
@@ -372,11 +366,11 @@ def run(config, workdir: str) -> int:
                 meta["evals"].append({"epoch": done, **_scalars(result)})
                 meta["eval_last"] = result
                 writer.write(done, _scalars(result), prefix="eval/")
-                bar.write(_eval_line(f"epoch {done}", result))
+                say(_eval_line(f"epoch {done}", result))
             if done % int(config.ckpt.every) == 0 or done == epochs or sigterm.requested:
                 ckpt.save(done, state, meta)
             if sigterm.requested:
-                bar.write(f"SIGTERM: checkpoint saved at epoch {done} in {ckpt.directory}; exiting")
+                say(f"SIGTERM: checkpoint saved at epoch {done} in {ckpt.directory}; exiting")
                 return 0
     finally:
         _CALLBACK_LOGGER.removeFilter(quiet)
@@ -389,7 +383,7 @@ def run(config, workdir: str) -> int:
                "epochs": epochs, "eval_initial": meta["eval_initial"], "eval": meta["eval_last"],
                "history": meta["evals"]}
     # The final policy as a self-contained bundle (LoRA merged), for the analyses and for sampling.
-    policy = jax.device_get(jax.jit(policy_params)(state.params, ref))
+    policy = parallel.tree_to_host(jax.jit(policy_params)(state.params, ref))
     if is_main:
         save_bundle(os.path.join(workdir, POLICY_DIR),
                     ModelBundle(model_cfg=bundle.model_cfg, text_cfg=bundle.text_cfg, sampling=bundle.sampling,

@@ -180,3 +180,23 @@ def test_lora_starts_at_base_and_merges_low_rank_update(model, perturbed):
                                   np.asarray(perturbed["transformer_blocks_1"]["attn"]["to_k"]["kernel"]))
     with pytest.raises(ValueError, match="match no Dense"):
         lora_init(perturbed, jax.random.key(0), rank=2, alpha=4.0, targets=("nothing_here",))
+
+
+def test_lora_on_scanned_kernel_stacks_is_per_layer():
+    from ng_jax.models.lora import lora_init, lora_merge
+
+    rng = np.random.default_rng(0)
+    base = {"blocks": {"attn": {"to_q": {"kernel": jnp.asarray(rng.standard_normal((3, 4, 5)), jnp.float32),
+                                         "bias": jnp.zeros((3, 5))}}},
+            "proj": {"kernel": jnp.ones((5, 2))}}
+    ad = lora_init(base, jax.random.key(0), rank=2, alpha=4.0, targets=("attn/to_q",))
+    assert ad["blocks"]["attn"]["to_q"]["lora_a"].shape == (3, 4, 2)
+    assert ad["blocks"]["attn"]["to_q"]["lora_b"].shape == (3, 2, 5)
+    ad["blocks"]["attn"]["to_q"]["lora_b"] = jnp.asarray(rng.standard_normal((3, 2, 5)), jnp.float32)
+    merged = lora_merge(base, ad, alpha=4.0, rank=2)
+    a, b = ad["blocks"]["attn"]["to_q"]["lora_a"], ad["blocks"]["attn"]["to_q"]["lora_b"]
+    for layer in range(3):  # each layer gets its own low-rank update
+        np.testing.assert_allclose(merged["blocks"]["attn"]["to_q"]["kernel"][layer],
+                                   base["blocks"]["attn"]["to_q"]["kernel"][layer] + 2.0 * a[layer] @ b[layer],
+                                   rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(merged["proj"]["kernel"], base["proj"]["kernel"])

@@ -36,6 +36,10 @@ code using `jnp.minimum` (identical for these arguments), and only when `jnp.cli
 
 `PromptEmbeddingCache` computes fixed prompt sets (evaluation prompts) once, keyed by prompt text
 and encoder identity, in memory and optionally as an .npz file in a directory (the workdir).
+
+    enc, params = load_text_encoders(WEIGHTS_DIR, "sd3", dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    cond = enc.encode_prompts(params, ["a photo of a cat", ""])        # TextCond, jitted
+    cache = PromptEmbeddingCache(functools.partial(enc.encode_prompts, params), enc.identity, workdir)
 """
 
 from __future__ import annotations
@@ -130,17 +134,39 @@ def _read_json(path: str) -> dict:
         return json.load(f)
 
 
-def _check_files(directory: str) -> None:
+class _SafetensorsFile(SafetensorsDir):
+    """One file of a directory that holds precision variants side by side (model.safetensors,
+    model.fp16.safetensors, as diffusers repos ship CLIP encoders)."""
+
+    def __init__(self, path: str):
+        from safetensors import safe_open
+
+        self.directory = path
+        self._file = safe_open(path, framework="numpy")
+        self.key_file = {k: os.path.basename(path) for k in self._file.keys()}
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._file.get_slice(key).get_shape())
+
+    def get(self, key: str) -> np.ndarray:
+        return self._file.get_tensor(key)
+
+
+def _reader(directory: str, variant: str | None) -> SafetensorsDir:
+    """The checkpoint of `directory`: its index's shards, its only file, or model[.variant].safetensors."""
     names = os.listdir(directory)
-    if not any(n.endswith(".safetensors.index.json") for n in names):
-        files = sorted(n for n in names if n.endswith(".safetensors"))
-        if len(files) > 1:
-            raise WeightsError(f"{directory}: several unindexed safetensors files {files} (precision variants?); "
-                               "keep exactly one (e.g. model.safetensors) in the directory")
+    files = sorted(n for n in names if n.endswith(".safetensors"))
+    if any(n.endswith(".safetensors.index.json") for n in names) or len(files) <= 1:
+        return SafetensorsDir(directory, prefix="model")
+    name = f"model.{variant}.safetensors" if variant else "model.safetensors"
+    if name not in files:
+        raise WeightsError(f"{directory}: several safetensors files {files} and no {name}; pick one with variant=")
+    return _SafetensorsFile(os.path.join(directory, name))
 
 
-def _load_component(directory: str, role: str, dtype, param_dtype, shardings):
-    """One encoder: (Flax model object with _do_init=False, parameter tree)."""
+def _load_component(directory: str, role: str, dtype, param_dtype, shardings, variant=None, projection=True):
+    """One encoder: (Flax model object built with _do_init=False, parameter tree). role "t5" is a T5
+    encoder, any other a CLIP text encoder, with the text projection (SD3) or without (FLUX)."""
     from transformers import (CLIPTextConfig, FlaxCLIPTextModel, FlaxCLIPTextModelWithProjection,
                               FlaxT5EncoderModel, T5Config)
 
@@ -149,26 +175,25 @@ def _load_component(directory: str, role: str, dtype, param_dtype, shardings):
     raw = _read_json(os.path.join(directory, "config.json"))
     want_type = "t5" if role == "t5" else "clip_text_model"
     if raw.get("model_type") != want_type:
+        cls_name = "T5EncoderModel" if role == "t5" else "CLIPTextModel"
         raise WeightsError(f"{directory}: config.json has model_type {raw.get('model_type')!r}; the {role} encoder "
-                           f"needs {want_type!r} (a transformers {'T5EncoderModel' if role == 't5' else 'CLIPTextModel'}"
-                           " save_pretrained directory)")
-    _check_files(directory)
+                           f"needs {want_type!r} (a transformers {cls_name} save_pretrained directory)")
     if role == "t5":
         _patch_flax_t5_clip()
         model = FlaxT5EncoderModel(T5Config.from_dict(raw), dtype=dtype, _do_init=False)
     else:
-        cls = FlaxCLIPTextModel if role == "clip_l_pooler" else FlaxCLIPTextModelWithProjection
+        cls = FlaxCLIPTextModelWithProjection if projection else FlaxCLIPTextModel
         model = cls(CLIPTextConfig.from_dict(raw), dtype=dtype, _do_init=False)
     init = functools.partial(model.init_weights, input_shape=(1, 1))
     abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.float32),
                             _plain(jax.eval_shape(init, jax.random.PRNGKey(0))))
-    reader = SafetensorsDir(directory, prefix="model")
-    shared = ignore = None
+    reader = _reader(directory, variant)
+    shared, ignore = None, ("text_model.embeddings.position_ids",)  # a buffer older checkpoints stored
     if role == "t5":
         shared = "shared.weight" if "shared.weight" in reader.key_file else "encoder.embed_tokens.weight"
         ignore = ("encoder.embed_tokens.weight",) if shared == "shared.weight" else ()
     params = load_params(hf_keymap(abstract, shared), abstract, reader, dtype=param_dtype, shardings=shardings,
-                         ignore_unused=ignore or ("text_model.embeddings.position_ids",))
+                         ignore_unused=ignore)
     return model, params
 
 
@@ -195,12 +220,16 @@ def _fingerprint(directory: str) -> str:
 
 def load_text_encoders(weights_dir: str, family: str = "sd3", *, max_sequence_length: int | None = None,
                        dtype=jnp.float32, param_dtype=None, with_t5: bool = True, joint_attention_dim: int = 4096,
-                       clip_skip: int | None = None, shardings: Mapping[str, Any] | None = None):
+                       clip_skip: int | None = None, shardings: Mapping[str, Any] | None = None,
+                       variant: str | None = None):
     """(HFTextEncoders, params {"clip_l", "clip_g"?, "t5"?}) from a diffusers model directory.
 
     dtype: computation dtype; param_dtype: None keeps float32 parameters, else they are cast
     (e.g. jnp.bfloat16 for the frozen encoders). shardings: optional {role: tree of shardings}.
     with_t5=False (SD3 only) drops T5; its part of the tokens is then zeros, as diffusers does.
+    variant: in an unindexed directory with several files, read model.{variant}.safetensors
+    instead of model.safetensors (sharded encoders always read the files of their
+    model.safetensors.index.json).
     """
     from transformers import CLIPTokenizer, T5TokenizerFast
 
@@ -213,9 +242,8 @@ def load_text_encoders(weights_dir: str, family: str = "sd3", *, max_sequence_le
     for role, (enc_dir, tok_dir) in layout.items():
         if role == "t5" and not with_t5:
             continue
-        kind = "clip_l_pooler" if (family == "flux" and role == "clip_l") else role
-        models[role], params[role] = _load_component(os.path.join(weights_dir, enc_dir), kind, dtype, param_dtype,
-                                                     (shardings or {}).get(role))
+        models[role], params[role] = _load_component(os.path.join(weights_dir, enc_dir), role, dtype, param_dtype,
+                                                     (shardings or {}).get(role), variant, projection=family == "sd3")
         tok_path = os.path.join(weights_dir, tok_dir)
         if not os.path.isdir(tok_path):
             raise WeightsError(f"tokenizer directory not found: {tok_path}")
@@ -223,9 +251,10 @@ def load_text_encoders(weights_dir: str, family: str = "sd3", *, max_sequence_le
         prints.append(f"{role}={_fingerprint(os.path.join(weights_dir, enc_dir))}/{_fingerprint(tok_path)}")
     length = int(max_sequence_length or default_len)
     identity = (f"{family}|len={length}|t5={with_t5}|clip_skip={clip_skip}|dtype={jnp.dtype(dtype).name}|"
-                f"params={jnp.dtype(param_dtype or jnp.float32).name}|" + "|".join(prints))
+                f"params={jnp.dtype(param_dtype or jnp.float32).name}|variant={variant}|" + "|".join(prints))
     enc = HFTextEncoders(family=family, models=models, tokenizers=tokenizers, max_sequence_length=length,
-                         joint_attention_dim=joint_attention_dim, clip_skip=clip_skip, identity=identity)
+                         joint_attention_dim=joint_attention_dim, clip_skip=clip_skip, identity=identity,
+                         dtype=dtype)
     return enc, params
 
 
@@ -243,6 +272,7 @@ class HFTextEncoders:
     joint_attention_dim: int = 4096   # width of the zero T5 part when SD3 runs without T5
     clip_skip: int | None = None
     identity: str = ""                # what a PromptEmbeddingCache keys on
+    dtype: Any = jnp.float32          # of the outputs (diffusers casts them to the encoders' dtype)
 
     def clip_length(self, role: str) -> int:
         tok = self.tokenizers[role]
@@ -284,7 +314,8 @@ class HFTextEncoders:
             clip = jnp.pad(clip, ((0, 0), (0, 0), (0, t5.shape[-1] - clip.shape[-1])))
             tokens = jnp.concatenate([clip.astype(t5.dtype), t5], axis=1)
             pooled = jnp.concatenate([pl, pg], axis=-1)
-        return TextCond(tokens=tokens, pooled=pooled, mask=jnp.ones(tokens.shape[:2], bool))
+        return TextCond(tokens=tokens.astype(self.dtype), pooled=pooled.astype(self.dtype),
+                        mask=jnp.ones(tokens.shape[:2], bool))
 
     @functools.cached_property
     def _encode_jit(self):

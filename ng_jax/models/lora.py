@@ -1,4 +1,4 @@
-"""Low-rank adapters on Dense kernels, as pure pytree functions.
+"""Low-rank adapters on Dense kernels (also scanned stacks [layers, in, out]), as pure pytree functions.
 
 With LoRA the frozen base parameters are the reference model and the policy is only the adapter
 tree: `lora_init` returns a nested dict mirroring the base, holding `{"lora_a": [in, r],
@@ -22,7 +22,7 @@ def _targets(base, patterns: Sequence[str]) -> list[tuple[str, ...]]:
     found = []
     for path, leaf in jax.tree_util.tree_flatten_with_path(base)[0]:
         keys = tuple(str(getattr(k, "key", k)) for k in path)
-        if keys[-1] != "kernel" or jnp.ndim(leaf) != 2:
+        if keys[-1] != "kernel" or jnp.ndim(leaf) not in (2, 3):  # 3: a scanned stack [layers, in, out]
             continue
         name = "/".join(keys[:-1])
         if any(r.search(name) for r in regexes):
@@ -51,9 +51,9 @@ def lora_init(base, rng, *, rank: int, alpha: float, targets: Sequence[str]) -> 
     adapters: dict = {}
     for i, keys in enumerate(paths):
         kernel = _get(base, keys + ("kernel",))
-        d_in, d_out = kernel.shape
-        a = jax.random.normal(jax.random.fold_in(rng, i), (d_in, rank), jnp.float32) / jnp.sqrt(d_in)
-        _set(adapters, keys, {"lora_a": a, "lora_b": jnp.zeros((rank, d_out), jnp.float32)})
+        *lead, d_in, d_out = kernel.shape  # lead: the layer axis of scanned blocks (one adapter per layer)
+        a = jax.random.normal(jax.random.fold_in(rng, i), (*lead, d_in, rank), jnp.float32) / jnp.sqrt(d_in)
+        _set(adapters, keys, {"lora_a": a, "lora_b": jnp.zeros((*lead, rank, d_out), jnp.float32)})
     return adapters
 
 

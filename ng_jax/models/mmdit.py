@@ -136,12 +136,17 @@ class JointTransformerBlock(nn.Module):
         return x, c
 
 
-def sincos_pos_table(dim: int, grid_h: int, grid_w: int, base_size: int) -> np.ndarray:
+def sincos_pos_table(dim: int, grid_h: int, grid_w: int, base_size: int, rows=None, cols=None) -> np.ndarray:
     """diffusers `get_2d_sincos_pos_embed(dim, (grid_h, grid_w), base_size)` (interpolation 1):
     [grid_h * grid_w, dim], rows then columns; each axis' positions are `arange(n) / (n / base_size)`;
-    the first half of the channels encodes the column, the second half the row."""
-    pos_h = np.arange(grid_h, dtype=np.float64) / (grid_h / base_size)
-    pos_w = np.arange(grid_w, dtype=np.float64) / (grid_w / base_size)
+    the first half of the channels encodes the column, the second half the row.
+
+    `rows` / `cols` (integer indices into the grid) give only that sub-grid, e.g. a centre crop,
+    without building the whole table (SD3.5-M's is 384 x 384 x 1536)."""
+    rows = np.arange(grid_h) if rows is None else np.asarray(rows)
+    cols = np.arange(grid_w) if cols is None else np.asarray(cols)
+    pos_h = rows.astype(np.float64) / (grid_h / base_size)
+    pos_w = cols.astype(np.float64) / (grid_w / base_size)
     gw, gh = np.meshgrid(pos_w, pos_h)  # [h, w]
 
     def one_d(d, p):
@@ -174,9 +179,9 @@ class PatchEmbed(nn.Module):
         if mx is not None:
             if h > mx or w > mx:
                 raise ValueError(f"patch grid {h}x{w} is larger than pos_embed_max_size={mx}")
-            table = sincos_pos_table(self.dim, mx, mx, self.base_size or mx).reshape(mx, mx, self.dim)
             top, left = (mx - h) // 2, (mx - w) // 2
-            return table[top:top + h, left:left + w].reshape(h * w, self.dim)
+            return sincos_pos_table(self.dim, mx, mx, self.base_size or mx, rows=np.arange(top, top + h),
+                                    cols=np.arange(left, left + w))
         if self.base_size is None:  # the toy model's table (square grids)
             size = max(h, w)
             table = sincos_2d_pos_embed(self.dim, size).reshape(size, size, self.dim)

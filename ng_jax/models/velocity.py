@@ -20,6 +20,9 @@ training. Families:
   must stay the checkpoint's value). `sd3_weights.model_config_from_diffusers` builds this config
   from a checkpoint; `model.load_pretrained()` loads `weights_dir` strictly. The text mask is
   ignored (diffusers' SD3 attends to every text token).
+- "flux1_dev": diffusers' `FluxTransformer2DModel` (FLUX.1-dev with the guidance embedding;
+  `guidance_embeds=False` for schnell-like checkpoints) on NHWC latents, packed 2x2 inside; see
+  `ng_jax.models.flux.make_flux_model` and `flux_weights.model_config_from_diffusers`.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ import jax.numpy as jnp
 
 from ng_jax.models.text import TextCond
 
-FAMILIES = ("toy_mmdit", "sd3", "sd35")
+FAMILIES = ("toy_mmdit", "sd3", "sd35", "flux1_dev")
 SD3_FAMILIES = ("sd3", "sd35")
 # Keys of an sd3/sd35 config that must be given (they mirror diffusers' config.json).
 SD3_REQUIRED = ("sample_size", "patch_size", "in_channels", "num_layers", "attention_head_dim",
@@ -84,6 +87,10 @@ def make_velocity_model(cfg) -> VelocityModel:
     family = cfg.get("family", "toy_mmdit")
     if family in SD3_FAMILIES:
         return _make_sd3(cfg)
+    if family == "flux1_dev":  # FLUX.1-dev and schnell-like (guidance_embeds=False): ng_jax.models.flux
+        from ng_jax.models.flux import make_flux_model
+
+        return make_flux_model(cfg)
     if family != "toy_mmdit":
         raise ValueError(f"unknown model.family {family!r}; expected one of {FAMILIES}")
     from ng_jax.models.mmdit import MMDiT

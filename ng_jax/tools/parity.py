@@ -32,6 +32,7 @@ def parity_sd3(weights_dir: str, seed: int = 0, latent_size: int | None = None, 
     import jax
     import torch
     from diffusers import SD3Transformer2DModel
+    from diffusers.utils import logging as diffusers_logging
 
     from ng_jax.models.sd3_weights import load_sd3_transformer, model_config_from_diffusers, transformer_dir
     from ng_jax.models.text import TextCond
@@ -40,6 +41,7 @@ def parity_sd3(weights_dir: str, seed: int = 0, latent_size: int | None = None, 
     cfg = model_config_from_diffusers(weights_dir)
     params = load_sd3_transformer(weights_dir, cfg, dtype=np.float32)
     model = make_velocity_model(cfg)
+    diffusers_logging.set_verbosity_error()  # the one-JSON-line contract: no loader chatter
     torch_model = SD3Transformer2DModel.from_pretrained(transformer_dir(weights_dir), torch_dtype=torch.float32).eval()
 
     size = int(latent_size or min(int(cfg.sample_size), 32))
@@ -50,7 +52,8 @@ def parity_sd3(weights_dir: str, seed: int = 0, latent_size: int | None = None, 
     pooled = rng.standard_normal((batch, int(cfg.pooled_projection_dim))).astype(np.float32)
     sigma = rng.uniform(0.02, 1.0, (batch,)).astype(np.float32)
     with torch.no_grad():
-        ref = torch_model(hidden_states=torch.from_numpy(x).permute(0, 3, 1, 2), encoder_hidden_states=torch.from_numpy(tokens),
+        ref = torch_model(hidden_states=torch.from_numpy(x).permute(0, 3, 1, 2),
+                          encoder_hidden_states=torch.from_numpy(tokens),
                           pooled_projections=torch.from_numpy(pooled), timestep=torch.from_numpy(1000.0 * sigma),
                           return_dict=False)[0].permute(0, 2, 3, 1).numpy()
     out = np.asarray(jax.jit(model.apply)(params, x, sigma, TextCond(tokens, pooled, np.ones(tokens.shape[:2], bool))))
@@ -59,7 +62,23 @@ def parity_sd3(weights_dir: str, seed: int = 0, latent_size: int | None = None, 
             "ref_max_abs": float(np.max(np.abs(ref))), "latent_size": size}
 
 
-PARITY: dict[str, Callable[..., dict]] = {"sd3": parity_sd3, "sd35": parity_sd3}
+def parity_flux(weights_dir: str, seed: int = 0, latent_size: int | None = None, **options) -> dict:
+    from ng_jax.models.flux_weights import parity_flux as _parity_flux
+
+    if latent_size:
+        options["latent_size"] = latent_size
+    return _parity_flux(weights_dir, seed, **options)
+
+
+def parity_vae(weights_dir: str, seed: int = 0, latent_size: int | None = None, **options) -> dict:
+    from ng_jax.models.vae_weights import parity_vae as _parity_vae
+
+    del latent_size  # the VAE works on images (default 32x32 or 4x its downsampling)
+    return _parity_vae(weights_dir, seed, **options)
+
+
+PARITY: dict[str, Callable[..., dict]] = {"sd3": parity_sd3, "sd35": parity_sd3, "flux": parity_flux,
+                                          "vae": parity_vae}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
