@@ -40,16 +40,17 @@ class Context:
         from ng_jax.analysis.checkpoints import load_matching, resolve
         from ng_jax.evaluate import build_rewards, eval_prompts
         from ng_jax.models.bundle import load_bundle
+        from ng_jax.models.pipeline import toy_stack
         from ng_jax.models.text import make_text_encoder
-        from ng_jax.models.velocity import make_velocity_model
 
         self.config, self.out = config, out
         self.a = config.analysis
         self.reference = load_bundle(config.reference or None)
-        self.model = make_velocity_model(self.reference.model_cfg)
+        self.stack = toy_stack(self.reference)  # host-side reference, as the evaluator always had it
+        self.model = self.stack.model
         self.text = make_text_encoder(self.reference.text_cfg)
         self.mesh = parallel.make_mesh(config.mesh.shape)
-        self.ref = self.reference.params["velocity"]
+        self.ref = self.stack.ref
         self.weighted = build_rewards(config.rewards)
         self.prompts = eval_prompts(config.eval)
         names = resolve(self.a.checkpoints, config.reference)
@@ -64,9 +65,8 @@ class Context:
             cfg = copy.deepcopy(self.config.eval)
             for k, v in overrides.items():
                 cfg[k] = v
-            self._evaluators[key] = Evaluator(cfg, self.model, self.text, self.reference.params["text"], self.ref,
-                                              self.mesh, weighted=self.weighted, policy_params=lambda p, r: p,
-                                              workdir=self.out, prompts=self.prompts)
+            self._evaluators[key] = Evaluator(cfg, self.stack, self.mesh, weighted=self.weighted,
+                                              policy_params=lambda p, r: p, workdir=self.out, prompts=self.prompts)
         return self._evaluators[key]
 
     def evaluate(self, label: str, tag: str, **overrides) -> dict:

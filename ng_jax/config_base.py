@@ -18,6 +18,9 @@ def mesh_config() -> mlc.ConfigDict:
     # Partition rules: (regex on '/'-joined parameter path, rule), first match wins. "fsdp" shards
     # the largest dimension divisible by the fsdp axis; "replicate"; or an explicit spec tuple.
     m.rules = ((".*", "fsdp"),)
+    # Fail the run when more than this fraction of parameter bytes would be replicated on every device
+    # of a mesh with fsdp or tensor > 1 (checked at start-up for the trainable state and the reference).
+    m.max_replicated_fraction = 0.1
     return m
 
 
@@ -197,3 +200,160 @@ def rl_config(method: str, *, normguard_lam: float = 0.0) -> mlc.ConfigDict:
     c.ckpt.every = 10            # epochs between checkpoints (and always after the last)
     c.ckpt.max_to_keep = 2
     return c
+
+
+# --- RL post-training of real models (SD3.5-Medium, FLUX.1-dev) from a local diffusers directory ------
+
+# LoRA targets for SD3 / SD3.5: q/k/v/out of the joint attention's image and text streams, as the
+# DiffusionNFT / flow_grpo / AWM SD3 configs (PEFT target_modules "attn.to_q" ... "attn.to_add_out";
+# the MMDiT-X second attention "attn2" is not matched by those names, so it is not adapted here either).
+SD3_LORA_TARGETS = (r"(^|/)attn/(to_q|to_k|to_v|to_out_0|add_q_proj|add_k_proj|add_v_proj|to_add_out)$",)
+
+# Per-method settings of the reference implementations (docs/ALGORITHMS.md secs 3-5), unscaled.
+REAL_METHODS = {
+    # DiffusionNFT (NVlabs/DiffusionNFT config/nft.py, SD3.5-M): 10-step deterministic CFG-free rollouts from
+    # the old policy; every sample trained at int(0.99 * 10) = 9 grid timesteps in a random order.
+    "nft": dict(num_steps=10, num_timesteps=9, grid_fraction=0.99, policy="old", ema_max=0.5, cfg=1.0,
+                lr=3e-4, loss=dict(beta=1.0, kl_beta=1e-4, adv_clip=5.0)),
+    # AWM (scxue/advantage_weighted_matching config/dgx_awm.py): 14-step CFG-1 rollouts from the current
+    # policy; T = 6 stratified slots over the first 90% of the grid; beta 1e-4 (PickScore), EMA anchor 1.
+    "awm": dict(num_steps=14, num_timesteps=6, grid_fraction=0.9, policy="current", ema_max=0.3, cfg=1.0,
+                lr=3e-4, loss=dict(beta=1e-4, ema_beta=1.0, p=0.25, clip_range=1.0, adv_clip=5.0)),
+    # Flow-DPO (yifan123/flow_grpo config/dpo.py): pairs from 10-step rollouts with the SD3 pipeline's
+    # CFG 4.5; one logit-normal sigma per pair and optimizer step; beta 100, lr 1e-5.
+    "dpo": dict(num_steps=10, num_timesteps=1, grid_fraction=1.0, policy="current", ema_max=0.0, cfg=4.5,
+                lr=1e-5, loss=dict(beta=100.0)),
+}
+
+
+def real_model_config(family: str) -> mlc.ConfigDict:
+    """The `model` block of a real-model run (ng_jax.models.pipeline). The architecture comes from
+    WEIGHTS_DIR/transformer/config.json; validate a directory first with
+    `python -m ng_jax.tools.check_weights --family FAMILY --weights_dir DIR`."""
+    flux = family == "flux1_dev"
+    c = mlc.ConfigDict()
+    c.family = family           # "sd35" (SD3.5-Medium: qk-norm + MMDiT-X), "sd3" or "flux1_dev"
+    c.weights_dir = ""          # REQUIRED: a local diffusers save (transformer/, vae/, text_encoder*/, tokenizer*/)
+    c.resolution = 512          # pixels; latent side = resolution / 8 (VAE) = 64 (SD3.5: 32x32 = 1024 tokens)
+    c.dtype = "bfloat16"        # transformer compute dtype
+    c.param_dtype = "bfloat16"  # the frozen base / reference weights; trainable params are always float32
+    c.remat = True              # rematerialise transformer blocks in the backward pass
+    c.scan_blocks = True        # one scanned module per run of identical blocks (faster compiles)
+    if flux:
+        c.guidance = 3.5        # FLUX.1-dev's distilled guidance (guidance embedding), FluxPipeline's default
+    c.text = mlc.ConfigDict()
+    c.text.max_sequence_length = 512 if flux else 256  # T5 tokens (the FluxPipeline / SD3 pipeline defaults)
+    c.text.dtype = "bfloat16"         # text-encoder compute dtype (and of the TextCond)
+    c.text.param_dtype = "bfloat16"   # frozen text-encoder weights
+    if not flux:
+        c.text.with_t5 = True         # False: zeros instead of T5 tokens (diffusers' SD3 without T5)
+    c.text.batch_size = 16            # prompts per encoder call
+    c.vae = mlc.ConfigDict()
+    c.vae.dtype = "bfloat16"          # frozen VAE weights and decode compute ("float32" for exact decoding)
+    return c
+
+
+def _real_rl_config(method: str, family: str, normguard_lam: float) -> mlc.ConfigDict:
+    if method not in REAL_METHODS:
+        raise ValueError(f"unknown method {method!r}; expected one of {sorted(REAL_METHODS)}")
+    from ng_jax import flow
+
+    m = REAL_METHODS[method]
+    flux = family == "flux1_dev"
+    c = rl_config(method, normguard_lam=normguard_lam)  # the structure; every value that matters is set below
+    tag = "flux1dev" if flux else "sd35m"
+    c.name = f"{tag}_{method}" + ("_normguard" if normguard_lam else "")
+    c.workdir = "workdirs/" + c.name
+    c.model = real_model_config(family)
+    # Prompts: a .txt/.jsonl file of free-form prompts (the PickScore references train on Pick-a-Pic
+    # prompts); "" falls back on the shapes world's TFDS prompts (compositional, GenEval-like).
+    c.data.prompt_file = ""
+    c.mesh.shape = (1, -1, 1)    # FSDP over every device: parameters and batch split over the "fsdp" axis
+    c.mesh.rules = ((".*", "fsdp"),)
+
+    r = c.rl
+    r.epochs = 300               # rollout -> train cycles (the references run for hundreds)
+    r.prompts_per_epoch = 48     # distinct prompts per epoch (flow_grpo / DiffusionNFT: 48 groups)
+    r.group_size = 24            # images per prompt
+    r.global_std = False         # per-group std for the advantages (True: the epoch's std)
+    r.inner_epochs = 1
+    r.num_timesteps = m["num_timesteps"]
+    r.grid_fraction = m["grid_fraction"]
+    # Optimizer-step batches: 2 steps per epoch (flow_grpo's gradient_accumulation_steps =
+    # num_batches_per_epoch // 2); DPO counts winner/loser pairs (one per prompt).
+    r.train_batch = 24 if method == "dpo" else 576
+    # Gradient-accumulation chunk (global; a multiple of the device count): 4 samples per device on 8
+    # devices for SD3.5-M, 2 for FLUX (12B); DPO: pairs, each pair two forwards.
+    r.micro_batch = 8 if method == "dpo" else (16 if flux else 32)
+    r.dpo_logit_mean = 0.0       # DPO sigmas: logit-normal(0, 1) ...
+    r.dpo_logit_std = 1.0
+    # ... shifted as the model's training grid (diffusers' SD3 training scripts index the shift-3 scheduler
+    # with logit-normal draws); FLUX: unshifted
+    r.dpo_shift = 1.0 if flux else 3.0
+    ro = r.rollout
+    ro.num_steps = m["num_steps"]
+    ro.shift = 3.0               # SD3.5-Medium's grid shift (FLUX uses `mu` instead, below)
+    if flux:
+        # FLUX's resolution-dependent shift: mu for (512 / 16)^2 = 1024 packed image tokens (FluxPipeline).
+        ro.mu = float(flow.flux_mu((c.model.resolution // 16) ** 2))
+    else:
+        # The SD3 pipeline's default grid (set_timesteps(N)): the linspace ends at the shifted smallest
+        # training sigma, as the references' rollouts.
+        ro.s_min = float(flow.shift_sigmas(1.0 / 1000, ro.shift))
+    ro.cfg_scale = m["cfg"]      # 1 = CFG-free (NFT, AWM; FLUX.1-dev: its guidance embedding only)
+    ro.sde_noise = 0.0           # deterministic Euler rollouts (AWM's optional Flow-SDE: 0.4 on [0.3, 0.9])
+    ro.sde_window = (0.3, 0.9)
+    ro.policy = m["policy"]      # "old" (NFT's old policy) or "current"
+    ro.batch_size = 32 if flux else 64  # rollouts per jitted call (memory: sampler + VAE decode), 4 / 8 per device
+    r.ema.rate = 0.001           # old/EMA decay after each epoch: min(0.001 * optimizer_step, max)
+    r.ema.max = m["ema_max"]     # NFT 0.5, AWM 0.3 (DPO: unused)
+
+    c.loss = mlc.ConfigDict(m["loss"])
+
+    c.rewards.weights = mlc.ConfigDict({"pickscore": 1.0})
+    c.rewards.pickscore_dir = ""            # REQUIRED: yuvalkirstain/PickScore_v1 saved locally (CLIPModel)
+    c.rewards.pickscore_tokenizer_dir = ""  # laion/CLIP-ViT-H-14-laion2B-s32B-b79K's tokenizer; "" = pickscore_dir
+    c.rewards.clip_backend = "auto"         # torch when installed (faster), else the numpy forward
+    c.rewards.timeout_s = 600.0             # a reward call slower than this stops the run
+
+    c.lora.rank = 32             # LoRA r = 32, alpha = 64 (all three references)
+    c.lora.alpha = 64.0
+    if flux:
+        from ng_jax.models.flux import FLUX_LORA_TARGETS
+
+        c.lora.targets = FLUX_LORA_TARGETS   # Flow-Factory's FLUX adapter targets (see ng_jax.models.flux)
+    else:
+        c.lora.targets = SD3_LORA_TARGETS
+
+    c.optim = optim_config(lr=m["lr"])       # AdamW: NFT / AWM 3e-4, DPO 1e-5; grad clip 1
+    c.optim.weight_decay = 1e-4              # flow_grpo's adam_weight_decay
+
+    e = c.eval
+    e.every = 10                 # epochs between evaluations (and always after the last)
+    e.num_prompts = 32
+    e.samples_per_prompt = 2
+    e.batch_size = 32            # 4 per device on 8 devices
+    e.num_steps = 28 if flux else 40  # FluxPipeline's default / the references' evaluation steps
+    e.shift = ro.shift
+    if flux:
+        e.mu = ro.mu
+    else:
+        e.s_min = ro.s_min
+    e.cfg_scale = m["cfg"]       # evaluate the distribution the rollouts sample
+    e.quality = False            # FD / precision / recall and ...
+    e.accuracy = False           # ... verifier accuracy are the shapes world's judges
+    e.grid_size = 16
+
+    c.ckpt.every = 10
+    c.ckpt.max_to_keep = 2
+    return c
+
+
+def sd35_medium_config(method: str, *, normguard_lam: float = 0.0) -> mlc.ConfigDict:
+    """SD3.5-Medium (diffusers stabilityai/stable-diffusion-3.5-medium saved locally) at 512 px, PickScore."""
+    return _real_rl_config(method, "sd35", normguard_lam)
+
+
+def flux1_dev_config(method: str, *, normguard_lam: float = 0.0) -> mlc.ConfigDict:
+    """FLUX.1-dev (black-forest-labs/FLUX.1-dev saved locally) at 512 px, guidance 3.5, PickScore."""
+    return _real_rl_config(method, "flux1_dev", normguard_lam)

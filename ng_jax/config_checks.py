@@ -6,6 +6,7 @@ a pretraining config has no `normguard` block.
 
 from __future__ import annotations
 
+import os
 from typing import Any, Callable
 
 class ConfigError(ValueError):
@@ -65,3 +66,43 @@ def check_config(config) -> None:
     mesh = _get(config, "mesh.shape")
     if mesh is not _MISSING and len(tuple(mesh)) != 3:
         raise ValueError(f"mesh.shape={tuple(mesh)!r}: expected 3 entries (data, fsdp, tensor)")
+    _check_real_model(config)
+    _check_clip_reward_dirs(config)
+
+
+def _check_real_model(config) -> None:
+    """A real-model config (model.family sd3 / sd35 / flux1_dev) needs an existing model.weights_dir."""
+    family = _get(config, "model.family")
+    if family is _MISSING or family == "toy_mmdit":
+        return
+    path = _get(config, "model.weights_dir")
+    problem = weights_dir_problem(family, "" if path is _MISSING else path)
+    if problem:
+        raise ValueError(problem)
+
+
+def weights_dir_problem(family: str, path) -> str | None:
+    """One line saying what is wrong with `model.weights_dir` (empty, not a directory), or None."""
+    hint = f"python -m ng_jax.tools.check_weights --family {family} --weights_dir DIR"
+    if not path:
+        return (f"model.weights_dir is required for model.family={family!r}: pass --config.model.weights_dir=DIR, "
+                f"a local diffusers save (validate it with: {hint})")
+    if not os.path.isdir(str(path)):
+        return f"model.weights_dir={str(path)!r} is not a directory (validate one with: {hint})"
+    return None
+
+
+def _check_clip_reward_dirs(config) -> None:
+    """CLIP-based rewards (ng_jax.rewards.clip) read local weights: rewards.<name>_dir must be a directory."""
+    weights = _get(config, "rewards.weights")
+    if weights is _MISSING:
+        return
+    for name in ("clip_score", "pickscore", "hpsv2"):
+        if name not in weights:
+            continue
+        path = _get(config, f"rewards.{name}_dir")
+        if path is _MISSING or not path:
+            raise ValueError(f"rewards.{name}_dir is required for the {name!r} reward: pass "
+                             f"--config.rewards.{name}_dir=DIR, a local transformers CLIPModel directory")
+        if not os.path.isdir(str(path)):
+            raise ValueError(f"rewards.{name}_dir={str(path)!r} is not a directory")

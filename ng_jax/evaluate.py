@@ -16,7 +16,6 @@ import jax
 import numpy as np
 
 from ng_jax import parallel, reporting
-from ng_jax.models.text import EMPTY_PROMPT, tokenize
 from ng_jax.sampling import make_sampler, to_uint8
 
 REWARD_NAMES = ("verifier", "jpeg_compressibility", "jpeg_incompressibility", "remote", "clip_score", "pickscore",
@@ -83,12 +82,13 @@ def build_rewards(rewards_cfg):
                            retries=int(rewards_cfg.get("retries", 0)))
 
 
-def eval_prompts(eval_cfg) -> list[str]:
+def eval_prompts(eval_cfg, shapes_grammar: bool = True) -> list[str]:
+    """`eval.prompt_file` (free-form prompts unless `shapes_grammar`), else the TFDS split; first num_prompts."""
     from ng_jax.data.sources import read_prompt_file
     from ng_jax.data.tfds_shapes import load_prompts
 
     if eval_cfg.get("prompt_file"):
-        prompts = read_prompt_file(eval_cfg.prompt_file)
+        prompts = read_prompt_file(eval_cfg.prompt_file, shapes_grammar=shapes_grammar)
     else:
         source = load_prompts(eval_cfg.data_dir, eval_cfg.get("split", "eval"))
         prompts = [_text(source[i]["prompt"]) for i in range(len(source))]
@@ -100,23 +100,39 @@ def _text(x) -> str:
     return x.decode() if isinstance(x, bytes) else str(x)
 
 
-class Evaluator:
-    """Callable `(trainable_params, tag, step) -> results dict`; keeps the last full result."""
+def _category(prompt: str) -> str:
+    """The shapes-world category of a prompt; free-form prompts (real models) are "other"."""
+    from ng_jax.data.prompts import category_of
+    from ng_jax.data.world import PromptError
 
-    def __init__(self, eval_cfg, model, text, text_params, ref_params, mesh, *, weighted, policy_params,
-                 workdir: str | None, prompts: list[str] | None = None):
-        from ng_jax.data.prompts import category_of
+    try:
+        return category_of(prompt)
+    except PromptError:
+        return "other"
+
+
+class Evaluator:
+    """Callable `(trainable_params, tag, step) -> results dict`; keeps the last full result.
+
+    `stack` is the run's `ng_jax.models.pipeline.ModelStack`: its velocity model and reference
+    params, its prompt encoder, and its decoder (samples -> images; the identity in the toy world,
+    the VAE for real models). The verifier accuracy and the FD / precision / recall judges are the
+    toy world's (`eval.accuracy`, `eval.quality`; off in the real-model configs)."""
+
+    def __init__(self, eval_cfg, stack, mesh, *, weighted, policy_params, workdir: str | None,
+                 prompts: list[str] | None = None):
         from ng_jax.judges.toy import QualityJudge, reference_renders
 
-        self.cfg, self.model, self.mesh = eval_cfg, model, mesh
+        model, ref_params = stack.model, stack.ref
+        self.cfg, self.model, self.mesh, self.stack = eval_cfg, model, mesh, stack
         self.weighted, self.policy_params, self.ref = weighted, policy_params, ref_params
         self.workdir = workdir
         self.last = None
         self.last_images = None  # uint8 [n, H, W, 3] of the last call
         k = int(eval_cfg.samples_per_prompt)
-        base = list(prompts) if prompts is not None else eval_prompts(eval_cfg)
+        base = list(prompts) if prompts is not None else eval_prompts(eval_cfg, shapes_grammar=stack.is_toy)
         self.prompts = [p for p in base for _ in range(k)]
-        self.categories = [category_of(p) for p in self.prompts]
+        self.categories = [_category(p) for p in self.prompts]
         self.batch = int(eval_cfg.batch_size)
         multiple = parallel.batch_size_multiple(mesh)
         if self.batch % multiple:
@@ -124,18 +140,15 @@ class Evaluator:
         pad = (-len(self.prompts)) % self.batch
         self.n = len(self.prompts)
         prompts_padded = self.prompts + self.prompts[:pad]
-        ids, mask = tokenize(text.tokenizer, prompts_padded)
-        uids, umask = tokenize(text.tokenizer, [EMPTY_PROMPT] * self.batch)
-        encode = jax.jit(text.encode)
-        self.conds = [encode(text_params, ids[i:i + self.batch], mask[i:i + self.batch])
-                      for i in range(0, len(prompts_padded), self.batch)]
-        self.uncond = encode(text_params, uids, umask)
+        self.conds = [stack.encode(prompts_padded[i:i + self.batch]) for i in range(0, len(prompts_padded), self.batch)]
+        self.uncond = stack.uncond(self.batch)
         seeds = np.arange(len(prompts_padded)) + int(eval_cfg.get("seed", 0)) * 100_003
         self.noise = [jax.random.normal(jax.random.key(int(eval_cfg.get("seed", 0))), (len(prompts_padded),)
                                         + model.sample_shape)[i:i + self.batch]
                       for i in range(0, len(prompts_padded), self.batch)]
+        opt = lambda key: None if eval_cfg.get(key) is None else float(eval_cfg[key])  # noqa: E731
         self.sampler = make_sampler(model.apply, num_steps=int(eval_cfg.num_steps), shift=float(eval_cfg.shift),
-                                    cfg_scale=float(eval_cfg.cfg_scale), record=("x0", "norms"),
+                                    mu=opt("mu"), s_min=opt("s_min"), cfg_scale=float(eval_cfg.cfg_scale), record=("x0", "norms"),
                                     renorm_to_ref=bool(eval_cfg.get("renorm", False)),
                                     cfg_rescale_phi=float(eval_cfg.get("cfg_rescale", 0.0)))
         # Inputs are batch-sharded; outputs are left to the compiler (the grid `sigmas` and the
@@ -146,6 +159,7 @@ class Evaluator:
         self.uncond = jax.device_put(self.uncond, sh)
         self._sample = jax.jit(lambda p, r, noise, c, u: self.sampler(policy_params(p, r), noise, c, u, None,
                                                                         ref_params=r))
+        self._decode = jax.jit(stack.decode_fn)  # samples -> float images (toy: the identity)
         self.judge = QualityJudge() if eval_cfg.get("quality", True) else None
         self.real = reference_renders(self.prompts, seeds[: self.n]) if self.judge else None
 
@@ -153,7 +167,7 @@ class Evaluator:
         xs, pol, ref = [], [], []
         for noise, cond in zip(self.noise, self.conds):
             out = self._sample(trainable, self.ref, noise, cond, self.uncond)
-            xs.append(parallel.to_host(to_uint8(out.x0)))
+            xs.append(parallel.to_host(to_uint8(self._decode(self.stack.decoder_params, out.x0))))
             pol.append(parallel.to_host(out.norms_policy))
             ref.append(parallel.to_host(out.norms_ref))
         sigmas = parallel.to_host(out.sigmas)
@@ -188,26 +202,25 @@ class Evaluator:
             result.update(fd=None, precision=None, recall=None)
         if self.workdir:
             show = min(len(images), int(self.cfg.get("grid_size", 32)))
+            scale = max(1, 96 // max(images.shape[1:3]))  # 32 px toy images x3; 512 px real ones x1
             reporting.save_grid(os.path.join(self.workdir, "samples", f"{tag}.png"), images[:show],
-                                labels=self.prompts[:show], cols=8, scale=3)
+                                labels=self.prompts[:show], cols=8, scale=scale)
         self.last, self.last_images = result, images
         return result
 
 
 def run(config, workdir: str) -> int:
-    """The `evaluate` job: score a bundle on fixed prompts, print a per-category accuracy table."""
-    from ng_jax.models.bundle import load_bundle
-    from ng_jax.models.text import make_text_encoder
-    from ng_jax.models.velocity import make_velocity_model
+    """The `evaluate` job: score a bundle (or, with a `model` block, a real model's reference weights)
+    on fixed prompts, print a per-category accuracy table."""
+    from ng_jax.models.pipeline import build_model_stack
 
-    bundle = load_bundle(config.reference or None)
-    model = make_velocity_model(bundle.model_cfg)
-    text = make_text_encoder(bundle.text_cfg)
     mesh = parallel.make_mesh(config.mesh.shape)
-    ref = bundle.params["velocity"]
-    evaluator = Evaluator(config.eval, model, text, bundle.params["text"], ref, mesh,
-                          weighted=build_rewards(config.rewards), policy_params=lambda p, r: p, workdir=workdir)
-    result = evaluator(ref, tag="evaluate", step=0)
+    # The toy reference stays on the host, as this job always had it; real weights are placed by the rules.
+    stack = build_model_stack(config, None if "model" not in config else mesh,
+                              [tuple(r) for r in config.mesh.get("rules", ((".*", "fsdp"),))])
+    evaluator = Evaluator(config.eval, stack, mesh, weighted=build_rewards(config.rewards),
+                          policy_params=lambda p, r: p, workdir=workdir)
+    result = evaluator(stack.ref, tag="evaluate", step=0)
     reporting.write_json(os.path.join(workdir, "eval.json"), result)
     counts = defaultdict(int)
     for c in evaluator.categories:

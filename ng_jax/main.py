@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # Errors whose message says everything a user needs: printed in one line, exit status 1.
-REPORTED_ERRORS = {"TrainingError", "RewardError", "CheckpointError", "BundleError", "PromptError",
+REPORTED_ERRORS = {"TrainingError", "RewardError", "CheckpointError", "BundleError", "PromptError", "WeightsError",
                    "PromptFileError", "FileNotFoundError", "ConfigError", "RunSummaryError", "JudgeError"}
 
 

@@ -140,6 +140,31 @@ def to_host(x) -> np.ndarray:
     return np.asarray(jax.device_get(x))
 
 
+def any_process(flag: bool) -> bool:
+    """True on every process when `flag` is True on any (a collective: all processes must call it at the
+    same point, e.g. the step boundary). Used so that SIGTERM on one host checkpoints all of them."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    from jax.experimental import multihost_utils
+
+    flags = multihost_utils.process_allgather(np.asarray([int(bool(flag))], np.int32))
+    return bool(np.any(flags))
+
+
+def check_replication(params, shardings, max_fraction: float, what: str = "parameters") -> float:
+    """The replicated fraction of `params` bytes; ValueError when it exceeds `max_fraction` on a mesh that
+    could shard (a rule table that forgot the big tensors would otherwise silently copy them to every
+    device)."""
+    frac = replicated_fraction(params, shardings)
+    leaves = jax.tree.leaves(shardings)
+    mesh = leaves[0].mesh if leaves else None
+    shardable = mesh is not None and (mesh.shape.get("fsdp", 1) > 1 or mesh.shape.get("tensor", 1) > 1)
+    if shardable and frac > max_fraction:
+        raise ValueError(f"{100 * frac:.1f}% of the {what}' bytes are replicated on every device (limit "
+                         f"mesh.max_replicated_fraction={max_fraction}); add partition rules for them")
+    return frac
+
+
 def tree_to_host(tree):
     return jax.tree.map(to_host, tree)
 

@@ -7,9 +7,17 @@ callbacks inside the same jit) -> group-relative advantages -> optimizer steps (
 base-loss + NormGuard step of ng_jax.train_step) -> old/EMA update -> periodic evaluation ->
 checkpoint. An RL "step boundary" for checkpoints and SIGTERM is the end of an epoch.
 
+The model comes from `ng_jax.models.pipeline.build_model_stack`: the toy world's bundle
+(`config.reference`) or, with `config.model.family` "sd3"/"sd35"/"flux1_dev", a local diffusers
+directory `config.model.weights_dir` (configs/sd35m_*.py, configs/flux1dev_*.py). Real-model
+rollouts are latents; the rollout jit decodes them with the VAE before the reward callbacks, and
+`rl.rollout.batch_size` splits an epoch's rollouts into several calls.
+
 The workdir gets metrics.jsonl and TensorBoard events (train/* per epoch, eval/* per evaluation),
 samples/<tag>.png grids, checkpoints/<epoch>/ (policy, old/EMA, optimizer, RNG, optimizer step,
-prompt-stream position and the evaluation history) and, at the end, summary.json with
+prompt-stream position and the evaluation history), at the end the final policy (toy: a merged model
+bundle in policy/; real models: the trainable tree, LoRA adapters or full weights, saved with orbax in
+policy_params/ with policy_params.json; the base weights stay in model.weights_dir) and summary.json with
 "eval_initial" and "eval" (reward, norm_ratio, norm_ratio_by_sigma [[sigma, ratio], ...], fd,
 precision, recall, ...). A rerun with the same workdir resumes exactly where the checkpoint left off.
 
@@ -39,9 +47,8 @@ from ng_jax.checkpoint import CheckpointError, Checkpointer
 from ng_jax.config_checks import ConfigError
 from ng_jax.evaluate import Evaluator, build_rewards, eval_prompts
 from ng_jax.analysis.checkpoints import POLICY_DIR
-from ng_jax.models.bundle import ModelBundle, load_bundle, save_bundle
-from ng_jax.models.text import EMPTY_PROMPT, make_text_encoder, tokenize
-from ng_jax.models.velocity import make_velocity_model
+from ng_jax.models.bundle import ModelBundle, save_bundle
+from ng_jax.models.pipeline import TOY, build_model_stack, model_family, trainable_init
 from ng_jax.rewards.host import RewardError, make_reward_fn, reset_callback_tokens
 from ng_jax.sampling import make_sampler
 from ng_jax.state import TrainState, make_optimizer
@@ -70,13 +77,14 @@ def _read_prompts(what: str, read) -> list[str]:
 
 
 def load_rl_prompts(config) -> list[str]:
-    """Training prompts: `data.prompt_file` if set, else the TFDS train split (PromptFileError if unusable)."""
+    """Training prompts: `data.prompt_file` if set, else the TFDS train split (PromptFileError if unusable).
+    Toy-world prompt files must parse in the shapes grammar; real models take free-form prompts."""
     from ng_jax.data.sources import read_prompt_file
     from ng_jax.data.tfds_shapes import load_prompts
 
     def read():
         if config.data.get("prompt_file"):
-            return read_prompt_file(config.data.prompt_file)
+            return read_prompt_file(config.data.prompt_file, shapes_grammar=model_family(config) == TOY)
         source = load_prompts(config.data.data_dir, "train")
         prompts = [_text(source[i]["prompt"]) for i in range(len(source))]
         return balance_categories(prompts) if config.data.get("balance_categories", False) else prompts
@@ -205,61 +213,56 @@ def run(config, workdir: str) -> int:
     prompts = load_rl_prompts(config)
     eval_base = _read_prompts(
         f"eval.prompt_file={config.eval.prompt_file!r}" if config.eval.get("prompt_file")
-        else f"evaluation prompts in eval.data_dir={config.eval.data_dir!r}", lambda: eval_prompts(config.eval))
+        else f"evaluation prompts in eval.data_dir={config.eval.data_dir!r}",
+        lambda: eval_prompts(config.eval, shapes_grammar=model_family(config) == TOY))
     mesh = parallel.make_mesh(config.mesh.shape)
     rules = [tuple(r) for r in config.mesh.rules]
     check_rl_config(config, parallel.batch_size_multiple(mesh))
     k = int(rl.group_size)
     n_samples = int(rl.prompts_per_epoch) * k
+    # Rollouts per jitted call (a memory knob for real models); 0 = the whole epoch in one call.
+    chunk = int(rl.rollout.get("batch_size", 0) or 0) or n_samples
+    if n_samples % chunk or chunk % parallel.batch_size_multiple(mesh):
+        raise ConfigError(f"rl.rollout.batch_size={chunk} must divide the {n_samples} rollouts of an epoch and be "
+                          f"divisible by the data x fsdp devices ({parallel.batch_size_multiple(mesh)})")
 
-    bundle = load_bundle(config.reference or None)
-    model = make_velocity_model(bundle.model_cfg)
-    text = make_text_encoder(bundle.text_cfg)
-    text_params = bundle.params["text"]
+    # The model stack (ng_jax.models.pipeline): velocity model, placed reference, prompt encoder, decoder.
+    stack = build_model_stack(config, mesh, rules)
+    model, ref, ref_shardings = stack.model, stack.ref, stack.ref_shardings
+    dec_params, dec_shardings = stack.decoder_params, stack.decoder_shardings
     lora_cfg = config.lora if config.lora.rank else None
     replicated = parallel.replicated(mesh)
-    ref_shardings = parallel.param_shardings(bundle.params["velocity"], mesh, rules)
-    ref = jax.device_put(bundle.params["velocity"], ref_shardings)
-
-    def init_trainable():
-        if lora_cfg is None:
-            return jax.tree.map(jnp.copy, ref)
-        from ng_jax.models.lora import lora_init
-
-        return lora_init(ref, jax.random.key(config.seed + 1), rank=int(lora_cfg.rank), alpha=float(lora_cfg.alpha),
-                         targets=tuple(lora_cfg.targets))
-
     optimizer = make_optimizer(config.optim)
 
-    def init_state():
-        trainable = init_trainable()
+    def init_state(ref):
+        trainable = trainable_init(ref, lora_cfg, jax.random.key(config.seed + 1))
         return TrainState(step=jnp.zeros((), jnp.int32), params=trainable, ema=jax.tree.map(jnp.copy, trainable),
                           opt_state=optimizer.init(trainable), rng=jax.random.key(config.seed))
 
-    state_abstract = jax.eval_shape(init_state)
+    state_abstract = jax.eval_shape(init_state, ref)
     state_sh = parallel.param_shardings(state_abstract, mesh, rules)
     policy_params = policy_params_fn(lora_cfg)
     batch_sh = parallel.batch_sharding(mesh)
 
     # --- rollout + rewards (host callbacks inside shard_map), one jit -------------------------
     ro = rl.rollout
-    sampler = make_sampler(model.apply, num_steps=int(ro.num_steps), shift=float(ro.shift),
-                           cfg_scale=float(ro.cfg_scale), sde_noise=float(ro.sde_noise),
+    sampler = make_sampler(model.apply, num_steps=int(ro.num_steps), shift=float(ro.shift), mu=_opt(ro, "mu"),
+                           s_min=_opt(ro, "s_min"), cfg_scale=float(ro.cfg_scale), sde_noise=float(ro.sde_noise),
                            sde_window=tuple(ro.sde_window))
     weighted = build_rewards(config.rewards)
     prompt_table: list[str] = []
     reward_fn = make_reward_fn(weighted, prompt_table, mesh, jax.sharding.PartitionSpec(parallel.BATCH_AXES))
 
-    def rollout(trainable, ema, ref_params, noise, cond, uncond, prompt_ids, rng):
+    def rollout(trainable, ema, ref_params, decoder_params, noise, cond, uncond, prompt_ids, rng):
         source = ema if ro.policy == "old" else trainable
         out = sampler(policy_params(source, ref_params), noise, cond, uncond, rng)
-        total, parts = reward_fn(out.x0, prompt_ids)
+        # Samples -> images on device (toy: the identity; real: VAE decode), then the host rewards.
+        total, parts = reward_fn(stack.decode_fn(decoder_params, out.x0), prompt_ids)
         return out.x0, total, parts
 
-    rollout_fn = jax.jit(rollout, in_shardings=(state_sh.params, state_sh.ema, ref_shardings, batch_sh, batch_sh,
-                                                batch_sh, batch_sh, replicated),
+    rollout_fn = jax.jit(rollout, in_shardings=(state_sh.params, state_sh.ema, ref_shardings, dec_shardings, batch_sh,
+                                                batch_sh, batch_sh, batch_sh, replicated),
                          out_shardings=(batch_sh, batch_sh, batch_sh))
-    encode_fn = jax.jit(text.encode)
     grid = np.asarray(jax.device_get(sampler_sigmas(ro)))
     spec = make_step_spec(config, grid)
     step_fn = jax.jit(make_train_step(model.apply, optimizer, spec, lora_cfg),
@@ -284,11 +287,10 @@ def run(config, workdir: str) -> int:
                 _trim_metrics(os.path.join(workdir, "metrics.jsonl"), meta["epoch"])
             print(f"resumed at epoch {meta['epoch']} (optimizer step {int(state.step)}) from {ckpt.directory}")
         else:
-            state = jax.jit(init_state, out_shardings=state_sh)()
-        evaluator = Evaluator(config.eval, model, text, text_params, ref, mesh, weighted=weighted,
-                              policy_params=policy_params, workdir=workdir, prompts=eval_base)
-        uids, umask = tokenize(text.tokenizer, [EMPTY_PROMPT] * n_samples)
-        uncond = jax.device_put(encode_fn(text_params, uids, umask), batch_sh)
+            state = jax.jit(init_state, in_shardings=(ref_shardings,), out_shardings=state_sh)(ref)
+        evaluator = Evaluator(config.eval, stack, mesh, weighted=weighted, policy_params=policy_params,
+                              workdir=workdir, prompts=eval_base)
+        uncond = jax.device_put(stack.uncond(chunk), batch_sh)
     except BaseException:
         ckpt.close()
         raise
@@ -317,16 +319,15 @@ def run(config, workdir: str) -> int:
             t0 = time.time()
             epoch_prompts = stream.next_batch(int(rl.prompts_per_epoch))
             prompt_table[:] = epoch_prompts
-            ids, mask = tokenize(text.tokenizer, [p for p in epoch_prompts for _ in range(k)])
-            cond = jax.device_put(encode_fn(text_params, ids, mask), batch_sh)
+            cond = jax.device_put(stack.encode(epoch_prompts, repeat=k), batch_sh)
             prompt_ids = np.repeat(np.arange(len(epoch_prompts), dtype=np.int32), k)
             rng = jax.random.fold_in(jax.random.key(config.seed + 7), epoch)
             r_noise, r_sde = jax.random.split(rng)
-            noise = jax.random.normal(r_noise, (n_samples,) + model.sample_shape)
+            noise = jax.random.normal(r_noise, (n_samples,) + tuple(model.sample_shape))
             weighted.clear_error()
             try:
-                x0, rewards, parts = rollout_fn(state.params, state.ema, ref, jax.device_put(noise, batch_sh), cond,
-                                                uncond, jax.device_put(prompt_ids, batch_sh), r_sde)
+                x0, rewards, parts = _rollouts(rollout_fn, chunk, batch_sh, state, ref, dec_params, noise, cond,
+                                               uncond, prompt_ids, r_sde)
                 # A failing host callback surfaces here, inside the try (not later, at a fetch).
                 jax.block_until_ready((x0, rewards, parts))
             except Exception as err:
@@ -382,17 +383,68 @@ def run(config, workdir: str) -> int:
                "rewards": {str(k): float(v) for k, v in config.rewards.weights.items()}, "seed": int(config.seed),
                "epochs": epochs, "eval_initial": meta["eval_initial"], "eval": meta["eval_last"],
                "history": meta["evals"]}
-    # The final policy as a self-contained bundle (LoRA merged), for the analyses and for sampling.
-    policy = parallel.tree_to_host(jax.jit(policy_params)(state.params, ref))
+    if stack.is_toy:
+        # The final policy as a self-contained bundle (LoRA merged), for the analyses and for sampling.
+        bundle = stack.bundle
+        policy = parallel.tree_to_host(jax.jit(policy_params)(state.params, ref))
+        if is_main:
+            save_bundle(os.path.join(workdir, POLICY_DIR),
+                        ModelBundle(model_cfg=bundle.model_cfg, text_cfg=bundle.text_cfg, sampling=bundle.sampling,
+                                    params={"text": bundle.params["text"], "velocity": policy},
+                                    info={"rl_config": config.name, "epochs": epochs, "reference": config.reference or
+                                          "shipped", "optimizer_steps": int(state.step)}))
+    else:
+        # Real models: no merged bundle (a merged SD3.5/FLUX copy would duplicate the base weights, and
+        # the analyses read toy bundles only). The trainable tree (LoRA adapters or full float32 weights)
+        # is exported with orbax; the base weights stay in model.weights_dir.
+        summary["policy_export"] = export_trainable(os.path.join(workdir, POLICY_PARAMS_DIR), state, config, stack)
     if is_main:
-        save_bundle(os.path.join(workdir, POLICY_DIR),
-                    ModelBundle(model_cfg=bundle.model_cfg, text_cfg=bundle.text_cfg, sampling=bundle.sampling,
-                                params={"text": text_params, "velocity": policy},
-                                info={"rl_config": config.name, "epochs": epochs, "reference": config.reference or
-                                      "shipped", "optimizer_steps": int(state.step)}))
         reporting.write_json(os.path.join(workdir, "summary.json"), summary)
         print(f"summary: {os.path.join(workdir, 'summary.json')}")
     return 0
+
+
+POLICY_PARAMS_DIR = "policy_params"  # real models: the exported trainable tree (orbax) + policy_params.json
+
+
+def export_trainable(directory: str, state: TrainState, config, stack) -> str:
+    """Save the trainable params with orbax (every process takes part) and a JSON note saying how to
+    use them: `lora_merge(base, adapters, alpha, rank)` with the base loaded from model.weights_dir."""
+    import orbax.checkpoint as ocp
+
+    directory = os.path.abspath(directory)
+    with ocp.StandardCheckpointer() as saver:
+        saver.save(os.path.join(directory, "params"), state.params, force=True)
+        saver.wait_until_finished()
+    if jax.process_index() == 0:
+        lora = config.lora.to_dict() if config.lora.rank else None
+        reporting.write_json(os.path.join(directory, "policy_params.json"), {
+            "rl_config": config.name, "family": stack.family, "model": config.model.to_dict(),
+            "trainable": "lora_adapters" if lora else "full_weights_float32", "lora": lora,
+            "optimizer_steps": int(state.step), "restore": "orbax.checkpoint.StandardCheckpointer().restore(DIR/params)"})
+    return directory
+
+
+def _rollouts(rollout_fn, chunk: int, batch_sh, state, ref, dec_params, noise, cond, uncond, prompt_ids, r_sde):
+    """The epoch's rollouts in calls of `chunk` samples (one call when chunk is the whole epoch, the toy
+    configs' setting; the SDE key is then the epoch's, as before chunking existed)."""
+    n = noise.shape[0]
+    outs = []
+    for i, s in enumerate(range(0, n, chunk)):
+        part = slice(s, s + chunk)
+        key = r_sde if chunk == n else jax.random.fold_in(r_sde, i)
+        c = cond if chunk == n else jax.device_put(jax.tree.map(lambda x: x[part], cond), batch_sh)
+        outs.append(rollout_fn(state.params, state.ema, ref, dec_params, jax.device_put(noise[part], batch_sh), c,
+                               uncond, jax.device_put(prompt_ids[part], batch_sh), key))
+    if len(outs) == 1:
+        return outs[0]
+    return tuple(jnp.concatenate(xs, axis=0) for xs in zip(*outs))
+
+
+def _opt(cfg, key: str):
+    """An optional float knob (absent or None -> None): rollout/eval `mu` (FLUX) and `s_min` (SD3)."""
+    value = cfg.get(key)
+    return None if value is None else float(value)
 
 
 def _resume(ckpt: Checkpointer, target, stream, fresh_meta: dict):
@@ -458,7 +510,7 @@ def _epoch_record(sums: dict, n_steps: int) -> dict:
 def sampler_sigmas(ro):
     from ng_jax import flow
 
-    return flow.sigma_grid(int(ro.num_steps), shift=float(ro.shift))
+    return flow.sigma_grid(int(ro.num_steps), shift=float(ro.shift), mu=_opt(ro, "mu"), s_min=_opt(ro, "s_min"))
 
 
 def _train_batches(config, x0, cond, advantages, rewards, k, epoch):

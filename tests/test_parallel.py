@@ -39,3 +39,18 @@ def test_shard_batch_splits_leading_axis():
     assert len(x.addressable_shards) == 8
     assert {s.data.shape for s in x.addressable_shards} == {(2, 1)}
     np.testing.assert_array_equal(np.asarray(x), np.arange(16.0).reshape(16, 1))
+
+
+def test_check_replication_fails_when_big_tensors_are_replicated():
+    mesh = parallel.make_mesh((1, 8, 1))
+    params = {"big": jnp.zeros((64, 32)), "bias": jnp.zeros((3,))}
+    sharded = parallel.param_shardings(params, mesh, [(".*", "fsdp")])
+    frac = parallel.check_replication(params, sharded, max_fraction=0.05)
+    assert frac == pytest.approx(3 / (64 * 32 + 3))  # only the bias (3 is not divisible by 8)
+    replicated = parallel.param_shardings(params, mesh, [("bias", "fsdp"), (".*", "replicate")])
+    with pytest.raises(ValueError, match="replicated on every device"):
+        parallel.check_replication(params, replicated, max_fraction=0.05)
+    # On a pure data-parallel mesh replication is the design: no error.
+    dp = parallel.make_mesh((8, 1, 1))
+    assert parallel.check_replication(params, parallel.param_shardings(params, dp, [(".*", "fsdp")]), 0.05) == 1.0
+    assert parallel.any_process(True) and not parallel.any_process(False)

@@ -30,10 +30,12 @@ def _check_prompt(prompt: str, where: str) -> str:
     return prompt
 
 
-def read_prompt_file(path: str | os.PathLike) -> list[str]:
+def read_prompt_file(path: str | os.PathLike, *, shapes_grammar: bool = True) -> list[str]:
     """Prompts from a text file (one per line; blank lines and lines starting with '#' skipped) or a
     JSONL file (`{"prompt": ..., "category": ...}` per line, category optional and checked). JSONL is
-    recognised by a .jsonl/.ndjson suffix or a first entry starting with '{'. Every prompt must parse.
+    recognised by a .jsonl/.ndjson suffix or a first entry starting with '{'. With `shapes_grammar`
+    (the toy world) every prompt must parse and categories are checked; without (free-form prompts
+    for real models, e.g. Pick-a-Pic) any non-empty text is a prompt and a category is not checked.
     Raises FileNotFoundError, ValueError or PromptError (a ValueError) naming the file and line."""
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -48,7 +50,7 @@ def read_prompt_file(path: str | os.PathLike) -> list[str]:
     for n, line in entries:
         where = f"{path}:{n}"
         if not is_jsonl:
-            prompts.append(_check_prompt(line, where))
+            prompts.append(_check_prompt(line, where) if shapes_grammar else line)
             continue
         try:
             record = json.loads(line)
@@ -60,7 +62,13 @@ def read_prompt_file(path: str | os.PathLike) -> list[str]:
         prompt = record["prompt"]
         if not isinstance(prompt, str):
             raise ValueError(f'{where}: "prompt" must be a string, got {type(prompt).__name__}')
-        prompt = _check_prompt(prompt.strip(), where)
+        prompt = prompt.strip()
+        if not shapes_grammar:
+            if not prompt:
+                raise ValueError(f'{where}: empty "prompt"')
+            prompts.append(prompt)
+            continue
+        prompt = _check_prompt(prompt, where)
         if "category" in record:
             actual = parse_prompt(prompt).category
             if record["category"] != actual:

@@ -187,6 +187,8 @@ def _load_component(directory: str, role: str, dtype, param_dtype, shardings, va
     init = functools.partial(model.init_weights, input_shape=(1, 1))
     abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.float32),
                             _plain(jax.eval_shape(init, jax.random.PRNGKey(0))))
+    if callable(shardings):  # a rule applied to the abstract tree (in the dtype the parameters will have)
+        shardings = shardings(jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, param_dtype or s.dtype), abstract))
     reader = _reader(directory, variant)
     shared, ignore = None, ("text_model.embeddings.position_ids",)  # a buffer older checkpoints stored
     if role == "t5":
@@ -225,7 +227,10 @@ def load_text_encoders(weights_dir: str, family: str = "sd3", *, max_sequence_le
     """(HFTextEncoders, params {"clip_l", "clip_g"?, "t5"?}) from a diffusers model directory.
 
     dtype: computation dtype; param_dtype: None keeps float32 parameters, else they are cast
-    (e.g. jnp.bfloat16 for the frozen encoders). shardings: optional {role: tree of shardings}.
+    (e.g. jnp.bfloat16 for the frozen encoders). shardings: optional {role: tree of shardings}, or a
+    callable `abstract parameter tree -> tree of shardings` applied to every encoder (e.g. the run's
+    rule table, `lambda tree: parallel.param_shardings(tree, mesh, rules)`), so each tensor is read
+    straight into its sharding.
     with_t5=False (SD3 only) drops T5; its part of the tokens is then zeros, as diffusers does.
     variant: in an unindexed directory with several files, read model.{variant}.safetensors
     instead of model.safetensors (sharded encoders always read the files of their
@@ -242,8 +247,9 @@ def load_text_encoders(weights_dir: str, family: str = "sd3", *, max_sequence_le
     for role, (enc_dir, tok_dir) in layout.items():
         if role == "t5" and not with_t5:
             continue
+        role_sh = shardings if callable(shardings) else (shardings or {}).get(role)
         models[role], params[role] = _load_component(os.path.join(weights_dir, enc_dir), role, dtype, param_dtype,
-                                                     (shardings or {}).get(role), variant, projection=family == "sd3")
+                                                     role_sh, variant, projection=family == "sd3")
         tok_path = os.path.join(weights_dir, tok_dir)
         if not os.path.isdir(tok_path):
             raise WeightsError(f"tokenizer directory not found: {tok_path}")

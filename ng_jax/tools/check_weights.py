@@ -1,12 +1,16 @@
 """Validate a local weights directory against a model family's key map, without loading it.
 
     python -m ng_jax.tools.check_weights --family sd3 --weights_dir WEIGHTS_DIR
+    python -m ng_jax.tools.check_weights --family sd35 --weights_dir WEIGHTS_DIR        # SD3.5 (the transformer)
+    python -m ng_jax.tools.check_weights --family flux1_dev --weights_dir WEIGHTS_DIR   # FLUX.1 transformer
+    python -m ng_jax.tools.check_weights --family vae --weights_dir WEIGHTS_DIR         # WEIGHTS_DIR/vae
 
 Reads only the safetensors headers and config.json; prints a summary (files, tensor and parameter
 counts, stored dtypes, and every missing / unexpected / mis-shaped key) and exits 0 when the
 directory would load strictly, 1 when it would not, 2 when it cannot be read at all. The last line
 is a JSON summary for scripts. Families live in `CHECKERS`: `name -> fn(weights_dir) -> dict`
-with the keys of `summary_dict`; others add theirs (e.g. "flux", "vae").
+with the keys of `summary_dict`. The text encoders are checked when they load (strictly, naming
+every problem); the RL configs load all components at start-up.
 """
 
 from __future__ import annotations
@@ -81,7 +85,50 @@ def check_sd3(weights_dir: str) -> dict:
                         extra_problems=extra, info=info)
 
 
-CHECKERS: dict[str, Callable[[str], dict]] = {"sd3": check_sd3, "sd35": check_sd3}
+def _want(abstract) -> dict:
+    import jax
+
+    return {tuple(str(getattr(k, "key", k)) for k in path): leaf.shape
+            for path, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]}
+
+
+def check_flux(weights_dir: str) -> dict:
+    """FLUX.1 (dev / schnell-like) WEIGHTS_DIR/transformer against the unrolled Flax tree."""
+    import jax
+
+    from ng_jax.models.flux import make_flux_model
+    from ng_jax.models.flux_weights import flux_keymap, model_config_from_diffusers, transformer_dir
+    from ng_jax.models.weights import SafetensorsDir
+
+    tdir = transformer_dir(weights_dir)
+    cfg = model_config_from_diffusers(tdir)
+    reader = SafetensorsDir(tdir)
+    abstract = jax.eval_shape(make_flux_model(cfg).init, jax.random.key(0))
+    info = {"num_layers": int(cfg["num_layers"]), "num_single_layers": int(cfg["num_single_layers"]),
+            "hidden": int(cfg["num_attention_heads"]) * int(cfg["attention_head_dim"]),
+            "guidance_embeds": bool(cfg["guidance_embeds"])}
+    return summary_dict("flux1_dev", tdir, reader, flux_keymap(abstract, cfg), _want(abstract), info=info)
+
+
+def check_vae(weights_dir: str) -> dict:
+    """The AutoencoderKL in WEIGHTS_DIR/vae (SD3 / FLUX / SD1 layouts)."""
+    import jax
+
+    from ng_jax.models.vae import make_vae
+    from ng_jax.models.vae_weights import vae_config_from_diffusers, vae_keymap
+    from ng_jax.models.weights import SafetensorsDir
+
+    vdir = os.path.join(weights_dir, "vae") if os.path.isdir(os.path.join(weights_dir, "vae")) else weights_dir
+    cfg = vae_config_from_diffusers(vdir)
+    reader = SafetensorsDir(vdir)
+    abstract = jax.eval_shape(make_vae(cfg).init, jax.random.key(0))
+    info = {"latent_channels": cfg.latent_channels, "downsample_factor": cfg.downsample_factor,
+            "scaling_factor": cfg.scaling_factor, "shift_factor": cfg.shift_factor}
+    return summary_dict("vae", vdir, reader, vae_keymap(abstract, cfg, reader.keys()), _want(abstract), info=info)
+
+
+CHECKERS: dict[str, Callable[[str], dict]] = {"sd3": check_sd3, "sd35": check_sd3, "flux1_dev": check_flux,
+                                              "vae": check_vae}
 
 
 def format_summary(s: dict) -> str:

@@ -1,0 +1,46 @@
+"""DiffusionNFT + NormGuard on FLUX.1-dev at 512 px with the PickScore reward.
+
+    python -m ng_jax.main --config=configs/flux1dev_nft_normguard.py --workdir=workdirs/flux1dev_nft_normguard \
+        --config.model.weights_dir=/data/FLUX.1-dev --config.rewards.pickscore_dir=/data/PickScore_v1 \
+        --config.rewards.pickscore_tokenizer_dir=/data/CLIP-ViT-H-14-laion2B-s32B-b79K \
+        --config.data.prompt_file=/data/pickapic_train.txt --config.eval.prompt_file=/data/pickapic_test.txt
+
+Validate the weights directory first (reads only headers and config.json; prints a summary and every
+missing / unexpected / mis-shaped tensor, exit 0 when it would load strictly):
+
+    python -m ng_jax.tools.check_weights --family flux1_dev --weights_dir /data/FLUX.1-dev
+    python -m ng_jax.tools.check_weights --family vae --weights_dir /data/FLUX.1-dev
+
+`--config.model.weights_dir` is required (a local diffusers save of FLUX.1-dev: transformer/, vae/,
+text_encoder*/, tokenizer*/; nothing is downloaded); without it the entry point stops with one line.
+The base method's settings are the reference implementation's (ng_jax/config_base.py REAL_METHODS,
+docs/ALGORITHMS.md); --config.normguard.lam=0 gives the base method alone.
+Model: 512 px (64x64 latents, 1024 packed tokens, FLUX's shift mu = 0.63), distilled guidance 3.5
+(model.guidance), no true CFG; bf16 frozen base, float32 LoRA r32 / alpha 64 on
+ng_jax.models.flux.FLUX_LORA_TARGETS (attention q/k/v/out of both streams and the feed-forwards of
+the double blocks, single-block q/k/v; as Flow-Factory). Mesh: FSDP over every device. Sizes (48
+prompts x 24 images per epoch, micro-batches, rollout chunks) assume 8 accelerators of 80 GB; scale
+rl.micro_batch / rl.rollout.batch_size with the device count.
+Small variants: --config.rl.epochs=..., --config.normguard.lam=..., --config.normguard.margin=...
+"""
+
+from ng_jax import config_base
+
+
+def get_config(arg=None):
+    c = config_base.flux1_dev_config("nft")
+    # DiffusionNFT (ALGORITHMS.md sec 3; NVlabs/DiffusionNFT config/nft.py):
+    #   rl.rollout.num_steps = 10 deterministic Euler steps, CFG-free (rl.rollout.cfg_scale = 1), from the old policy
+    #   rl.num_timesteps = 9 of them per sample (int(0.99 * 10)), random order, fresh noise per timestep
+    #   loss: beta 1 (implicit positive/negative policies), kl_beta 1e-4, advantages clipped at 5
+    #   old policy: old <- d old + (1 - d) theta after each epoch, d = min(0.001 * step, 0.5) (rl.ema)
+    c.name = "flux1dev_nft_normguard"
+    c.workdir = "workdirs/flux1dev_nft_normguard"
+    c.model.weights_dir = ""     # REQUIRED: --config.model.weights_dir=DIR
+    c.rewards.pickscore_dir = ""  # REQUIRED: --config.rewards.pickscore_dir=DIR (PickScore_v1, a CLIPModel)
+    # NormGuard (ALGORITHMS.md sec 6): L = L_base + lam * mean(relu(||v|| - (1 + margin) ||v_ref||) / ||v_ref||)
+    c.normguard.lam = 1.0        # hinge weight (0 = the base method alone)
+    c.normguard.margin = 0.0     # hinge starts at ||v|| = ||v_ref||
+    c.normguard.power = 1        # 1: hinge, 2: squared hinge
+    c.normguard.relative = True  # divide by ||v_ref|| (scale-free)
+    return c

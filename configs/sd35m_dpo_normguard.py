@@ -1,0 +1,43 @@
+"""Flow-DPO + NormGuard on SD3.5-Medium at 512 px with the PickScore reward.
+
+    python -m ng_jax.main --config=configs/sd35m_dpo_normguard.py --workdir=workdirs/sd35m_dpo_normguard \
+        --config.model.weights_dir=/data/stable-diffusion-3.5-medium --config.rewards.pickscore_dir=/data/PickScore_v1 \
+        --config.rewards.pickscore_tokenizer_dir=/data/CLIP-ViT-H-14-laion2B-s32B-b79K \
+        --config.data.prompt_file=/data/pickapic_train.txt --config.eval.prompt_file=/data/pickapic_test.txt
+
+Validate the weights directory first (reads only headers and config.json; prints a summary and every
+missing / unexpected / mis-shaped tensor, exit 0 when it would load strictly):
+
+    python -m ng_jax.tools.check_weights --family sd35 --weights_dir /data/stable-diffusion-3.5-medium
+    python -m ng_jax.tools.check_weights --family vae --weights_dir /data/stable-diffusion-3.5-medium
+
+`--config.model.weights_dir` is required (a local diffusers save of SD3.5-Medium: transformer/, vae/,
+text_encoder*/, tokenizer*/; nothing is downloaded); without it the entry point stops with one line.
+The base method's settings are the reference implementation's (ng_jax/config_base.py REAL_METHODS,
+docs/ALGORITHMS.md); --config.normguard.lam=0 gives the base method alone.
+Model: 512 px (64x64 latents, 1024 image tokens), sigma-grid shift 3; bf16 frozen base, float32 LoRA
+r32 / alpha 64 on q/k/v/out of both attention streams (config_base.SD3_LORA_TARGETS). Mesh: FSDP
+over every device. Sizes (48 prompts x 24 images per epoch, micro-batches, rollout chunks) assume 8
+accelerators of 80 GB; scale rl.micro_batch / rl.rollout.batch_size with the device count.
+Small variants: --config.rl.epochs=..., --config.normguard.lam=..., --config.normguard.margin=...
+"""
+
+from ng_jax import config_base
+
+
+def get_config(arg=None):
+    c = config_base.sd35_medium_config("dpo")
+    # Flow-DPO (ALGORITHMS.md sec 5; yifan123/flow_grpo config/dpo.py, scripts/train_sd3_dpo.py):
+    #   winner / loser = argmax / argmin PickScore of each group of 24; shared noise and one logit-normal
+    #   sigma per pair (rl.dpo_logit_*; shifted by 3 like SD3's training grid); beta 100; lr 1e-5
+    #   rollouts: 10 Euler steps with the SD3 pipeline's CFG 4.5; the reference stays frozen (offline DPO)
+    c.name = "sd35m_dpo_normguard"
+    c.workdir = "workdirs/sd35m_dpo_normguard"
+    c.model.weights_dir = ""     # REQUIRED: --config.model.weights_dir=DIR
+    c.rewards.pickscore_dir = ""  # REQUIRED: --config.rewards.pickscore_dir=DIR (PickScore_v1, a CLIPModel)
+    # NormGuard (ALGORITHMS.md sec 6): L = L_base + lam * mean(relu(||v|| - (1 + margin) ||v_ref||) / ||v_ref||)
+    c.normguard.lam = 1.0        # hinge weight (0 = the base method alone)
+    c.normguard.margin = 0.0     # hinge starts at ||v|| = ||v_ref||
+    c.normguard.power = 1        # 1: hinge, 2: squared hinge
+    c.normguard.relative = True  # divide by ||v_ref|| (scale-free)
+    return c

@@ -1,0 +1,256 @@
+"""RL on the real model families (ng_jax.models.pipeline) with tiny random diffusers directories.
+
+An SD3.5-style directory (transformer with RMS qk-norm and an MMDiT-X dual-attention layer, an
+AutoencoderKL, CLIP-L / bigG / T5 encoders and tokenizers) and a FLUX.1-dev-style one (guidance
+embedding, CLIP-L + T5) are saved with diffusers / transformers, then `ng_jax.train.run` runs AWM +
+NormGuard and NFT + NormGuard through the shipped configs' builders, shrunk to 2 epochs of 16 tiny
+rollouts on the 8-device CPU mesh, rewarded by a tiny CLIP score (numpy backend). The shipped
+configs are also parsed by the entry point, with and without `model.weights_dir`.
+
+The model pieces come from the parity tests' helpers (the same tiny checkpoints those tests check
+against diffusers); only the dimensions that must agree across components are chosen here.
+"""
+
+import json
+import os
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+
+import test_clip_rewards
+import test_parity_flux
+import test_parity_vae
+from test_text_encoders import clip_config, write_clip_tokenizer, write_t5_tokenizer
+
+from ng_jax import config_base, train
+from ng_jax.main import main, parse_args
+from ng_jax.reporting import read_metrics
+
+CONFIGS = ("sd35m_nft_normguard", "sd35m_awm_normguard", "sd35m_dpo_normguard", "flux1dev_nft_normguard",
+           "flux1dev_awm_normguard")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROMPTS = ["a red cat", "the blue dog", "a photo of a cat", "a dog on the red cat"]
+T5_LEN = 8
+# SD3.5-like transformer: token width = T5 width 48 (>= CLIP-L 16 + bigG 32), pooled = 16 + 32.
+SD35 = dict(sample_size=16, patch_size=2, in_channels=16, out_channels=16, num_layers=4, attention_head_dim=8,
+            num_attention_heads=2, joint_attention_dim=48, caption_projection_dim=16, pooled_projection_dim=48,
+            pos_embed_max_size=12, qk_norm="rms_norm", dual_attention_layers=(0, 1))
+VAE16 = test_parity_vae.CONFIGS["sd3"]  # 16 latent channels, downsample 2
+VAE4 = dict(VAE16, block_out_channels=(32, 32), latent_channels=4, scaling_factor=0.3611, shift_factor=0.1159)
+
+
+def _save_sd35_transformer(directory, seed=0):
+    import diffusers
+    import torch
+
+    torch.manual_seed(seed)
+    tm = diffusers.SD3Transformer2DModel(**SD35).eval()
+    with torch.no_grad():  # random norms and zero-initialised projections too, so the velocity is not 0
+        for p in tm.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    tm.save_pretrained(os.path.join(directory, "transformer"))
+
+
+def _save_text(directory, family):
+    import torch
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    torch.manual_seed(1)
+    v = write_clip_tokenizer(os.path.join(directory, "tokenizer"))
+    t5_width = 48 if family == "sd3" else 32  # the transformer's joint_attention_dim
+    t5 = T5EncoderModel(T5Config(d_model=t5_width, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
+                                 vocab_size=write_t5_tokenizer(os.path.join(directory, "tokenizer_3" if family == "sd3"
+                                                                            else "tokenizer_2")),
+                                 feed_forward_proj="gated-gelu")).eval()
+    if family == "sd3":
+        write_clip_tokenizer(os.path.join(directory, "tokenizer_2"), pad_token="!")
+        CLIPTextModelWithProjection(clip_config(v, 16, v - 1)).eval().save_pretrained(
+            os.path.join(directory, "text_encoder"))
+        CLIPTextModelWithProjection(clip_config(v, 32, 2)).eval().save_pretrained(
+            os.path.join(directory, "text_encoder_2"))
+        t5.save_pretrained(os.path.join(directory, "text_encoder_3"))
+    else:  # FLUX: pooled = CLIP-L's pooler output (32 = the transformer's pooled_projection_dim)
+        CLIPTextModel(clip_config(v, 32, v - 1)).eval().save_pretrained(os.path.join(directory, "text_encoder"))
+        t5.save_pretrained(os.path.join(directory, "text_encoder_2"))
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    pytest.importorskip("torch", reason="needs the test extra (torch 2.13.0 + diffusers)")
+    pytest.importorskip("diffusers", reason="needs the test extra (torch 2.13.0 + diffusers)")
+    root = tmp_path_factory.mktemp("real_models")
+    sd35, flux = str(root / "sd35"), str(root / "flux")
+    _save_sd35_transformer(sd35)
+    test_parity_vae._torch_vae(0, **VAE16).save_pretrained(os.path.join(sd35, "vae"))
+    _save_text(sd35, "sd3")
+    test_parity_flux._save_diffusers(flux, True, seed=0)  # 2 double + 2 single blocks, guidance embedding
+    test_parity_vae._torch_vae(1, **VAE4).save_pretrained(os.path.join(flux, "vae"))
+    _save_text(flux, "flux")
+    clip = str(root / "clip")
+    test_clip_rewards.save_tiny_clip(clip, "quick_gelu", 0)
+    prompts = root / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    return {"sd35": sd35, "flux": flux, "clip": clip, "prompts": str(prompts)}
+
+
+def tiny(config, weights_dir, d, *, epochs=2):
+    """A shipped real-model config shrunk for 2 CPU cores: 16 px images (8x8 latents), 4 prompts x 4
+    rollouts per epoch in two rollout calls of 8, 2 optimizer steps per epoch, float32 except the
+    frozen base (bf16, the shipped policy)."""
+    m = config.model
+    m.weights_dir = weights_dir
+    m.resolution = 16
+    m.dtype = "float32"
+    m.text.update(dtype="float32", param_dtype="float32", max_sequence_length=T5_LEN, batch_size=4)
+    m.vae.dtype = "float32"
+    config.data.prompt_file = d["prompts"]
+    r = config.rl
+    r.update(epochs=epochs, prompts_per_epoch=4, group_size=4, train_batch=8, micro_batch=8, num_timesteps=2)
+    r.rollout.update(num_steps=4, batch_size=8)
+    config.lora.update(rank=4, alpha=8.0)
+    config.rewards.weights = ml_collections.ConfigDict({"clip_score": 1.0})
+    config.rewards.update(clip_score_dir=d["clip"], clip_backend="numpy", timeout_s=0.0)
+    config.eval.update(prompt_file=d["prompts"], num_prompts=2, samples_per_prompt=4, batch_size=8, num_steps=3,
+                       every=epochs, grid_size=8)
+    config.ckpt.every = epochs
+    return config
+
+
+def _run(config, workdir, monkeypatch):
+    """train.run, keeping the stack it builds and a host copy of its reference params at build time."""
+    seen = {}
+    build = train.build_model_stack
+
+    def spy(*args, **kwargs):
+        stack = build(*args, **kwargs)
+        seen.update(stack=stack, ref0=jax.device_get(stack.ref))
+        return stack
+
+    monkeypatch.setattr(train, "build_model_stack", spy)
+    assert train.run(config, str(workdir)) == 0
+    return seen
+
+
+def _check_run(seen, workdir, method, epochs=2):
+    stack = seen["stack"]
+    # The frozen reference is exactly what was loaded (not donated, not updated), in the bf16 base dtype.
+    leaves = jax.tree.leaves(jax.device_get(stack.ref))
+    assert {str(x.dtype) for x in leaves} == {"bfloat16"}
+    for a, b in zip(leaves, jax.tree.leaves(seen["ref0"])):
+        np.testing.assert_array_equal(np.asarray(a).view(np.uint16), np.asarray(b).view(np.uint16))
+
+    train_recs = [m for m in read_metrics(os.path.join(workdir, "metrics.jsonl")) if "train/loss" in m]
+    assert [m["step"] for m in train_recs] == list(range(1, epochs + 1))
+    parts = {"awm": ("train/policy_loss", "train/kl_ref", "train/kl_ema", "train/ratio_mean"),
+             "nft": ("train/policy_loss", "train/kl", "train/loss_pos", "train/loss_neg")}[method]
+    for rec in train_recs:
+        for key in ("train/loss", "train/base_loss", "train/normguard_penalty", "train/normguard_active_frac",
+                    "train/norm_ratio", "train/grad_norm", "train/reward", "train/reward/clip_score") + parts:
+            assert key in rec and np.isfinite(rec[key]), (key, rec.get(key))
+        assert rec["train/optimizer_steps"] == 2 * rec["step"]
+        assert 0.3 < rec["train/norm_ratio"] < 3.0
+        assert rec["train/reward_std"] > 0  # distinct images got distinct CLIP scores
+    with open(os.path.join(workdir, "summary.json")) as f:
+        summary = json.load(f)
+    for tag in ("eval_initial", "eval"):
+        assert np.isfinite(summary[tag]["reward"]) and np.isfinite(summary[tag]["norm_ratio"])
+        assert summary[tag]["fd"] is None and "accuracy" not in summary[tag]  # toy judges off
+    assert abs(summary["eval_initial"]["norm_ratio"] - 1.0) < 1e-3  # LoRA starts at the reference
+    assert os.path.isfile(os.path.join(workdir, "samples", f"epoch_{epochs:04d}.png"))
+
+    # The export: the trained LoRA adapters (float32), readable with orbax, and a note how to use them.
+    import orbax.checkpoint as ocp
+
+    export = summary["policy_export"]
+    with open(os.path.join(export, "policy_params.json")) as f:
+        note = json.load(f)
+    assert note["trainable"] == "lora_adapters" and note["family"] == stack.family
+    adapters = ocp.StandardCheckpointer().restore(os.path.join(export, "params"))
+    flat = jax.tree_util.tree_flatten_with_path(adapters)[0]
+    assert flat and {str(x.dtype) for _, x in flat} == {"float32"}
+    assert max(float(np.abs(x).max()) for p, x in flat if str(p[-1].key) == "lora_b") > 0  # trained
+    assert not os.path.exists(os.path.join(workdir, "policy"))  # no toy bundle for real models
+
+
+@pytest.mark.needs_torch
+@pytest.mark.slow
+def test_awm_normguard_on_sd35(dirs, tmp_path, monkeypatch):
+    config = tiny(config_base.sd35_medium_config("awm", normguard_lam=1.0), dirs["sd35"], dirs)
+    seen = _run(config, tmp_path, monkeypatch)
+    stack = seen["stack"]
+    assert stack.family == "sd35" and stack.model.sample_shape == (8, 8, 16)
+    assert stack.info["latent_size"] == 8
+    # the shipped scan_blocks layout: runs [0-1 dual attention, scanned] [2] [3 context-pre-only]
+    assert set(stack.ref) >= {"transformer_blocks_0_to_1", "transformer_blocks_2", "transformer_blocks_3"}
+    _check_run(seen, str(tmp_path), "awm")
+
+
+@pytest.mark.needs_torch
+@pytest.mark.slow
+def test_nft_normguard_on_flux(dirs, tmp_path, monkeypatch):
+    config = tiny(config_base.flux1_dev_config("nft", normguard_lam=1.0), dirs["flux"], dirs)
+    config.rl.num_timesteps = 2
+    seen = _run(config, tmp_path, monkeypatch)
+    stack = seen["stack"]
+    assert stack.family == "flux1_dev" and stack.model.guidance == 3.5 and stack.model.sample_shape == (8, 8, 4)
+    _check_run(seen, str(tmp_path), "nft")
+
+
+@pytest.mark.needs_torch
+def test_check_weights_covers_the_config_families(dirs, capsys):
+    from ng_jax.tools import check_weights
+
+    for family, directory in (("sd35", dirs["sd35"]), ("flux1_dev", dirs["flux"]), ("vae", dirs["sd35"]),
+                              ("vae", dirs["flux"])):
+        assert check_weights.main(["--family", family, "--weights_dir", directory]) == 0, family
+        assert json.loads(capsys.readouterr().out.splitlines()[-1])["ok"]
+    # the FLUX transformer is not an SD3 one: a clear failure, not a pass
+    assert check_weights.main(["--family", "sd35", "--weights_dir", dirs["flux"]]) != 0
+    capsys.readouterr()
+
+
+# ------------------------------------------------------------------ the shipped configs, parsed
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_shipped_config_needs_weights_dir(name, tmp_path, capsys):
+    path = os.path.join(ROOT, "configs", f"{name}.py")
+    assert main(["ng_jax.main", f"--config={path}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "model.weights_dir is required" in err and "check_weights" in err
+    missing = tmp_path / "nowhere"
+    assert main(["ng_jax.main", f"--config={path}", f"--config.model.weights_dir={missing}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "is not a directory" in err
+
+    weights, pick = tmp_path / "w", tmp_path / "p"
+    weights.mkdir()
+    pick.mkdir()
+    config, workdir, _ = parse_args(["ng_jax.main", f"--config={path}", f"--config.model.weights_dir={weights}",
+                                     f"--config.rewards.pickscore_dir={pick}", "--config.rl.epochs=3"])
+    flux = name.startswith("flux")
+    method = name.split("_")[1]
+    assert workdir == f"workdirs/{name}" and config.rl.epochs == 3 and config.rl.method == method
+    assert config.model.family == ("flux1_dev" if flux else "sd35") and config.model.resolution == 512
+    assert dict(config.rewards.weights) == {"pickscore": 1.0} and config.normguard.lam > 0
+    assert tuple(config.mesh.shape) == (1, -1, 1)
+    assert (config.lora.rank, config.lora.alpha) == (32, 64.0)
+    assert config.rl.group_size == 24 and config.optim.grad_clip == 1.0
+    if flux:
+        assert config.model.guidance == 3.5 and abs(config.rl.rollout.mu - 0.63) < 1e-6
+    else:
+        assert config.rl.rollout.shift == 3.0 and config.model.resolution // 8 == 64
+    expected = {"nft": dict(lr=3e-4, steps=10, cfg=1.0, ema=0.5, loss=dict(beta=1.0, kl_beta=1e-4)),
+                "awm": dict(lr=3e-4, steps=14, cfg=1.0, ema=0.3, loss=dict(beta=1e-4, ema_beta=1.0)),
+                "dpo": dict(lr=1e-5, steps=10, cfg=4.5, ema=0.0, loss=dict(beta=100.0))}[method]
+    assert config.optim.lr == expected["lr"] and config.rl.rollout.num_steps == expected["steps"]
+    assert config.rl.rollout.cfg_scale == expected["cfg"] and config.rl.ema.max == expected["ema"]
+    assert {k: config.loss[k] for k in expected["loss"]} == expected["loss"]
+    if method == "awm":
+        assert (config.rl.num_timesteps, config.rl.grid_fraction) == (6, 0.9)
+    # without the PickScore weights: one line too
+    assert main(["ng_jax.main", f"--config={path}", f"--config.model.weights_dir={weights}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "rewards.pickscore_dir is required" in err
