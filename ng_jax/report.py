@@ -10,8 +10,10 @@ import datetime
 import json
 import os
 import platform
+import shlex
 import shutil
 import subprocess
+import sys
 from collections import defaultdict
 
 import numpy as np
@@ -36,6 +38,14 @@ def _commit() -> str:
         return head + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+def _command() -> str:
+    """The command line of this process when it is the entry point, else the grid's plain command."""
+    argv = [a for a in sys.argv[1:] if a.startswith("--")]
+    if sys.argv and sys.argv[0].endswith(("ng_jax/main.py", "-m")) and argv:
+        return " ".join(["python -m ng_jax.main"] + [shlex.quote(a) for a in argv])
+    return "python -m ng_jax.main --config=configs/experiments/toy_grid.py"
 
 
 def _f(x, digits=3):
@@ -76,7 +86,7 @@ def write_results(config, workdir: str, runs: dict, timings: dict, total_s: floa
     first = next(iter(runs.values()))
     g = config.grid
     md = ["# NormGuard on the toy world: measured results", "",
-          f"Produced by `python -m ng_jax.main --config=configs/experiments/toy_grid.py` at commit `{_commit()}` "
+          f"Produced by `{_command()}` at commit `{_commit()}` "
           f"on {datetime.date.today().isoformat()} ({platform.machine()}, {os.cpu_count()} CPU threads). "
           f"This invocation took {total_s / 60:.1f} min (runs trained now: {len([k for k in timings if k != 'analysis'])}; "
           f"the others were reused).", "",
