@@ -216,6 +216,25 @@ def test_strict_loading_names_the_bad_tensor(ckpt, tmp_path, edit, names, capsys
     assert "FAILED" in out and names[0] in out
 
 
+def _three_problems(t):
+    t = dict(t)
+    del t["context_embedder.weight"]                                               # missing
+    t["transformer_blocks.0.attn.extra.weight"] = np.zeros(3, np.float32)            # unexpected
+    t["transformer_blocks.1.ff.net.2.weight"] = t["transformer_blocks.1.ff.net.2.weight"][:, :-1].copy()  # mis-shaped
+    return t
+
+
+def test_missing_extra_and_misshaped_tensors_are_named_in_one_error(ckpt, tmp_path):
+    bad = _rewrite(ckpt["sd3"][0], str(tmp_path / "bad3"), _three_problems)
+    with pytest.raises(WeightsError) as err:
+        load_sd3_transformer(bad, model_config_from_diffusers(bad))
+    msg = str(err.value)
+    for name in ("context_embedder.weight", "transformer_blocks.0.attn.extra.weight",
+                 "transformer_blocks.1.ff.net.2.weight"):
+        assert name in msg, (name, msg)
+    assert "missing" in msg and "unexpected" in msg and "mis-shaped" in msg
+
+
 def test_config_mismatch_is_an_error(ckpt, tmp_path):
     wdir = ckpt["sd35"][0]
     with pytest.raises(WeightsError, match="qk_norm"):
