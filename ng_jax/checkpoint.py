@@ -139,3 +139,21 @@ class Checkpointer:
     def close(self) -> None:
         self._manager.wait_until_finished()
         self._manager.close()
+
+
+def export_params(directory: str, params, note: dict) -> str:
+    """Save a parameter tree with orbax in `directory/params` (every process must call this; it waits for
+    the write) and, from process 0, `note` as `directory/<basename>.json` saying what the tree is and how
+    to use it. Restore with `orbax.checkpoint.StandardCheckpointer().restore(directory/params)`."""
+    import json
+
+    directory = os.path.abspath(directory)
+    with ocp.StandardCheckpointer() as saver:
+        saver.save(os.path.join(directory, "params"), params, force=True)
+        saver.wait_until_finished()
+    if jax.process_index() == 0:
+        path = os.path.join(directory, os.path.basename(directory) + ".json")
+        with open(path + ".tmp", "w") as f:
+            json.dump(note, f, indent=2)
+        os.replace(path + ".tmp", path)
+    return directory

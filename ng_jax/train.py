@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ng_jax import losses, parallel, reporting
-from ng_jax.checkpoint import CheckpointError, Checkpointer
+from ng_jax.checkpoint import CheckpointError, Checkpointer, export_params
 from ng_jax.config_checks import ConfigError
 from ng_jax.evaluate import Evaluator, build_rewards, eval_prompts
 from ng_jax.analysis.checkpoints import POLICY_DIR
@@ -397,32 +397,19 @@ def run(config, workdir: str) -> int:
         # Real models: no merged bundle (a merged SD3.5/FLUX copy would duplicate the base weights, and
         # the analyses read toy bundles only). The trainable tree (LoRA adapters or full float32 weights)
         # is exported with orbax; the base weights stay in model.weights_dir.
-        summary["policy_export"] = export_trainable(os.path.join(workdir, POLICY_PARAMS_DIR), state, config, stack)
+        lora = config.lora.to_dict() if config.lora.rank else None
+        summary["policy_export"] = export_params(os.path.join(workdir, POLICY_PARAMS_DIR), state.params, {
+            "rl_config": config.name, "family": stack.family, "model": config.model.to_dict(),
+            "trainable": "lora_adapters" if lora else "full_weights_float32", "lora": lora,
+            "optimizer_steps": int(state.step), "use": "policy = lora_merge(base from model.weights_dir, "
+            "adapters, alpha, rank) (ng_jax.models.lora); full weights replace the base"})
     if is_main:
         reporting.write_json(os.path.join(workdir, "summary.json"), summary)
         print(f"summary: {os.path.join(workdir, 'summary.json')}")
     return 0
 
 
-POLICY_PARAMS_DIR = "policy_params"  # real models: the exported trainable tree (orbax) + policy_params.json
-
-
-def export_trainable(directory: str, state: TrainState, config, stack) -> str:
-    """Save the trainable params with orbax (every process takes part) and a JSON note saying how to
-    use them: `lora_merge(base, adapters, alpha, rank)` with the base loaded from model.weights_dir."""
-    import orbax.checkpoint as ocp
-
-    directory = os.path.abspath(directory)
-    with ocp.StandardCheckpointer() as saver:
-        saver.save(os.path.join(directory, "params"), state.params, force=True)
-        saver.wait_until_finished()
-    if jax.process_index() == 0:
-        lora = config.lora.to_dict() if config.lora.rank else None
-        reporting.write_json(os.path.join(directory, "policy_params.json"), {
-            "rl_config": config.name, "family": stack.family, "model": config.model.to_dict(),
-            "trainable": "lora_adapters" if lora else "full_weights_float32", "lora": lora,
-            "optimizer_steps": int(state.step), "restore": "orbax.checkpoint.StandardCheckpointer().restore(DIR/params)"})
-    return directory
+POLICY_PARAMS_DIR = "policy_params"  # real models: the trainable tree (orbax) + policy_params.json
 
 
 def _rollouts(rollout_fn, chunk: int, batch_sh, state, ref, dec_params, noise, cond, uncond, prompt_ids, r_sde):

@@ -38,7 +38,7 @@ device; the toy encoder tokenizes the repeated list, as the loop always did.
 from __future__ import annotations
 
 import dataclasses
-import functools
+import logging
 import os
 from typing import Any, Callable, Sequence
 
@@ -88,12 +88,6 @@ class ModelStack:
             return self.encode_fn([EMPTY_PROMPT] * n)
         one = self.encode_fn([EMPTY_PROMPT])
         return jax.tree.map(lambda x: jnp.broadcast_to(x[:1], (n,) + x.shape[1:]), one)
-
-    @functools.cached_property
-    def decode(self) -> Callable[[jax.Array], jax.Array]:
-        """Host convenience: jitted `x0 -> float images` with this stack's decoder parameters."""
-        fn = jax.jit(self.decode_fn)
-        return lambda x0: fn(self.decoder_params, x0)
 
 
 def model_family(config) -> str:
@@ -193,6 +187,13 @@ def real_stack(mcfg, mesh=None, rules: Sequence = ((".*", "fsdp"),)) -> ModelSta
         raise ConfigError(f"model.resolution={res} is not a multiple of the VAE's downsample factor {factor}")
     vcfg = velocity_config(mcfg, res // factor)
     model = make_velocity_model(vcfg)
+    if (mesh is not None and mesh.devices.flat[0].platform == "cpu" and bool(mcfg.get("scan_blocks", False))
+            and mesh.shape["fsdp"] * mesh.shape["tensor"] > 1):
+        # Seen with jaxlib 0.10.2 on 8 host devices: the collectives of sharded scanned blocks inside the
+        # sampler's / train step's loops deadlock ("Termination timeout ... rendezvous"); unrolled blocks run.
+        logging.getLogger(__name__).warning(
+            "model.scan_blocks with sharded parameters on the CPU backend can deadlock XLA:CPU collectives; "
+            "use --config.model.scan_blocks=False (or a data-parallel mesh) on CPU")
     if model.sample_shape[-1] != vae_cfg.latent_channels:
         raise ConfigError(f"{wd}: the transformer works on {model.sample_shape[-1]} latent channels, the VAE has "
                           f"{vae_cfg.latent_channels}")
