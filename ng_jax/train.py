@@ -241,6 +241,12 @@ def run(config, workdir: str) -> int:
 
     state_abstract = jax.eval_shape(init_state, ref)
     state_sh = parallel.param_shardings(state_abstract, mesh, rules)
+    max_rep = float(config.mesh.get("max_replicated_fraction", 1.0))
+    try:  # a rule table that leaves big tensors replicated fails here, not in an out-of-memory later
+        parallel.check_replication(state_abstract.params, state_sh.params, max_rep, "trainable parameters")
+        parallel.check_replication(ref, ref_shardings, max_rep, "reference parameters")
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     policy_params = policy_params_fn(lora_cfg)
     batch_sh = parallel.batch_sharding(mesh)
 
@@ -368,9 +374,11 @@ def run(config, workdir: str) -> int:
                 meta["eval_last"] = result
                 writer.write(done, _scalars(result), prefix="eval/")
                 say(_eval_line(f"epoch {done}", result))
-            if done % int(config.ckpt.every) == 0 or done == epochs or sigterm.requested:
+            # SIGTERM on any host stops every host at this same boundary (a collective on multi-host runs).
+            stop = parallel.any_process(sigterm.requested)
+            if done % int(config.ckpt.every) == 0 or done == epochs or stop:
                 ckpt.save(done, state, meta)
-            if sigterm.requested:
+            if stop:
                 say(f"SIGTERM: checkpoint saved at epoch {done} in {ckpt.directory}; exiting")
                 return 0
     finally:
