@@ -185,8 +185,31 @@ def _check_run(seen, workdir, method, epochs=2):
 @pytest.mark.needs_torch
 @pytest.mark.slow
 def test_awm_normguard_on_sd35(dirs, tmp_path, monkeypatch):
-    config = tiny(config_base.sd35_medium_config("awm", normguard_lam=1.0), dirs["sd35"], dirs)
-    seen = _run(config, tmp_path, monkeypatch)
+    """Through the entry point, `python -m ng_jax.main --config=FILE --workdir=DIR`, in this process."""
+    from ng_jax import main as entry
+
+    (tmp_path / "dirs.json").write_text(json.dumps({k: str(v) for k, v in dirs.items()}))
+    cfg_file = tmp_path / "sd35_tiny.py"
+    cfg_file.write_text(
+        "import json, sys\n"
+        f"sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})\n"
+        "from ng_jax import config_base\n"
+        "import test_real_model_rl as t\n\n\n"
+        "def get_config(arg=None):\n"
+        f"    d = json.load(open({str(tmp_path / 'dirs.json')!r}))\n"
+        "    return t.tiny(config_base.sd35_medium_config('awm', normguard_lam=1.0), d['sd35'], d)\n")
+    seen = {}
+    build = train.build_model_stack
+
+    def spy(*args, **kwargs):
+        stack = build(*args, **kwargs)
+        seen.update(stack=stack, ref0=jax.device_get(stack.ref))
+        return stack
+
+    monkeypatch.setattr(train, "build_model_stack", spy)
+    workdir = tmp_path / "run"
+    assert entry.main(["ng_jax.main", f"--config={cfg_file}", f"--workdir={workdir}"]) == 0
+    tmp_path = workdir
     stack = seen["stack"]
     assert stack.family == "sd35" and stack.model.sample_shape == (8, 8, 16)
     assert stack.info["latent_size"] == 8
