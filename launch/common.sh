@@ -3,9 +3,9 @@
 # (shell-quoted, prefixed by "+ ") without running anything.
 run() {
   if [[ "${DRY_RUN:-0}" == 1 ]]; then
-    printf '+'
-    printf ' %q' "$@"
-    printf '\n'
+    local line
+    line=$(printf ' %q' "$@")
+    printf '+%s\n' "$line"  # one write per command: lines of concurrent callers do not interleave
   else
     "$@"
   fi
