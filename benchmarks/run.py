@@ -1,8 +1,8 @@
 """ng_jax against PyTorch eager, NormGuard's overhead and the train step's roofline, side by side in one run.
 
-    cd /work/main && .venv/bin/python -m benchmarks.run --quick      # under 10 minutes on 2 CPU cores
-    .venv/bin/python -m benchmarks.run                                # more repeats, larger scaling table
-    .venv/bin/python -m benchmarks.run --tiny --out /tmp/r.json       # micro-config smoke run (the tests)
+    cd /work/main && .venv/bin/python benchmarks/run.py --quick   # about 10 minutes on 2 idle CPU cores
+    .venv/bin/python benchmarks/run.py                              # more repeats, a larger scaling table
+    .venv/bin/python benchmarks/run.py --tiny --out /tmp/r.json     # micro-config smoke run (the tests)
 
 One diffusers `SD3Transformer2DModel` (random weights; the default configuration has 2.3M parameters:
 16x16x4 latent, patch 2 -> 64 image tokens + 16 text tokens, 4 layers of width 128) is saved with
@@ -21,6 +21,12 @@ client uses every core by default). Measured:
    FLOP/s (a large `jnp.dot`), timed interleaved with the step;
 5. scaling: step time against batch size and model width.
 
+Second opinions in the same rounds: torch with ONE thread (on cores shared with other jobs, OpenMP
+threads wait on each other and eager torch can slow down tenfold; XLA's pool degrades gracefully),
+and the NFT step traced with the model code before the optimisations this benchmark led to
+(flax's `nn.Dense` instead of `ng_jax.models.layers.Dense`, the old attention layout): before vs
+after in the same rounds. Docs: docs/PERFORMANCE.md.
+
 Every comparison is timed interleaved after compilation and warm-up (A, B, C, C, B, A, ...), so
 drift and background load hit all variants alike; medians are the headline, minima a second
 opinion. Prints markdown tables and writes `benchmarks/results.json` (or `--out`).
@@ -29,6 +35,7 @@ opinion. Prints markdown tables and writes `benchmarks/results.json` (or `--out`
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import os
@@ -57,13 +64,15 @@ from ng_jax.train_step import StepSpec, TrainBatch, make_train_step  # noqa: E40
 METHODS = ("nft", "awm", "dpo")
 TARGETS = {"train_speedup_vs_torch": 1.5, "rollout_speedup_vs_torch": 2.0, "ng_overhead": 1.03,
            "roofline_fraction": 0.5}
+# --tiny: semantics, not speed (unoptimised code, the legacy fusion emitters): ~2 s per compile, not ~7 s.
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results.json")
 
 # diffusers SD3Transformer2DModel keyword arguments.
 BASE_MODEL = dict(sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=4, attention_head_dim=32,
                   num_attention_heads=4, joint_attention_dim=64, caption_projection_dim=128,
                   pooled_projection_dim=64, pos_embed_max_size=None)
-TINY_MODEL = dict(BASE_MODEL, sample_size=8, num_layers=2, attention_head_dim=8, num_attention_heads=2,
+TINY_MODEL = dict(BASE_MODEL, sample_size=8, num_layers=1, attention_head_dim=8, num_attention_heads=2,
                   joint_attention_dim=16, caption_projection_dim=16, pooled_projection_dim=16)
 
 # Run profiles: sizes and repeats. Scaling rows are (batch, heads) at head_dim 32 (width = 32 * heads);
@@ -74,11 +83,12 @@ PROFILES = {
                  scaling=((8, 4), (16, 4), (32, 4), (64, 4), (32, 2), (32, 8), (32, 12)), roofline=(32, 12),
                  scaling_repeats=6, matmul=2048, fast_compile=False),
     "quick": dict(model=BASE_MODEL, text_tokens=16, batch=32, micro_batch=16, rollout_batch=32, rollout_steps=10,
-                  repeats=5, warmup=1, rollout_repeats=4, scaling=((16, 4), (32, 4), (64, 4), (32, 2), (32, 8)),
+                  repeats=7, warmup=1, rollout_repeats=6, scaling=((16, 4), (32, 4), (64, 4), (32, 8)),
                   roofline=(32, 8), scaling_repeats=4, matmul=2048, fast_compile=False),
-    "tiny": dict(model=TINY_MODEL, text_tokens=4, batch=4, micro_batch=2, rollout_batch=2, rollout_steps=2,
-                 repeats=1, warmup=0, rollout_repeats=1, scaling=((2, 2), (4, 2)), roofline=(4, 2),
-                 scaling_repeats=1, matmul=128, fast_compile=True),
+    # Seconds of compilation, numbers meaningless: one timestep per sample, one micro-batch, one scaling row.
+    "tiny": dict(model=TINY_MODEL, text_tokens=4, batch=4, micro_batch=4, num_timesteps=1, rollout_batch=2,
+                 rollout_steps=2, repeats=1, warmup=0, rollout_repeats=1, scaling=((4, 2),), roofline=(4, 2),
+                 scaling_repeats=1, matmul=128, fast_compile=True, before_after=False, second_opinion=False),
 }
 
 
@@ -100,6 +110,11 @@ def interleaved(fns: dict, repeats: int, warmup: int) -> dict:
     return times
 
 
+def paired_ratio(a, b) -> float:
+    """Median over rounds of a[i] / b[i]: neighbours in one round share the machine's load of the moment."""
+    return statistics.median(x / y for x, y in zip(a, b))
+
+
 def summary(seconds) -> dict:
     return {"median_ms": statistics.median(seconds) * 1e3, "min_ms": min(seconds) * 1e3, "n": len(seconds)}
 
@@ -116,7 +131,7 @@ def build_models(model_kw: dict, directory: str, seed: int = 0):
 
     torch.manual_seed(seed)
     tm = diffusers.SD3Transformer2DModel(**model_kw).eval()
-    with torch.no_grad():  # diffusers zero-initialises nothing here, but perturb so every weight matters
+    with torch.no_grad():  # perturb every weight, as the parity tests do
         for p in tm.parameters():
             p.add_(0.02 * torch.randn_like(p))
     tm.save_pretrained(os.path.join(directory, "transformer"))
@@ -156,7 +171,7 @@ def jax_step(model, ref, spec: StepSpec, batch: TrainBatch, fast_compile: bool =
                        rng=jax.random.key(0))
     t0 = time.perf_counter()
     lowered = jax.jit(make_train_step(model.apply, optimizer, spec), donate_argnums=(0,)).lower(state, ref, batch)
-    compiled = lowered.compile({"xla_backend_optimization_level": 0} if fast_compile else None)
+    compiled = lowered.compile(FAST_COMPILE if fast_compile else None)
     seconds = time.perf_counter() - t0
     box = [state]
 
@@ -183,6 +198,25 @@ def torch_step(tm, spec: StepSpec, batch: TrainBatch):
     return lambda: step(*args)
 
 
+def with_torch_threads(n: int, fn):
+    """`fn` run with `torch.set_num_threads(n)` (restored after): the one-thread second opinion."""
+    import torch
+
+    def run():
+        saved = torch.get_num_threads()
+        torch.set_num_threads(n)
+        try:
+            fn()
+        finally:
+            torch.set_num_threads(saved)
+    return run
+
+
+def one_thread_opinion(prof) -> bool:
+    """Also time torch with one thread? (Shared cores make torch's OpenMP threads wait on each other.)"""
+    return prof.get("second_opinion", True) and (os.cpu_count() or 1) > 1
+
+
 def flops_of(compiled) -> float:
     ca = compiled.cost_analysis()
     ca = ca[0] if isinstance(ca, (list, tuple)) else ca
@@ -207,18 +241,27 @@ def bench_train(tm, model, ref, prof, log) -> dict:
     sample_shape, ctx, pooled = model.sample_shape, model.context_shape[1], model.pooled_dim
     for method in METHODS:
         batch = make_inputs(method, prof["batch"], sample_shape, prof["text_tokens"], ctx, pooled)
-        spec_b, spec_n = step_spec(method, prof["micro_batch"]), step_spec(method, prof["micro_batch"], lam=1.0)
-        jb, _, cb = jax_step(model, ref, spec_b, jax.device_put(batch), prof["fast_compile"])
-        jn, _, cn = jax_step(model, ref, spec_n, jax.device_put(batch), prof["fast_compile"])
+        spec_b, spec_n = (step_spec(method, prof["micro_batch"], lam, prof.get("num_timesteps")) for lam in (0.0, 1.0))
+        jb, comp_b, cb = jax_step(model, ref, spec_b, jax.device_put(batch), prof["fast_compile"])
+        jn, comp_n, cn = jax_step(model, ref, spec_n, jax.device_put(batch), prof["fast_compile"])
         log(f"train {method}: compiled base {cb:.1f}s, normguard {cn:.1f}s; micro-batch {spec_b.micro_batch}, "
             f"{spec_b.num_timesteps} timesteps/sample")
         fns = {"jax_base": jb, "jax_normguard": jn, "torch_base": torch_step(tm, spec_b, batch)}
+        if method == "nft" and one_thread_opinion(prof):
+            fns["torch_base_1thread"] = with_torch_threads(1, torch_step(tm, spec_b, batch))
+        if method == "nft" and prof.get("before_after", True):  # the model-code optimisations, before
+            for key, kw in BEFORE:
+                with model_code(**kw):
+                    fns[key], _, _ = jax_step(model, ref, spec_b, jax.device_put(batch), prof["fast_compile"])
         t = interleaved(fns, prof["repeats"], prof["warmup"])
         res = {k: summary(v) for k, v in t.items()}
         res["speedup_vs_torch"] = res["torch_base"]["median_ms"] / res["jax_base"]["median_ms"]
         res["speedup_vs_torch_min"] = res["torch_base"]["min_ms"] / res["jax_base"]["min_ms"]
         res["ng_overhead"] = res["jax_normguard"]["median_ms"] / res["jax_base"]["median_ms"]
         res["ng_overhead_min"] = res["jax_normguard"]["min_ms"] / res["jax_base"]["min_ms"]
+        res["ng_overhead_paired"] = paired_ratio(t["jax_normguard"], t["jax_base"])
+        # Noise-free: XLA's FLOP count of the two compiled steps (loop bodies counted once in both).
+        res["ng_flops_ratio"] = flops_of(comp_n) / max(flops_of(comp_b), 1.0)
         res.update(batch=prof["batch"], micro_batch=spec_b.micro_batch, num_timesteps=spec_b.num_timesteps)
         out[method] = res
         log(f"train {method}: jax {res['jax_base']['median_ms']:.0f} ms, +NormGuard "
@@ -243,7 +286,7 @@ def bench_rollout(tm, model, ref, prof, log) -> dict:
     for cfg in (1.0, 4.5):
         sample = jax.jit(make_sampler(model.apply, num_steps=steps, cfg_scale=cfg))
         args = (ref, jax.device_put(noise), jax.device_put(b.cond), jax.device_put(uncond) if cfg != 1 else None)
-        compiled = sample.lower(*args).compile({"xla_backend_optimization_level": 0} if prof["fast_compile"] else None)
+        compiled = sample.lower(*args).compile(FAST_COMPILE if prof["fast_compile"] else None)
         x_jax = np.asarray(compiled(*args).x0)
         x_torch = torch_euler_sample(tm, t_noise, t_tok, t_pool, grid, cfg, t_utok, t_upool)
         err = float(np.max(np.abs(x_jax - x_torch.permute(0, 2, 3, 1).numpy())))
@@ -254,7 +297,10 @@ def bench_rollout(tm, model, ref, prof, log) -> dict:
         def run_torch():
             torch_euler_sample(tm, t_noise, t_tok, t_pool, grid, cfg, t_utok, t_upool)
 
-        t = interleaved({"jax": run_jax, "torch": run_torch}, prof["rollout_repeats"], prof["warmup"])
+        fns = {"jax": run_jax, "torch": run_torch}
+        if cfg == 1.0 and one_thread_opinion(prof):
+            fns["torch_1thread"] = with_torch_threads(1, run_torch)
+        t = interleaved(fns, prof["rollout_repeats"], prof["warmup"])
         res = {k: summary(v) for k, v in t.items()}
         res.update(speedup_vs_torch=res["torch"]["median_ms"] / res["jax"]["median_ms"],
                    speedup_vs_torch_min=res["torch"]["min_ms"] / res["jax"]["min_ms"], max_abs_diff=err,
@@ -296,39 +342,102 @@ def bench_scaling(prof, directory, log) -> dict:
     return {"rows": rows, "matmul_n": prof["matmul"]}
 
 
+def legacy_attention(q, k, v, key_mask=None):
+    """`ng_jax.models.layers.attention` as it was before this benchmark's optimisation: einsums on the
+    [B, L, H, D] layout and the scale applied to the [B, H, Lq, Lk] logits."""
+    import math
+
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * (1.0 / math.sqrt(q.shape[-1]))
+    if key_mask is not None:
+        logits = jnp.where(key_mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
+    return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(logits, axis=-1).astype(v.dtype), v)
+
+
+@contextlib.contextmanager
+def model_code(flax_dense: bool = False, old_attention: bool = False):
+    """Trace the MMDiT with earlier building blocks (same parameters): flax's `nn.Dense` in place of
+    `ng_jax.models.layers.Dense`, `legacy_attention` in place of `layers.attention`. The "before" of
+    the optimisations, measured side by side with the "after" in the same rounds."""
+    import flax.linen as nn
+
+    from ng_jax.models import layers, mmdit
+
+    swaps = ([(m, "Dense", nn.Dense) for m in (layers, mmdit)] if flax_dense else []) + (
+        [(mmdit, "attention", legacy_attention)] if old_attention else [])
+    saved = [(m, name, getattr(m, name)) for m, name, _ in swaps]
+    for m, name, new in swaps:
+        setattr(m, name, new)
+    try:
+        yield
+    finally:
+        for m, name, old in saved:
+            setattr(m, name, old)
+
+
+# (key, model_code kwargs, label): the NFT step with earlier model code, timed in the same rounds.
+BEFORE = (("jax_base_at_head", dict(flax_dense=True, old_attention=True)),   # nn.Dense, [B,L,H,D] attention
+          ("jax_base_dense_only", dict(old_attention=True)))                  # layers.Dense, [B,L,H,D] attention
+
+
+def optimisations(nft: dict) -> dict:
+    """Speedups of the model-code optimisations from the NFT rounds (empty if not measured)."""
+    if BEFORE[0][0] not in nft:
+        return {}
+
+    def one(before, after):
+        b, a = nft[before], nft[after]
+        return {"before": b, "after": a, "speedup": b["median_ms"] / a["median_ms"],
+                "speedup_min": b["min_ms"] / a["min_ms"]}
+    return {"dense_2d_matmul": one("jax_base_at_head", "jax_base_dense_only"),
+            "attention_bhld": one("jax_base_dense_only", "jax_base"),
+            "total": one("jax_base_at_head", "jax_base")}
+
+
 # ----------------------------------------------------------------------------------------------
 # Reporting
 
 
 def device_string() -> str:
+    """jax's device kind and the CPU model from /proc/cpuinfo (with family/model and AVX-512 if present)."""
     cpu = platform.processor() or "unknown CPU"
     try:
         with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
+            info = dict(line.split(":", 1) for line in f.read().split("\n\n")[0].splitlines() if ":" in line)
+        info = {k.strip(): v.strip() for k, v in info.items()}
+        cpu = f"{info.get('model name', cpu)} (family {info.get('cpu family', '?')} model {info.get('model', '?')}" + (
+            ", AVX-512)" if "avx512f" in info.get("flags", "").split() else ")")
+    except OSError:
         pass
-    return f"{jax.devices()[0].device_kind} ({jax.devices()[0].platform}): {cpu}, {os.cpu_count()} cores"
+    dev = jax.devices()[0]
+    return f"{dev.device_kind} ({dev.platform}): {cpu}, {os.cpu_count()} cores"
 
 
 def git_commit() -> str:
+    """`git rev-parse --short HEAD`, with "+uncommitted" when tracked files differ from HEAD."""
+    cwd = os.path.dirname(os.path.abspath(__file__))
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
-                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "unknown"
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
+                              cwd=cwd).stdout.strip()
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD"], capture_output=True, timeout=10, cwd=cwd).returncode
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+    return (head or "unknown") + ("+uncommitted" if dirty == 1 else "")
 
 
 def markdown(results: dict) -> str:
+    load = results["load_average"]
     lines = [f"device: {results['device']}; torch threads {results['threads']['torch']}, "
              f"XLA CPU cores {results['threads']['xla']}; model {results['model']['params'] / 1e6:.2f}M params, "
-             f"{results['model']['tokens']} tokens", "",
-             "| train step | ng_jax ms | +NormGuard ms | torch ms | speedup (min) | NormGuard overhead (min) |",
-             "|---|---|---|---|---|---|"]
+             f"{results['model']['tokens']} tokens; 1-min load average {load['start'][0]:.1f} at start, "
+             f"{load['end'][0]:.1f} at end (other jobs share these cores)", "",
+             "| train step | ng_jax ms | +NormGuard ms | torch ms | speedup (min) | NormGuard overhead (min; paired) "
+             "| NormGuard FLOPs ratio |", "|---|---|---|---|---|---|---|"]
     for m, r in results["train"].items():
         lines.append(f"| {m} (batch {r['batch']}, micro {r['micro_batch']}, T {r['num_timesteps']}) | "
                      f"{r['jax_base']['median_ms']:.0f} | {r['jax_normguard']['median_ms']:.0f} | "
                      f"{r['torch_base']['median_ms']:.0f} | {r['speedup_vs_torch']:.2f}x "
-                     f"({r['speedup_vs_torch_min']:.2f}x) | {r['ng_overhead']:.3f} ({r['ng_overhead_min']:.3f}) |")
+                     f"({r['speedup_vs_torch_min']:.2f}x) | {r['ng_overhead']:.3f} ({r['ng_overhead_min']:.3f}; "
+                     f"{r['ng_overhead_paired']:.3f}) | {r['ng_flops_ratio']:.4f} |")
     lines += ["", "| rollout | ng_jax ms | torch ms | speedup (min) | max abs diff |", "|---|---|---|---|---|"]
     for k, r in results["rollout"].items():
         lines.append(f"| {r['steps']} Euler steps, batch {r['batch']}, CFG {r['cfg_scale']:g} | "
@@ -340,6 +449,29 @@ def markdown(results: dict) -> str:
         lines.append(f"| batch {r['batch']}, width {r['width']} | {r['params'] / 1e6:.2f}M | {r['step_ms']:.0f} "
                      f"({r['step_min_ms']:.0f}) | {r['samples_per_s']:.0f} | {r['step_gflop']:.2f} | "
                      f"{r['achieved_gflops']:.1f} | {r['matmul_gflops']:.1f} | {r['roofline_fraction']:.0%} |")
+    nft, roll = results["train"]["nft"], results["rollout"].get("cfg1", {})
+    if "torch_base_1thread" in nft:
+        one = nft["torch_base_1thread"]["median_ms"]
+        lines += ["", "| second opinion: torch with 1 thread | ng_jax ms | torch 1-thread ms | speedup vs 1 thread |",
+                  "|---|---|---|---|",
+                  f"| nft train step | {nft['jax_base']['median_ms']:.0f} | {one:.0f} | "
+                  f"{one / nft['jax_base']['median_ms']:.2f}x |"]
+        if "torch_1thread" in roll:
+            one = roll["torch_1thread"]["median_ms"]
+            lines.append(f"| rollout, CFG 1 | {roll['jax']['median_ms']:.0f} | {one:.0f} | "
+                         f"{one / roll['jax']['median_ms']:.2f}x |")
+    opt = results["optimisations"]
+    if opt:
+        lines += ["", "| optimisation (NFT step, same rounds) | before ms (min) | after ms (min) | speedup (min) |",
+                  "|---|---|---|---|"]
+        labels = {"dense_2d_matmul": "layers.Dense: one 2-D matmul instead of nn.Dense",
+                  "attention_bhld": "attention: [B,H,L,D] batched matmuls, q pre-scaled",
+                  "total": "both (HEAD's model code -> now)"}
+        for k, label in labels.items():
+            d = opt[k]
+            lines.append(f"| {label} | {d['before']['median_ms']:.0f} ({d['before']['min_ms']:.0f}) | "
+                         f"{d['after']['median_ms']:.0f} ({d['after']['min_ms']:.0f}) | {d['speedup']:.2f}x "
+                         f"({d['speedup_min']:.2f}x) |")
     lines += ["", "| target | measured | goal | met |", "|---|---|---|---|"]
     for name, value, goal, met in results["targets"]:
         lines.append(f"| {name} | {value:.3f} | {goal} | {'yes' if met else 'NO'} |")
@@ -361,12 +493,12 @@ def targets(results: dict) -> list:
     return rows
 
 
-def run(profile: str = "quick", out: str | None = DEFAULT_OUT, log=print) -> dict:
+def run(profile: str = "quick", out: str | None = DEFAULT_OUT, log=print, torch_threads: int | None = None) -> dict:
     import torch
 
     prof = PROFILES[profile]
-    torch.set_num_threads(os.cpu_count())
-    t_start = time.perf_counter()
+    torch.set_num_threads(torch_threads or os.cpu_count())
+    t_start, load_start = time.perf_counter(), os.getloadavg()
     with tempfile.TemporaryDirectory() as directory:
         tm, model, ref = build_models(prof["model"], os.path.join(directory, "main"))
         nparams = sum(x.size for x in jax.tree.leaves(ref))
@@ -385,7 +517,8 @@ def run(profile: str = "quick", out: str | None = DEFAULT_OUT, log=print) -> dic
         "device": device_string(),
         "commit": git_commit(),
         "profile": profile,
-        "command": " ".join(["python", "-m", "benchmarks.run"] + ([f"--{profile}"] if profile != "full" else [])),
+        "command": " ".join(["python", "benchmarks/run.py"] + ([f"--{profile}"] if profile != "full" else [])
+                            + ([f"--torch-threads {torch_threads}"] if torch_threads else [])),
         "threads": {"torch": torch.get_num_threads(), "xla": os.cpu_count()},
         "versions": {"jax": jax.__version__, "torch": torch.__version__},
         "model": dict(prof["model"], params=int(nparams), tokens=tokens, text_tokens=prof["text_tokens"],
@@ -393,6 +526,8 @@ def run(profile: str = "quick", out: str | None = DEFAULT_OUT, log=print) -> dic
         "roofline": {"batch": roof["batch"], "width": roof["width"], "achieved_gflops": roof["achieved_gflops"],
                      "matmul_gflops": roof["matmul_gflops"]},
         "train": train, "rollout": rollout, "scaling": scaling,
+        "optimisations": optimisations(train["nft"]),
+        "load_average": {"start": load_start, "end": os.getloadavg()},
         "seconds": time.perf_counter() - t_start,
     }
     results["targets"] = targets(results)
@@ -409,9 +544,12 @@ def main(argv=None) -> int:
     size.add_argument("--quick", action="store_true", help="fewer repeats and scaling rows (< 10 min on 2 cores)")
     size.add_argument("--tiny", action="store_true", help="micro-config smoke run (seconds; numbers meaningless)")
     parser.add_argument("--out", default=DEFAULT_OUT, help="results JSON path")
+    parser.add_argument("--torch-threads", type=int, default=0,
+                        help="torch.set_num_threads (default 0: os.cpu_count(), the comparison's setting)")
     args = parser.parse_args(argv)
     profile = "tiny" if args.tiny else "quick" if args.quick else "full"
-    results = run(profile, args.out, log=lambda s: print(s, file=sys.stderr, flush=True))
+    results = run(profile, args.out, log=lambda s: print(s, file=sys.stderr, flush=True),
+                  torch_threads=args.torch_threads or None)
     print(markdown(results))
     print(f"\n{results['seconds']:.0f} s; wrote {args.out}")
     return 0

@@ -18,16 +18,46 @@ import numpy as np
 Dtype = Any
 
 
+class Dense(nn.Module):
+    """`flax.linen.Dense` (same `kernel` [in, out] and `bias` [out], same initialisers, dtype promotion
+    and maths) computed as ONE 2-D matmul over the flattened leading dimensions.
+
+    Why not `nn.Dense`: on [B, L, D] activations its kernel gradient is a dot contracting two
+    dimensions, which XLA:CPU lowers with a transposing copy of the cotangent, and it fuses the whole
+    elementwise residual-stream gradient (every later block's adds and gates) into each such copy,
+    recomputing it once per weight matrix. That was ~40% of an SD3-MMDiT train step on CPU; flattening
+    first makes the kernel gradient a plain `x2d^T @ g2d` and halved the backward (benchmarks/run.py,
+    docs/PERFORMANCE.md). Parameters and results are those of `nn.Dense`.
+    """
+
+    features: int
+    dtype: Dtype = jnp.float32
+    kernel_init: Any = nn.initializers.lecun_normal()
+    bias_init: Any = nn.initializers.zeros
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param("kernel", self.kernel_init, (jnp.shape(x)[-1], self.features), jnp.float32)
+        bias = self.param("bias", self.bias_init, (self.features,), jnp.float32)
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        y = jax.lax.dot_general(x.reshape(-1, x.shape[-1]), kernel, (((1,), (0,)), ((), ())))
+        return y.reshape(x.shape[:-1] + (self.features,)) + bias
+
+
 def attention(q, k, v, key_mask=None):
     """Scaled dot-product attention. q [B, Lq, H, D], k/v [B, Lk, H, D], key_mask bool [B, Lk] or None.
 
-    Logits and softmax run in float32 whatever the compute dtype (bf16 softmax loses the tail)."""
-    scale = 1.0 / math.sqrt(q.shape[-1])
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+    Logits and softmax run in float32 whatever the compute dtype (bf16 softmax loses the tail).
+    Heads are moved next to the batch ([B, H, L, D]) so both products are plain batched matmuls, and
+    q is scaled before the product (a [B, L, H, D] multiply instead of a [B, H, Lq, Lk] one): together
+    3-9% off an SD3 forward / train step on XLA:CPU (benchmarks/run.py, docs/PERFORMANCE.md)."""
+    scale = jnp.asarray(1.0 / math.sqrt(q.shape[-1]), q.dtype)
+    q, k, v = (t.transpose(0, 2, 1, 3) for t in (q * scale, k, v))
+    logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
     if key_mask is not None:
         logits = jnp.where(key_mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
     weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+    return jnp.einsum("bhqk,bhkd->bhqd", weights, v).transpose(0, 2, 1, 3)
 
 
 class MultiHeadAttention(nn.Module):
@@ -91,7 +121,7 @@ class AdaLayerNormZero(nn.Module):
 
     @nn.compact
     def __call__(self, x, emb):
-        mod = nn.Dense(6 * self.dim, dtype=self.dtype, kernel_init=nn.initializers.zeros, name="linear")(nn.silu(emb))
+        mod = Dense(6 * self.dim, dtype=self.dtype, kernel_init=nn.initializers.zeros, name="linear")(nn.silu(emb))
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod, 6, axis=-1)
         return modulate(layer_norm(x), shift_msa, scale_msa), gate_msa, shift_mlp, scale_mlp, gate_mlp
 
@@ -104,7 +134,7 @@ class AdaLayerNormContinuous(nn.Module):
 
     @nn.compact
     def __call__(self, x, emb):
-        mod = nn.Dense(2 * self.dim, dtype=self.dtype, kernel_init=nn.initializers.zeros, name="linear")(nn.silu(emb))
+        mod = Dense(2 * self.dim, dtype=self.dtype, kernel_init=nn.initializers.zeros, name="linear")(nn.silu(emb))
         scale, shift = jnp.split(mod, 2, axis=-1)
         return modulate(layer_norm(x), shift, scale)
 
@@ -115,7 +145,7 @@ class _GeluProj(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        return nn.gelu(nn.Dense(self.hidden, dtype=self.dtype, name="proj")(x), approximate=True)
+        return nn.gelu(Dense(self.hidden, dtype=self.dtype, name="proj")(x), approximate=True)
 
 
 class FeedForward(nn.Module):
@@ -128,7 +158,7 @@ class FeedForward(nn.Module):
     @nn.compact
     def __call__(self, x):
         x = _GeluProj(self.hidden, self.dtype, name="net_0")(x)
-        return nn.Dense(self.dim, dtype=self.dtype, name="net_2")(x)
+        return Dense(self.dim, dtype=self.dtype, name="net_2")(x)
 
 
 class MLPEmbedder(nn.Module):
@@ -139,8 +169,8 @@ class MLPEmbedder(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        x = nn.silu(nn.Dense(self.dim, dtype=self.dtype, name="linear_1")(x))
-        return nn.Dense(self.dim, dtype=self.dtype, name="linear_2")(x)
+        x = nn.silu(Dense(self.dim, dtype=self.dtype, name="linear_1")(x))
+        return Dense(self.dim, dtype=self.dtype, name="linear_2")(x)
 
 
 def timestep_embedding(t, dim: int = 256, max_period: float = 10000.0):

@@ -28,8 +28,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from ng_jax.models.layers import (AdaLayerNormContinuous, AdaLayerNormZero, FeedForward, MLPEmbedder, RMSNorm,
-                                  attention, layer_norm, modulate, sincos_2d_pos_embed, timestep_embedding)
+from ng_jax.models.layers import (AdaLayerNormContinuous, AdaLayerNormZero, Dense, FeedForward, MLPEmbedder,
+                                  RMSNorm, attention, layer_norm, modulate, sincos_2d_pos_embed, timestep_embedding)
 
 Dtype = Any
 
@@ -54,7 +54,7 @@ class JointAttention(nn.Module):
             raise ValueError(f"qk_norm must be None or 'rms_norm', got {self.qk_norm!r}")
         b, n, _ = x.shape
         hd = self.dim // self.heads
-        dense = lambda name: nn.Dense(self.dim, dtype=self.dtype, name=name)  # noqa: E731
+        dense = lambda name: Dense(self.dim, dtype=self.dtype, name=name)  # noqa: E731
 
         def heads(t, length):
             return t.reshape(b, length, self.heads, hd)
@@ -87,7 +87,7 @@ class AdaLayerNormZeroX(nn.Module):
 
     @nn.compact
     def __call__(self, x, emb):
-        mod = nn.Dense(9 * self.dim, dtype=self.dtype, kernel_init=nn.initializers.zeros, name="linear")(nn.silu(emb))
+        mod = Dense(9 * self.dim, dtype=self.dtype, kernel_init=nn.initializers.zeros, name="linear")(nn.silu(emb))
         (shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp,
          shift_msa2, scale_msa2, gate_msa2) = jnp.split(mod, 9, axis=-1)
         nx = layer_norm(x)
@@ -277,7 +277,7 @@ class MMDiT(nn.Module):
         mask = mask if self.use_text_mask else None
         h = PatchEmbed(d, p, self.pos_embed_max_size, self.base_size, self.dtype, name="pos_embed")(x.astype(self.dtype))
         temb = CombinedTimestepTextEmbed(d, self.dtype, name="time_text_embed")(t, pooled)
-        c = nn.Dense(d, dtype=self.dtype, name="context_embedder")(tokens.astype(self.dtype))
+        c = Dense(d, dtype=self.dtype, name="context_embedder")(tokens.astype(self.dtype))
         block_cls = nn.remat(JointTransformerBlock, static_argnums=()) if self.remat else JointTransformerBlock
         for start, stop, dual, pre_only in block_runs(self.depth, self.dual_attention_layers, self.scan_blocks):
             kwargs = dict(dim=d, heads=self.num_heads, mlp_ratio=self.mlp_ratio, context_pre_only=pre_only,
@@ -290,7 +290,7 @@ class MMDiT(nn.Module):
                 (h, c), _ = scan(tuple(sorted(kwargs.items())), self.remat, name=block_name(start, stop))(
                     (h, c), temb, mask)
         h = AdaLayerNormContinuous(d, self.dtype, name="norm_out")(h, temb)
-        h = nn.Dense(p * p * out_ch, dtype=self.dtype, kernel_init=nn.initializers.zeros, name="proj_out")(h)
+        h = Dense(p * p * out_ch, dtype=self.dtype, kernel_init=nn.initializers.zeros, name="proj_out")(h)
         gh, gw = hgt // p, wid // p
         h = h.reshape(b, gh, gw, p, p, out_ch).transpose(0, 1, 3, 2, 4, 5)
         return h.reshape(b, hgt, wid, out_ch).astype(jnp.float32)
