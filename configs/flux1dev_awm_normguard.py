@@ -28,7 +28,7 @@ from ng_jax import config_base
 
 
 def get_config(arg=None):
-    c = config_base.flux1_dev_config("awm")
+    c = config_base.flux1_dev_config("awm", normguard_lam=1.0)
     # AWM (ALGORITHMS.md sec 4; scxue/advantage_weighted_matching config/dgx_awm.py):
     #   rl.rollout.num_steps = 14 Euler steps, CFG 1, from the current policy
     #   rl.num_timesteps = 6 stratified slots over the first 90% of the grid (rl.grid_fraction), shared
@@ -36,12 +36,8 @@ def get_config(arg=None):
     #   loss: generalised-Huber log-likelihood surrogate (p 0.25), PPO clip 1, advantages clipped at 5,
     #   beta 1e-4 (reference KL, the PickScore setting), ema_beta 1 (EMA anchor)
     #   EMA policy: d = min(0.3, 0.001 * step) after each epoch (rl.ema)
-    c.name = "flux1dev_awm_normguard"
-    c.workdir = "workdirs/flux1dev_awm_normguard"
-    c.model.weights_dir = ""     # REQUIRED: --config.model.weights_dir=DIR
-    c.rewards.pickscore_dir = ""  # REQUIRED: --config.rewards.pickscore_dir=DIR (PickScore_v1, a CLIPModel)
     # NormGuard (ALGORITHMS.md sec 6): L = L_base + lam * mean(relu(||v|| - (1 + margin) ||v_ref||) / ||v_ref||)
-    c.normguard.lam = 1.0        # hinge weight (0 = the base method alone)
+    # name, workdir, the REQUIRED model.weights_dir / rewards.pickscore_dir and lam = 1.0 come from the builder
     c.normguard.margin = 0.0     # hinge starts at ||v|| = ||v_ref||
     c.normguard.power = 1        # 1: hinge, 2: squared hinge
     c.normguard.relative = True  # divide by ||v_ref|| (scale-free)

@@ -28,18 +28,14 @@ from ng_jax import config_base
 
 
 def get_config(arg=None):
-    c = config_base.flux1_dev_config("nft")
+    c = config_base.flux1_dev_config("nft", normguard_lam=1.0)
     # DiffusionNFT (ALGORITHMS.md sec 3; NVlabs/DiffusionNFT config/nft.py):
     #   rl.rollout.num_steps = 10 deterministic Euler steps, CFG-free (rl.rollout.cfg_scale = 1), from the old policy
     #   rl.num_timesteps = 9 of them per sample (int(0.99 * 10)), random order, fresh noise per timestep
     #   loss: beta 1 (implicit positive/negative policies), kl_beta 1e-4, advantages clipped at 5
     #   old policy: old <- d old + (1 - d) theta after each epoch, d = min(0.001 * step, 0.5) (rl.ema)
-    c.name = "flux1dev_nft_normguard"
-    c.workdir = "workdirs/flux1dev_nft_normguard"
-    c.model.weights_dir = ""     # REQUIRED: --config.model.weights_dir=DIR
-    c.rewards.pickscore_dir = ""  # REQUIRED: --config.rewards.pickscore_dir=DIR (PickScore_v1, a CLIPModel)
     # NormGuard (ALGORITHMS.md sec 6): L = L_base + lam * mean(relu(||v|| - (1 + margin) ||v_ref||) / ||v_ref||)
-    c.normguard.lam = 1.0        # hinge weight (0 = the base method alone)
+    # name, workdir, the REQUIRED model.weights_dir / rewards.pickscore_dir and lam = 1.0 come from the builder
     c.normguard.margin = 0.0     # hinge starts at ||v|| = ||v_ref||
     c.normguard.power = 1        # 1: hinge, 2: squared hinge
     c.normguard.relative = True  # divide by ||v_ref|| (scale-free)

@@ -26,17 +26,13 @@ from ng_jax import config_base
 
 
 def get_config(arg=None):
-    c = config_base.sd35_medium_config("dpo")
+    c = config_base.sd35_medium_config("dpo", normguard_lam=1.0)
     # Flow-DPO (ALGORITHMS.md sec 5; yifan123/flow_grpo config/dpo.py, scripts/train_sd3_dpo.py):
     #   winner / loser = argmax / argmin PickScore of each group of 24; shared noise and one logit-normal
     #   sigma per pair (rl.dpo_logit_*; shifted by 3 like SD3's training grid); beta 100; lr 1e-5
     #   rollouts: 10 Euler steps with the SD3 pipeline's CFG 4.5; the reference stays frozen (offline DPO)
-    c.name = "sd35m_dpo_normguard"
-    c.workdir = "workdirs/sd35m_dpo_normguard"
-    c.model.weights_dir = ""     # REQUIRED: --config.model.weights_dir=DIR
-    c.rewards.pickscore_dir = ""  # REQUIRED: --config.rewards.pickscore_dir=DIR (PickScore_v1, a CLIPModel)
     # NormGuard (ALGORITHMS.md sec 6): L = L_base + lam * mean(relu(||v|| - (1 + margin) ||v_ref||) / ||v_ref||)
-    c.normguard.lam = 1.0        # hinge weight (0 = the base method alone)
+    # name, workdir, the REQUIRED model.weights_dir / rewards.pickscore_dir and lam = 1.0 come from the builder
     c.normguard.margin = 0.0     # hinge starts at ||v|| = ||v_ref||
     c.normguard.power = 1        # 1: hinge, 2: squared hinge
     c.normguard.relative = True  # divide by ||v_ref|| (scale-free)
