@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ng_jax import config_base, flow, parallel
+from ng_jax import config_base, flow, parallel, partitioning
 from ng_jax.models.text import TextCond
 from ng_jax.models.velocity import make_velocity_model
 from ng_jax.state import TrainState, make_optimizer
@@ -74,7 +74,7 @@ def make_batch(method: str, n: int, model, text_cfg, mesh) -> TrainBatch:
 def build(method: str, lam: float, batch: TrainBatch, model, ref, mesh):
     """(compiled step, fresh state, compile seconds) for one method and NormGuard weight."""
     config = config_base.rl_config(method, normguard_lam=lam)
-    rules = [tuple(r) for r in config.mesh.rules]
+    layout, ref_layout = partitioning.layouts(config.mesh)
     spec = step_spec(config, batch.advantages.shape[0])
     optimizer = make_optimizer(config.optim)
 
@@ -83,8 +83,8 @@ def build(method: str, lam: float, batch: TrainBatch, model, ref, mesh):
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema=params, opt_state=optimizer.init(params),
                           rng=jax.random.key(0))
 
-    state_sh = parallel.param_shardings(jax.eval_shape(init_state, ref), mesh, rules)
-    ref_sh = parallel.param_shardings(ref, mesh, rules)
+    state_sh = layout.shardings(jax.eval_shape(init_state, ref), mesh)
+    ref_sh = ref_layout.shardings(ref, mesh)
     jitted = jax.jit(make_train_step(model.apply, optimizer, spec),
                      in_shardings=(state_sh, ref_sh, parallel.batch_sharding(mesh)),
                      out_shardings=(state_sh, parallel.replicated(mesh)), donate_argnums=(0,))

@@ -13,11 +13,29 @@ DEFAULT_DATA_DIR = "workdirs/tfds"
 
 
 def mesh_config() -> mlc.ConfigDict:
+    """Mesh and partitioning (ng_jax.parallel, ng_jax.partitioning; README "Meshes and partitioning")."""
+    from ng_jax.partitioning import LOGICAL_RULES
+
     m = mlc.ConfigDict()
     m.shape = (-1, 1, 1)  # devices along (data, fsdp, tensor); one -1 takes the remaining devices
-    # Partition rules: (regex on '/'-joined parameter path, rule), first match wins. "fsdp" shards
-    # the largest dimension divisible by the fsdp axis; "replicate"; or an explicit spec tuple.
-    m.rules = ((".*", "fsdp"),)
+    # THE rule table: (logical axis name, mesh axis | tuple of mesh axes | None), flax's
+    # logical_axis_rules format. Parameters carry logical names from their path and rank
+    # (ng_jax.partitioning.PARAM_AXES: "embed" model width, "heads" attention projections, "kv" per-head
+    # dim, "mlp" feed-forward hidden, "mod" adaLN modulation outputs, "vocab", "channels" latent/text
+    # input features, "layers" scanned-block axis, "lora" adapter rank); activations at block boundaries
+    # ("batch", "seq", "embed", "heads", "kv", "mlp"). Rules apply in table order: a rule takes the first
+    # dimension of its name whose size its mesh axes divide and whose axes this tensor does not use yet
+    # (size-1 axes are dropped); a second rule for a name is a fallback; names without a rule, or that no
+    # rule divides, are not sharded. The default: batch over (data, fsdp), embed over fsdp (FSDP),
+    # heads/mlp/mod/vocab over tensor, else over fsdp.
+    m.logical_rules = LOGICAL_RULES
+    # The frozen reference's (and text encoders') table; None = logical_rules. E.g. shard the reference
+    # over (fsdp, tensor) while the policy keeps tensor for activations: (("embed", ("fsdp", "tensor")), ...).
+    m.ref_logical_rules = None
+    # Overrides checked before the table: (regex on '/'-joined parameter path, rule), first match wins.
+    # "fsdp" shards the largest dimension divisible by the fsdp axis; "replicate"; or an explicit spec
+    # tuple such as ("fsdp", None). Empty: the logical table places everything.
+    m.rules = ()
     # Fail the run when more than this fraction of parameter bytes would be replicated on every device
     # of a mesh with fsdp or tensor > 1 (checked at start-up for the trainable state and the reference).
     m.max_replicated_fraction = 0.1
@@ -268,8 +286,9 @@ def _real_rl_config(method: str, family: str, normguard_lam: float) -> mlc.Confi
     # Prompts: a .txt/.jsonl file of free-form prompts (the PickScore references train on Pick-a-Pic
     # prompts); "" falls back on the shapes world's TFDS prompts (compositional, GenEval-like).
     c.data.prompt_file = ""
-    c.mesh.shape = (1, -1, 1)    # FSDP over every device: parameters and batch split over the "fsdp" axis
-    c.mesh.rules = ((".*", "fsdp"),)
+    # FSDP over every device: the batch and every weight matrix's embed dimension split over "fsdp"
+    # (mesh.logical_rules' defaults); (1, -1, T) adds T-way tensor parallelism over heads / MLP.
+    c.mesh.shape = (1, -1, 1)
 
     r = c.rl
     r.epochs = 300               # rollout -> train cycles (the references run for hundreds)

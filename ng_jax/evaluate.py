@@ -15,7 +15,7 @@ from collections import defaultdict
 import jax
 import numpy as np
 
-from ng_jax import parallel, reporting
+from ng_jax import parallel, partitioning, reporting
 from ng_jax.sampling import make_sampler, to_uint8
 
 REWARD_NAMES = ("verifier", "jpeg_compressibility", "jpeg_incompressibility", "remote", "clip_score", "pickscore",
@@ -217,7 +217,7 @@ def run(config, workdir: str) -> int:
     mesh = parallel.make_mesh(config.mesh.shape)
     # The toy reference stays on the host, as this job always had it; real weights are placed by the rules.
     stack = build_model_stack(config, None if "model" not in config else mesh,
-                              [tuple(r) for r in config.mesh.get("rules", ((".*", "fsdp"),))])
+                              partitioning.layouts(config.mesh)[1])
     evaluator = Evaluator(config.eval, stack, mesh, weighted=build_rewards(config.rewards),
                           policy_params=lambda p, r: p, workdir=workdir)
     result = evaluator(stack.ref, tag="evaluate", step=0)

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ng_jax import flow, parallel, reporting
+from ng_jax import flow, parallel, partitioning, reporting
 from ng_jax.checkpoint import Checkpointer
 from ng_jax.config_checks import ConfigError
 from ng_jax.models.bundle import ModelBundle, save_bundle
@@ -129,8 +129,7 @@ def run(config, workdir: str) -> int:
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema=params,
                           opt_state=optimizer.init(params), rng=r_state)
 
-    rules = [tuple(r) for r in config.mesh.rules]
-    state, shardings = create_sharded(init_state, mesh, rules)
+    state, shardings = create_sharded(init_state, mesh, partitioning.layouts(config.mesh)[0])
     batch_sh = parallel.batch_sharding(mesh)
     step_fn = jax.jit(
         make_pretrain_step(model, text, optimizer, config.train, jnp.asarray(empty_ids[0]), jnp.asarray(empty_mask[0])),

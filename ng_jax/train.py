@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ng_jax import losses, parallel, reporting
+from ng_jax import losses, parallel, partitioning, reporting
 from ng_jax.checkpoint import CheckpointError, Checkpointer, export_params
 from ng_jax.config_checks import ConfigError
 from ng_jax.evaluate import Evaluator, build_rewards, eval_prompts
@@ -119,6 +119,26 @@ def make_step_spec(config, grid: np.ndarray) -> StepSpec:
         power=int(ng.power), relative=bool(ng.relative),
         dpo_logit_mean=float(rl.get("dpo_logit_mean", 0.0)), dpo_logit_std=float(rl.get("dpo_logit_std", 1.0)),
         dpo_shift=float(rl.get("dpo_shift", 1.0)))
+
+
+def make_init_state(config, optimizer, lora_cfg):
+    """`init_state(ref) -> TrainState` at step 0 (pure; jitted with the state's out_shardings)."""
+    def init_state(ref):
+        trainable = trainable_init(ref, lora_cfg, jax.random.key(config.seed + 1))
+        return TrainState(step=jnp.zeros((), jnp.int32), params=trainable, ema=jax.tree.map(jnp.copy, trainable),
+                          opt_state=optimizer.init(trainable), rng=jax.random.key(config.seed))
+    return init_state
+
+
+def jit_train_step(config, apply_fn, optimizer, lora_cfg, grid, mesh, state_sh, ref_sh):
+    """The run's jitted, sharded train step `(state, ref, batch) -> (state, metrics)`, state donated, with
+    the activation rules of `mesh.logical_rules` active while it traces. `ng_jax.plan` lowers this same
+    function ahead of time against abstract shapes."""
+    spec = make_step_spec(config, grid)
+    step = partitioning.with_rules(make_train_step(apply_fn, optimizer, spec, lora_cfg), mesh,
+                                   partitioning.layouts(config.mesh)[0].logical_rules)
+    return jax.jit(step, in_shardings=(state_sh, ref_sh, parallel.batch_sharding(mesh)),
+                   out_shardings=(state_sh, parallel.replicated(mesh)), donate_argnums=(0,))
 
 
 def ema_decay(config, step: int) -> float:
@@ -216,7 +236,7 @@ def run(config, workdir: str) -> int:
         else f"evaluation prompts in eval.data_dir={config.eval.data_dir!r}",
         lambda: eval_prompts(config.eval, shapes_grammar=model_family(config) == TOY))
     mesh = parallel.make_mesh(config.mesh.shape)
-    rules = [tuple(r) for r in config.mesh.rules]
+    layout, ref_layout = partitioning.layouts(config.mesh)
     check_rl_config(config, parallel.batch_size_multiple(mesh))
     k = int(rl.group_size)
     n_samples = int(rl.prompts_per_epoch) * k
@@ -227,20 +247,15 @@ def run(config, workdir: str) -> int:
                           f"divisible by the data x fsdp devices ({parallel.batch_size_multiple(mesh)})")
 
     # The model stack (ng_jax.models.pipeline): velocity model, placed reference, prompt encoder, decoder.
-    stack = build_model_stack(config, mesh, rules)
+    stack = build_model_stack(config, mesh, ref_layout)
     model, ref, ref_shardings = stack.model, stack.ref, stack.ref_shardings
     dec_params, dec_shardings = stack.decoder_params, stack.decoder_shardings
     lora_cfg = config.lora if config.lora.rank else None
     replicated = parallel.replicated(mesh)
     optimizer = make_optimizer(config.optim)
-
-    def init_state(ref):
-        trainable = trainable_init(ref, lora_cfg, jax.random.key(config.seed + 1))
-        return TrainState(step=jnp.zeros((), jnp.int32), params=trainable, ema=jax.tree.map(jnp.copy, trainable),
-                          opt_state=optimizer.init(trainable), rng=jax.random.key(config.seed))
-
+    init_state = make_init_state(config, optimizer, lora_cfg)
     state_abstract = jax.eval_shape(init_state, ref)
-    state_sh = parallel.param_shardings(state_abstract, mesh, rules)
+    state_sh = layout.shardings(state_abstract, mesh)
     max_rep = float(config.mesh.get("max_replicated_fraction", 1.0))
     try:  # a rule table that leaves big tensors replicated fails here, not in an out-of-memory later
         parallel.check_replication(state_abstract.params, state_sh.params, max_rep, "trainable parameters")
@@ -266,14 +281,12 @@ def run(config, workdir: str) -> int:
         total, parts = reward_fn(stack.decode_fn(decoder_params, out.x0), prompt_ids)
         return out.x0, total, parts
 
-    rollout_fn = jax.jit(rollout, in_shardings=(state_sh.params, state_sh.ema, ref_shardings, dec_shardings, batch_sh,
-                                                batch_sh, batch_sh, batch_sh, replicated),
+    rollout_fn = jax.jit(partitioning.with_rules(rollout, mesh, layout.logical_rules),
+                         in_shardings=(state_sh.params, state_sh.ema, ref_shardings, dec_shardings, batch_sh,
+                                       batch_sh, batch_sh, batch_sh, replicated),
                          out_shardings=(batch_sh, batch_sh, batch_sh))
     grid = np.asarray(jax.device_get(sampler_sigmas(ro)))
-    spec = make_step_spec(config, grid)
-    step_fn = jax.jit(make_train_step(model.apply, optimizer, spec, lora_cfg),
-                      in_shardings=(state_sh, ref_shardings, batch_sh), out_shardings=(state_sh, replicated),
-                      donate_argnums=(0,))
+    step_fn = jit_train_step(config, model.apply, optimizer, lora_cfg, grid, mesh, state_sh, ref_shardings)
     ema_fn = jax.jit(make_ema_update(), in_shardings=(state_sh, replicated), out_shardings=state_sh,
                      donate_argnums=(0,))
     adv_fn = jax.jit(lambda r, g: losses.group_advantages(r, g, global_std=bool(rl.global_std)))

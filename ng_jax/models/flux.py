@@ -38,6 +38,9 @@ import numpy as np
 from ng_jax.models.layers import (AdaLayerNormContinuous, AdaLayerNormZero, FeedForward, MLPEmbedder, RMSNorm,
                                   attention, layer_norm, modulate, timestep_embedding)
 from ng_jax.models.text import TextCond
+from ng_jax.partitioning import constrain
+
+TOKENS = ("batch", "seq", "embed")  # logical names of the streams (ng_jax.partitioning)
 
 Dtype = Any
 
@@ -136,7 +139,7 @@ class FluxTransformerBlock(nn.Module):
         c = c + c_gate_msa[:, None] * attn_c
         h = modulate(layer_norm(c), c_shift_mlp, c_scale_mlp)
         c = c + c_gate_mlp[:, None] * FeedForward(self.dim, 4 * self.dim, self.dtype, name="ff_context")(h)
-        return (c, x), None
+        return (constrain(c, TOKENS), constrain(x, TOKENS)), None
 
 
 class _DoubleAttention(nn.Module):
@@ -174,8 +177,9 @@ class FluxSingleTransformerBlock(nn.Module):
         mlp = nn.gelu(nn.Dense(int(self.dim * self.mlp_ratio), dtype=self.dtype, name="proj_mlp")(nh),
                       approximate=True)
         attn = _SingleAttention(self.dim, self.heads, self.dtype, name="attn")(nh, cos, sin)
+        mlp = constrain(mlp, ("batch", "seq", "mlp"))
         out = nn.Dense(self.dim, dtype=self.dtype, name="proj_out")(jnp.concatenate([attn, mlp], axis=-1))
-        return h + gate[:, None] * out, None
+        return constrain(h + gate[:, None] * out, TOKENS), None
 
 
 class _AdaLinear(nn.Module):
@@ -275,6 +279,7 @@ class FluxTransformer(nn.Module):
         g = None if guidance is None else jnp.asarray(guidance, jnp.float32) * 1000.0
         temb = TimeTextEmbed(d, self.guidance_embeds, self.dtype, name="time_text_embed")(t, pooled_projections, g)
         c = nn.Dense(d, dtype=self.dtype, name="context_embedder")(encoder_hidden_states.astype(self.dtype))
+        x, c = constrain(x, TOKENS), constrain(c, TOKENS)
         cat = np if isinstance(txt_ids, np.ndarray) and isinstance(img_ids, np.ndarray) else jnp
         cos, sin = rope_tables(cat.concatenate([txt_ids, img_ids], axis=0), self.axes_dims_rope)
 

@@ -15,7 +15,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ng_jax.partitioning import constrain
+
 Dtype = Any
+# Logical names of activations (ng_jax.partitioning; constraints are no-ops outside a rules context).
+TOKENS = ("batch", "seq", "embed")
+HEADS = ("batch", "seq", "heads", "kv")
 
 
 class Dense(nn.Module):
@@ -51,6 +56,7 @@ def attention(q, k, v, key_mask=None):
     Heads are moved next to the batch ([B, H, L, D]) so both products are plain batched matmuls, and
     q is scaled before the product (a [B, L, H, D] multiply instead of a [B, H, Lq, Lk] one): together
     3-9% off an SD3 forward / train step on XLA:CPU (benchmarks/run.py, docs/PERFORMANCE.md)."""
+    q, k, v = (constrain(t, HEADS) for t in (q, k, v))
     scale = jnp.asarray(1.0 / math.sqrt(q.shape[-1]), q.dtype)
     q, k, v = (t.transpose(0, 2, 1, 3) for t in (q * scale, k, v))
     logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
@@ -157,7 +163,7 @@ class FeedForward(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        x = _GeluProj(self.hidden, self.dtype, name="net_0")(x)
+        x = constrain(_GeluProj(self.hidden, self.dtype, name="net_0")(x), ("batch", "seq", "mlp"))
         return Dense(self.dim, dtype=self.dtype, name="net_2")(x)
 
 

@@ -28,8 +28,9 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from ng_jax.models.layers import (AdaLayerNormContinuous, AdaLayerNormZero, Dense, FeedForward, MLPEmbedder,
+from ng_jax.models.layers import (TOKENS, AdaLayerNormContinuous, AdaLayerNormZero, Dense, FeedForward, MLPEmbedder,
                                   RMSNorm, attention, layer_norm, modulate, sincos_2d_pos_embed, timestep_embedding)
+from ng_jax.partitioning import constrain
 
 Dtype = Any
 
@@ -128,12 +129,13 @@ class JointTransformerBlock(nn.Module):
             x = x + gate_msa2[:, None] * attn_x2
         h = layer_norm(x) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
         x = x + gate_mlp[:, None] * FeedForward(self.dim, hidden, self.dtype, name="ff")(h)
+        x = constrain(x, TOKENS)  # block boundary (ng_jax.partitioning)
         if self.context_pre_only:
             return x, None
         c = c + c_gate_msa[:, None] * attn_c
         h = layer_norm(c) * (1 + c_scale_mlp[:, None]) + c_shift_mlp[:, None]
         c = c + c_gate_mlp[:, None] * FeedForward(self.dim, hidden, self.dtype, name="ff_context")(h)
-        return x, c
+        return x, constrain(c, TOKENS)
 
 
 def sincos_pos_table(dim: int, grid_h: int, grid_w: int, base_size: int, rows=None, cols=None) -> np.ndarray:
@@ -278,6 +280,7 @@ class MMDiT(nn.Module):
         h = PatchEmbed(d, p, self.pos_embed_max_size, self.base_size, self.dtype, name="pos_embed")(x.astype(self.dtype))
         temb = CombinedTimestepTextEmbed(d, self.dtype, name="time_text_embed")(t, pooled)
         c = Dense(d, dtype=self.dtype, name="context_embedder")(tokens.astype(self.dtype))
+        h, c = constrain(h, TOKENS), constrain(c, TOKENS)
         block_cls = nn.remat(JointTransformerBlock, static_argnums=()) if self.remat else JointTransformerBlock
         for start, stop, dual, pre_only in block_runs(self.depth, self.dual_attention_layers, self.scan_blocks):
             kwargs = dict(dim=d, heads=self.num_heads, mlp_ratio=self.mlp_ratio, context_pre_only=pre_only,

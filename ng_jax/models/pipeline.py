@@ -1,6 +1,6 @@
 """The model stack of a run, built from its config: what the RL loop and the evaluation need of a model.
 
-    stack = build_model_stack(config, mesh, rules)
+    stack = build_model_stack(config, mesh, layout)
     v = stack.model.apply(params, x_t, sigma, cond)        # the one velocity contract (velocity.py)
     stack.ref                                              # frozen reference params, in stack.ref_shardings
     cond = stack.encode(prompts, repeat=k)                 # TextCond, row i // k is prompts[i // k]
@@ -25,7 +25,8 @@ Two worlds, chosen by `config.model.family` (no `model` block: the toy world):
   `model.param_dtype` (bf16 on accelerators) and computes in `model.dtype`; the trainable tree is
   always float32 (LoRA adapters, or full fine-tuning's master weights: `trainable_init`). Text
   encoders and the VAE are frozen in `model.text.param_dtype` / `model.vae.dtype`. The reference and
-  text encoders follow the run's partition rules (each tensor read straight into its shards); the
+  text encoders follow the run's reference layout (`ng_jax.partitioning`: logical axis names mapped
+  by `mesh.ref_logical_rules`; each tensor read straight into its shards); the
   VAE decoder is replicated (84M parameters; the batch-parallel decode then needs no communication).
   `decode_fn` is the VAE decode of `from_model_latents(x0)`, traced into the rollout's jit so that
   only images travel to the reward callbacks.
@@ -45,7 +46,7 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 
-from ng_jax import parallel
+from ng_jax import parallel, partitioning
 from ng_jax.config_checks import ConfigError, weights_dir_problem
 from ng_jax.models.text import EMPTY_PROMPT, TextCond
 
@@ -96,23 +97,26 @@ def model_family(config) -> str:
     return str(mcfg.get("family", TOY)) if mcfg is not None else TOY
 
 
-def build_model_stack(config, mesh=None, rules: Sequence = ((".*", "fsdp"),)) -> ModelStack:
-    """The stack for `config` (RL, evaluate or analyze config). With `mesh`, parameters are placed by
-    `rules`; without, the toy reference stays on the host (as the evaluate/analyze jobs always had it)."""
+def build_model_stack(config, mesh=None, layout=None) -> ModelStack:
+    """The stack for `config` (RL, evaluate or analyze config). With `mesh`, the frozen parameters are
+    placed by `layout` (a `partitioning.Layout`, default: the default rule table; a legacy regex rule
+    list also works); without, the toy reference stays on the host (as the evaluate/analyze jobs always
+    had it)."""
+    layout = partitioning.as_layout(layout if layout is not None else ())
     family = model_family(config)
     if family == TOY:
         from ng_jax.models.bundle import load_bundle
 
-        return toy_stack(load_bundle(config.get("reference") or None), mesh, rules)
+        return toy_stack(load_bundle(config.get("reference") or None), mesh, layout)
     if family not in REAL_FAMILIES:
         raise ConfigError(f"model.family={family!r}: expected one of {(TOY,) + REAL_FAMILIES}")
-    return real_stack(config.model, mesh, rules)
+    return real_stack(config.model, mesh, layout)
 
 
 # ------------------------------------------------------------------------------------------- toy
 
 
-def toy_stack(bundle, mesh=None, rules: Sequence = ((".*", "fsdp"),)) -> ModelStack:
+def toy_stack(bundle, mesh=None, layout=None) -> ModelStack:
     from ng_jax.models.text import make_text_encoder, tokenize
     from ng_jax.models.velocity import make_velocity_model
 
@@ -121,7 +125,7 @@ def toy_stack(bundle, mesh=None, rules: Sequence = ((".*", "fsdp"),)) -> ModelSt
     text_params = bundle.params["text"]
     ref, ref_sh = bundle.params["velocity"], None
     if mesh is not None:
-        ref_sh = parallel.param_shardings(ref, mesh, rules)
+        ref_sh = partitioning.as_layout(layout if layout is not None else ()).shardings(ref, mesh)
         ref = jax.device_put(ref, ref_sh)
     encode_jit = jax.jit(text.encode)
 
@@ -173,7 +177,7 @@ def velocity_config(mcfg, latent: int):
     return sd3_weights.model_config_from_diffusers(wd, family=str(mcfg.family), latent_size=latent, **common)
 
 
-def real_stack(mcfg, mesh=None, rules: Sequence = ((".*", "fsdp"),)) -> ModelStack:
+def real_stack(mcfg, mesh=None, layout=None) -> ModelStack:
     from ng_jax.models.hf_text import load_text_encoders
     from ng_jax.models.vae_weights import load_vae, vae_config_from_diffusers
     from ng_jax.models.velocity import make_velocity_model
@@ -199,7 +203,8 @@ def real_stack(mcfg, mesh=None, rules: Sequence = ((".*", "fsdp"),)) -> ModelSta
                           f"{vae_cfg.latent_channels}")
 
     param_dtype = _dtype(mcfg.get("param_dtype"), "model.param_dtype")
-    place = (lambda tree: parallel.param_shardings(tree, mesh, rules)) if mesh is not None else None
+    layout = partitioning.as_layout(layout if layout is not None else ())
+    place = (lambda tree: layout.shardings(tree, mesh)) if mesh is not None else None
     abstract = jax.eval_shape(model.init, jax.random.key(0))
     if param_dtype is not None:
         abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, param_dtype), abstract)
