@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import json
 import os
 import time
 
@@ -71,6 +72,38 @@ def run_configs(config) -> dict[str, mlc.ConfigDict]:
     return out
 
 
+RUN_CONFIG = "grid_run_config.json"
+
+
+def _flatten(tree, prefix=""):
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            yield from _flatten(v, f"{prefix}{k}.")
+    else:
+        yield prefix[:-1], tree
+
+
+def _check_recorded_config(c: mlc.ConfigDict, run_dir: str) -> None:
+    """A run directory is reused or resumed only by the config that started it: a grid whose settings
+    changed since must not silently mix old runs into its report."""
+    from ng_jax.config_checks import ConfigError
+
+    path = os.path.join(run_dir, RUN_CONFIG)
+    if not os.path.isdir(run_dir) or not os.listdir(run_dir):
+        return
+    if not os.path.isfile(path):
+        raise ConfigError(f"{run_dir} holds a run without {RUN_CONFIG} (not started by this grid); "
+                          f"delete it or point grid workdir elsewhere")
+    with open(path) as f:
+        old = dict(_flatten(json.load(f)))
+    new = dict(_flatten(json.loads(c.to_json_best_effort())))
+    diff = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    if diff:
+        shown = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff[:4])
+        raise ConfigError(f"{run_dir} was started with another config ({shown}{', ...' if len(diff) > 4 else ''}); "
+                          f"delete it to retrain that run")
+
+
 def analysis_config(config, checkpoints: list[str], runs: list[str]) -> mlc.ConfigDict:
     a = load_config_file("analyze.py")
     a.reference = config.reference
@@ -99,10 +132,14 @@ def run(config, workdir: str) -> int:
     timings = {}
     for i, (name, c) in enumerate(runs.items(), 1):
         run_dir = os.path.join(workdir, name)
+        _check_recorded_config(c, run_dir)
         if os.path.isfile(os.path.join(run_dir, "summary.json")):
             print(f"[{i}/{len(runs)}] {name}: finished earlier, reused")
             continue
         print(f"[{i}/{len(runs)}] {name}: training")
+        os.makedirs(run_dir, exist_ok=True)
+        with open(os.path.join(run_dir, RUN_CONFIG), "w") as f:
+            f.write(c.to_json_best_effort(indent=1, sort_keys=True))
         t0 = time.time()
         code = train.run(c, run_dir)
         if code != 0 or not os.path.isfile(os.path.join(run_dir, "summary.json")):

@@ -11,6 +11,7 @@ import pytest
 
 import rl_fixtures
 from ng_jax import grid
+from ng_jax.config_checks import ConfigError
 
 pytestmark = pytest.mark.slow
 
@@ -72,6 +73,12 @@ def test_tiny_grid_runs_analyses_reports_and_reuses(tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.count("finished earlier, reused") == 2
     assert stamps == [os.path.getmtime(os.path.join(config.workdir, n, "summary.json")) for n in names]
+
+    # A changed setting is never silently reused: the error names the run and the key.
+    config.overrides.optim.lr = 2 * config.overrides.optim.lr
+    with pytest.raises(ConfigError, match=r"awm_jpeg_incompressibility_s0 was started with another config "
+                                          r"\(optim.lr"):
+        grid.run(config, config.workdir)
 
 
 def test_grid_config_errors_name_the_key(tmp_path):
