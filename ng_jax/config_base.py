@@ -189,7 +189,7 @@ def rl_config(method: str, *, normguard_lam: float = 0.0) -> mlc.ConfigDict:
     c.rewards.clip_score_dir = ""         # e.g. openai/clip-vit-large-patch14 saved locally
     c.rewards.pickscore_dir = ""          # yuvalkirstain/PickScore_v1 saved locally
     c.rewards.pickscore_tokenizer_dir = ""  # its tokenizer (laion CLIP-ViT-H-14); "" = from pickscore_dir
-    c.rewards.hpsv2_dir = ""              # `python -m ng_jax.rewards.clip HPS_v2_compressed.pt --out DIR` output
+    c.rewards.hpsv2_dir = ""              # `python -m ng_jax.rewards.open_clip_convert HPS_v2_compressed.pt --out DIR` output
     c.rewards.clip_backend = "auto"       # "torch" (if installed) or "numpy" (never JAX: host callbacks)
     c.rewards.clip_device = "cpu"         # torch device for the CLIP rewards
 

@@ -219,7 +219,7 @@ def open_clip_features(sd, pixels, ids, heads=2):
 
 @pytest.fixture(scope="module")
 def hps(tiny):
-    from ng_jax.rewards.clip import convert_open_clip_checkpoint
+    from ng_jax.rewards.open_clip_convert import convert_open_clip_checkpoint
 
     model = tiny["models"]["gelu"]
     sd = to_open_clip(model)
@@ -238,7 +238,7 @@ def hps(tiny):
 def test_open_clip_converter_round_trips(hps, tmp_path, monkeypatch):
     from safetensors.numpy import load_file
 
-    from ng_jax.rewards import clip
+    from ng_jax.rewards import open_clip_convert
 
     converted = load_file(os.path.join(hps["dir"], "model.safetensors"))
     original = {k: v.numpy() for k, v in hps["model"].state_dict().items()}
@@ -248,9 +248,9 @@ def test_open_clip_converter_round_trips(hps, tmp_path, monkeypatch):
     assert {"config.json", "preprocessor_config.json", "vocab.json"} <= set(os.listdir(hps["dir"]))
     # the CLI (with the tiny config standing in for the ViT-H-14 default)
     config = json.loads(open(os.path.join(hps["dir"], "config.json")).read())
-    monkeypatch.setattr(clip, "OPEN_CLIP_VIT_H_14", {k: config[k] for k in ("text_config", "vision_config",
+    monkeypatch.setattr(open_clip_convert, "OPEN_CLIP_VIT_H_14", {k: config[k] for k in ("text_config", "vision_config",
                                                                             "projection_dim")})
-    clip.main([hps["checkpoint"], "--tokenizer", hps["dir"], "--out", str(tmp_path / "cli")])
+    open_clip_convert.main([hps["checkpoint"], "--tokenizer", hps["dir"], "--out", str(tmp_path / "cli")])
     again = load_file(str(tmp_path / "cli" / "model.safetensors"))
     assert all(np.array_equal(again[k], converted[k]) for k in converted)
 
@@ -278,8 +278,8 @@ def test_hpsv2_matches_open_clip_computation(tiny, hps, backend):
 
 @pytest.mark.needs_torch
 def test_mismatched_weights_give_clear_errors(tiny, hps, tmp_path):
-    from ng_jax.rewards.clip import (ClipScore, ClipWeightsError, HPSv2, PickScore, convert_open_clip_checkpoint,
-                                     open_clip_to_transformers)
+    from ng_jax.rewards.clip import ClipScore, ClipWeightsError, HPSv2, PickScore
+    from ng_jax.rewards.open_clip_convert import convert_open_clip_checkpoint, open_clip_to_transformers
 
     with pytest.raises(ClipWeightsError, match="no config.json"):
         ClipScore(str(tmp_path / "nowhere"), backend="numpy")

@@ -13,8 +13,8 @@ pytorch_model.bin with torch; tokenizer files; optionally preprocessor_config.js
 - `HPSv2` ("hpsv2"): scale 1. HPSv2 (tgxs002/HPSv2 img_score.py) scores
   `diag(image_features @ text_features.T)` of open_clip's L2-normalised features: the raw cosine
   (~0.2-0.35), not x100. Its checkpoints (HPS_v2[.1]_compressed.pt) are open_clip ViT-H-14 state
-  dicts: `python -m ng_jax.rewards.clip CKPT --tokenizer CLIP_H_DIR --out DIR` converts one once
-  into a CLIPModel directory (`convert_open_clip_checkpoint`: every key mapped, every shape checked).
+  dicts: `python -m ng_jax.rewards.open_clip_convert CKPT --tokenizer CLIP_H_DIR --out DIR` converts one once
+  into a CLIPModel directory (ng_jax/rewards/open_clip_convert.py: every key mapped, every shape checked).
 
 Preprocessing (`preprocess_images`, numpy + PIL) is CLIP's: shorter side to `image_size` (PIL
 bicubic, long side truncated), centre crop, /255, CLIP mean/std (or preprocessor_config.json's).
@@ -41,25 +41,13 @@ from typing import Mapping, Sequence
 import numpy as np
 from PIL import Image
 
-__all__ = ["ClipScore", "PickScore", "HPSv2", "ClipSimilarityReward", "ClipWeightsError", "preprocess_images",
-           "convert_open_clip_checkpoint", "open_clip_to_transformers", "OPEN_CLIP_VIT_H_14"]
+from ng_jax.rewards.clip_weights import (ClipWeightsError, check_clip_tensors, clip_tensor_shapes, read_clip_config,
+                                         read_clip_tensors)
+
+__all__ = ["ClipScore", "PickScore", "HPSv2", "ClipSimilarityReward", "ClipWeightsError", "preprocess_images"]
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-OPEN_CLIP_VIT_H_14 = {  # open_clip ViT-H-14 (HPSv2 / PickScore backbone) as a transformers CLIPConfig
-    "projection_dim": 1024,
-    "text_config": {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16,
-                    "max_position_embeddings": 77, "vocab_size": 49408, "hidden_act": "gelu", "layer_norm_eps": 1e-5,
-                    "bos_token_id": 49406, "eos_token_id": 49407, "pad_token_id": 1, "projection_dim": 1024},
-    "vision_config": {"hidden_size": 1280, "intermediate_size": 5120, "num_hidden_layers": 32,
-                      "num_attention_heads": 16, "image_size": 224, "patch_size": 14, "hidden_act": "gelu",
-                      "layer_norm_eps": 1e-5, "projection_dim": 1024},
-}
-_BUFFERS = ("text_model.embeddings.position_ids", "vision_model.embeddings.position_ids")
-
-
-class ClipWeightsError(ValueError):
-    """A CLIP weights directory or checkpoint that cannot be used (missing, wrong kind, keys, shapes)."""
 
 
 # ------------------------------------------------------------------------------------ preprocessing
@@ -87,119 +75,6 @@ def preprocess_images(images: np.ndarray, size: int, mean=CLIP_MEAN, std=CLIP_ST
         top, left = offset(nh - size), offset(nw - size)
         out[i] = x[top:top + size, left:left + size]
     return (out / np.float32(255.0) - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
-
-
-# ---------------------------------------------------------------------------------- weights on disk
-
-
-def expected_clip_shapes(config) -> dict[str, tuple]:
-    """Every tensor of a transformers CLIPModel checkpoint and its shape, from a CLIPConfig."""
-    t, v, e = config.text_config, config.vision_config, config.projection_dim
-    shapes = {"logit_scale": (), "text_projection.weight": (e, t.hidden_size),
-              "visual_projection.weight": (e, v.hidden_size),
-              "text_model.embeddings.token_embedding.weight": (t.vocab_size, t.hidden_size),
-              "text_model.embeddings.position_embedding.weight": (t.max_position_embeddings, t.hidden_size),
-              "vision_model.embeddings.class_embedding": (v.hidden_size,),
-              "vision_model.embeddings.patch_embedding.weight": (v.hidden_size, 3, v.patch_size, v.patch_size),
-              "vision_model.embeddings.position_embedding.weight": ((v.image_size // v.patch_size) ** 2 + 1,
-                                                                    v.hidden_size)}
-    for tower, c, norms in (("text_model", t, ("final_layer_norm",)),
-                            ("vision_model", v, ("pre_layrnorm", "post_layernorm"))):
-        d, f = c.hidden_size, c.intermediate_size
-        for n in norms:
-            shapes.update({f"{tower}.{n}.weight": (d,), f"{tower}.{n}.bias": (d,)})
-        for i in range(c.num_hidden_layers):
-            p = f"{tower}.encoder.layers.{i}."
-            for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
-                shapes.update({f"{p}self_attn.{proj}.weight": (d, d), f"{p}self_attn.{proj}.bias": (d,)})
-            for n in ("layer_norm1", "layer_norm2"):
-                shapes.update({f"{p}{n}.weight": (d,), f"{p}{n}.bias": (d,)})
-            shapes.update({f"{p}mlp.fc1.weight": (f, d), f"{p}mlp.fc1.bias": (f,),
-                           f"{p}mlp.fc2.weight": (d, f), f"{p}mlp.fc2.bias": (d,)})
-    return shapes
-
-
-def check_clip_tensors(tensors: Mapping[str, tuple | np.ndarray], config, where: str) -> None:
-    """Raise ClipWeightsError naming missing, unexpected and mis-shaped tensors."""
-    want = expected_clip_shapes(config)
-    got = {k: tuple(np.shape(x)) if not isinstance(x, tuple) else x for k, x in tensors.items()}
-    missing = sorted(set(want) - set(got))
-    unexpected = sorted(k for k in set(got) - set(want) if k not in _BUFFERS)
-    shaped = sorted(f"{k}: {got[k]} (config wants {want[k]})" for k in set(want) & set(got) if got[k] != want[k])
-    problems = [f"{len(x)} {label}: {x[:8]}{' ...' if len(x) > 8 else ''}" for label, x in
-                (("missing tensors", missing), ("unexpected tensors", unexpected), ("mis-shaped", shaped)) if x]
-    if problems:
-        raise ClipWeightsError(f"{where} does not hold the CLIPModel its config describes: " + "; ".join(problems))
-
-
-def read_clip_config(directory: str):
-    from transformers import CLIPConfig
-
-    if os.path.isfile(directory):
-        raise ClipWeightsError(f"{directory} is a file; expected a transformers CLIPModel directory (an open_clip "
-                               "checkpoint such as HPS_v2.1_compressed.pt must first be converted with "
-                               "`python -m ng_jax.rewards.clip CHECKPOINT --tokenizer DIR --out DIR`)")
-    path = os.path.join(directory, "config.json")
-    if not os.path.isfile(path):
-        raise ClipWeightsError(f"CLIP weights directory {directory}: no config.json (missing directory or not a "
-                               "transformers CLIPModel save_pretrained directory)")
-    with open(path) as f:
-        raw = json.load(f)
-    if raw.get("model_type") != "clip":
-        raise ClipWeightsError(f"{directory}: config.json has model_type {raw.get('model_type')!r}; a CLIP reward "
-                               "needs a full two-tower CLIPModel (model_type 'clip')")
-    return CLIPConfig.from_dict(raw)
-
-
-def _safetensors_files(directory: str) -> list[str]:
-    names = sorted(os.listdir(directory))
-    index = [n for n in names if n.endswith(".safetensors.index.json")]
-    if index:
-        with open(os.path.join(directory, index[0])) as f:
-            return [os.path.join(directory, n) for n in sorted(set(json.load(f)["weight_map"].values()))]
-    files = [n for n in names if n.endswith(".safetensors")]
-    if len(files) > 1:
-        raise ClipWeightsError(f"{directory}: several unindexed safetensors files {files}; keep exactly one")
-    if not files and "pytorch_model.bin" not in names:
-        raise ClipWeightsError(f"{directory}: no model.safetensors (or sharded set, or pytorch_model.bin)")
-    return [os.path.join(directory, n) for n in files]
-
-
-def read_clip_tensors(directory: str, keys: Sequence[str] | None = None) -> dict[str, np.ndarray]:
-    """float32 numpy tensors (all, or `keys`) of model.safetensors / a sharded set / pytorch_model.bin
-    (the last needs torch)."""
-    from safetensors import safe_open
-
-    files, out = _safetensors_files(directory), {}
-    for path in files:
-        with safe_open(path, framework="numpy") as f:
-            for key in f.keys():
-                if keys is None or key in keys:
-                    out[key] = np.asarray(f.get_tensor(key), np.float32)
-    if not files:
-        state = _torch_load(os.path.join(directory, "pytorch_model.bin"))
-        out = {k: v.float().numpy() for k, v in state.items() if keys is None or k in keys}
-    return out
-
-
-def clip_tensor_shapes(directory: str) -> dict[str, tuple]:
-    """Tensor shapes from the safetensors headers (nothing is read), or from pytorch_model.bin."""
-    from safetensors import safe_open
-
-    files, out = _safetensors_files(directory), {}
-    for path in files:
-        with safe_open(path, framework="numpy") as f:
-            out.update({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
-    return out if files else {k: v.shape for k, v in read_clip_tensors(directory).items()}
-
-
-def _torch_load(path: str) -> dict:
-    try:
-        import torch
-    except ImportError:
-        raise ClipWeightsError(f"reading {path} needs torch; convert it to safetensors elsewhere") from None
-    obj = torch.load(path, map_location="cpu", weights_only=True)
-    return obj.get("state_dict", obj) if isinstance(obj, dict) else obj
 
 
 # ------------------------------------------------------------------------------------ numpy forward
@@ -430,100 +305,3 @@ class HPSv2(ClipSimilarityReward):
 
     def __init__(self, weights_dir: str, **kwargs):
         super().__init__(weights_dir, **{"scale": 1.0, "crop_rounding": "round", **kwargs})
-
-
-# ------------------------------------------------------------------------------- open_clip converter
-
-
-def open_clip_to_transformers(state_dict: Mapping[str, np.ndarray], config) -> dict[str, np.ndarray]:
-    """An open_clip CLIP state dict (`visual.transformer.resblocks.0.attn.in_proj_weight`,
-    `token_embedding.weight`, `positional_embedding`, `text_projection`, `visual.proj`,
-    `logit_scale`, ...) -> transformers CLIPModel tensors. Strict: every key used, shapes checked."""
-    sd = {k[len("module."):] if k.startswith("module.") else k: np.asarray(v, np.float32)
-          for k, v in state_dict.items()}
-    used, missing, out = set(), [], {}
-
-    def take(key):
-        used.add(key)
-        if key not in sd:
-            missing.append(key)
-            return np.zeros((0,), np.float32)
-        return sd[key]
-
-    def blocks(src: str, dst: str, n: int):
-        for i in range(n):
-            s, d = f"{src}.{i}.", f"{dst}.{i}."
-            for name, qkv in (("weight", take(s + "attn.in_proj_weight")), ("bias", take(s + "attn.in_proj_bias"))):
-                for proj, part in zip(("q_proj", "k_proj", "v_proj"), np.split(qkv, 3) if qkv.size else [qkv] * 3):
-                    out[f"{d}self_attn.{proj}.{name}"] = part
-            for a, b in (("attn.out_proj", "self_attn.out_proj"), ("ln_1", "layer_norm1"), ("ln_2", "layer_norm2"),
-                         ("mlp.c_fc", "mlp.fc1"), ("mlp.c_proj", "mlp.fc2")):
-                out[f"{d}{b}.weight"], out[f"{d}{b}.bias"] = take(f"{s}{a}.weight"), take(f"{s}{a}.bias")
-
-    out["text_model.embeddings.token_embedding.weight"] = take("token_embedding.weight")
-    out["text_model.embeddings.position_embedding.weight"] = take("positional_embedding")
-    blocks("transformer.resblocks", "text_model.encoder.layers", config.text_config.num_hidden_layers)
-    out["text_model.final_layer_norm.weight"], out["text_model.final_layer_norm.bias"] = (
-        take("ln_final.weight"), take("ln_final.bias"))
-    out["text_projection.weight"] = take("text_projection").T
-    out["vision_model.embeddings.class_embedding"] = take("visual.class_embedding")
-    out["vision_model.embeddings.patch_embedding.weight"] = take("visual.conv1.weight")
-    out["vision_model.embeddings.position_embedding.weight"] = take("visual.positional_embedding")
-    for a, b in (("ln_pre", "pre_layrnorm"), ("ln_post", "post_layernorm")):
-        out[f"vision_model.{b}.weight"] = take(f"visual.{a}.weight")
-        out[f"vision_model.{b}.bias"] = take(f"visual.{a}.bias")
-    blocks("visual.transformer.resblocks", "vision_model.encoder.layers", config.vision_config.num_hidden_layers)
-    out["visual_projection.weight"] = take("visual.proj").T
-    scale = take("logit_scale")
-    out["logit_scale"] = scale.reshape(()) if scale.size == 1 else scale
-    unused = sorted(k for k in sd if k not in used and k != "attn_mask")  # attn_mask: a buffer in old open_clip
-    if missing or unused:
-        raise ClipWeightsError(f"open_clip state dict does not match the config: missing {missing[:8]}, "
-                               f"unused {unused[:8]}{' ...' if len(unused) > 8 else ''}")
-    out = {k: np.array(v, np.float32, order="C") for k, v in out.items()}
-    check_clip_tensors(out, config, "the converted open_clip state dict")
-    return out
-
-
-def convert_open_clip_checkpoint(checkpoint, out_dir: str, tokenizer_dir: str, config: Mapping | None = None) -> str:
-    """Write an open_clip checkpoint (path to .pt/.bin/.safetensors, or a state dict) as a transformers
-    CLIPModel directory `out_dir` (config.json, model.safetensors, tokenizer, preprocessor_config.json).
-    config: CLIPConfig kwargs; default `OPEN_CLIP_VIT_H_14` (HPSv2, HPSv2.1)."""
-    from safetensors.numpy import save_file
-    from transformers import AutoTokenizer, CLIPConfig, CLIPImageProcessor
-
-    cfg = CLIPConfig(**dict(config or OPEN_CLIP_VIT_H_14))
-    if isinstance(checkpoint, (str, os.PathLike)):
-        path = str(checkpoint)
-        if path.endswith(".safetensors"):
-            from safetensors.numpy import load_file
-
-            state = load_file(path)
-        else:
-            state = {k: v.float().numpy() for k, v in _torch_load(path).items() if hasattr(v, "float")}
-    else:
-        state = checkpoint
-    tensors = open_clip_to_transformers(state, cfg)
-    os.makedirs(out_dir, exist_ok=True)
-    cfg.save_pretrained(out_dir)
-    save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
-    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out_dir)
-    s = cfg.vision_config.image_size
-    CLIPImageProcessor(size={"shortest_edge": s}, crop_size={"height": s, "width": s}, image_mean=list(CLIP_MEAN),
-                       image_std=list(CLIP_STD)).save_pretrained(out_dir)
-    return out_dir
-
-
-def main(argv=None) -> None:
-    import argparse
-
-    ap = argparse.ArgumentParser(description="Convert an open_clip ViT-H-14 checkpoint (HPSv2) to a CLIPModel dir.")
-    ap.add_argument("checkpoint")
-    ap.add_argument("--tokenizer", required=True, help="a CLIP tokenizer dir (laion/CLIP-ViT-H-14-laion2B-s32B-b79K)")
-    ap.add_argument("--out", required=True)
-    args = ap.parse_args(argv)
-    print(convert_open_clip_checkpoint(args.checkpoint, args.out, args.tokenizer))
-
-
-if __name__ == "__main__":
-    main()
