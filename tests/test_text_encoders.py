@@ -233,7 +233,7 @@ def test_loading_is_strict_with_clear_errors(tiny, tmp_path):
 def test_prompt_embedding_cache(tiny, sd3, tmp_path):
     import functools
 
-    from ng_jax.models.hf_text import PromptEmbeddingCache
+    from ng_jax.models.text_cache import PromptEmbeddingCache
 
     enc, params = sd3
     calls = []
@@ -275,7 +275,7 @@ def test_prompt_embedding_cache(tiny, sd3, tmp_path):
 def test_cache_keeps_bfloat16(tmp_path):
     import jax.numpy as jnp
 
-    from ng_jax.models.hf_text import PromptEmbeddingCache
+    from ng_jax.models.text_cache import PromptEmbeddingCache
     from ng_jax.models.text import TextCond
 
     def encode(prompts):
