@@ -124,7 +124,18 @@ def _sigmas(spec: StepSpec, rng, n: int) -> jax.Array:
     else:                     # DPO: one sigma per pair (winner and loser share it)
         per_sample = flow.sample_logit_normal(rng, (t, n), mean=spec.dpo_logit_mean, std=spec.dpo_logit_std,
                                               shift=spec.dpo_shift)
-    return per_sample.reshape(t, m, mb).transpose(1, 0, 2)
+    return micro_split(per_sample.T, m).transpose(0, 2, 1)
+
+
+def micro_split(x, num_micro: int):
+    """[n, ...] -> [num_micro, n / num_micro, ...] with sample i in micro-batch i % num_micro.
+
+    Interleaved, not contiguous: the batch arrives split over the devices in contiguous blocks, and
+    block d then holds the same rows d * mb / D ... of EVERY micro-batch, so each micro-batch is
+    evenly sharded without moving data. Contiguous micro-batches (`x.reshape(M, mb, ...)`) put each
+    on a few devices and made XLA gather the batch: ~80% of the per-device memory of the SD3.5-M /
+    FLUX.1-dev steps at 64-256 chips (ng_jax.plan, docs/SCALING.md)."""
+    return x.reshape((x.shape[0] // num_micro, num_micro) + x.shape[1:]).swapaxes(0, 1)
 
 
 def _bucket_stats(sigma, ratio):
@@ -214,7 +225,7 @@ def make_train_step(apply_fn, optimizer: optax.GradientTransformation, spec: Ste
         num_micro = n // spec.micro_batch
         rng, r_sigma, r_noise = jax.random.split(state.rng, 3)
         sigmas = _sigmas(spec, r_sigma, n)                                        # [M, T, mb]
-        to_micro = lambda x: x.reshape((num_micro, spec.micro_batch) + x.shape[1:])  # noqa: E731
+        to_micro = lambda x: micro_split(x, num_micro)  # noqa: E731
         micro = jax.tree.map(to_micro, batch)
         noise_keys = to_micro(jax.random.split(r_noise, (n, t))).transpose(0, 2, 1)  # [M, T, mb], per sample
 
