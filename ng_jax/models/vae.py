@@ -168,11 +168,14 @@ class MidBlock(nn.Module):
         return resnet(self.channels, self.groups, self.dtype, name="resnets_1")(x)
 
 
-class DownEncoderBlock2D(nn.Module):
+class ResnetStack2D(nn.Module):
+    """diffusers' DownEncoderBlock2D (resample "down": then `downsamplers_0`) and UpDecoderBlock2D
+    (resample "up": then `upsamplers_0`): `layers` ResnetBlock2D, then the optional resampler."""
+
     channels: int
     groups: int
     layers: int
-    add_downsample: bool
+    resample: str = ""  # "", "down" or "up"
     dtype: Dtype = jnp.float32
     remat: bool = False
 
@@ -181,25 +184,9 @@ class DownEncoderBlock2D(nn.Module):
         resnet = nn.remat(ResnetBlock2D) if self.remat else ResnetBlock2D
         for j in range(self.layers):
             x = resnet(self.channels, self.groups, self.dtype, name=f"resnets_{j}")(x)
-        if self.add_downsample:
+        if self.resample == "down":
             x = Downsample2D(self.channels, self.dtype, name="downsamplers_0")(x)
-        return x
-
-
-class UpDecoderBlock2D(nn.Module):
-    channels: int
-    groups: int
-    layers: int
-    add_upsample: bool
-    dtype: Dtype = jnp.float32
-    remat: bool = False
-
-    @nn.compact
-    def __call__(self, x):
-        resnet = nn.remat(ResnetBlock2D) if self.remat else ResnetBlock2D
-        for j in range(self.layers):
-            x = resnet(self.channels, self.groups, self.dtype, name=f"resnets_{j}")(x)
-        if self.add_upsample:
+        elif self.resample == "up":
             x = Upsample2D(self.channels, self.dtype, name="upsamplers_0")(x)
         return x
 
@@ -218,7 +205,8 @@ class Encoder(nn.Module):
         x = _conv(cfg.block_out_channels[0], 3, dt, "conv_in")(x.astype(dt))
         last = len(cfg.block_out_channels) - 1
         for i, ch in enumerate(cfg.block_out_channels):
-            x = DownEncoderBlock2D(ch, g, cfg.layers_per_block, i != last, dt, self.remat, name=f"down_blocks_{i}")(x)
+            x = ResnetStack2D(ch, g, cfg.layers_per_block, "down" if i != last else "", dt, self.remat,
+                              name=f"down_blocks_{i}")(x)
         x = MidBlock(cfg.block_out_channels[-1], g, cfg.mid_block_add_attention, dt, self.remat, name="mid_block")(x)
         x = nn.silu(_group_norm(g, dt, "conv_norm_out")(x))
         return _conv(2 * cfg.latent_channels, 3, dt, "conv_out")(x)
@@ -239,8 +227,8 @@ class Decoder(nn.Module):
         x = _conv(chans[0], 3, dt, "conv_in")(z.astype(dt))
         x = MidBlock(chans[0], g, cfg.mid_block_add_attention, dt, self.remat, name="mid_block")(x)
         for i, ch in enumerate(chans):
-            x = UpDecoderBlock2D(ch, g, cfg.layers_per_block + 1, i != len(chans) - 1, dt, self.remat,
-                                 name=f"up_blocks_{i}")(x)
+            x = ResnetStack2D(ch, g, cfg.layers_per_block + 1, "up" if i != len(chans) - 1 else "", dt, self.remat,
+                              name=f"up_blocks_{i}")(x)
         x = nn.silu(_group_norm(g, dt, "conv_norm_out")(x))
         return _conv(cfg.out_channels, 3, dt, "conv_out")(x)
 
