@@ -190,6 +190,8 @@ def test_run_writes_summary_metrics_grids_and_checkpoints(files, baseline):
         assert by_sigma[0, 0] == pytest.approx(1.0) and np.all(np.diff(by_sigma[:, 0]) < 0)
         assert np.all(by_sigma[:, 1] > 0)
         assert 0.0 <= ev["precision"] <= 1.0 and 0.0 <= ev["recall"] <= 1.0
+        # overall accuracy as GenEval reports it: the mean of the categories, not of the pooled samples
+        assert ev["accuracy_overall"] == pytest.approx(np.mean(list(ev["accuracy_by_category"].values())))
     # Before any update the policy is the reference: the norm ratio is exactly 1 at every sigma.
     np.testing.assert_allclose(np.asarray(summary["eval_initial"]["norm_ratio_by_sigma"])[:, 1], 1.0, rtol=1e-6)
     assert [h["epoch"] for h in summary["history"]] == [3, 6, 8]
