@@ -73,6 +73,7 @@ def run_configs(config) -> dict[str, mlc.ConfigDict]:
 
 
 RUN_CONFIG = "grid_run_config.json"
+RUN_COMMIT = "grid_run_commit.txt"
 
 
 def _flatten(tree, prefix=""):
@@ -140,6 +141,8 @@ def run(config, workdir: str) -> int:
         os.makedirs(run_dir, exist_ok=True)
         with open(os.path.join(run_dir, RUN_CONFIG), "w") as f:
             f.write(c.to_json_best_effort(indent=1, sort_keys=True))
+        with open(os.path.join(run_dir, RUN_COMMIT), "w") as f:
+            f.write(report.commit() + "\n")  # the code that trains it (the report lists these)
         t0 = time.time()
         code = train.run(c, run_dir)
         if code != 0 or not os.path.isfile(os.path.join(run_dir, "summary.json")):
@@ -150,9 +153,22 @@ def run(config, workdir: str) -> int:
     analysed = [f"{n}={os.path.join(workdir, n)}" for n, c in runs.items()
                 if c.rewards.weights.get(g.analysis_reward) and c.seed == int(g.analysis_seed)]
     a_cfg = analysis_config(config, ["reference"] + analysed, [os.path.join(workdir, n) for n in runs])
-    t0 = time.time()
-    analyze.run(a_cfg, os.path.join(workdir, "analysis"))
-    timings["analysis"] = time.time() - t0
+    a_dir = os.path.join(workdir, "analysis")
+    record = os.path.join(a_dir, RUN_CONFIG)
+    a_json = a_cfg.to_json_best_effort(indent=1, sort_keys=True)
+    done = os.path.isfile(record) and open(record).read() == a_json and all(
+        os.path.isfile(os.path.join(a_dir, f"{k}.json")) for k in ("norms", "renorm", "few_step", "adjoint", "matched"))
+    if done and not timings:
+        # Nothing was retrained and the analyses' settings are unchanged: only the report is rewritten.
+        print("analyses: finished earlier with these runs and settings, reused")
+    else:
+        if os.path.isfile(record):
+            os.remove(record)  # an interrupted analysis must not be mistaken for a finished one
+        t0 = time.time()
+        analyze.run(a_cfg, a_dir)
+        timings["analysis"] = time.time() - t0
+        with open(record, "w") as f:
+            f.write(a_json)
     path = report.write_results(config, workdir, runs, timings, total_s=time.time() - t_start)
     print(f"report: {path}")
     return 0

@@ -28,7 +28,7 @@ def _read(path):
         return json.load(f)
 
 
-def _commit() -> str:
+def commit() -> str:
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
@@ -38,6 +38,16 @@ def _commit() -> str:
         return head + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+def _run_commits(workdir: str, runs) -> list[str]:
+    from ng_jax.grid import RUN_COMMIT
+
+    found = set()
+    for n in runs:
+        path = os.path.join(workdir, n, RUN_COMMIT)
+        found.add(open(path).read().strip() if os.path.isfile(path) else "unknown")
+    return sorted(found)
 
 
 def _command() -> str:
@@ -86,10 +96,11 @@ def write_results(config, workdir: str, runs: dict, timings: dict, total_s: floa
     first = next(iter(runs.values()))
     g = config.grid
     md = ["# NormGuard on the toy world: measured results", "",
-          f"Produced by `{_command()}` at commit `{_commit()}` "
+          f"Produced by `{_command()}` at commit `{commit()}` "
           f"on {datetime.date.today().isoformat()} ({platform.machine()}, {os.cpu_count()} CPU threads). "
-          f"This invocation took {total_s / 60:.1f} min (runs trained now: {len([k for k in timings if k != 'analysis'])}; "
-          f"the others were reused).", "",
+          f"This invocation took {total_s / 60:.1f} min (runs trained now: {len([k for k in timings if k != 'analysis'])}, "
+          f"the others reused; analyses {'run now' if 'analysis' in timings else 'reused'}). "
+          f"The runs were trained at commit(s) {', '.join(f'`{c}`' for c in _run_commits(workdir, runs))}.", "",
           f"Grid: methods {list(g.methods)} x NormGuard {list(g.normguard)} x rewards {list(g.rewards)} x seeds "
           f"{list(g.seeds)}; each run {first.rl.epochs} epochs of {first.rl.prompts_per_epoch} prompts x "
           f"{first.rl.group_size} samples, evaluated on {first.eval.num_prompts} held-out prompts x "
@@ -219,8 +230,68 @@ def write_results(config, workdir: str, runs: dict, timings: dict, total_s: floa
         rows = an["matched"]["rows"]
         v.append(f"- At matched reward, NormGuard has the lower FD in "
                  f"{_count([(r['fd'], r['baseline_fd']) for r in rows if None not in (r['fd'], r['baseline_fd'])], lambda a, b: a < b)} pairs.")
-    md += v + [""]
+    md += v + [""] + _claims(groups, agg, keep_rows, pairs_fd, pairs_prec, an, g)
     os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
     with open(out_path, "w") as f:
         f.write("\n".join(md))
     return out_path
+
+
+def _verdict(hits: int, total: int) -> str:
+    if total == 0:
+        return "not measured"
+    return "reproduces" if hits == total else "does not reproduce" if hits == 0 else f"partly ({hits} of {total})"
+
+
+def _claims(groups, agg, keep_rows, pairs_fd, pairs_prec, an, g) -> list[str]:
+    """The paper's claims, each with a verdict computed from the numbers above."""
+    ratio = lambda s: s["eval"]["norm_ratio"]  # noqa: E731
+    base = [r for r in (agg(k, ratio) for k in sorted(groups) if not k[2]) if r is not None]
+    guarded = [r for r in (agg(k, ratio) for k in sorted(groups) if k[2]) if r is not None]
+    out = ["## The paper's claims, measured here", "",
+           "Each verdict is computed from the tables above (\"reproduces\" only where every cell agrees).", ""]
+    if base:
+        out.append(f"- RL post-training inflates ||v_theta|| over the reference (the paper: by 5-15%): "
+                   f"**{_verdict(sum(r > 1.0 for r in base), len(base))}**. Final mean ratio of the base runs: "
+                   f"{min(base):.3f} to {max(base):.3f} across the method x reward cells.")
+    if guarded:
+        out.append(f"- NormGuard keeps the norm at or below the reference's (ratio <= 1.01): "
+                   f"**{_verdict(sum(r <= 1.01 for r in guarded), len(guarded))}**. With NormGuard: "
+                   f"{min(guarded):.3f} to {max(guarded):.3f}.")
+    kept = [(row[0], row[1], row[4]) for row in keep_rows if row[4].endswith("%")]
+    if keep_rows:
+        ok = [k for k in kept if float(k[2][:-1]) >= 80]
+        out.append(f"- NormGuard keeps the reward (at least 80% of the base method's gain): "
+                   f"**{_verdict(len(ok), len(kept))}** where the base method gained at all "
+                   f"({len(keep_rows) - len(kept)} of {len(keep_rows)} cells had no base gain). Kept: "
+                   + (", ".join(f"{m}/{r} {k}" for m, r, k in kept) or "none") + ".")
+    fd = [p for p in pairs_fd if None not in p]
+    prec = [p for p in pairs_prec if None not in p]
+    if fd:
+        out.append(f"- NormGuard restores quality: FD lower with NormGuard **{_verdict(sum(n < b for b, n in fd), len(fd))}**"
+                   f"; precision higher **{_verdict(sum(n > b for b, n in prec), len(prec))}**.")
+    if an.get("renorm"):
+        rn = [(x["plain"]["fd"], x["renorm"]["fd"]) for lbl, x in an["renorm"].items()
+              if lbl != "reference" and None not in (x["plain"]["fd"], x["renorm"]["fd"])]
+        out.append(f"- Inference-time renormalisation to the reference norm does not repair quality (FD not "
+                   f"lower): **{_verdict(sum(r >= p for p, r in rn), len(rn))}**.")
+    fs = an.get("few_step") or {}
+    gaps = []
+    for method in g.methods:
+        for label in fs:
+            if label.startswith(f"{method}_{g.analysis_reward}_"):
+                twin = label.replace(f"{method}_", f"{method}_normguard_", 1)
+                if twin in fs:
+                    b, n = fs[label], fs[twin]
+                    if None not in (b["fd"][0], n["fd"][0], b["fd"][-1], n["fd"][-1]):
+                        gaps.append((method, b["num_steps"][0], b["fd"][0] - n["fd"][0],
+                                     b["num_steps"][-1], b["fd"][-1] - n["fd"][-1]))
+    if gaps:
+        out.append(f"- NormGuard's quality gain is larger at few steps (FD gain base - NormGuard at the fewest "
+                   f"steps above that at the most): **{_verdict(sum(few > many for _, _, few, _, many in gaps), len(gaps))}**"
+                   ". " + "; ".join(f"{m}: {few:+.1f} at {s0} steps, {many:+.1f} at {s1}" for m, s0, few, s1, many in gaps)
+                   + ".")
+    if an.get("matched"):
+        rows = [(r["fd"], r["baseline_fd"]) for r in an["matched"]["rows"] if None not in (r["fd"], r["baseline_fd"])]
+        out.append(f"- At matched reward NormGuard has the better FD: **{_verdict(sum(a < b for a, b in rows), len(rows))}**.")
+    return out + [""]

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import rl_fixtures
-from ng_jax import grid
+from ng_jax import grid, report
 from ng_jax.config_checks import ConfigError
 
 pytestmark = pytest.mark.slow
@@ -54,6 +54,7 @@ def test_tiny_grid_runs_analyses_reports_and_reuses(tmp_path, capsys):
         assert os.path.isfile(os.path.join(config.workdir, "analysis", f"{a}.json")), a
     text = open(config.results).read()
     assert text.startswith("# NormGuard on the toy world") and "commit `" in text
+    assert f"trained at commit(s) `{report.commit()}`." in text
     for section in ("## 1. Every run", "## 2. Norm inflation", "## 3. NormGuard against", "## 4. Inference-time",
                     "## 5. Few-step", "## 6. Matched-reward", "## 7. Adjoint", "## Verdicts"):
         assert section in text, section
@@ -62,6 +63,10 @@ def test_tiny_grid_runs_analyses_reports_and_reuses(tmp_path, capsys):
     s = json.load(open(os.path.join(config.workdir, names[0], "summary.json")))
     gain = s["eval"]["reward"] - s["eval_initial"]["reward"]
     assert f"| {names[0]} | {s['eval_initial']['reward']:.4f} -> {s['eval']['reward']:.4f} | {gain:.4f} |" in text
+    # The claims section's verdicts follow the numbers: the one base run decides the inflation claim.
+    assert "## The paper's claims, measured here" in text
+    expected = "reproduces" if s["eval"]["norm_ratio"] > 1.0 else "does not reproduce"
+    assert f"over the reference (the paper: by 5-15%): **{expected}**" in text
     norms = json.load(open(os.path.join(config.workdir, "analysis", "norms.json")))
     assert set(norms) == {"reference", *names}
     np.testing.assert_allclose(norms["reference"]["mean"], 1.0, rtol=1e-5)
@@ -72,6 +77,7 @@ def test_tiny_grid_runs_analyses_reports_and_reuses(tmp_path, capsys):
     assert grid.run(config, config.workdir) == 0
     out = capsys.readouterr().out
     assert out.count("finished earlier, reused") == 2
+    assert "analyses: finished earlier with these runs and settings, reused" in out
     assert stamps == [os.path.getmtime(os.path.join(config.workdir, n, "summary.json")) for n in names]
 
     # A changed setting is never silently reused: the error names the run and the key.
