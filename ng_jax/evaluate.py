@@ -84,20 +84,16 @@ def build_rewards(rewards_cfg):
 
 def eval_prompts(eval_cfg, shapes_grammar: bool = True) -> list[str]:
     """`eval.prompt_file` (free-form prompts unless `shapes_grammar`), else the TFDS split; first num_prompts."""
-    from ng_jax.data.sources import read_prompt_file
+    from ng_jax.data.sources import as_text, read_prompt_file
     from ng_jax.data.tfds_shapes import load_prompts
 
     if eval_cfg.get("prompt_file"):
         prompts = read_prompt_file(eval_cfg.prompt_file, shapes_grammar=shapes_grammar)
     else:
         source = load_prompts(eval_cfg.data_dir, eval_cfg.get("split", "eval"))
-        prompts = [_text(source[i]["prompt"]) for i in range(len(source))]
+        prompts = [as_text(source[i]["prompt"]) for i in range(len(source))]
     n = int(eval_cfg.get("num_prompts", 0) or 0)
     return prompts[:n] if n else prompts
-
-
-def _text(x) -> str:
-    return x.decode() if isinstance(x, bytes) else str(x)
 
 
 def _category(prompt: str) -> str:

@@ -79,14 +79,14 @@ def _read_prompts(what: str, read) -> list[str]:
 def load_rl_prompts(config) -> list[str]:
     """Training prompts: `data.prompt_file` if set, else the TFDS train split (PromptFileError if unusable).
     Toy-world prompt files must parse in the shapes grammar; real models take free-form prompts."""
-    from ng_jax.data.sources import read_prompt_file
+    from ng_jax.data.sources import as_text, read_prompt_file
     from ng_jax.data.tfds_shapes import load_prompts
 
     def read():
         if config.data.get("prompt_file"):
             return read_prompt_file(config.data.prompt_file, shapes_grammar=model_family(config) == TOY)
         source = load_prompts(config.data.data_dir, "train")
-        prompts = [_text(source[i]["prompt"]) for i in range(len(source))]
+        prompts = [as_text(source[i]["prompt"]) for i in range(len(source))]
         return balance_categories(prompts) if config.data.get("balance_categories", False) else prompts
 
     what = (f"data.prompt_file={config.data.prompt_file!r}" if config.data.get("prompt_file")
@@ -104,10 +104,6 @@ def balance_categories(prompts: list[str]) -> list[str]:
         by_cat.setdefault(category_of(p), []).append(p)
     n = max(len(v) for v in by_cat.values())
     return [v[i % len(v)] for _, v in sorted(by_cat.items()) for i in range(n)]
-
-
-def _text(x) -> str:
-    return x.decode() if isinstance(x, bytes) else str(x)
 
 
 def make_step_spec(config, grid: np.ndarray) -> StepSpec:
@@ -200,8 +196,6 @@ class _DropRewardErrorLogs(logging.Filter):
 
 
 _CALLBACK_LOGGER = logging.getLogger("jax._src.callback")
-
-
 
 
 def _trim_metrics(path: str, epoch: int) -> None:

@@ -164,7 +164,7 @@ class PromptStream:
         self._order.restore(state)
 
 
-def _text(value) -> str:
+def as_text(value) -> str:
     """A text feature as a data source returns it (bytes or str) as str."""
     return value.decode("utf-8") if isinstance(value, (bytes, np.bytes_)) else str(value)
 
@@ -194,7 +194,7 @@ class ImageTextStream:
             if key not in records[0]:
                 raise ValueError(f"source records need an {key!r} field, got fields {sorted(records[0])}")
         images = np.stack([np.asarray(r["image"], dtype=np.uint8) for r in records])
-        return {"image": images, "prompt": [_text(r["prompt"]) for r in records]}
+        return {"image": images, "prompt": [as_text(r["prompt"]) for r in records]}
 
     def __iter__(self):
         while True:
