@@ -29,7 +29,7 @@ def get_config(arg=None):
     c.grid.analysis_seed = 0                      # ... of this seed (plus the reference)
 
     # Applied to every run's config (dotted keys as on the command line). The grid must fit in 2
-    # hours on 2 CPU cores: 24 runs of about 3 minutes (half the main job's 80 epochs), then the analyses.
+    # hours on 2 CPU cores: 24 runs of 40 epochs (twice the main job's 20), then the analyses.
     c.overrides = mlc.ConfigDict()
     c.overrides.rl = mlc.ConfigDict({"epochs": 40})
     c.overrides.eval = mlc.ConfigDict({"every": 20, "num_prompts": 24, "samples_per_prompt": 4})
