@@ -131,7 +131,7 @@ def run(config, workdir: str) -> int:
         raise ConfigError(str(err).strip("'\"")) from None
     os.makedirs(workdir, exist_ok=True)
     timings = {}
-    code = report.commit()  # the code this process loaded (later commits to the checkout do not change it)
+    started_at = report.commit()  # the code this process loaded (later commits to the checkout do not change it)
     for i, (name, c) in enumerate(runs.items(), 1):
         run_dir = os.path.join(workdir, name)
         _check_recorded_config(c, run_dir)
@@ -143,7 +143,7 @@ def run(config, workdir: str) -> int:
         with open(os.path.join(run_dir, RUN_CONFIG), "w") as f:
             f.write(c.to_json_best_effort(indent=1, sort_keys=True))
         with open(os.path.join(run_dir, RUN_COMMIT), "w") as f:
-            f.write(code + "\n")  # the code that trains it (the report lists these)
+            f.write(started_at + "\n")  # the code that trains it (the report lists these)
         t0 = time.time()
         code = train.run(c, run_dir)
         if code != 0 or not os.path.isfile(os.path.join(run_dir, "summary.json")):
