@@ -156,8 +156,10 @@ def rl_config(method: str, *, normguard_lam: float = 0.0) -> mlc.ConfigDict:
     c.rl.prompts_per_epoch = 8  # distinct prompts per epoch
     c.rl.group_size = 8         # samples per prompt (K); advantages are group-relative
     c.rl.global_std = False     # normalise advantages by the std of all rewards of the epoch
-    c.rl.train_batch = 32       # samples (DPO: pairs) per optimizer step
-    c.rl.micro_batch = 16       # gradient-accumulation chunk inside the jitted step
+    # Samples per optimizer step (2 steps per epoch); DPO counts winner/loser pairs, one per prompt, so
+    # its 8 pairs per epoch make one step of 8 (each pair is two forwards).
+    c.rl.train_batch = 8 if method == "dpo" else 32
+    c.rl.micro_batch = 8 if method == "dpo" else 16  # gradient-accumulation chunk inside the jitted step
     c.rl.inner_epochs = 1       # passes over each epoch's rollouts
     c.rl.num_timesteps = m["num_timesteps"]  # training timesteps per sample (pair) per optimizer step
     c.rl.grid_fraction = m["grid_fraction"]  # fraction of the rollout grid the timestep schemes draw from

@@ -48,3 +48,13 @@ def test_normguard_variants_differ_only_in_normguard_block():
         differing = {k for k in set(b) | set(g) if b.get(k) != g.get(k)}
         assert differing == {"normguard", "name", "workdir"}, differing
         assert g["normguard"]["lam"] > 0 and b["normguard"]["lam"] == 0
+
+
+@pytest.mark.parametrize("name", ["nft", "awm", "dpo", "nft_normguard", "awm_normguard", "dpo_normguard"])
+def test_toy_rl_configs_pass_the_batch_checks(name):
+    """Every shipped toy RL config must start: its batch arithmetic is checked before any compile
+    (the DPO config once asked for 32 pairs per step from 8 prompts)."""
+    from ng_jax import grid
+    from ng_jax.train import check_rl_config
+
+    check_rl_config(grid.load_config_file(f"{name}.py"), 1)
