@@ -208,8 +208,8 @@ def write_results(config, workdir: str, runs: dict, timings: dict, total_s: floa
         rows = [[label, _f(r["mean_coherence"]), _f(min(r["sign_agreement"]), 2), _f(max(r["sign_agreement"]), 2),
                  f"{max(np.abs(r['mean'])):.2e}"] for label, r in an["adjoint"].items()]
         md += ["## 7. Adjoint sensitivity of the reward to per-step velocity scales", "",
-               _table(["checkpoint", "mean coherence |mean|/spread", "min sign agreement", "max sign agreement",
-                       "largest |dR/d alpha_k|"], rows), ""]
+               _table(["checkpoint", "mean coherence (\\|mean\\| / spread)", "min sign agreement", "max sign agreement",
+                       "largest \\|dR/d alpha_k\\|"], rows), ""]
         if "adjoint.png" in figs:
             md += ["![adjoint](results/adjoint.png)", ""]
 
