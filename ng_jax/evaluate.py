@@ -208,6 +208,22 @@ class Evaluator:
         return result
 
 
+def constraint_failures(prompts, detections) -> dict[str, dict[str, float]]:
+    """Per prompt category, the fraction of samples failing each atomic constraint of their prompt
+    (`world.constraint_scores`: g{i}_count is the shape, g{i}_color / g{i}_size the attributes,
+    relation, no_extra_objects) on the verifier's detected objects: what an accuracy table hides."""
+    from ng_jax.data import world
+
+    fails: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    seen: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    for prompt, objects in zip(prompts, detections):
+        spec = world.parse_prompt(prompt)
+        for name, ok in world.constraint_scores(spec, objects).items():
+            seen[spec.category][name] += 1
+            fails[spec.category][name] += not ok
+    return {c: {k: fails[c][k] / n for k, n in sorted(seen[c].items())} for c in sorted(seen)}
+
+
 def run(config, workdir: str) -> int:
     """The `evaluate` job: score a bundle (or, with a `model` block, a real model's reference weights)
     on fixed prompts, print a per-category accuracy table."""
@@ -220,6 +236,11 @@ def run(config, workdir: str) -> int:
     evaluator = Evaluator(config.eval, stack, mesh, weighted=build_rewards(config.rewards),
                           policy_params=lambda p, r: p, workdir=workdir)
     result = evaluator(stack.ref, tag="evaluate", step=0)
+    if stack.is_toy and evaluator.last_images is not None:
+        from ng_jax.rewards.verifier import VerifierReward
+
+        result["constraint_failures"] = constraint_failures(evaluator.prompts,
+                                                            VerifierReward().detect(evaluator.last_images))
     reporting.write_json(os.path.join(workdir, "eval.json"), result)
     counts = defaultdict(int)
     for c in evaluator.categories:
@@ -233,4 +254,7 @@ def run(config, workdir: str) -> int:
     quality = " ".join(f"{k}={'n/a' if result.get(k) is None else format(result[k], '.3f')}"
                        for k in ("fd", "precision", "recall"))
     print(f"reward={result['reward']:.4f} {quality}")
+    for c, rates in result.get("constraint_failures", {}).items():
+        worst = sorted(rates.items(), key=lambda kv: -kv[1])
+        print(f"failed constraints, {c}: " + ", ".join(f"{k} {v:.2f}" for k, v in worst))
     return 0

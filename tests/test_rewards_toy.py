@@ -193,3 +193,13 @@ def test_numpy_detector_forward_matches_the_jax_network():
     for g, w in zip(got[1:4], want[1:4]):                     # shape / colour / size decisions
         assert np.array_equal(g[want[0] > 0.05], w[want[0] > 0.05])
     np.testing.assert_allclose(got[4], want[4], atol=1e-4)   # centres
+
+
+def test_constraint_failures_name_what_fails_per_category():
+    from ng_jax.data.world import PlacedObject
+    from ng_jax.evaluate import constraint_failures
+
+    red, blue = (PlacedObject("circle", c, "large", 16.0, 16.0) for c in ("red", "blue"))
+    square = PlacedObject("square", "red", "large", 6.0, 6.0)
+    out = constraint_failures(["a red circle", "a red circle", "a red circle"], [[red], [blue], [red, square]])
+    assert out == {"colors": {"g0_color": 1 / 3, "g0_count": 0.0, "no_extra_objects": 1 / 3}}
