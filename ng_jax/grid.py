@@ -157,8 +157,11 @@ def run(config, workdir: str) -> int:
     a_dir = os.path.join(workdir, "analysis")
     record = os.path.join(a_dir, RUN_CONFIG)
     a_json = a_cfg.to_json_best_effort(indent=1, sort_keys=True)
-    done = os.path.isfile(record) and open(record).read() == a_json and all(
+    done = os.path.isfile(record) and all(
         os.path.isfile(os.path.join(a_dir, f"{k}.json")) for k in ("norms", "renorm", "few_step", "adjoint", "matched"))
+    if done:
+        with open(record) as f:
+            done = f.read() == a_json
     if done and not timings:
         # Nothing was retrained and the analyses' settings are unchanged: only the report is rewritten.
         print("analyses: finished earlier with these runs and settings, reused")
