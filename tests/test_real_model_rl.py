@@ -125,8 +125,9 @@ def tiny(config, weights_dir, d, *, epochs=2):
     return config
 
 
-def _run(config, workdir, monkeypatch):
-    """train.run, keeping the stack it builds and a host copy of its reference params at build time."""
+def _spy_stack(monkeypatch) -> dict:
+    """Filled by the next train.run: the stack it builds and a host copy of its reference params at
+    build time."""
     seen = {}
     build = train.build_model_stack
 
@@ -136,6 +137,12 @@ def _run(config, workdir, monkeypatch):
         return stack
 
     monkeypatch.setattr(train, "build_model_stack", spy)
+    return seen
+
+
+def _run(config, workdir, monkeypatch):
+    """train.run, keeping what `_spy_stack` records."""
+    seen = _spy_stack(monkeypatch)
     assert train.run(config, str(workdir)) == 0
     return seen
 
@@ -198,15 +205,7 @@ def test_awm_normguard_on_sd35(dirs, tmp_path, monkeypatch):
         "def get_config(arg=None):\n"
         f"    d = json.load(open({str(tmp_path / 'dirs.json')!r}))\n"
         "    return t.tiny(config_base.sd35_medium_config('awm', normguard_lam=1.0), d['sd35'], d)\n")
-    seen = {}
-    build = train.build_model_stack
-
-    def spy(*args, **kwargs):
-        stack = build(*args, **kwargs)
-        seen.update(stack=stack, ref0=jax.device_get(stack.ref))
-        return stack
-
-    monkeypatch.setattr(train, "build_model_stack", spy)
+    seen = _spy_stack(monkeypatch)
     workdir = tmp_path / "run"
     assert entry.main(["ng_jax.main", f"--config={cfg_file}", f"--workdir={workdir}"]) == 0
     tmp_path = workdir
