@@ -125,6 +125,7 @@ class Evaluator:
         self.workdir = workdir
         self.last = None
         self.last_images = None  # uint8 [n, H, W, 3] of the last call
+        self.last_detections = None  # the verifier's objects per image of the last call (when it ran)
         k = int(eval_cfg.samples_per_prompt)
         base = list(prompts) if prompts is not None else eval_prompts(eval_cfg, shapes_grammar=stack.is_toy)
         self.prompts = [p for p in base for _ in range(k)]
@@ -185,8 +186,10 @@ class Evaluator:
             from ng_jax.rewards.verifier import VerifierReward
 
             verifier = VerifierReward()
+        detections = None
         if verifier is not None:
-            correct = np.asarray(verifier.judge(images, self.prompts), bool)
+            detections = verifier.detect(images)
+            correct = np.asarray(verifier.judge(images, self.prompts, detections), bool)
             result["accuracy"] = float(correct.mean())
             by_cat = defaultdict(list)
             for c, ok in zip(self.categories, correct):
@@ -204,7 +207,7 @@ class Evaluator:
             scale = max(1, 96 // max(images.shape[1:3]))  # 32 px toy images x3; 512 px real ones x1
             reporting.save_grid(os.path.join(self.workdir, "samples", f"{tag}.png"), images[:show],
                                 labels=self.prompts[:show], cols=8, scale=scale)
-        self.last, self.last_images = result, images
+        self.last, self.last_images, self.last_detections = result, images, detections
         return result
 
 
@@ -236,11 +239,8 @@ def run(config, workdir: str) -> int:
     evaluator = Evaluator(config.eval, stack, mesh, weighted=build_rewards(config.rewards),
                           policy_params=lambda p, r: p, workdir=workdir)
     result = evaluator(stack.ref, tag="evaluate", step=0)
-    if stack.is_toy and evaluator.last_images is not None:
-        from ng_jax.rewards.verifier import VerifierReward
-
-        result["constraint_failures"] = constraint_failures(evaluator.prompts,
-                                                            VerifierReward().detect(evaluator.last_images))
+    if stack.is_toy and evaluator.last_detections is not None:
+        result["constraint_failures"] = constraint_failures(evaluator.prompts, evaluator.last_detections)
     reporting.write_json(os.path.join(workdir, "eval.json"), result)
     counts = defaultdict(int)
     for c in evaluator.categories:

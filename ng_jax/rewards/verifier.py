@@ -263,11 +263,14 @@ class VerifierReward:
         detections = self.detect(images)
         return np.asarray([graded_alignment(s, d) for s, d in zip(specs, detections)], np.float32)
 
-    def judge(self, images: np.ndarray, prompts: Sequence[str]) -> np.ndarray:
-        """GenEval's binary criterion: bool [B], True where the image fully satisfies its prompt."""
+    def judge(self, images: np.ndarray, prompts: Sequence[str],
+              detections: Sequence[list[world.PlacedObject]] | None = None) -> np.ndarray:
+        """GenEval's binary criterion: bool [B], True where the image fully satisfies its prompt.
+        `detections` (`detect(images)`, when the caller needs them too) skips a second detector pass."""
         check_verifier_images(images, f"{self.name}.judge")
         specs = self._specs(images, prompts)
-        return np.asarray([world.satisfies(s, d) for s, d in zip(specs, self.detect(images))], bool)
+        detections = self.detect(images) if detections is None else detections
+        return np.asarray([world.satisfies(s, d) for s, d in zip(specs, detections)], bool)
 
 
 # ----------------------------------------------------------------------------- differentiable score
