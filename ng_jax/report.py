@@ -46,7 +46,11 @@ def _run_commits(workdir: str, runs) -> list[str]:
     found = set()
     for n in runs:
         path = os.path.join(workdir, n, RUN_COMMIT)
-        found.add(open(path).read().strip() if os.path.isfile(path) else "unknown")
+        if os.path.isfile(path):
+            with open(path) as f:
+                found.add(f.read().strip())
+        else:
+            found.add("unknown")
     return sorted(found)
 
 
@@ -147,7 +151,7 @@ def write_results(config, workdir: str, runs: dict, timings: dict, total_s: floa
         md += ["![norm ratio against sigma](results/norms.png)", ""]
 
     # 3. NormGuard against base
-    pairs_ratio, pairs_fd, pairs_prec, keep_rows = [], [], [], []
+    pairs_ratio, pairs_fd, pairs_prec, keep_rows, kept_cells = [], [], [], [], []
     for method in g.methods:
         for reward in g.rewards:
             b, n = (method, reward, False), (method, reward, True)
@@ -162,6 +166,7 @@ def write_results(config, workdir: str, runs: dict, timings: dict, total_s: floa
             pairs_ratio.append((rb, rn))
             pairs_fd.append((fb, fn_))
             pairs_prec.append((pb, pn))
+            kept_cells.append((method, reward, kept))
             keep_rows.append([method, reward, _f(gb, 4), _f(gn, 4), "n/a (no base gain)" if kept is None else
                               f"{100 * kept:.0f}%", _f(rb, 4), _f(rn, 4), _f(fb, 1), _f(fn_, 1), _f(pb), _f(pn)])
     md += ["## 3. NormGuard against the base method (mean over seeds)", "",
@@ -216,6 +221,10 @@ def write_results(config, workdir: str, runs: dict, timings: dict, total_s: floa
     # verdicts, computed
     valid = lambda ps: [p for p in ps if None not in p]  # noqa: E731
     base_ratios = [agg(k, lambda s: s["eval"]["norm_ratio"]) for k in groups if not k[2]]
+    ng_ratios = [agg(k, lambda s: s["eval"]["norm_ratio"]) for k in groups if k[2]]
+    renorm_fd = valid([(x["plain"]["fd"], x["renorm"]["fd"]) for lbl, x in (an["renorm"] or {}).items()
+                       if lbl != "reference"])
+    matched_fd = valid([(r["fd"], r["baseline_fd"]) for r in (an["matched"] or {}).get("rows", [])])
     v = ["## Verdicts (computed from the tables above)", "",
          f"- Norm inflation without NormGuard (final mean ratio > 1): "
          f"{sum(1 for r in base_ratios if r is not None and r > 1)} of {len(base_ratios)} method x reward cells.",
@@ -223,14 +232,14 @@ def write_results(config, workdir: str, runs: dict, timings: dict, total_s: floa
          f"- NormGuard improves FD (lower): {_count(valid(pairs_fd), lambda b, n: n < b)} cells; "
          f"precision (higher): {_count(valid(pairs_prec), lambda b, n: n > b)} cells."]
     if an["renorm"]:
-        rn = [(x["plain"]["fd"], x["renorm"]["fd"]) for lbl, x in an["renorm"].items() if lbl != "reference"]
         v.append(f"- Inference-time renormalisation improves FD of a post-trained checkpoint: "
-                 f"{_count(valid(rn), lambda p, r: r < p)} checkpoints.")
+                 f"{_count(renorm_fd, lambda p, r: r < p)} checkpoints.")
     if an["matched"]:
-        rows = an["matched"]["rows"]
-        v.append(f"- At matched reward, NormGuard has the lower FD in "
-                 f"{_count([(r['fd'], r['baseline_fd']) for r in rows if None not in (r['fd'], r['baseline_fd'])], lambda a, b: a < b)} pairs.")
-    md += v + [""] + _claims(groups, agg, keep_rows, pairs_fd, pairs_prec, an, g)
+        v.append(f"- At matched reward, NormGuard has the lower FD in {_count(matched_fd, lambda a, b: a < b)} pairs.")
+    md += v + [""] + _claims(
+        [r for r in base_ratios if r is not None], [r for r in ng_ratios if r is not None], kept_cells,
+        valid(pairs_fd), valid(pairs_prec), renorm_fd if an["renorm"] else None,
+        matched_fd if an["matched"] else None, an.get("few_step") or {}, g)
     os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
     with open(out_path, "w") as f:
         f.write("\n".join(md))
@@ -243,11 +252,11 @@ def _verdict(hits: int, total: int) -> str:
     return "reproduces" if hits == total else "does not reproduce" if hits == 0 else f"partly ({hits} of {total})"
 
 
-def _claims(groups, agg, keep_rows, pairs_fd, pairs_prec, an, g) -> list[str]:
-    """The paper's claims, each with a verdict computed from the numbers above."""
-    ratio = lambda s: s["eval"]["norm_ratio"]  # noqa: E731
-    base = [r for r in (agg(k, ratio) for k in sorted(groups) if not k[2]) if r is not None]
-    guarded = [r for r in (agg(k, ratio) for k in sorted(groups) if k[2]) if r is not None]
+def _claims(base, guarded, kept_cells, fd, prec, renorm_fd, matched_fd, fs, g) -> list[str]:
+    """The paper's claims, each with a verdict computed from the numbers of the sections above: norm
+    ratios of the base and NormGuard cells, (method, reward, kept fraction or None) per cell, (base,
+    NormGuard) FD and precision pairs, (plain, renorm) and (NormGuard, matched baseline) FD pairs (None
+    when not analysed), the few-step analysis."""
     out = ["## The paper's claims, measured here", "",
            "Each verdict is computed from the tables above (\"reproduces\" only where every cell agrees).", ""]
     if base:
@@ -258,24 +267,18 @@ def _claims(groups, agg, keep_rows, pairs_fd, pairs_prec, an, g) -> list[str]:
         out.append(f"- NormGuard keeps the norm at or below the reference's (ratio <= 1.01): "
                    f"**{_verdict(sum(r <= 1.01 for r in guarded), len(guarded))}**. With NormGuard: "
                    f"{min(guarded):.3f} to {max(guarded):.3f}.")
-    kept = [(row[0], row[1], row[4]) for row in keep_rows if row[4].endswith("%")]
-    if keep_rows:
-        ok = [k for k in kept if float(k[2][:-1]) >= 80]
+    kept = [(m, r, k) for m, r, k in kept_cells if k is not None]
+    if kept_cells:
         out.append(f"- NormGuard keeps the reward (at least 80% of the base method's gain): "
-                   f"**{_verdict(len(ok), len(kept))}** where the base method gained at all "
-                   f"({len(keep_rows) - len(kept)} of {len(keep_rows)} cells had no base gain). Kept: "
-                   + (", ".join(f"{m}/{r} {k}" for m, r, k in kept) or "none") + ".")
-    fd = [p for p in pairs_fd if None not in p]
-    prec = [p for p in pairs_prec if None not in p]
+                   f"**{_verdict(sum(k >= 0.8 for _, _, k in kept), len(kept))}** where the base method gained at all "
+                   f"({len(kept_cells) - len(kept)} of {len(kept_cells)} cells had no base gain). Kept: "
+                   + (", ".join(f"{m}/{r} {100 * k:.0f}%" for m, r, k in kept) or "none") + ".")
     if fd:
         out.append(f"- NormGuard restores quality: FD lower with NormGuard **{_verdict(sum(n < b for b, n in fd), len(fd))}**"
                    f"; precision higher **{_verdict(sum(n > b for b, n in prec), len(prec))}**.")
-    if an.get("renorm"):
-        rn = [(x["plain"]["fd"], x["renorm"]["fd"]) for lbl, x in an["renorm"].items()
-              if lbl != "reference" and None not in (x["plain"]["fd"], x["renorm"]["fd"])]
+    if renorm_fd is not None:
         out.append(f"- Inference-time renormalisation to the reference norm does not repair quality (FD not "
-                   f"lower): **{_verdict(sum(r >= p for p, r in rn), len(rn))}**.")
-    fs = an.get("few_step") or {}
+                   f"lower): **{_verdict(sum(r >= p for p, r in renorm_fd), len(renorm_fd))}**.")
     gaps = []
     for method in g.methods:
         for label in fs:
@@ -291,7 +294,7 @@ def _claims(groups, agg, keep_rows, pairs_fd, pairs_prec, an, g) -> list[str]:
                    f"steps above that at the most): **{_verdict(sum(few > many for _, _, few, _, many in gaps), len(gaps))}**"
                    ". " + "; ".join(f"{m}: {few:+.1f} at {s0} steps, {many:+.1f} at {s1}" for m, s0, few, s1, many in gaps)
                    + ".")
-    if an.get("matched"):
-        rows = [(r["fd"], r["baseline_fd"]) for r in an["matched"]["rows"] if None not in (r["fd"], r["baseline_fd"])]
-        out.append(f"- At matched reward NormGuard has the better FD: **{_verdict(sum(a < b for a, b in rows), len(rows))}**.")
+    if matched_fd is not None:
+        out.append(f"- At matched reward NormGuard has the better FD: "
+                   f"**{_verdict(sum(a < b for a, b in matched_fd), len(matched_fd))}**.")
     return out + [""]
