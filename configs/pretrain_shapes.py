@@ -57,5 +57,9 @@ def get_config(arg=None):
     c.log_every = 50
     c.sample_every = 1000
     c.ckpt_every = 250
+    # Warm start: a model bundle whose parameters initialise text encoder + MMDiT ("" = fresh init). Its
+    # configs must match this one except for depths, which may grow (ng_jax/models/grow.py: new blocks
+    # start as the identity, so step 0 computes what the bundle does).
+    c.init_from = ""
     c.export_dir = ""  # where the final EMA bundle is written ("" = WORKDIR/reference)
     return c

@@ -22,7 +22,8 @@ import numpy as np
 from ng_jax import flow, parallel, partitioning, reporting
 from ng_jax.checkpoint import Checkpointer
 from ng_jax.config_checks import ConfigError
-from ng_jax.models.bundle import ModelBundle, save_bundle
+from ng_jax.models.bundle import BundleError, ModelBundle, load_bundle, save_bundle
+from ng_jax.models.grow import grow_params
 from ng_jax.models.text import EMPTY_PROMPT, make_text_encoder, tokenize
 from ng_jax.models.velocity import make_velocity_model
 from ng_jax.sampling import make_sampler, to_uint8
@@ -111,6 +112,28 @@ class _StopFlag:
         signal.signal(signal.SIGTERM, self._prev)
 
 
+def _depths(bundle, config) -> tuple[tuple[int, int], tuple[int, int]]:
+    return ((int(bundle.text_cfg.depth), int(bundle.model_cfg.depth)), (int(config.text.depth), int(config.model.depth)))
+
+
+def _warm_start(config):
+    """The bundle named by `init_from`, checked against the run's model: only depths may differ."""
+    try:
+        bundle = load_bundle(config.init_from)
+    except BundleError as err:
+        raise ConfigError(f"init_from: {err}") from None
+    for part, have, want in (("model", bundle.model_cfg, config.model), ("text", bundle.text_cfg, config.text)):
+        diff = sorted(k for k in set(have) | set(want) if k != "depth" and have.get(k) != want.get(k))
+        if diff:
+            raise ConfigError(f"init_from={config.init_from}: its {part} config differs in {diff} "
+                              f"({[(k, have.get(k), want.get(k)) for k in diff]}); only depth may grow")
+    (t_old, m_old), (t_new, m_new) = _depths(bundle, config)
+    if t_new < t_old or m_new < m_old:
+        raise ConfigError(f"init_from={config.init_from}: depths (text {t_old}, MMDiT {m_old}) cannot shrink to "
+                          f"(text {t_new}, MMDiT {m_new})")
+    return bundle
+
+
 def run(config, workdir: str) -> int:
     os.makedirs(workdir, exist_ok=True)
     mesh = parallel.make_mesh(config.mesh.shape)
@@ -123,9 +146,13 @@ def run(config, workdir: str) -> int:
     optimizer = make_optimizer(config.optim)
     empty_ids, empty_mask = tokenize(text.tokenizer, [EMPTY_PROMPT])
 
+    warm = _warm_start(config) if config.get("init_from") else None
+
     def init_state():
         r_text, r_model, r_state = jax.random.split(jax.random.key(config.seed), 3)
         params = {"text": text.init(r_text), "velocity": model.init(r_model)}
+        if warm is not None:
+            params = grow_params(warm.params, params, *_depths(warm, config))
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema=params,
                           opt_state=optimizer.init(params), rng=r_state)
 
@@ -195,7 +222,8 @@ def run(config, workdir: str) -> int:
         export_dir = config.get("export_dir") or os.path.join(workdir, "reference")
         bundle = ModelBundle(model_cfg=config.model, text_cfg=config.text, sampling=dict(config.sample.to_dict()),
                              params=jax.device_get(state.ema),
-                             info={"trained_steps": total, "batch_size": batch_size, "config": config.name})
+                             info={"trained_steps": total, "batch_size": batch_size, "config": config.name,
+                                   **({"init_from": dict(warm.info, path=str(config.init_from))} if warm else {})})
         save_bundle(export_dir, bundle)
         print(f"exported reference bundle to {export_dir}")
     return 0

@@ -125,3 +125,75 @@ def test_bundle_round_trip_and_mismatch_errors(tmp_path):
         load_bundle(str(tmp_path / "b"))
     with pytest.raises(BundleError, match="missing config.json"):
         load_bundle(str(tmp_path / "nowhere"))
+
+
+def _tiny_bundle(tmp_path, model_cfg, text_cfg, seed=0):
+    model, text = make_velocity_model(model_cfg), make_text_encoder(text_cfg)
+    # Train-like parameters: random everywhere (a fresh init has zero adaLN / output layers, which would
+    # make "the grown model computes the same" hold trivially).
+    shapes = jax.eval_shape(lambda: {"text": text.init(jax.random.key(0)), "velocity": model.init(jax.random.key(1))})
+    leaves, tree = jax.tree.flatten(shapes)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    params = tree.unflatten([0.2 * jax.random.normal(k, s.shape, s.dtype) for k, s in zip(keys, leaves)])
+    path = str(tmp_path / f"bundle{seed}")
+    save_bundle(path, ModelBundle(model_cfg, text_cfg, {}, params, {"trained_steps": 5}))
+    return path, params
+
+
+def test_depth_growth_preserves_the_function_and_then_trains(tmp_path):
+    from ng_jax.models.grow import GrowError, grow_params
+
+    small_m, small_t = tiny_pixel_cfg(), tiny_text_cfg()
+    path, params = _tiny_bundle(tmp_path, small_m, small_t)
+    deep_m, deep_t = tiny_pixel_cfg(), tiny_text_cfg()
+    deep_m.depth, deep_t.depth = small_m.depth + 2, small_t.depth + 1
+    m0, t0 = make_velocity_model(small_m), make_text_encoder(small_t)
+    m1, t1 = make_velocity_model(deep_m), make_text_encoder(deep_t)
+    fresh = {"text": t1.init(jax.random.key(5)), "velocity": m1.init(jax.random.key(6))}
+    grown = grow_params(params, fresh, (small_t.depth, small_m.depth), (deep_t.depth, deep_m.depth))
+    assert sorted(grown["velocity"]) == sorted(fresh["velocity"])
+    # The trained context-pre-only last block moved to the new last place.
+    last = lambda p, d: np.asarray(p["velocity"][f"transformer_blocks_{d - 1}"]["ff"]["net_0"]["proj"]["kernel"])  # noqa: E731
+    np.testing.assert_array_equal(last(grown, deep_m.depth), last(params, small_m.depth))
+    x = jax.random.normal(jax.random.key(2), (2, 16, 16, 3))
+    sigma = jnp.array([0.2, 0.9])
+    c0, c1 = t0.encode_prompts(params["text"], PROMPTS[:2]), t1.encode_prompts(grown["text"], PROMPTS[:2])
+    np.testing.assert_allclose(np.asarray(c1.tokens), np.asarray(c0.tokens), atol=1e-6)
+    np.testing.assert_allclose(np.asarray(c1.pooled), np.asarray(c0.pooled), atol=1e-6)
+    v0, v1 = m0.apply(params["velocity"], x, sigma, c0), m1.apply(grown["velocity"], x, sigma, c1)
+    assert float(jnp.abs(v0).max()) > 0.1  # a real function, not the zero output of an initialisation
+    np.testing.assert_allclose(np.asarray(v1), np.asarray(v0), atol=1e-5)
+    # The new blocks are not dead: their modulation gets a gradient.
+    new_block = f"transformer_blocks_{small_m.depth - 1}"
+
+    def loss(p):
+        return jnp.mean(jnp.square(m1.apply(p, x, sigma, c1) - 1.0))
+
+    g = jax.grad(loss)(grown["velocity"])
+    assert float(jnp.abs(g[new_block]["norm1"]["linear"]["kernel"]).max()) > 0
+    with pytest.raises(GrowError, match="shallower"):
+        grow_params(grown, params, (deep_t.depth, deep_m.depth), (small_t.depth, small_m.depth))
+    wide = tiny_pixel_cfg()
+    wide.hidden_size, wide.depth = 64, deep_m.depth
+    fresh_wide = {"text": fresh["text"], "velocity": make_velocity_model(wide).init(jax.random.key(7))}
+    with pytest.raises(GrowError, match="only depths may differ"):
+        grow_params(params, fresh_wide, (small_t.depth, small_m.depth), (deep_t.depth, deep_m.depth))
+
+
+def test_warm_start_checks_the_bundle_against_the_run(tmp_path):
+    from ng_jax.config_checks import ConfigError
+    from ng_jax.pretrain import _warm_start
+
+    path, _ = _tiny_bundle(tmp_path, tiny_pixel_cfg(), tiny_text_cfg())
+    config = mlc.ConfigDict(dict(init_from=path, model=tiny_pixel_cfg(), text=tiny_text_cfg()))
+    config.model.depth += 1
+    assert _warm_start(config).info["trained_steps"] == 5
+    config.model.hidden_size = 64
+    with pytest.raises(ConfigError, match=r"model config differs in \['hidden_size'\]"):
+        _warm_start(config)
+    config.model.hidden_size, config.text.depth = 32, 0
+    with pytest.raises(ConfigError, match="cannot shrink"):
+        _warm_start(config)
+    config.init_from = str(tmp_path / "nowhere")
+    with pytest.raises(ConfigError, match="init_from: model bundle .*missing config.json"):
+        _warm_start(config)

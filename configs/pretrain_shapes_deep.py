@@ -1,0 +1,34 @@
+"""Stage 2 of the reference: the stage-1 model (configs/pretrain_shapes.py) grown to a 4-layer text
+encoder and an 8-block MMDiT, then trained on.
+
+The growth is function-preserving (ng_jax/models/grow.py): step 0 computes exactly what the stage-1
+bundle does, the new blocks start as the identity. Both stages, in order:
+
+    python -m ng_jax.main --config=configs/pretrain_shapes.py --workdir=workdirs/pretrain_shapes
+    python -m ng_jax.main --config=configs/pretrain_shapes_deep.py --workdir=workdirs/pretrain_shapes_deep \
+        --config.export_dir=ng_jax/assets/reference
+
+Smoke run (seconds): add --config.train.steps=20 --config.data.images_per_category=64
+"""
+
+import importlib.util
+import os
+
+_spec = importlib.util.spec_from_file_location("pretrain_shapes", os.path.join(os.path.dirname(__file__),
+                                                                               "pretrain_shapes.py"))
+_base = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_base)
+
+
+def get_config(arg=None):
+    c = _base.get_config(arg)
+    c.name = "pretrain_shapes_deep"
+    c.workdir = "workdirs/pretrain_shapes_deep"
+    c.init_from = "workdirs/pretrain_shapes/reference"  # stage 1's exported EMA bundle
+    c.text.depth = 4
+    c.model.depth = 8
+    c.optim.lr = 5e-4
+    c.optim.warmup_steps = 200
+    c.optim.decay_steps = 8000
+    c.train.steps = 8000
+    return c
