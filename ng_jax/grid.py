@@ -74,6 +74,7 @@ def run_configs(config) -> dict[str, mlc.ConfigDict]:
 
 RUN_CONFIG = "grid_run_config.json"
 RUN_COMMIT = "grid_run_commit.txt"
+RUN_REFERENCE = "grid_run_reference.txt"  # params sha256 of the reference bundle the run started from
 
 
 def _flatten(tree, prefix=""):
@@ -84,9 +85,9 @@ def _flatten(tree, prefix=""):
         yield prefix[:-1], tree
 
 
-def _check_recorded_config(c: mlc.ConfigDict, run_dir: str) -> None:
-    """A run directory is reused or resumed only by the config that started it: a grid whose settings
-    changed since must not silently mix old runs into its report."""
+def _check_recorded_config(c: mlc.ConfigDict, run_dir: str, reference_sha: str) -> None:
+    """A run directory is reused or resumed only by the config and the reference weights that started it:
+    a grid whose settings or reference changed since must not silently mix old runs into its report."""
     from ng_jax.config_checks import ConfigError
 
     path = os.path.join(run_dir, RUN_CONFIG)
@@ -103,6 +104,11 @@ def _check_recorded_config(c: mlc.ConfigDict, run_dir: str) -> None:
         shown = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff[:4])
         raise ConfigError(f"{run_dir} was started with another config ({shown}{', ...' if len(diff) > 4 else ''}); "
                           f"delete it to retrain that run")
+    ref_path = os.path.join(run_dir, RUN_REFERENCE)
+    recorded = open(ref_path).read().strip() if os.path.isfile(ref_path) else "(not recorded)"
+    if recorded != reference_sha:
+        raise ConfigError(f"{run_dir} was started from another reference bundle (params sha256 {recorded[:12]}, "
+                          f"now {reference_sha[:12]}); delete it to retrain that run")
 
 
 def analysis_config(config, checkpoints: list[str], runs: list[str]) -> mlc.ConfigDict:
@@ -123,6 +129,7 @@ def analysis_config(config, checkpoints: list[str], runs: list[str]) -> mlc.Conf
 def run(config, workdir: str) -> int:
     from ng_jax import analyze, report, train
     from ng_jax.config_checks import ConfigError
+    from ng_jax.models.bundle import bundle_fingerprint
 
     t_start = time.time()
     try:
@@ -132,9 +139,10 @@ def run(config, workdir: str) -> int:
     os.makedirs(workdir, exist_ok=True)
     timings = {}
     started_at = report.commit()  # the code this process loaded (later commits to the checkout do not change it)
+    reference_sha = bundle_fingerprint(config.reference or None)
     for i, (name, c) in enumerate(runs.items(), 1):
         run_dir = os.path.join(workdir, name)
-        _check_recorded_config(c, run_dir)
+        _check_recorded_config(c, run_dir, reference_sha)
         if os.path.isfile(os.path.join(run_dir, "summary.json")):
             print(f"[{i}/{len(runs)}] {name}: finished earlier, reused")
             continue
@@ -144,6 +152,8 @@ def run(config, workdir: str) -> int:
             f.write(c.to_json_best_effort(indent=1, sort_keys=True))
         with open(os.path.join(run_dir, RUN_COMMIT), "w") as f:
             f.write(started_at + "\n")  # the code that trains it (the report lists these)
+        with open(os.path.join(run_dir, RUN_REFERENCE), "w") as f:
+            f.write(reference_sha + "\n")
         t0 = time.time()
         code = train.run(c, run_dir)
         if code != 0 or not os.path.isfile(os.path.join(run_dir, "summary.json")):

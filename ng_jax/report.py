@@ -18,6 +18,8 @@ from collections import defaultdict
 
 import numpy as np
 
+from ng_jax.models.bundle import bundle_fingerprint
+
 FIGURES = ("norms.png", "renorm.png", "few_step.png", "adjoint.png")
 
 
@@ -104,7 +106,9 @@ def write_results(config, workdir: str, runs: dict, timings: dict, total_s: floa
           f"on {datetime.date.today().isoformat()} ({platform.machine()}, {os.cpu_count()} CPU threads). "
           f"This invocation took {total_s / 60:.1f} min (runs trained now: {len([k for k in timings if k != 'analysis'])}, "
           f"the others reused; analyses {'run now' if 'analysis' in timings else 'reused'}). "
-          f"The runs were trained at commit(s) {', '.join(f'`{c}`' for c in _run_commits(workdir, runs))}.", "",
+          f"The runs were trained at commit(s) {', '.join(f'`{c}`' for c in _run_commits(workdir, runs))}, "
+          f"from the reference bundle `{config.reference or 'ng_jax/assets/reference'}` (params sha256 "
+          f"`{bundle_fingerprint(config.reference or None)[:12]}`).", "",
           f"Grid: methods {list(g.methods)} x NormGuard {list(g.normguard)} x rewards {list(g.rewards)} x seeds "
           f"{list(g.seeds)}; each run {first.rl.epochs} epochs of {first.rl.prompts_per_epoch} prompts x "
           f"{first.rl.group_size} samples, evaluated on {first.eval.num_prompts} held-out prompts x "

@@ -54,7 +54,8 @@ def test_tiny_grid_runs_analyses_reports_and_reuses(tmp_path, capsys):
         assert os.path.isfile(os.path.join(config.workdir, "analysis", f"{a}.json")), a
     text = open(config.results).read()
     assert text.startswith("# NormGuard on the toy world") and "commit `" in text
-    assert f"trained at commit(s) `{report.commit()}`." in text
+    sha = json.load(open(os.path.join(bundle, "config.json")))["params_sha256"]
+    assert f"trained at commit(s) `{report.commit()}`, from the reference bundle `{bundle}` (params sha256 `{sha[:12]}`)" in text
     for section in ("## 1. Every run", "## 2. Norm inflation", "## 3. NormGuard against", "## 4. Inference-time",
                     "## 5. Few-step", "## 6. Matched-reward", "## 7. Adjoint", "## Verdicts"):
         assert section in text, section
@@ -84,6 +85,13 @@ def test_tiny_grid_runs_analyses_reports_and_reuses(tmp_path, capsys):
     config.overrides.optim.lr = 2 * config.overrides.optim.lr
     with pytest.raises(ConfigError, match=r"awm_jpeg_incompressibility_s0 was started with another config "
                                           r"\(optim.lr"):
+        grid.run(config, config.workdir)
+    # ... nor is a run started from other reference weights.
+    config.overrides.optim.lr = config.overrides.optim.lr / 2
+    with open(os.path.join(config.workdir, names[0], grid.RUN_REFERENCE), "w") as f:
+        f.write("0" * 64 + "\n")
+    with pytest.raises(ConfigError, match=r"awm_jpeg_incompressibility_s0 was started from another reference "
+                                          r"bundle \(params sha256 000000000000, now " + sha[:12]):
         grid.run(config, config.workdir)
 
 

@@ -59,6 +59,20 @@ def save_bundle(directory: str, bundle: ModelBundle) -> str:
     return directory
 
 
+def bundle_fingerprint(directory: str | None = None) -> str:
+    """The parameter checksum recorded in a bundle's config.json (default: the shipped reference): which
+    weights a run started from, without reading them."""
+    path = os.path.join(directory or DEFAULT_REFERENCE, "config.json")
+    try:
+        with open(path) as f:
+            sha = json.load(f).get("params_sha256")
+    except (OSError, json.JSONDecodeError) as err:
+        raise BundleError(f"model bundle {directory or DEFAULT_REFERENCE}: cannot read config.json ({err})") from None
+    if not sha:
+        raise BundleError(f"model bundle {directory or DEFAULT_REFERENCE}: config.json records no params_sha256")
+    return str(sha)
+
+
 def load_bundle(directory: str | None = None) -> ModelBundle:
     """Load and validate a bundle (default: the shipped reference)."""
     from ng_jax.models.text import make_text_encoder
