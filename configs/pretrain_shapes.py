@@ -61,5 +61,6 @@ def get_config(arg=None):
     # configs must match this one except for depths, which may grow (ng_jax/models/grow.py: new blocks
     # start as the identity, so step 0 computes what the bundle does).
     c.init_from = ""
+    c.export_dtype = "float32"  # storage dtype of the exported bundle ("float16" halves it; loads as float32)
     c.export_dir = ""  # where the final EMA bundle is written ("" = WORKDIR/reference)
     return c

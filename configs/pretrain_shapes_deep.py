@@ -31,4 +31,5 @@ def get_config(arg=None):
     c.optim.warmup_steps = 200
     c.optim.decay_steps = 8000
     c.train.steps = 8000
+    c.export_dtype = "float16"  # 4.9M parameters: 9.7 MB in the repository instead of 19.5 MB
     return c

@@ -224,6 +224,6 @@ def run(config, workdir: str) -> int:
                              params=jax.device_get(state.ema),
                              info={"trained_steps": total, "batch_size": batch_size, "config": config.name,
                                    **({"init_from": dict(warm.info, path=str(config.init_from))} if warm else {})})
-        save_bundle(export_dir, bundle)
+        save_bundle(export_dir, bundle, storage_dtype=str(config.get("export_dtype", "float32")))
         print(f"exported reference bundle to {export_dir}")
     return 0

@@ -110,6 +110,16 @@ def test_bundle_round_trip_and_mismatch_errors(tmp_path):
     for a, b in zip(jax.tree.leaves(loaded.params), jax.tree.leaves(params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert loaded.sampling == {"num_steps": 4} and loaded.model_cfg.hidden_size == 32
+    # float16 storage: half the bytes, loads as float32 holding the rounded weights.
+    save_bundle(str(tmp_path / "h"), ModelBundle(model_cfg, text_cfg, {}, params), storage_dtype="float16")
+    half = load_bundle(str(tmp_path / "h"))
+    size = lambda d: (tmp_path / d / "params.msgpack").stat().st_size  # noqa: E731
+    assert size("h") < 0.6 * size("b")
+    for a, b in zip(jax.tree.leaves(half.params), jax.tree.leaves(params)):
+        assert a.dtype == np.float32
+        np.testing.assert_array_equal(a, np.asarray(b).astype(np.float16).astype(np.float32))
+    with pytest.raises(BundleError, match="storage dtype 'int8'"):
+        save_bundle(str(tmp_path / "x"), ModelBundle(model_cfg, text_cfg, {}, params), storage_dtype="int8")
     # A config that disagrees with the stored tensors names the mismatch.
     import json
 

@@ -40,12 +40,20 @@ def _flat_shapes(tree) -> dict[str, tuple]:
     return {jax.tree_util.keystr(p): tuple(np.shape(x)) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
-def save_bundle(directory: str, bundle: ModelBundle) -> str:
+STORAGE_DTYPES = ("float32", "float16")
+
+
+def save_bundle(directory: str, bundle: ModelBundle, storage_dtype: str = "float32") -> str:
+    """Write a bundle. `storage_dtype="float16"` halves the file (the shipped reference); loading always
+    gives float32, so what a bundle computes is what its stored (rounded) weights compute."""
+    if storage_dtype not in STORAGE_DTYPES:
+        raise BundleError(f"storage dtype {storage_dtype!r}; expected one of {STORAGE_DTYPES}")
     os.makedirs(directory, exist_ok=True)
-    params = jax.tree.map(lambda x: np.asarray(jax.device_get(x), np.float32), bundle.params)
+    params = jax.tree.map(lambda x: np.asarray(jax.device_get(x), np.float32).astype(storage_dtype), bundle.params)
     blob = serialization.to_bytes(params)
     meta = {
         "version": BUNDLE_VERSION,
+        "params_dtype": storage_dtype,
         "model": bundle.model_cfg.to_dict(),
         "text": bundle.text_cfg.to_dict(),
         "sampling": dict(bundle.sampling),
@@ -111,6 +119,7 @@ def load_bundle(directory: str | None = None) -> ModelBundle:
         raise BundleError(
             f"model bundle {directory} does not match its config: missing {missing[:5]}, unexpected {extra[:5]}, "
             f"mis-shaped {[(k, got[k], want[k]) for k in shape[:5]]}")
+    raw = jax.tree.map(lambda x: np.asarray(x, np.float32) if isinstance(x, np.ndarray) else x, raw)
     params = serialization.from_state_dict(jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), target), raw)
     return ModelBundle(model_cfg=model_cfg, text_cfg=text_cfg, sampling=meta.get("sampling", {}),
                        params=params, info=meta.get("info", {}))
