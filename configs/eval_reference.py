@@ -26,6 +26,9 @@ def get_config(arg=None):
     c.eval.cfg_scale = 3.0          # the bundle's sampling CFG (the RL evaluations are CFG-free)
     c.eval.num_prompts = 0          # all test prompts
     c.eval.samples_per_prompt = 2
+    # ... and more for the categories with few test prompts (1 counting, 2 single-object, 2 two-object
+    # prompts): each category gets at least this many samples, so its accuracy is not a handful of draws.
+    c.eval.min_samples_per_category = 64
     c.eval.batch_size = 64
     c.eval.grid_size = 64
     return c

@@ -10,7 +10,7 @@ Also the `evaluate` job, which scores a model bundle (default: the shipped refer
 from __future__ import annotations
 
 import os
-from collections import defaultdict
+from collections import Counter, defaultdict
 
 import jax
 import numpy as np
@@ -107,6 +107,14 @@ def _category(prompt: str) -> str:
         return "other"
 
 
+def repeat_prompts(prompts: list[str], samples_per_prompt: int, min_per_category: int = 0) -> list[str]:
+    """Each prompt `samples_per_prompt` times, consecutively; a category with few prompts (the test split
+    holds 1 counting and 2 single-object prompts) gets more samples per prompt, so that it has at least
+    `min_per_category` samples in all."""
+    per_cat = Counter(_category(p) for p in prompts)
+    return [p for p in prompts for _ in range(max(samples_per_prompt, -(-min_per_category // per_cat[_category(p)])))]
+
+
 class Evaluator:
     """Callable `(trainable_params, tag, step) -> results dict`; keeps the last full result.
 
@@ -128,7 +136,7 @@ class Evaluator:
         self.last_detections = None  # the verifier's objects per image of the last call (when it ran)
         k = int(eval_cfg.samples_per_prompt)
         base = list(prompts) if prompts is not None else eval_prompts(eval_cfg, shapes_grammar=stack.is_toy)
-        self.prompts = [p for p in base for _ in range(k)]
+        self.prompts = repeat_prompts(base, k, int(eval_cfg.get("min_samples_per_category", 0) or 0))
         self.categories = [_category(p) for p in self.prompts]
         self.batch = int(eval_cfg.batch_size)
         multiple = parallel.batch_size_multiple(mesh)

@@ -203,3 +203,15 @@ def test_constraint_failures_name_what_fails_per_category():
     square = PlacedObject("square", "red", "large", 6.0, 6.0)
     out = constraint_failures(["a red circle", "a red circle", "a red circle"], [[red], [blue], [red, square]])
     assert out == {"colors": {"g0_color": 1 / 3, "g0_count": 0.0, "no_extra_objects": 1 / 3}}
+
+
+def test_repeat_prompts_tops_up_small_categories():
+    from ng_jax.evaluate import repeat_prompts
+
+    prompts = ["a circle", "a red circle", "a blue square", "a green cross", "two crosses"]
+    out = repeat_prompts(prompts, 2, min_per_category=0)
+    assert out == [p for p in prompts for _ in range(2)]
+    out = repeat_prompts(prompts, 2, min_per_category=9)
+    # single_object: 1 prompt -> 9 samples; colors: 3 prompts -> 3 each; counting: 1 prompt -> 9.
+    assert [out.count(p) for p in prompts] == [9, 3, 3, 3, 9]
+    assert out[:9] == ["a circle"] * 9  # samples of a prompt stay consecutive
