@@ -124,7 +124,7 @@ class Evaluator:
     toy world's (`eval.accuracy`, `eval.quality`; off in the real-model configs)."""
 
     def __init__(self, eval_cfg, stack, mesh, *, weighted, policy_params, workdir: str | None,
-                 prompts: list[str] | None = None):
+                 prompts: list[str] | None = None, policy_is_ref: bool = False):
         from ng_jax.judges.toy import QualityJudge, reference_renders
 
         model, ref_params = stack.model, stack.ref
@@ -162,8 +162,12 @@ class Evaluator:
         self.noise = [jax.device_put(n, sh) for n in self.noise]
         self.conds = [jax.device_put(c, sh) for c in self.conds]
         self.uncond = jax.device_put(self.uncond, sh)
+        # Scoring the reference itself (`policy_is_ref`): its norms are the policy's, so the sampler skips
+        # the second (reference) forward pass per step that the norm ratio otherwise needs.
+        ref_pass = not policy_is_ref or bool(eval_cfg.get("renorm", False))
         self._sample = jax.jit(lambda p, r, noise, c, u: self.sampler(policy_params(p, r), noise, c, u, None,
-                                                                        ref_params=r))
+                                                                        ref_params=r if ref_pass else None))
+        self._verifier = None
         self._decode = jax.jit(stack.decode_fn)  # samples -> float images (toy: the identity)
         self.judge = QualityJudge() if eval_cfg.get("quality", True) else None
         self.real = reference_renders(self.prompts, seeds[: self.n]) if self.judge else None
@@ -174,7 +178,7 @@ class Evaluator:
             out = self._sample(trainable, self.ref, noise, cond, self.uncond)
             xs.append(parallel.to_host(to_uint8(self._decode(self.stack.decoder_params, out.x0))))
             pol.append(parallel.to_host(out.norms_policy))
-            ref.append(parallel.to_host(out.norms_ref))
+            ref.append(pol[-1] if out.norms_ref is None else parallel.to_host(out.norms_ref))
         sigmas = parallel.to_host(out.sigmas)
         return (np.concatenate(xs)[: self.n], np.concatenate(pol, 1)[:, : self.n],
                 np.concatenate(ref, 1)[:, : self.n], sigmas)
@@ -191,9 +195,11 @@ class Evaluator:
             result[f"reward_{name}"] = float(np.mean(vals))
         verifier = self.weighted.rewards.get("verifier") if hasattr(self.weighted, "rewards") else None
         if verifier is None and self.cfg.get("accuracy", True):
-            from ng_jax.rewards.verifier import VerifierReward
+            if self._verifier is None:  # loaded once, on the first evaluation that needs it
+                from ng_jax.rewards.verifier import VerifierReward
 
-            verifier = VerifierReward()
+                self._verifier = VerifierReward()
+            verifier = self._verifier
         detections = None
         if verifier is not None:
             detections = verifier.detect(images)
@@ -245,7 +251,7 @@ def run(config, workdir: str) -> int:
     stack = build_model_stack(config, None if "model" not in config else mesh,
                               partitioning.layouts(config.mesh)[1])
     evaluator = Evaluator(config.eval, stack, mesh, weighted=build_rewards(config.rewards),
-                          policy_params=lambda p, r: p, workdir=workdir)
+                          policy_params=lambda p, r: p, workdir=workdir, policy_is_ref=True)
     result = evaluator(stack.ref, tag="evaluate", step=0)
     if stack.is_toy and evaluator.last_detections is not None:
         result["constraint_failures"] = constraint_failures(evaluator.prompts, evaluator.last_detections)
