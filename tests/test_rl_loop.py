@@ -26,7 +26,7 @@ import pytest
 from jax.experimental.compilation_cache import compilation_cache
 
 import rl_fixtures
-from ng_jax import evaluate, train
+from ng_jax import evaluate, parallel, train
 from ng_jax.checkpoint import CheckpointError, Checkpointer
 from ng_jax.main import main
 from ng_jax.models.bundle import ModelBundle, load_bundle, save_bundle
@@ -388,3 +388,40 @@ def test_balance_categories_gives_every_category_the_same_share():
     cats = [category_of(p) for p in out]
     assert sorted(set(out)) == sorted(prompts)
     assert cats.count("colors") == cats.count("position") == 3
+
+
+def test_evaluate_job_scores_the_reference_without_a_second_pass(files, tmp_path, capsys):
+    """The `evaluate` job skips the reference forward pass when it scores the reference itself: same
+    images, rewards and accuracies as the two-pass evaluation, norm ratio 1; small categories topped up."""
+    from ng_jax.evaluate import Evaluator, build_rewards
+    from ng_jax.models.pipeline import build_model_stack
+
+    c = _eval_job_config(files)
+    assert evaluate.run(c, str(tmp_path)) == 0
+    out = capsys.readouterr().out
+    # 7 colour prompts x 2 samples; the one counting prompt is topped up to 6 samples.
+    assert "| colors | 14 |" in out and "| counting | 6 |" in out
+    got = json.load(open(tmp_path / "eval.json"))
+    assert got["norm_ratio"] == 1.0
+    stack = build_model_stack(c, None, None)
+    two_pass = Evaluator(c.eval, stack, parallel.make_mesh(c.mesh.shape), weighted=build_rewards(c.rewards),
+                         policy_params=lambda p, r: p, workdir=None)
+    want = two_pass(stack.ref, tag="x", step=0)
+    for key in ("reward", "accuracy", "accuracy_overall", "fd", "precision", "recall"):
+        assert got[key] == pytest.approx(want[key], abs=1e-6), key
+    assert want["norm_ratio"] == pytest.approx(1.0, abs=1e-6)
+
+
+def _eval_job_config(files):
+    from ng_jax.grid import load_config_file
+
+    c = load_config_file("eval_reference.py")
+    tiny = _config(files)
+    c.reference = files["bundle"]
+    c.rewards = tiny.rewards
+    c.eval.prompt_file = files["prompts"]
+    for key in ("batch_size", "num_steps", "cfg_scale", "grid_size"):
+        c.eval[key] = tiny.eval[key]
+    c.eval.samples_per_prompt = 2
+    c.eval.min_samples_per_category = 6
+    return c
