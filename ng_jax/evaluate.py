@@ -259,7 +259,7 @@ def run(config, workdir: str) -> int:
     counts = defaultdict(int)
     for c in evaluator.categories:
         counts[c] += 1
-    print(f"| category | prompts x samples | verifier accuracy |\n|---|---|---|")
+    print("| category | prompts x samples | verifier accuracy |\n|---|---|---|")
     for c, acc in result.get("accuracy_by_category", {}).items():
         print(f"| {c} | {counts[c]} | {acc:.3f} |")
     print(f"| **overall** (mean of the categories, as GenEval) | {evaluator.n} | "

@@ -132,7 +132,8 @@ def plan(config, chips: int, *, per_device_batch: int | None = None, compile: bo
     from ng_jax.models.text import TextCond
     from ng_jax.models.velocity import make_velocity_model
     from ng_jax.state import count_params, make_optimizer
-    from ng_jax.train import jit_train_step, make_init_state, sampler_sigmas
+    from ng_jax.rl_epoch import sampler_sigmas
+    from ng_jax.train import jit_train_step, make_init_state
     from ng_jax.train_step import TrainBatch
 
     if "model" not in config:

@@ -27,7 +27,7 @@ from ng_jax.models.grow import grow_params
 from ng_jax.models.text import EMPTY_PROMPT, make_text_encoder, tokenize
 from ng_jax.models.velocity import make_velocity_model
 from ng_jax.sampling import make_sampler, to_uint8
-from ng_jax.state import TrainState, create_sharded, ema_update, make_optimizer, state_shardings
+from ng_jax.state import TrainState, create_sharded, ema_update, make_optimizer
 
 
 @flax.struct.dataclass

@@ -25,13 +25,12 @@ Failures stop the run with a one-line message and leave the last good checkpoint
 reward that raises, returns NaN or a wrong shape, or times out (RewardError, after
 `rewards.retries` retries); a non-finite loss or gradient (TrainingError naming the epoch; the
 step did not apply the update); a corrupt, mismatched or incomplete checkpoint (CheckpointError,
-never a silent fresh start); an unusable prompt file (PromptFileError). SIGTERM checkpoints at the
-next epoch boundary and returns 0.
+never a silent fresh start); an unusable prompt file (ng_jax.rl_prompts.PromptFileError). SIGTERM
+checkpoints at the next epoch boundary and returns 0.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
@@ -42,7 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ng_jax import losses, parallel, partitioning, reporting
+from ng_jax import losses, parallel, partitioning, reporting, rl_epoch
 from ng_jax.checkpoint import CheckpointError, Checkpointer, export_params
 from ng_jax.config_checks import ConfigError
 from ng_jax.evaluate import Evaluator, build_rewards, eval_prompts
@@ -50,60 +49,14 @@ from ng_jax.analysis.checkpoints import POLICY_DIR
 from ng_jax.models.bundle import ModelBundle, save_bundle
 from ng_jax.models.pipeline import TOY, build_model_stack, model_family, trainable_init
 from ng_jax.rewards.host import RewardError, make_reward_fn, reset_callback_tokens
+from ng_jax.rl_prompts import load_rl_prompts, one_line, read_prompts
 from ng_jax.sampling import make_sampler
 from ng_jax.state import TrainState, make_optimizer
-from ng_jax.train_step import StepSpec, TrainBatch, bucket_centres, make_ema_update, make_train_step, \
-    policy_params_fn
+from ng_jax.train_step import StepSpec, make_ema_update, make_train_step, policy_params_fn
 
 
 class TrainingError(RuntimeError):
     """The run cannot go on (non-finite loss, ...); the message names the epoch and the last checkpoint."""
-
-
-class PromptFileError(ValueError):
-    """A prompt file (or prompt data set) that cannot be used; reported in one line by the entry point."""
-
-
-def _one_line(text) -> str:
-    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
-    return (" | ".join(lines[:3]) if lines else "")[:800]
-
-
-def _read_prompts(what: str, read) -> list[str]:
-    try:
-        return read()
-    except (OSError, ValueError) as err:  # missing file, empty file, unparseable line, unprepared TFDS
-        raise PromptFileError(f"{what}: {_one_line(err)}") from None
-
-
-def load_rl_prompts(config) -> list[str]:
-    """Training prompts: `data.prompt_file` if set, else the TFDS train split (PromptFileError if unusable).
-    Toy-world prompt files must parse in the shapes grammar; real models take free-form prompts."""
-    from ng_jax.data.sources import as_text, read_prompt_file
-    from ng_jax.data.tfds_shapes import load_prompts
-
-    def read():
-        if config.data.get("prompt_file"):
-            return read_prompt_file(config.data.prompt_file, shapes_grammar=model_family(config) == TOY)
-        source = load_prompts(config.data.data_dir, "train")
-        prompts = [as_text(source[i]["prompt"]) for i in range(len(source))]
-        return balance_categories(prompts) if config.data.get("balance_categories", False) else prompts
-
-    what = (f"data.prompt_file={config.data.prompt_file!r}" if config.data.get("prompt_file")
-            else f"training prompts in data.data_dir={config.data.data_dir!r}")
-    return _read_prompts(what, read)
-
-
-def balance_categories(prompts: list[str]) -> list[str]:
-    """Every prompt category as often as the largest: each category's prompts are cycled to that length
-    (the shapes world has 10 single-object but 539 colour-attribution train prompts)."""
-    from ng_jax.data.prompts import category_of
-
-    by_cat: dict[str, list[str]] = {}
-    for p in prompts:
-        by_cat.setdefault(category_of(p), []).append(p)
-    n = max(len(v) for v in by_cat.values())
-    return [v[i % len(v)] for _, v in sorted(by_cat.items()) for i in range(n)]
 
 
 def make_step_spec(config, grid: np.ndarray) -> StepSpec:
@@ -140,13 +93,6 @@ def jit_train_step(config, apply_fn, optimizer, lora_cfg, grid, mesh, state_sh, 
 def ema_decay(config, step: int) -> float:
     """Old/EMA decay after an epoch: min(rate * optimizer_step, max) (DiffusionNFT / AWM schedules)."""
     return float(min(config.rl.ema.rate * step, config.rl.ema.max))
-
-
-def dpo_pairs(rewards: np.ndarray, group_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per group: (winner index, loser index, valid) with valid False when all rewards tie."""
-    r = rewards.reshape(-1, group_size)
-    base = np.arange(r.shape[0]) * group_size
-    return base + r.argmax(1), base + r.argmin(1), r.max(1) > r.min(1)
 
 
 def check_rl_config(config, multiple: int) -> None:
@@ -198,26 +144,6 @@ class _DropRewardErrorLogs(logging.Filter):
 _CALLBACK_LOGGER = logging.getLogger("jax._src.callback")
 
 
-def _trim_metrics(path: str, epoch: int) -> None:
-    """On resume, drop metric lines written after the restored epoch (they are about to be redone)."""
-    if not os.path.isfile(path):
-        return
-    with open(path) as f:
-        lines = f.readlines()
-    keep = []
-    for line in lines:
-        try:
-            if int(json.loads(line)["step"]) > epoch:
-                continue
-        except (ValueError, KeyError, TypeError):
-            pass
-        keep.append(line)
-    if len(keep) != len(lines):
-        with open(path + ".tmp", "w") as f:
-            f.writelines(keep)
-        os.replace(path + ".tmp", path)
-
-
 def run(config, workdir: str) -> int:
     from ng_jax.data.sources import PromptStream
 
@@ -225,7 +151,7 @@ def run(config, workdir: str) -> int:
     rl = config.rl
     # Cheap checks first: a bad prompt file or batch setting fails before anything compiles.
     prompts = load_rl_prompts(config)
-    eval_base = _read_prompts(
+    eval_base = read_prompts(
         f"eval.prompt_file={config.eval.prompt_file!r}" if config.eval.get("prompt_file")
         else f"evaluation prompts in eval.data_dir={config.eval.data_dir!r}",
         lambda: eval_prompts(config.eval, shapes_grammar=model_family(config) == TOY))
@@ -261,8 +187,8 @@ def run(config, workdir: str) -> int:
 
     # --- rollout + rewards (host callbacks inside shard_map), one jit -------------------------
     ro = rl.rollout
-    sampler = make_sampler(model.apply, num_steps=int(ro.num_steps), shift=float(ro.shift), mu=_opt(ro, "mu"),
-                           s_min=_opt(ro, "s_min"), cfg_scale=float(ro.cfg_scale), sde_noise=float(ro.sde_noise),
+    sampler = make_sampler(model.apply, num_steps=int(ro.num_steps), shift=float(ro.shift), mu=rl_epoch.opt(ro, "mu"),
+                           s_min=rl_epoch.opt(ro, "s_min"), cfg_scale=float(ro.cfg_scale), sde_noise=float(ro.sde_noise),
                            sde_window=tuple(ro.sde_window))
     weighted = build_rewards(config.rewards)
     prompt_table: list[str] = []
@@ -279,7 +205,7 @@ def run(config, workdir: str) -> int:
                          in_shardings=(state_sh.params, state_sh.ema, ref_shardings, dec_shardings, batch_sh,
                                        batch_sh, batch_sh, batch_sh, replicated),
                          out_shardings=(batch_sh, batch_sh, batch_sh))
-    grid = np.asarray(jax.device_get(sampler_sigmas(ro)))
+    grid = np.asarray(jax.device_get(rl_epoch.sampler_sigmas(ro)))
     step_fn = jit_train_step(config, model.apply, optimizer, lora_cfg, grid, mesh, state_sh, ref_shardings)
     ema_fn = jax.jit(make_ema_update(), in_shardings=(state_sh, replicated), out_shardings=state_sh,
                      donate_argnums=(0,))
@@ -297,7 +223,7 @@ def run(config, workdir: str) -> int:
                                   state_abstract, state_sh)
             state, meta = _resume(ckpt, target, stream, meta)
             if is_main:
-                _trim_metrics(os.path.join(workdir, "metrics.jsonl"), meta["epoch"])
+                rl_epoch.trim_metrics(os.path.join(workdir, "metrics.jsonl"), meta["epoch"])
             print(f"resumed at epoch {meta['epoch']} (optimizer step {int(state.step)}) from {ckpt.directory}")
         else:
             state = jax.jit(init_state, in_shardings=(ref_shardings,), out_shardings=state_sh)(ref)
@@ -313,7 +239,7 @@ def run(config, workdir: str) -> int:
         try:
             return evaluator(params, tag=tag, step=step)
         except RewardError as err:
-            raise RewardError(f"evaluation ({tag}): {_one_line(err)}; {_last_good(ckpt)}") from err
+            raise RewardError(f"evaluation ({tag}): {one_line(err)}; {_last_good(ckpt)}") from err
 
     epochs = int(rl.epochs)
     sigterm = _Sigterm()
@@ -325,8 +251,8 @@ def run(config, workdir: str) -> int:
     try:
         if meta["eval_initial"] is None:
             meta["eval_initial"] = evaluate(state.params, "initial", 0)
-            writer.write(0, _scalars(meta["eval_initial"]), prefix="eval/")
-            say(_eval_line("initial", meta["eval_initial"]))
+            writer.write(0, rl_epoch.scalars(meta["eval_initial"]), prefix="eval/")
+            say(rl_epoch.eval_line("initial", meta["eval_initial"]))
         for epoch in range(meta["epoch"], epochs):
             done = epoch + 1
             t0 = time.time()
@@ -339,7 +265,7 @@ def run(config, workdir: str) -> int:
             noise = jax.random.normal(r_noise, (n_samples,) + tuple(model.sample_shape))
             weighted.clear_error()
             try:
-                x0, rewards, parts = _rollouts(rollout_fn, chunk, batch_sh, state, ref, dec_params, noise, cond,
+                x0, rewards, parts = rl_epoch.rollouts(rollout_fn, chunk, batch_sh, state, ref, dec_params, noise, cond,
                                                uncond, prompt_ids, r_sde)
                 # A failing host callback surfaces here, inside the try (not later, at a fetch).
                 jax.block_until_ready((x0, rewards, parts))
@@ -348,13 +274,13 @@ def run(config, workdir: str) -> int:
                 cause = weighted.last_error
                 if cause is None and not isinstance(err, RewardError):
                     raise  # not a reward problem: keep jax's own error and traceback
-                raise RewardError(f"epoch {done}: {_one_line(cause or err)}; {_last_good(ckpt)}") from err
+                raise RewardError(f"epoch {done}: {one_line(cause or err)}; {_last_good(ckpt)}") from err
             rewards, parts = parallel.to_host(rewards), parallel.to_host(parts)
             t_roll = time.time() - t0
             advantages = np.asarray(adv_fn(jnp.asarray(rewards), jnp.asarray(prompt_ids)))
             sums: dict = {}
             n_steps = 0
-            for batch in _train_batches(config, x0, cond, advantages, rewards, k, epoch):
+            for batch in rl_epoch.train_batches(config, x0, cond, advantages, rewards, k, epoch):
                 state, m = step_fn(state, ref, jax.device_put(batch, batch_sh))
                 m = jax.device_get(m)
                 if not bool(m["finite"]):
@@ -362,10 +288,10 @@ def run(config, workdir: str) -> int:
                         f"non-finite loss or gradient at epoch {done}, optimizer step {n_steps + 1} of the epoch "
                         f"(loss={float(m['loss'])}, grad_norm={float(m['grad_norm'])}); the update was not "
                         f"applied; {_last_good(ckpt)}")
-                _accumulate(sums, m)
+                rl_epoch.accumulate(sums, m)
                 n_steps += 1
             state = ema_fn(state, jnp.float32(ema_decay(config, int(state.step))))
-            record = _epoch_record(sums, n_steps)
+            record = rl_epoch.epoch_record(sums, n_steps)
             record.update(reward=float(rewards.mean()), reward_std=float(rewards.std()), epoch=done,
                           rollout_s=t_roll, epoch_s=time.time() - t0, optimizer_steps=int(state.step))
             for i, name in enumerate(weighted.names):
@@ -377,10 +303,10 @@ def run(config, workdir: str) -> int:
             meta["data"] = stream.state()
             if done % int(config.eval.every) == 0 or done == epochs:
                 result = evaluate(state.params, f"epoch_{done:04d}", done)
-                meta["evals"].append({"epoch": done, **_scalars(result)})
+                meta["evals"].append({"epoch": done, **rl_epoch.scalars(result)})
                 meta["eval_last"] = result
-                writer.write(done, _scalars(result), prefix="eval/")
-                say(_eval_line(f"epoch {done}", result))
+                writer.write(done, rl_epoch.scalars(result), prefix="eval/")
+                say(rl_epoch.eval_line(f"epoch {done}", result))
             # SIGTERM on any host stops every host at this same boundary (a collective on multi-host runs).
             stop = parallel.any_process(sigterm.requested)
             if done % int(config.ckpt.every) == 0 or done == epochs or stop:
@@ -427,28 +353,6 @@ def run(config, workdir: str) -> int:
 POLICY_PARAMS_DIR = "policy_params"  # real models: the trainable tree (orbax) + policy_params.json
 
 
-def _rollouts(rollout_fn, chunk: int, batch_sh, state, ref, dec_params, noise, cond, uncond, prompt_ids, r_sde):
-    """The epoch's rollouts in calls of `chunk` samples (one call when chunk is the whole epoch, the toy
-    configs' setting; the SDE key is then the epoch's, as before chunking existed)."""
-    n = noise.shape[0]
-    outs = []
-    for i, s in enumerate(range(0, n, chunk)):
-        part = slice(s, s + chunk)
-        key = r_sde if chunk == n else jax.random.fold_in(r_sde, i)
-        c = cond if chunk == n else jax.device_put(jax.tree.map(lambda x: x[part], cond), batch_sh)
-        outs.append(rollout_fn(state.params, state.ema, ref, dec_params, jax.device_put(noise[part], batch_sh), c,
-                               uncond, jax.device_put(prompt_ids[part], batch_sh), key))
-    if len(outs) == 1:
-        return outs[0]
-    return tuple(jnp.concatenate(xs, axis=0) for xs in zip(*outs))
-
-
-def _opt(cfg, key: str):
-    """An optional float knob (absent or None -> None): rollout/eval `mu` (FLUX) and `s_min` (SD3)."""
-    value = cfg.get(key)
-    return None if value is None else float(value)
-
-
 def _resume(ckpt: Checkpointer, target, stream, fresh_meta: dict):
     """Restore state and metadata; anything unusable is a CheckpointError (never a silent fresh start)."""
     state, meta, step = ckpt.restore(target)
@@ -464,7 +368,7 @@ def _resume(ckpt: Checkpointer, target, stream, fresh_meta: dict):
         stream.restore(meta["data"])
     except ValueError as err:
         raise CheckpointError(f"checkpoint step {step} in {ckpt.directory}: cannot restore the prompt stream "
-                              f"({_one_line(err)}); was it written with other prompts or another seed?") from None
+                              f"({one_line(err)}); was it written with other prompts or another seed?") from None
     meta.setdefault("eval_last", None)
     meta["method"] = fresh_meta["method"]
     return state, meta
@@ -483,69 +387,3 @@ def _reset_callbacks(mesh) -> None:
         pass
 
 
-def _accumulate(sums: dict, m: dict) -> None:
-    """Sum one step's metrics; per-sigma-bucket ratios are weighted by their sample counts."""
-    counts = np.asarray(m["bucket_count"], np.float64)
-    for key, val in m.items():
-        if key in ("finite", "bucket_count"):
-            continue
-        val = np.asarray(val, np.float64)
-        if key == "norm_ratio_by_bucket":
-            val = val * counts
-        sums[key] = sums.get(key, 0.0) + val
-    sums["bucket_count"] = sums.get("bucket_count", 0.0) + counts
-
-
-def _epoch_record(sums: dict, n_steps: int) -> dict:
-    """Epoch means of the step metrics; per-bucket norm ratios as `norm_ratio_sigma_<centre>`."""
-    sums = dict(sums)
-    counts = sums.pop("bucket_count", None)
-    by_bucket = sums.pop("norm_ratio_by_bucket", None)
-    record = {key: float(v) / max(n_steps, 1) for key, v in sums.items()}
-    if by_bucket is not None:
-        for c, total, n in zip(bucket_centres(), by_bucket, counts):
-            if n > 0:
-                record[f"norm_ratio_sigma_{c:.1f}"] = float(total / n)
-    return record
-
-
-def sampler_sigmas(ro):
-    from ng_jax import flow
-
-    return flow.sigma_grid(int(ro.num_steps), shift=float(ro.shift), mu=_opt(ro, "mu"), s_min=_opt(ro, "s_min"))
-
-
-def _train_batches(config, x0, cond, advantages, rewards, k, epoch):
-    """Split one epoch's rollout into optimizer-step batches (shuffled; DPO: winner/loser pairs)."""
-    rl = config.rl
-    rng = np.random.default_rng([config.seed, epoch])
-    size = int(rl.train_batch)
-    for _ in range(int(rl.get("inner_epochs", 1))):
-        if rl.method == "dpo":
-            w, l, valid = dpo_pairs(rewards, k)
-            w, l = w[valid], l[valid]
-            order = rng.permutation(len(w))
-            usable = (len(order) // size) * size
-            for s in range(0, usable, size):
-                idx_w, idx_l = w[order[s:s + size]], l[order[s:s + size]]
-                yield TrainBatch(x0=x0[idx_w], cond=jax.tree.map(lambda c: c[idx_w], cond),
-                                 advantages=jnp.ones(size), x0_l=x0[idx_l])
-        else:
-            order = rng.permutation(advantages.shape[0])
-            for s in range(0, (len(order) // size) * size, size):
-                idx = order[s:s + size]
-                yield TrainBatch(x0=x0[idx], cond=jax.tree.map(lambda c: c[idx], cond),
-                                 advantages=jnp.asarray(advantages[idx]))
-
-
-def _scalars(result: dict) -> dict:
-    return {k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-
-
-def _eval_line(tag: str, r: dict) -> str:
-    def fmt(key, digits):
-        v = r.get(key)
-        return "n/a" if v is None else f"{v:.{digits}f}"
-
-    return (f"[eval {tag}] reward={fmt('reward', 4)} norm_ratio={fmt('norm_ratio', 4)} fd={fmt('fd', 3)} "
-            f"precision={fmt('precision', 3)} recall={fmt('recall', 3)}")

@@ -381,10 +381,11 @@ def test_bad_prompt_file_is_one_line_exit_1(tmp_path, capsys, content, message):
 
 def test_balance_categories_gives_every_category_the_same_share():
     from ng_jax.data.prompts import category_of
+    from ng_jax.rl_prompts import balance_categories
 
     prompts = ["a red circle", "a blue square"] + [f"a {c} circle left of a {d} square" for c, d in
                                                    [("red", "blue"), ("green", "white"), ("cyan", "red")]]
-    out = train.balance_categories(prompts)
+    out = balance_categories(prompts)
     cats = [category_of(p) for p in out]
     assert sorted(set(out)) == sorted(prompts)
     assert cats.count("colors") == cats.count("position") == 3

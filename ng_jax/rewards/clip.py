@@ -181,11 +181,9 @@ class ClipSimilarityReward:
         from transformers import AutoTokenizer
 
         if backend == "auto":
-            try:
-                import torch  # noqa: F401
-                backend = "torch"
-            except ImportError:
-                backend = "numpy"
+            import importlib.util
+
+            backend = "torch" if importlib.util.find_spec("torch") is not None else "numpy"
         if backend not in ("torch", "numpy"):
             raise ValueError(f"backend must be 'auto', 'torch' or 'numpy', got {backend!r}")
         self.name = name or self.name

@@ -1,0 +1,52 @@
+"""Prompts of an RL run: the training prompts (a prompt file or the TFDS train split, optionally
+category-balanced) and the one-line PromptFileError the entry point reports."""
+
+from __future__ import annotations
+
+from ng_jax.models.pipeline import TOY, model_family
+
+
+class PromptFileError(ValueError):
+    """A prompt file (or prompt data set) that cannot be used; reported in one line by the entry point."""
+
+
+def one_line(text) -> str:
+    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
+    return (" | ".join(lines[:3]) if lines else "")[:800]
+
+
+def read_prompts(what: str, read) -> list[str]:
+    try:
+        return read()
+    except (OSError, ValueError) as err:  # missing file, empty file, unparseable line, unprepared TFDS
+        raise PromptFileError(f"{what}: {one_line(err)}") from None
+
+
+def load_rl_prompts(config) -> list[str]:
+    """Training prompts: `data.prompt_file` if set, else the TFDS train split (PromptFileError if unusable).
+    Toy-world prompt files must parse in the shapes grammar; real models take free-form prompts."""
+    from ng_jax.data.sources import as_text, read_prompt_file
+    from ng_jax.data.tfds_shapes import load_prompts
+
+    def read():
+        if config.data.get("prompt_file"):
+            return read_prompt_file(config.data.prompt_file, shapes_grammar=model_family(config) == TOY)
+        source = load_prompts(config.data.data_dir, "train")
+        prompts = [as_text(source[i]["prompt"]) for i in range(len(source))]
+        return balance_categories(prompts) if config.data.get("balance_categories", False) else prompts
+
+    what = (f"data.prompt_file={config.data.prompt_file!r}" if config.data.get("prompt_file")
+            else f"training prompts in data.data_dir={config.data.data_dir!r}")
+    return read_prompts(what, read)
+
+
+def balance_categories(prompts: list[str]) -> list[str]:
+    """Every prompt category as often as the largest: each category's prompts are cycled to that length
+    (the shapes world has 10 single-object but 539 colour-attribution train prompts)."""
+    from ng_jax.data.prompts import category_of
+
+    by_cat: dict[str, list[str]] = {}
+    for p in prompts:
+        by_cat.setdefault(category_of(p), []).append(p)
+    n = max(len(v) for v in by_cat.values())
+    return [v[i % len(v)] for _, v in sorted(by_cat.items()) for i in range(n)]
