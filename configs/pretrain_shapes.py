@@ -1,10 +1,12 @@
-"""Pretraining of the reference model on the shapes world (rectified flow, CFG dropout, EMA).
+"""Pretraining of the reference model on the shapes world (rectified flow, CFG dropout, EMA): stage 1.
 
-The shipped reference (ng_jax/assets/reference) was produced by exactly (7000 steps at batch 64; 86 min
-of wall clock on these 2 cores, shared with other jobs for most of it):
+Stage 1 (this config: 2-layer text encoder, 4-block MMDiT) produced ng_jax/assets/reference_stage1
+(7000 steps at batch 64; 86 min of wall clock on these 2 cores, shared with other jobs for most of it),
+the reference of the reproduction grid (configs/experiments/toy_grid.py) and the starting point of
+stage 2 (configs/pretrain_shapes_deep.py), which made the shipped reference ng_jax/assets/reference:
 
     python -m ng_jax.main --config=configs/pretrain_shapes.py --workdir=workdirs/pretrain_shapes \
-        --config.export_dir=ng_jax/assets/reference
+        --config.export_dir=ng_jax/assets/reference_stage1
 
 Smoke run (seconds): add --config.train.steps=20 --config.data.images_per_category=64
 """
