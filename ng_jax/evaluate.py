@@ -256,9 +256,7 @@ def run(config, workdir: str) -> int:
     if stack.is_toy and evaluator.last_detections is not None:
         result["constraint_failures"] = constraint_failures(evaluator.prompts, evaluator.last_detections)
     reporting.write_json(os.path.join(workdir, "eval.json"), result)
-    counts = defaultdict(int)
-    for c in evaluator.categories:
-        counts[c] += 1
+    counts = Counter(evaluator.categories)
     print("| category | prompts x samples | verifier accuracy |\n|---|---|---|")
     for c, acc in result.get("accuracy_by_category", {}).items():
         print(f"| {c} | {counts[c]} | {acc:.3f} |")

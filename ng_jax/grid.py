@@ -105,7 +105,10 @@ def _check_recorded_config(c: mlc.ConfigDict, run_dir: str, reference_sha: str) 
         raise ConfigError(f"{run_dir} was started with another config ({shown}{', ...' if len(diff) > 4 else ''}); "
                           f"delete it to retrain that run")
     ref_path = os.path.join(run_dir, RUN_REFERENCE)
-    recorded = open(ref_path).read().strip() if os.path.isfile(ref_path) else "(not recorded)"
+    recorded = "(not recorded)"
+    if os.path.isfile(ref_path):
+        with open(ref_path) as f:
+            recorded = f.read().strip()
     if recorded != reference_sha:
         raise ConfigError(f"{run_dir} was started from another reference bundle (params sha256 {recorded[:12]}, "
                           f"now {reference_sha[:12]}); delete it to retrain that run")
