@@ -23,12 +23,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from tqdm import tqdm
 
 from ng_jax.data import prompts as prompt_sets
 from ng_jax.data import world
 from ng_jax.judges import features as jf
 from ng_jax.judges.toy import frechet_distance, knn_precision_recall, reference_renders
+from ng_jax.tools import fit
 from ng_jax.tools.train_verifier import training_scenes
 
 _COLOR_NAMES = tuple(world.COLORS)
@@ -65,11 +65,7 @@ def degrade(rng: jax.Array, images: jax.Array) -> tuple[jax.Array, jax.Array]:
     noise = on(keys[0]) * jax.random.uniform(keys[1], (b,))
     blur = on(keys[2]) * jax.random.uniform(keys[3], (b,))
     gain = on(keys[4]) * jax.random.uniform(keys[5], (b,), minval=-1.0, maxval=1.0)
-    kernel = jnp.outer(jnp.array([1.0, 2.0, 1.0]), jnp.array([1.0, 2.0, 1.0])) / 16.0
-    kernel = jnp.tile(kernel[:, :, None, None], (1, 1, 1, 3))
-    blurred = jax.lax.conv_general_dilated(images, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                                           feature_group_count=3)
-    x = images + blur[:, None, None, None] * (blurred - images)
+    x = images + blur[:, None, None, None] * (fit.blur3x3(images) - images)
     background = jnp.asarray(world.BACKGROUND, jnp.float32) / 127.5 - 1.0
     x = background + (x - background) * jnp.exp(gain * MAX_LOG_GAIN)[:, None, None, None]
     x = x + (noise * MAX_NOISE_STD)[:, None, None, None] * jax.random.normal(keys[6], x.shape)
@@ -84,15 +80,9 @@ def judge_loss(params, images, presence, count, degradation):
     return jnp.mean(bce + ce + 2.0 * mse)
 
 
-def make_train_step(optimizer: optax.GradientTransformation):
-    @jax.jit
-    def train_step(params, opt_state, rng, images_u8, presence, count):
-        images, degradation = degrade(rng, images_u8.astype(jnp.float32) / 127.5 - 1.0)
-        loss, grads = jax.value_and_grad(judge_loss)(params, images, presence, count, degradation)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
-    return train_step
+def batch_loss(params, key, images_u8, presence, count):
+    images, degradation = degrade(key, fit.to_float(images_u8))
+    return judge_loss(params, images, presence, count, degradation)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,30 +96,12 @@ class TrainConfig:
 
 
 def train(cfg: TrainConfig):
+    """Trained judge parameters and the per-step training losses."""
     rng = np.random.default_rng(cfg.seed)
-    images, presence, count = labelled_renders(training_scenes(cfg.train_images, rng))
-    params = jf.init_judge_params(jax.random.key(cfg.seed))
-    schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, min(100, cfg.steps // 10), cfg.steps)
-    optimizer = optax.adamw(schedule, weight_decay=1e-4)
-    opt_state = optimizer.init(params)
-    step_fn = make_train_step(optimizer)
-    key = jax.random.key(cfg.seed + 1)
-    bar = tqdm(range(cfg.steps), desc="judge", mininterval=2.0)
-    for step in bar:
-        idx = rng.integers(0, len(images), cfg.batch_size)
-        params, opt_state, loss = step_fn(params, opt_state, jax.random.fold_in(key, step), images[idx],
-                                          presence[idx], count[idx])
-        if step % 100 == 0:
-            bar.set_postfix(loss=f"{float(loss):.4f}")
-    return params
-
-
-def _blur(images: np.ndarray) -> np.ndarray:
-    x = np.pad(images.astype(np.float32), ((0, 0), (1, 1), (1, 1), (0, 0)), mode="edge")
-    k = np.array([1.0, 2.0, 1.0]) / 4.0
-    x = sum(k[i] * x[:, i:i + images.shape[1]] for i in range(3))
-    x = sum(k[j] * x[:, :, j:j + images.shape[2]] for j in range(3))
-    return np.clip(np.round(x), 0, 255).astype(np.uint8)
+    arrays = labelled_renders(training_scenes(cfg.train_images, rng))
+    return fit.fit(batch_loss, jf.init_judge_params(jax.random.key(cfg.seed)), arrays, steps=cfg.steps,
+                   batch_size=cfg.batch_size, learning_rate=cfg.learning_rate, warmup_steps=100, seed=cfg.seed,
+                   rng=rng, desc="judge")
 
 
 def evaluate(params, n: int, seed: int = 4321) -> dict:
@@ -147,7 +119,7 @@ def evaluate(params, n: int, seed: int = 4321) -> dict:
     noisy = np.clip(fresh + rng.normal(0, 20, fresh.shape), 0, 255).astype(np.uint8)
     variants = {
         "fresh_renders": fresh,
-        "blurred_renders": _blur(fresh),
+        "blurred_renders": fit.blur3x3_uint8(fresh),
         "noisy_renders_std20": noisy,
         "saturated_renders_x1.3": np.clip(fresh.astype(np.float32) * 1.3, 0, 255).astype(np.uint8),
         "uniform_noise_images": rng.integers(0, 256, fresh.shape, dtype=np.uint8),
@@ -168,13 +140,12 @@ def evaluate(params, n: int, seed: int = 4321) -> dict:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=pathlib.Path, required=True, help="directory for judge_features.msgpack + metrics")
-    for field in dataclasses.fields(TrainConfig):
-        parser.add_argument(f"--{field.name.replace('_', '-')}", type=type(field.default), default=field.default)
+    fit.add_dataclass_args(parser, TrainConfig)
     args = parser.parse_args(argv)
-    cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+    cfg = fit.dataclass_from_args(TrainConfig, args)
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    params = train(cfg)
+    params, _ = train(cfg)
     train_s = time.time() - t0
     weights = args.out / "judge_features.msgpack"
     jf.save_judge_params(params, weights)

@@ -24,11 +24,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from tqdm import tqdm
 
 from ng_jax.data import prompts as prompt_sets
 from ng_jax.data import world
 from ng_jax.rewards import verifier as vf
+from ng_jax.tools import fit
 
 WRONG_KINDS = ("recolor", "reshape", "remove", "add", "mirror")
 
@@ -96,10 +96,7 @@ def augment(rng: jax.Array, images: jax.Array) -> jax.Array:
     gain = 1.0 + jax.random.uniform(k_gain, (b, 1, 1, 3), minval=-0.08, maxval=0.08)
     shift = jax.random.uniform(k_shift, (b, 1, 1, 3), minval=-0.08, maxval=0.08)
     x = (images + 1.0) * gain - 1.0 + shift
-    kernel = jnp.outer(jnp.array([1.0, 2.0, 1.0]), jnp.array([1.0, 2.0, 1.0])) / 16.0
-    kernel = jnp.tile(kernel[:, :, None, None], (1, 1, 1, 3))  # HWIO, depthwise
-    blurred = jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                                           feature_group_count=3)
+    blurred = fit.blur3x3(x)
     strength = jax.random.uniform(k_blur, (b, 1, 1, 1)) * (jax.random.uniform(k_on, (b, 1, 1, 1)) < 0.5)
     x = x + strength * (blurred - x)
     sigma = jax.random.uniform(k_sigma, (b, 1, 1, 1), maxval=0.15)
@@ -122,15 +119,8 @@ def detection_loss(params, images: jax.Array, targets: jax.Array, positive_weigh
     return obj_loss + jnp.sum((cls + 10.0 * off) * obj) / n_pos
 
 
-def make_train_step(optimizer: optax.GradientTransformation):
-    @jax.jit
-    def train_step(params, opt_state, rng, images_u8, targets):
-        images = augment(rng, images_u8.astype(jnp.float32) / 127.5 - 1.0)
-        loss, grads = jax.value_and_grad(detection_loss)(params, images, targets)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
-    return train_step
+def batch_loss(params, key, images_u8, targets):
+    return detection_loss(params, augment(key, fit.to_float(images_u8)), targets)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,23 +134,14 @@ class TrainConfig:
 
 
 def train(cfg: TrainConfig):
+    """Trained verifier parameters and the per-step training losses."""
     rng = np.random.default_rng(cfg.seed)
     t0 = time.time()
-    images, targets = render_dataset(training_scenes(cfg.train_images, rng))
-    print(f"rendered {len(images)} training scenes in {time.time() - t0:.1f}s")
-    params = vf.init_verifier_params(jax.random.key(cfg.seed))
-    schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, min(200, cfg.steps // 10), cfg.steps)
-    optimizer = optax.adamw(schedule, weight_decay=1e-4)
-    opt_state = optimizer.init(params)
-    step_fn = make_train_step(optimizer)
-    key = jax.random.key(cfg.seed + 1)
-    bar = tqdm(range(cfg.steps), desc="verifier", mininterval=2.0)
-    for step in bar:
-        idx = rng.integers(0, len(images), cfg.batch_size)
-        params, opt_state, loss = step_fn(params, opt_state, jax.random.fold_in(key, step), images[idx], targets[idx])
-        if step % 100 == 0:
-            bar.set_postfix(loss=f"{float(loss):.4f}")
-    return params
+    arrays = render_dataset(training_scenes(cfg.train_images, rng))
+    print(f"rendered {len(arrays[0])} training scenes in {time.time() - t0:.1f}s")
+    return fit.fit(batch_loss, vf.init_verifier_params(jax.random.key(cfg.seed)), arrays, steps=cfg.steps,
+                   batch_size=cfg.batch_size, learning_rate=cfg.learning_rate, warmup_steps=200, seed=cfg.seed,
+                   rng=rng, desc="verifier")
 
 
 # ----------------------------------------------------------------------------------------- evaluation
@@ -203,17 +184,11 @@ def wrong_scene(spec: world.PromptSpec, scene: Sequence[world.PlacedObject], kin
 
 def degrade(images: np.ndarray, kind: str, rng: np.random.Generator) -> np.ndarray:
     """Imperfect versions of uint8 renders: Gaussian noise (std 12 of 255) or a 3x3 binomial blur."""
-    x = images.astype(np.float32)
-    if kind == "noise":
-        x = x + rng.normal(0.0, 12.0, x.shape)
-    elif kind == "blur":
-        x = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="edge")
-        k = (0.25, 0.5, 0.25)
-        x = sum(k[i] * x[:, i:i + images.shape[1]] for i in range(3))
-        x = sum(k[j] * x[:, :, j:j + images.shape[2]] for j in range(3))
-    else:
+    if kind == "blur":
+        return fit.blur3x3_uint8(images)
+    if kind != "noise":
         raise ValueError(f"unknown degradation {kind!r}; expected 'noise' or 'blur'")
-    return np.clip(np.round(x), 0, 255).astype(np.uint8)
+    return np.clip(np.round(images.astype(np.float32) + rng.normal(0.0, 12.0, images.shape)), 0, 255).astype(np.uint8)
 
 
 def _match(truth, detected, max_dist: float = 3.0):
@@ -286,11 +261,10 @@ def evaluate(reward: vf.VerifierReward, renders_per_prompt: int = 4, seed: int =
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=pathlib.Path, required=True, help="directory for verifier.msgpack + metrics")
-    for field in dataclasses.fields(TrainConfig):
-        parser.add_argument(f"--{field.name.replace('_', '-')}", type=type(field.default), default=field.default)
+    fit.add_dataclass_args(parser, TrainConfig)
     parser.add_argument("--eval-only", action="store_true", help="only evaluate the weights already in --out")
     args = parser.parse_args(argv)
-    cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+    cfg = fit.dataclass_from_args(TrainConfig, args)
     args.out.mkdir(parents=True, exist_ok=True)
     weights = args.out / "verifier.msgpack"
     metrics_path = args.out / "verifier_metrics.json"
@@ -300,7 +274,7 @@ def main(argv=None):
         cfg = TrainConfig(**previous.get("config", dataclasses.asdict(cfg)))
     else:
         t0 = time.time()
-        params = train(cfg)
+        params, _ = train(cfg)
         train_s = time.time() - t0
         vf.save_verifier_params(params, weights)
     metrics = evaluate(vf.VerifierReward(weights_path=weights), cfg.eval_renders_per_prompt)

@@ -1,0 +1,69 @@
+"""The trainers of the shipped verifier and judge (ng_jax.tools): shared blur, loop and command line."""
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ng_jax.data import world
+from ng_jax.tools import fit, train_judge, train_verifier
+
+
+def test_jax_and_numpy_blurs_agree_away_from_the_border():
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (2, 12, 12, 3), dtype=np.uint8)
+    smooth = np.asarray(fit.blur3x3(jnp.asarray(images, jnp.float32)))
+    rounded = fit.blur3x3_uint8(images)
+    # Interior: same binomial kernel, so equal up to the uint8 rounding.
+    np.testing.assert_allclose(smooth[:, 1:-1, 1:-1], rounded[:, 1:-1, 1:-1], atol=0.5 + 1e-4)
+    # A blur keeps a constant image and spreads a single bright pixel as 1/4 * 1/2 ... weights.
+    flat = np.full((1, 5, 5, 1), 100, np.uint8)
+    assert np.all(fit.blur3x3_uint8(flat) == 100)
+    dot = np.zeros((1, 5, 5, 1), np.float32)
+    dot[0, 2, 2, 0] = 16.0
+    np.testing.assert_allclose(np.asarray(fit.blur3x3(jnp.asarray(dot)))[0, 1:4, 1:4, 0],
+                               [[1, 2, 1], [2, 4, 2], [1, 2, 1]], atol=1e-6)
+
+
+@pytest.mark.slow
+def test_verifier_trainer_learns_and_writes_weights_and_metrics(tmp_path):
+    cfg = train_verifier.TrainConfig(train_images=256, steps=60, batch_size=32, learning_rate=3e-3, seed=3)
+    params, losses = train_verifier.train(cfg)
+    assert losses.shape == (60,) and np.all(np.isfinite(losses))
+    assert losses[-10:].mean() < 0.7 * losses[:10].mean(), (losses[:10].mean(), losses[-10:].mean())
+
+    out = tmp_path / "verifier"
+    argv = ["--out", str(out), "--train-images", "128", "--steps", "5", "--batch-size", "8",
+            "--eval-renders-per-prompt", "1"]
+    train_verifier.main(argv)
+    metrics = json.loads((out / "verifier_metrics.json").read_text())
+    assert metrics["config"] == {**vars(train_verifier.TrainConfig()), "train_images": 128, "steps": 5,
+                                 "batch_size": 8, "eval_renders_per_prompt": 1}
+    assert set(metrics["per_category"]) == set(world.CATEGORIES)
+    for cat in metrics["per_category"].values():
+        assert 0.0 <= cat["judge_acc_correct"] <= 1.0 and cat["renders"] > 0
+    # --eval-only re-measures the written weights under the recorded config (not the command line's).
+    before = (out / "verifier.msgpack").read_bytes()
+    train_verifier.main(["--out", str(out), "--eval-only", "--steps", "999"])
+    again = json.loads((out / "verifier_metrics.json").read_text())
+    assert (out / "verifier.msgpack").read_bytes() == before
+    assert again["config"]["steps"] == 5 and again["train_seconds"] == metrics["train_seconds"]
+    assert again["mean_over_categories"] == metrics["mean_over_categories"]
+
+
+@pytest.mark.slow
+def test_judge_trainer_learns_and_writes_weights_and_metrics(tmp_path):
+    cfg = train_judge.TrainConfig(train_images=256, steps=60, batch_size=32, learning_rate=3e-3, seed=3)
+    _, losses = train_judge.train(cfg)
+    assert losses.shape == (60,) and np.all(np.isfinite(losses))
+    assert losses[-10:].mean() < 0.9 * losses[:10].mean(), (losses[:10].mean(), losses[-10:].mean())
+
+    train_judge.main(["--out", str(tmp_path), "--train-images", "64", "--steps", "3", "--batch-size", "8",
+                      "--eval-renders", "32"])
+    metrics = json.loads((tmp_path / "judge_features_metrics.json").read_text())
+    assert metrics["config"]["steps"] == 3 and metrics["eval_images"] == 32
+    assert (tmp_path / "judge_features.msgpack").stat().st_size > 0
+    quality = metrics["quality_vs_reference_renders"]
+    assert set(quality) == {"fresh_renders", "blurred_renders", "noisy_renders_std20", "saturated_renders_x1.3",
+                            "uniform_noise_images"}
+    assert all(q["fd"] >= 0.0 for q in quality.values())
