@@ -27,7 +27,7 @@ import sys
 import jax
 import numpy as np
 
-from ng_jax import parallel, reporting
+from ng_jax import parallel, partitioning, reporting
 
 ANALYSES = ("norms", "renorm", "few_step", "adjoint", "matched", "judge")
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "analyze.py")
@@ -66,7 +66,8 @@ class Context:
             for k, v in overrides.items():
                 cfg[k] = v
             self._evaluators[key] = Evaluator(cfg, self.stack, self.mesh, weighted=self.weighted,
-                                              policy_params=lambda p, r: p, workdir=self.out, prompts=self.prompts)
+                                              policy_params=lambda p, r: p, workdir=self.out, prompts=self.prompts,
+                                              rules=partitioning.layouts(self.config.mesh)[0].logical_rules)
         return self._evaluators[key]
 
     def evaluate(self, label: str, tag: str, **overrides) -> dict:

@@ -124,7 +124,7 @@ class Evaluator:
     toy world's (`eval.accuracy`, `eval.quality`; off in the real-model configs)."""
 
     def __init__(self, eval_cfg, stack, mesh, *, weighted, policy_params, workdir: str | None,
-                 prompts: list[str] | None = None, policy_is_ref: bool = False):
+                 prompts: list[str] | None = None, policy_is_ref: bool = False, rules=None):
         from ng_jax.judges.toy import QualityJudge, reference_renders
 
         model, ref_params = stack.model, stack.ref
@@ -165,8 +165,11 @@ class Evaluator:
         # Scoring the reference itself (`policy_is_ref`): its norms are the policy's, so the sampler skips
         # the second (reference) forward pass per step that the norm ratio otherwise needs.
         ref_pass = not policy_is_ref or bool(eval_cfg.get("renorm", False))
-        self._sample = jax.jit(lambda p, r, noise, c, u: self.sampler(policy_params(p, r), noise, c, u, None,
-                                                                        ref_params=r if ref_pass else None))
+        # Activations are placed by the run's rule table (`rules`; None = the default table), as in the rollout.
+        sample = lambda p, r, noise, c, u: self.sampler(policy_params(p, r), noise, c, u, None,  # noqa: E731
+                                                        ref_params=r if ref_pass else None)
+        self._sample = jax.jit(partitioning.with_rules(sample, mesh, partitioning.LOGICAL_RULES if rules is None
+                                                       else rules))
         self._verifier = None
         self._decode = jax.jit(stack.decode_fn)  # samples -> float images (toy: the identity)
         self.judge = QualityJudge() if eval_cfg.get("quality", True) else None
@@ -251,7 +254,8 @@ def run(config, workdir: str) -> int:
     stack = build_model_stack(config, None if "model" not in config else mesh,
                               partitioning.layouts(config.mesh)[1])
     evaluator = Evaluator(config.eval, stack, mesh, weighted=build_rewards(config.rewards),
-                          policy_params=lambda p, r: p, workdir=workdir, policy_is_ref=True)
+                          policy_params=lambda p, r: p, workdir=workdir, policy_is_ref=True,
+                          rules=partitioning.layouts(config.mesh)[0].logical_rules)
     result = evaluator(stack.ref, tag="evaluate", step=0)
     if stack.is_toy and evaluator.last_detections is not None:
         result["constraint_failures"] = constraint_failures(evaluator.prompts, evaluator.last_detections)

@@ -228,7 +228,7 @@ def run(config, workdir: str) -> int:
         else:
             state = jax.jit(init_state, in_shardings=(ref_shardings,), out_shardings=state_sh)(ref)
         evaluator = Evaluator(config.eval, stack, mesh, weighted=weighted, policy_params=policy_params,
-                              workdir=workdir, prompts=eval_base)
+                              workdir=workdir, prompts=eval_base, rules=layout.logical_rules)
         uncond = jax.device_put(stack.uncond(chunk), batch_sh)
     except BaseException:
         ckpt.close()

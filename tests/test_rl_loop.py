@@ -426,3 +426,22 @@ def _eval_job_config(files):
     c.eval.samples_per_prompt = 2
     c.eval.min_samples_per_category = 6
     return c
+
+
+def test_evaluation_sampler_places_activations_by_the_rule_table(files):
+    """The evaluation sampler is traced under the run's activation rules, like the rollout: its
+    lowering carries the sharding constraints that the models' `constrain` calls emit."""
+    from ng_jax.evaluate import Evaluator, build_rewards
+    from ng_jax.models.pipeline import build_model_stack
+
+    c = _eval_job_config(files)
+    stack = build_model_stack(c, None, None)
+    mesh = parallel.make_mesh(c.mesh.shape)
+    ev = Evaluator(c.eval, stack, mesh, weighted=build_rewards(c.rewards), policy_params=lambda p, r: p,
+                   workdir=None)
+    args = (stack.ref, stack.ref, ev.noise[0], ev.conds[0], ev.uncond)
+    lowered = ev._sample.lower(*args).as_text()
+    bare = jax.jit(lambda p, r, n, cond, u: ev.sampler(p, n, cond, u, None, ref_params=r)).lower(*args).as_text()
+    marker = "sharding_constraint" if "sdy." in lowered else "@Sharding"
+    assert bare.count(marker) == 0
+    assert lowered.count(marker) >= 3, lowered.count(marker)  # block boundaries, attention heads, MLP
