@@ -14,17 +14,11 @@ cores; stored in float16, 9.8 MB):
 Smoke run (seconds): add --config.train.steps=20 --config.data.images_per_category=64
 """
 
-import importlib.util
-import os
-
-_spec = importlib.util.spec_from_file_location("pretrain_shapes", os.path.join(os.path.dirname(__file__),
-                                                                               "pretrain_shapes.py"))
-_base = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_base)
+from ng_jax import config_base
 
 
 def get_config(arg=None):
-    c = _base.get_config(arg)
+    c = config_base.load_config_file("pretrain_shapes.py", arg)
     c.name = "pretrain_shapes_deep"
     c.workdir = "workdirs/pretrain_shapes_deep"
     c.init_from = "ng_jax/assets/reference_stage1"  # stage 1's exported EMA bundle

@@ -6,7 +6,21 @@ differs, so `configs/awm.py` and `configs/awm_normguard.py` differ in the `normg
 
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import ml_collections as mlc
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+def load_config_file(name: str, arg=None) -> mlc.ConfigDict:
+    """`get_config(arg)` of configs/NAME, for config files that build on another one."""
+    path = os.path.join(CONFIG_DIR, name)
+    spec = importlib.util.spec_from_file_location(f"ng_config_{os.path.basename(name)[:-3]}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
 
 # Toy-world reference and data locations (relative to the repository root).
 DEFAULT_DATA_DIR = "workdirs/tfds"

@@ -12,22 +12,13 @@
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import os
 import time
 
 import ml_collections as mlc
 
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
-
-
-def load_config_file(name: str) -> mlc.ConfigDict:
-    path = os.path.join(CONFIG_DIR, name)
-    spec = importlib.util.spec_from_file_location(f"ng_config_{os.path.basename(name)[:-3]}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+from ng_jax.config_base import load_config_file
 
 
 def _apply(config: mlc.ConfigDict, overrides: mlc.ConfigDict, prefix: str = "") -> None:
