@@ -19,8 +19,8 @@ def get_config(arg=None):
     c.seed = 0
     c.workdir = "workdirs/toy_grid"   # one sub-directory per run, plus analysis/
     # The reference bundle of every run ("" = the shipped one). The grid runs from the stage-1 reference
-    # (4-block MMDiT): its 24 runs fit the 2-hour budget on 2 CPU cores, which the 8-block shipped
-    # reference (twice the compute per step) does not; docs/RESULTS.md was measured from it.
+    # (4-block MMDiT): its 24 runs fit the 2-hour budget on 2 CPU cores, which the 12-block shipped
+    # reference (about 3x the block count) does not; docs/RESULTS.md was measured from it.
     c.reference = "ng_jax/assets/reference_stage1"
 
     c.grid = mlc.ConfigDict()
