@@ -124,7 +124,8 @@ class Evaluator:
     toy world's (`eval.accuracy`, `eval.quality`; off in the real-model configs)."""
 
     def __init__(self, eval_cfg, stack, mesh, *, weighted, policy_params, workdir: str | None,
-                 prompts: list[str] | None = None, policy_is_ref: bool = False, rules=None):
+                 prompts: list[str] | None = None, policy_is_ref: bool = False,
+                 rules=partitioning.LOGICAL_RULES):
         from ng_jax.judges.toy import QualityJudge, reference_renders
 
         model, ref_params = stack.model, stack.ref
@@ -165,11 +166,10 @@ class Evaluator:
         # Scoring the reference itself (`policy_is_ref`): its norms are the policy's, so the sampler skips
         # the second (reference) forward pass per step that the norm ratio otherwise needs.
         ref_pass = not policy_is_ref or bool(eval_cfg.get("renorm", False))
-        # Activations are placed by the run's rule table (`rules`; None = the default table), as in the rollout.
+        # Activations are placed by the run's rule table (`rules`), as in the rollout.
         sample = lambda p, r, noise, c, u: self.sampler(policy_params(p, r), noise, c, u, None,  # noqa: E731
                                                         ref_params=r if ref_pass else None)
-        self._sample = jax.jit(partitioning.with_rules(sample, mesh, partitioning.LOGICAL_RULES if rules is None
-                                                       else rules))
+        self._sample = jax.jit(partitioning.with_rules(sample, mesh, rules))
         self._verifier = None
         self._decode = jax.jit(stack.decode_fn)  # samples -> float images (toy: the identity)
         self.judge = QualityJudge() if eval_cfg.get("quality", True) else None
@@ -250,12 +250,12 @@ def run(config, workdir: str) -> int:
     from ng_jax.models.pipeline import build_model_stack
 
     mesh = parallel.make_mesh(config.mesh.shape)
+    layout, ref_layout = partitioning.layouts(config.mesh)
     # The toy reference stays on the host, as this job always had it; real weights are placed by the rules.
-    stack = build_model_stack(config, None if "model" not in config else mesh,
-                              partitioning.layouts(config.mesh)[1])
+    stack = build_model_stack(config, None if "model" not in config else mesh, ref_layout)
     evaluator = Evaluator(config.eval, stack, mesh, weighted=build_rewards(config.rewards),
                           policy_params=lambda p, r: p, workdir=workdir, policy_is_ref=True,
-                          rules=partitioning.layouts(config.mesh)[0].logical_rules)
+                          rules=layout.logical_rules)
     result = evaluator(stack.ref, tag="evaluate", step=0)
     if stack.is_toy and evaluator.last_detections is not None:
         result["constraint_failures"] = constraint_failures(evaluator.prompts, evaluator.last_detections)
