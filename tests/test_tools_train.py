@@ -25,12 +25,17 @@ def test_jax_and_numpy_blurs_agree_away_from_the_border():
                                [[1, 2, 1], [2, 4, 2], [1, 2, 1]], atol=1e-6)
 
 
+def _assert_training_lowers_the_loss(tool, factor: float) -> None:
+    """60 steps of `tool.train` on 256 renders: finite losses, the last 10 below `factor` x the first 10."""
+    cfg = tool.TrainConfig(train_images=256, steps=60, batch_size=32, learning_rate=3e-3, seed=3)
+    _, losses = tool.train(cfg)
+    assert losses.shape == (60,) and np.all(np.isfinite(losses))
+    assert losses[-10:].mean() < factor * losses[:10].mean(), (losses[:10].mean(), losses[-10:].mean())
+
+
 @pytest.mark.slow
 def test_verifier_trainer_learns_and_writes_weights_and_metrics(tmp_path):
-    cfg = train_verifier.TrainConfig(train_images=256, steps=60, batch_size=32, learning_rate=3e-3, seed=3)
-    params, losses = train_verifier.train(cfg)
-    assert losses.shape == (60,) and np.all(np.isfinite(losses))
-    assert losses[-10:].mean() < 0.7 * losses[:10].mean(), (losses[:10].mean(), losses[-10:].mean())
+    _assert_training_lowers_the_loss(train_verifier, 0.7)
 
     out = tmp_path / "verifier"
     argv = ["--out", str(out), "--train-images", "128", "--steps", "5", "--batch-size", "8",
@@ -53,10 +58,7 @@ def test_verifier_trainer_learns_and_writes_weights_and_metrics(tmp_path):
 
 @pytest.mark.slow
 def test_judge_trainer_learns_and_writes_weights_and_metrics(tmp_path):
-    cfg = train_judge.TrainConfig(train_images=256, steps=60, batch_size=32, learning_rate=3e-3, seed=3)
-    _, losses = train_judge.train(cfg)
-    assert losses.shape == (60,) and np.all(np.isfinite(losses))
-    assert losses[-10:].mean() < 0.9 * losses[:10].mean(), (losses[:10].mean(), losses[-10:].mean())
+    _assert_training_lowers_the_loss(train_judge, 0.9)
 
     train_judge.main(["--out", str(tmp_path), "--train-images", "64", "--steps", "3", "--batch-size", "8",
                       "--eval-renders", "32"])
