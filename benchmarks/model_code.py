@@ -1,7 +1,7 @@
 """The MMDiT's building blocks as they were before the optimisations benchmarks/run.py led to, so that
 "before" and "after" are measured side by side in the same interleaved rounds (docs/PERFORMANCE.md).
 
-`model_code(...)` swaps them into `ng_jax.models.layers` / `ng_jax.models.mmdit` while a step is traced;
+`model_code(...)` swaps them into `ng_jax.models.nets.layers` / `ng_jax.models.nets.mmdit` while a step is traced;
 parameters are identical, so the same weights run through both.
 """
 
@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 
 def legacy_attention(q, k, v, key_mask=None):
-    """`ng_jax.models.layers.attention` as it was before this benchmark's optimisation: einsums on the
+    """`ng_jax.models.nets.layers.attention` as it was before this benchmark's optimisation: einsums on the
     [B, L, H, D] layout and the scale applied to the [B, H, Lq, Lk] logits."""
     scale = 1.0 / math.sqrt(q.shape[-1])
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
@@ -27,11 +27,11 @@ def legacy_attention(q, k, v, key_mask=None):
 @contextlib.contextmanager
 def model_code(flax_dense: bool = False, old_attention: bool = False):
     """Trace the MMDiT with earlier building blocks (same parameters): flax's `nn.Dense` in place of
-    `ng_jax.models.layers.Dense`, `legacy_attention` in place of `layers.attention`. The "before" of
+    `ng_jax.models.nets.layers.Dense`, `legacy_attention` in place of `layers.attention`. The "before" of
     the optimisations, measured side by side with the "after" in the same rounds."""
     import flax.linen as nn
 
-    from ng_jax.models import layers, mmdit
+    from ng_jax.models.nets import layers, mmdit
 
     swaps = ([(m, "Dense", nn.Dense) for m in (layers, mmdit)] if flax_dense else []) + (
         [(mmdit, "attention", legacy_attention)] if old_attention else [])

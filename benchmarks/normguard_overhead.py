@@ -2,10 +2,10 @@
 
     cd /work/main && .venv/bin/python -m benchmarks.normguard_overhead [--batch 32] [--repeats 30] [--no-check]
 
-For each method (NFT, AWM, Flow-DPO) this builds the fused train step of ng_jax.train_step twice from the
-shipped toy-world RL config (`config_base.rl_config`, toy MMDiT `toy_model_config()`, text widths of
+For each method (NFT, AWM, Flow-DPO) this builds the fused train step of ng_jax.rl.step twice from the
+shipped toy-world RL config (`methods.rl_config`, toy MMDiT `toy_model_config()`, text widths of
 `toy_text_config()`): once as the base method (normguard.lam = 0) and once with NormGuard (lam = 1),
-both jitted exactly as ng_jax.train does (mesh shardings over every local device, donated state). Both
+both jitted exactly as ng_jax.rl.loop does (mesh shardings over every local device, donated state). Both
 are compiled ahead of time, then timed interleaved (base, normguard, normguard, base, ... so drift and
 background load hit both alike) on the same batch, and the median ms/step of each is reported.
 
@@ -25,18 +25,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ng_jax import config_base, flow, parallel, partitioning
-from ng_jax.models.text import TextCond
+from ng_jax import flow, sharding
+
+from ng_jax.config import methods
+from ng_jax.models.nets.text import TextCond
 from ng_jax.models.velocity import make_velocity_model
 from ng_jax.state import TrainState, make_optimizer
-from ng_jax.train_step import StepSpec, TrainBatch, make_train_step
+from ng_jax.rl.step import StepSpec, TrainBatch, make_train_step
 
 METHODS = ("nft", "awm", "dpo")
 MAX_RATIO = 1.03
 
 
 def step_spec(config, batch: int) -> StepSpec:
-    """The StepSpec ng_jax.train builds from this config (make_step_spec), with the train batch's
+    """The StepSpec ng_jax.rl.loop builds from this config (make_step_spec), with the train batch's
     micro-batch capped at `batch`."""
     rl, ng = config.rl, config.normguard
     grid = np.asarray(flow.sigma_grid(int(rl.rollout.num_steps), shift=float(rl.rollout.shift)))
@@ -68,13 +70,13 @@ def make_batch(method: str, n: int, model, text_cfg, mesh) -> TrainBatch:
     batch = TrainBatch(x0=rng.uniform(-1, 1, shape).astype(np.float32), cond=cond,
                        advantages=rng.standard_normal(n).astype(np.float32),
                        x0_l=rng.uniform(-1, 1, shape).astype(np.float32) if method == "dpo" else None)
-    return parallel.shard_batch(batch, mesh)
+    return sharding.shard_batch(batch, mesh)
 
 
 def build(method: str, lam: float, batch: TrainBatch, model, ref, mesh):
     """(compiled step, fresh state, compile seconds) for one method and NormGuard weight."""
-    config = config_base.rl_config(method, normguard_lam=lam)
-    layout, ref_layout = partitioning.layouts(config.mesh)
+    config = methods.rl_config(method, normguard_lam=lam)
+    layout, ref_layout = sharding.layouts(config.mesh)
     spec = step_spec(config, batch.advantages.shape[0])
     optimizer = make_optimizer(config.optim)
 
@@ -86,8 +88,8 @@ def build(method: str, lam: float, batch: TrainBatch, model, ref, mesh):
     state_sh = layout.shardings(jax.eval_shape(init_state, ref), mesh)
     ref_sh = ref_layout.shardings(ref, mesh)
     jitted = jax.jit(make_train_step(model.apply, optimizer, spec),
-                     in_shardings=(state_sh, ref_sh, parallel.batch_sharding(mesh)),
-                     out_shardings=(state_sh, parallel.replicated(mesh)), donate_argnums=(0,))
+                     in_shardings=(state_sh, ref_sh, sharding.batch_sharding(mesh)),
+                     out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=(0,))
     state = jax.jit(init_state, out_shardings=state_sh)(ref)
     t0 = time.perf_counter()
     compiled = jitted.lower(state, ref, batch).compile()
@@ -119,11 +121,11 @@ def main(argv=None) -> int:
     if any(m not in METHODS for m in methods):
         parser.error(f"--methods must be drawn from {METHODS}, got {args.methods!r}")
 
-    mesh = parallel.make_mesh(config_base.mesh_config().shape)
-    if args.batch % parallel.batch_size_multiple(mesh):
-        parser.error(f"--batch {args.batch} must be a multiple of the {parallel.batch_size_multiple(mesh)} devices")
-    model = make_velocity_model(config_base.toy_model_config())
-    text_cfg = config_base.toy_text_config()
+    mesh = sharding.make_mesh(methods.mesh_config().shape)
+    if args.batch % sharding.batch_size_multiple(mesh):
+        parser.error(f"--batch {args.batch} must be a multiple of the {sharding.batch_size_multiple(mesh)} devices")
+    model = make_velocity_model(methods.toy_model_config())
+    text_cfg = methods.toy_text_config()
     ref = reference_params(model)
     print(f"devices: {len(jax.devices())} x {jax.devices()[0].platform}; toy MMDiT "
           f"{sum(x.size for x in jax.tree.leaves(ref)) / 1e6:.2f}M params; batch {args.batch}; "
@@ -133,7 +135,7 @@ def main(argv=None) -> int:
     for method in methods:
         batch = make_batch(method, args.batch, model, text_cfg, mesh)
         (base, s_base, c_base), (ng, s_ng, c_ng) = (build(method, lam, batch, model, ref, mesh) for lam in (0.0, 1.0))
-        spec = step_spec(config_base.rl_config(method), args.batch)
+        spec = step_spec(methods.rl_config(method), args.batch)
         print(f"{method}: compiled base {c_base:.1f}s, normguard {c_ng:.1f}s "
               f"(micro_batch {spec.micro_batch}, {spec.num_timesteps} timesteps/sample)", flush=True)
         t_base, t_ng = time_pair((base, ng), [s_base, s_ng], ref, batch, args.repeats, args.warmup)

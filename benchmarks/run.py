@@ -24,7 +24,7 @@ client uses every core by default). Measured:
 Second opinions in the same rounds: torch with ONE thread (on cores shared with other jobs, OpenMP
 threads wait on each other and eager torch can slow down tenfold; XLA's pool degrades gracefully),
 and the NFT step traced with the model code before the optimisations this benchmark led to
-(flax's `nn.Dense` instead of `ng_jax.models.layers.Dense`, the old attention layout): before vs
+(flax's `nn.Dense` instead of `ng_jax.models.nets.layers.Dense`, the old attention layout): before vs
 after in the same rounds. Docs: docs/PERFORMANCE.md.
 
 Every comparison is timed interleaved after compilation and warm-up (A, B, C, C, B, A, ...), so
@@ -52,13 +52,14 @@ import numpy as np  # noqa: E402
 
 from benchmarks.model_code import BEFORE, model_code, optimisations  # noqa: E402
 from benchmarks.report import METHODS, device_string, git_commit, markdown, targets  # noqa: E402
-from ng_jax import config_base, flow  # noqa: E402
-from ng_jax.models.sd3_weights import load_sd3_transformer, model_config_from_diffusers  # noqa: E402
-from ng_jax.models.text import TextCond  # noqa: E402
+from ng_jax import flow
+from ng_jax.config import methods  # noqa: E402
+from ng_jax.models.weights.sd3 import load_sd3_transformer, model_config_from_diffusers  # noqa: E402
+from ng_jax.models.nets.text import TextCond  # noqa: E402
 from ng_jax.models.velocity import make_velocity_model  # noqa: E402
 from ng_jax.sampling import make_sampler  # noqa: E402
 from ng_jax.state import TrainState, make_optimizer  # noqa: E402
-from ng_jax.train_step import StepSpec, TrainBatch, make_train_step  # noqa: E402
+from ng_jax.rl.step import StepSpec, TrainBatch, make_train_step  # noqa: E402
 
 # --tiny: semantics, not speed (unoptimised code, the legacy fusion emitters): ~2 s per compile, not ~7 s.
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
@@ -149,10 +150,10 @@ def make_inputs(method: str, n: int, sample_shape, text_tokens: int, context_dim
 
 
 def step_spec(method: str, micro_batch: int, lam: float = 0.0, num_timesteps: int | None = None) -> StepSpec:
-    """The shipped RL config's step (config_base.METHODS) at this micro-batch and NormGuard weight."""
-    m = config_base.METHODS[method]
+    """The shipped RL config's step (methods.METHODS) at this micro-batch and NormGuard weight."""
+    m = methods.METHODS[method]
     grid = np.asarray(flow.sigma_grid(int(m["num_steps"])))[:-1]
-    ng = config_base.normguard_config(lam)
+    ng = methods.normguard_config(lam)
     return StepSpec(method=method, micro_batch=micro_batch, num_timesteps=int(num_timesteps or m["num_timesteps"]),
                     grid=tuple(float(s) for s in grid), grid_fraction=float(m["grid_fraction"]),
                     loss_kwargs=dict(m["loss"]), lam=float(lam), margin=float(ng.margin), power=int(ng.power),
@@ -161,7 +162,7 @@ def step_spec(method: str, micro_batch: int, lam: float = 0.0, num_timesteps: in
 
 def jax_step(model, ref, spec: StepSpec, batch: TrainBatch, fast_compile: bool = False):
     """(run: a zero-argument callable doing one blocking step, compiled, compile seconds)."""
-    optimizer = make_optimizer(config_base.optim_config(lr=float(config_base.METHODS[spec.method]["lr"])))
+    optimizer = make_optimizer(methods.optim_config(lr=float(methods.METHODS[spec.method]["lr"])))
     params, ema = jax.tree.map(jnp.copy, ref), jax.tree.map(jnp.copy, ref)  # distinct buffers: both donated
     state = TrainState(step=jnp.zeros((), jnp.int32), params=params, ema=ema, opt_state=optimizer.init(params),
                        rng=jax.random.key(0))
@@ -186,7 +187,7 @@ def torch_step(tm, spec: StepSpec, batch: TrainBatch):
     tspec = TorchStepSpec(method=spec.method, micro_batch=spec.micro_batch, num_timesteps=spec.num_timesteps,
                           grid=spec.grid, grid_fraction=spec.grid_fraction, loss_kwargs=spec.loss_kwargs,
                           lam=spec.lam, margin=spec.margin, power=spec.power, relative=spec.relative,
-                          lr=float(config_base.METHODS[spec.method]["lr"]))
+                          lr=float(methods.METHODS[spec.method]["lr"]))
     step = TorchTrainStep(copy.deepcopy(tm), copy.deepcopy(tm), copy.deepcopy(tm), tspec)
     nchw = lambda x: None if x is None else torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))  # noqa
     args = (nchw(batch.x0), torch.from_numpy(batch.cond.tokens), torch.from_numpy(batch.cond.pooled),

@@ -145,7 +145,7 @@ def dpo_loss(v_w, v_l, v_ref_w, v_ref_l, target_w, target_l, *, beta: float = 10
 
 
 # ----------------------------------------------------------------------------------------------
-# Training timesteps (host-side numpy, the same schemes as ng_jax.flow / ng_jax.train_step._sigmas)
+# Training timesteps (host-side numpy, the same schemes as ng_jax.flow / ng_jax.rl.step._sigmas)
 
 
 def training_sigmas(method: str, rng: np.random.Generator, n: int, micro_batch: int, num_timesteps: int,

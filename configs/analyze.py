@@ -1,6 +1,6 @@
-"""The paper's analyses (ng_jax.analyze) on the toy world.
+"""The paper's analyses (ng_jax.eval.analyze) on the toy world.
 
-    python -m ng_jax.analyze all --checkpoints=reference,workdirs/awm,workdirs/awm_normguard \
+    python -m ng_jax.eval.analyze all --checkpoints=reference,workdirs/awm,workdirs/awm_normguard \
         --runs=workdirs/awm,workdirs/awm_normguard --out=workdirs/analysis
 
 equivalently: python -m ng_jax.main --config=configs/analyze.py --config.analysis.name=all \
@@ -9,20 +9,20 @@ equivalently: python -m ng_jax.main --config=configs/analyze.py --config.analysi
 
 import ml_collections as mlc
 
-from ng_jax import config_base
+from ng_jax.config import methods
 
 
 def get_config(arg=None):
-    rl = config_base.rl_config("awm")
+    rl = methods.rl_config("awm")
     c = mlc.ConfigDict()
     c.job = "analyze"
     c.name = "analysis"
     c.seed = 0
     c.workdir = "workdirs/analysis"
     c.reference = ""              # the reference bundle the checkpoints are compared with ("" = shipped)
-    c.mesh = config_base.mesh_config()
+    c.mesh = methods.mesh_config()
     c.rewards = rl.rewards        # the reward(s) reported by every evaluation (verifier by default)
-    c.eval = rl.eval              # prompts, samples, steps, CFG of every evaluation (see config_base.rl_config)
+    c.eval = rl.eval              # prompts, samples, steps, CFG of every evaluation (see methods.rl_config)
     c.eval.samples_per_prompt = 4
     c.eval.cfg_rescale = 0.0      # CFG-rescale phi of the plain evaluations (the renorm analysis varies it)
 

@@ -3,11 +3,11 @@
     python -m ng_jax.main --config=configs/awm_normguard.py --workdir=workdirs/awm_normguard
 """
 
-from ng_jax import config_base
+from ng_jax.config import methods
 
 
 def get_config(arg=None):
-    c = config_base.rl_config("awm")
+    c = methods.rl_config("awm")
     c.name = "awm_normguard"
     c.workdir = "workdirs/awm_normguard"
     c.normguard.lam = 1.0      # hinge weight

@@ -3,8 +3,8 @@
     python -m ng_jax.main --config=configs/dpo.py --workdir=workdirs/dpo
 """
 
-from ng_jax import config_base
+from ng_jax.config import methods
 
 
 def get_config(arg=None):
-    return config_base.rl_config("dpo")
+    return methods.rl_config("dpo")

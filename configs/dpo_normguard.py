@@ -3,11 +3,11 @@
     python -m ng_jax.main --config=configs/dpo_normguard.py --workdir=workdirs/dpo_normguard
 """
 
-from ng_jax import config_base
+from ng_jax.config import methods
 
 
 def get_config(arg=None):
-    c = config_base.rl_config("dpo")
+    c = methods.rl_config("dpo")
     c.name = "dpo_normguard"
     c.workdir = "workdirs/dpo_normguard"
     c.normguard.lam = 1.0      # hinge weight

@@ -8,18 +8,18 @@ Another bundle: --config.reference=DIR.
 
 import ml_collections as mlc
 
-from ng_jax import config_base
+from ng_jax.config import methods
 
 
 def get_config(arg=None):
-    rl = config_base.rl_config("awm")
+    rl = methods.rl_config("awm")
     c = mlc.ConfigDict()
     c.job = "evaluate"
     c.name = "eval_reference"
     c.seed = 0
     c.workdir = "workdirs/eval_reference"
     c.reference = ""
-    c.mesh = config_base.mesh_config()
+    c.mesh = methods.mesh_config()
     c.rewards = rl.rewards
     c.eval = rl.eval
     c.eval.split = "test"

@@ -3,11 +3,11 @@
     python -m ng_jax.main --config=configs/nft_normguard.py --workdir=workdirs/nft_normguard
 """
 
-from ng_jax import config_base
+from ng_jax.config import methods
 
 
 def get_config(arg=None):
-    c = config_base.rl_config("nft")
+    c = methods.rl_config("nft")
     c.name = "nft_normguard"
     c.workdir = "workdirs/nft_normguard"
     c.normguard.lam = 1.0      # hinge weight

@@ -14,7 +14,7 @@ Smoke run (seconds): add --config.train.steps=20 --config.data.images_per_catego
 
 import ml_collections as mlc
 
-from ng_jax import config_base
+from ng_jax.config import methods
 from ng_jax.data.world import CATEGORIES
 
 
@@ -26,7 +26,7 @@ def get_config(arg=None):
     c.workdir = "workdirs/pretrain_shapes"
 
     c.data = mlc.ConfigDict()
-    c.data.data_dir = config_base.DEFAULT_DATA_DIR  # where the TFDS builders prepare their files
+    c.data.data_dir = methods.DEFAULT_DATA_DIR  # where the TFDS builders prepare their files
     c.data.images_per_category = 4000   # renders per prompt category (split evenly over its train prompts)
     # Share of each category in every batch (0 drops it); uniform, so the 10 single-object prompts weigh
     # as much as the 539 colour-attribution prompts.
@@ -34,10 +34,10 @@ def get_config(arg=None):
     c.data.prompts_per_category = None  # keep only the first N train prompts per category (tiny test builds)
     c.data.batch_size = 64
 
-    c.model = config_base.toy_model_config()
-    c.text = config_base.toy_text_config()
-    c.mesh = config_base.mesh_config()
-    c.optim = config_base.optim_config(lr=1e-3)
+    c.model = methods.toy_model_config()
+    c.text = methods.toy_text_config()
+    c.mesh = methods.mesh_config()
+    c.optim = methods.optim_config(lr=1e-3)
     c.optim.warmup_steps = 200
     c.optim.schedule = "cosine"
     c.optim.decay_steps = 7000
@@ -50,7 +50,7 @@ def get_config(arg=None):
     c.train.logit_mean = 0.0    # logit-normal timestep sampling (SD3)
     c.train.logit_std = 1.0
 
-    c.sample = config_base.sample_config()
+    c.sample = methods.sample_config()
     c.sample.prompts = (
         "a red circle", "a blue square", "a green triangle", "a yellow cross",
         "two purple circles", "three orange squares", "a red circle left of a blue square",

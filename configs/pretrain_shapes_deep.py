@@ -16,11 +16,11 @@ reference until stage 3 replaced it):
 Smoke run (seconds): add --config.train.steps=20 --config.data.images_per_category=64
 """
 
-from ng_jax import config_base
+from ng_jax.config import methods
 
 
 def get_config(arg=None):
-    c = config_base.load_config_file("pretrain_shapes.py", arg)
+    c = methods.load_config_file("pretrain_shapes.py", arg)
     c.name = "pretrain_shapes_deep"
     c.workdir = "workdirs/pretrain_shapes_deep"
     c.init_from = "ng_jax/assets/reference_stage1"  # stage 1's exported EMA bundle

@@ -15,11 +15,11 @@ ng_jax/assets/reference_stage2 now, so that run named it with --config.init_from
 Smoke run (seconds): add --config.train.steps=20 --config.data.images_per_category=64
 """
 
-from ng_jax import config_base
+from ng_jax.config import methods
 
 
 def get_config(arg=None):
-    c = config_base.load_config_file("pretrain_shapes_deep.py", arg)
+    c = methods.load_config_file("pretrain_shapes_deep.py", arg)
     c.name = "pretrain_shapes_deeper"
     c.workdir = "workdirs/pretrain_shapes_deeper"
     c.init_from = "ng_jax/assets/reference_stage2"  # stage 2's exported EMA bundle

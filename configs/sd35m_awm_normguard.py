@@ -13,20 +13,20 @@ missing / unexpected / mis-shaped tensor, exit 0 when it would load strictly):
 
 `--config.model.weights_dir` is required (a local diffusers save of SD3.5-Medium: transformer/, vae/,
 text_encoder*/, tokenizer*/; nothing is downloaded); without it the entry point stops with one line.
-The base method's settings are the reference implementation's (ng_jax/config_base.py REAL_METHODS,
+The base method's settings are the reference implementation's (ng_jax/config/methods.py REAL_METHODS,
 docs/ALGORITHMS.md); --config.normguard.lam=0 gives the base method alone.
 Model: 512 px (64x64 latents, 1024 image tokens), sigma-grid shift 3; bf16 frozen base, float32 LoRA
-r32 / alpha 64 on q/k/v/out of both attention streams (config_base.SD3_LORA_TARGETS). Mesh: FSDP
+r32 / alpha 64 on q/k/v/out of both attention streams (methods.SD3_LORA_TARGETS). Mesh: FSDP
 over every device. Sizes (48 prompts x 24 images per epoch, micro-batches, rollout chunks) assume 8
 accelerators of 80 GB; scale rl.micro_batch / rl.rollout.batch_size with the device count.
 Small variants: --config.rl.epochs=..., --config.normguard.lam=..., --config.normguard.margin=...
 """
 
-from ng_jax import config_base
+from ng_jax.config import methods
 
 
 def get_config(arg=None):
-    c = config_base.sd35_medium_config("awm", normguard_lam=1.0)
+    c = methods.sd35_medium_config("awm", normguard_lam=1.0)
     # AWM (ALGORITHMS.md sec 4; scxue/advantage_weighted_matching config/dgx_awm.py):
     #   rl.rollout.num_steps = 14 Euler steps, CFG 1, from the current policy
     #   rl.num_timesteps = 6 stratified slots over the first 90% of the grid (rl.grid_fraction), shared

@@ -2,9 +2,9 @@
 
     python -m ng_jax.main --config=configs/awm_normguard.py [--workdir=DIR] [--config.a.b=value ...]
 
-`config.job` picks what runs: "rl" (post-training, ng_jax.train), "pretrain" (the reference model,
-ng_jax.pretrain), "evaluate" (score a checkpoint on fixed prompts, ng_jax.evaluate), "analyze"
-(the paper's analyses, ng_jax.analyze) or "grid" (the reproduction grid and docs/RESULTS.md, ng_jax.grid).
+`config.job` picks what runs: "rl" (post-training, ng_jax.rl.loop), "pretrain" (the reference model,
+ng_jax.pretrain), "evaluate" (score a checkpoint on fixed prompts, ng_jax.eval.evaluate), "analyze"
+(the paper's analyses, ng_jax.eval.analyze) or "grid" (the reproduction grid and docs/RESULTS.md, ng_jax.eval.grid).
 Config problems (missing file, unknown key, wrong type) are reported in one line, exit status 2.
 """
 
@@ -21,10 +21,10 @@ class UsageError(Exception):
 
 JOBS = {
     "pretrain": "ng_jax.pretrain",
-    "rl": "ng_jax.train",
-    "evaluate": "ng_jax.evaluate",
-    "analyze": "ng_jax.analyze",
-    "grid": "ng_jax.grid",
+    "rl": "ng_jax.rl.loop",
+    "evaluate": "ng_jax.eval.evaluate",
+    "analyze": "ng_jax.eval.analyze",
+    "grid": "ng_jax.eval.grid",
 }
 
 
@@ -68,7 +68,7 @@ def parse_args(argv: list[str], check: bool = True):
     if "job" not in config or config.job not in JOBS:
         raise UsageError(f"config.job must be one of {sorted(JOBS)}, got {config.get('job')!r}")
     workdir = fv.workdir or config.get("workdir") or os.path.join("workdirs", config.get("name", config.job))
-    from ng_jax.config_checks import check_config
+    from ng_jax.config.checks import check_config
 
     try:
         if check:

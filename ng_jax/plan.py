@@ -8,8 +8,8 @@
 It builds the run's velocity model at full size from its transformer config (`model.weights_dir`'s
 transformer/config.json when there is one, else the built-in copy of the released config.json of
 SD3.5-Medium / SD3-Medium / FLUX.1-dev: no weights are read), the state and reference shardings of
-the run (`ng_jax.partitioning`: `mesh.logical_rules`, `mesh.ref_logical_rules`), and lowers and compiles
-THE train step of `ng_jax.train` (`train.jit_train_step`: same StepSpec, LoRA / full fine-tuning,
+the run (`ng_jax.sharding`: `mesh.logical_rules`, `mesh.ref_logical_rules`), and lowers and compiles
+THE train step of `ng_jax.rl.loop` (`train.jit_train_step`: same StepSpec, LoRA / full fine-tuning,
 remat, scanned blocks, donation) against `jax.ShapeDtypeStruct`s on `--chips` fake CPU devices. It
 prints the mesh, the per-device bytes of parameters / optimizer state / reference / batch computed
 from the shardings (independent of XLA), XLA's per-device memory analysis (arguments, outputs,
@@ -127,26 +127,26 @@ def plan(config, chips: int, *, per_device_batch: int | None = None, compile: bo
     import jax
     import jax.numpy as jnp
 
-    from ng_jax import parallel, partitioning
-    from ng_jax.models.pipeline import _dtype, velocity_config
-    from ng_jax.models.text import TextCond
+    from ng_jax import sharding
+    from ng_jax.models.stack import _dtype, velocity_config
+    from ng_jax.models.nets.text import TextCond
     from ng_jax.models.velocity import make_velocity_model
     from ng_jax.state import count_params, make_optimizer
-    from ng_jax.rl_epoch import sampler_sigmas
-    from ng_jax.train import jit_train_step, make_init_state
-    from ng_jax.train_step import TrainBatch
+    from ng_jax.rl.epoch import sampler_sigmas
+    from ng_jax.rl.loop import jit_train_step, make_init_state
+    from ng_jax.rl.step import TrainBatch
 
     if "model" not in config:
         raise PlanError("the plan needs a real-model config (a `model` block: configs/sd35m_*.py, flux1dev_*.py)")
     try:
-        mesh = parallel.make_mesh(config.mesh.shape, jax.devices("cpu")[:chips])
+        mesh = sharding.make_mesh(config.mesh.shape, jax.devices("cpu")[:chips])
     except ValueError as err:
         raise PlanError(f"--chips={chips}: {err}") from None
-    layout, ref_layout = partitioning.layouts(config.mesh)
+    layout, ref_layout = sharding.layouts(config.mesh)
     rl, mcfg = config.rl, config.model
     accum = max(1, int(rl.train_batch) // int(rl.micro_batch))
     pdb = int(per_device_batch or max(1, int(rl.micro_batch) // CONFIG_DEVICES))
-    rl.micro_batch = pdb * parallel.batch_size_multiple(mesh)
+    rl.micro_batch = pdb * sharding.batch_size_multiple(mesh)
     rl.train_batch = rl.micro_batch * accum
     with tempfile.TemporaryDirectory() as tmp:
         mcfg.weights_dir = _weights_dir(mcfg, tmp)
@@ -170,7 +170,7 @@ def plan(config, chips: int, *, per_device_batch: int | None = None, compile: bo
                     mask=jax.ShapeDtypeStruct((n, length), jnp.bool_))
     batch = TrainBatch(x0=x0, cond=cond, advantages=jax.ShapeDtypeStruct((n,), jnp.float32),
                        x0_l=x0 if rl.method == "dpo" else None)
-    batch_sh = jax.tree.map(lambda _: parallel.batch_sharding(mesh), batch)
+    batch_sh = jax.tree.map(lambda _: sharding.batch_sharding(mesh), batch)
 
     per_device = {"trainable": _device_bytes(state.params, state_sh.params), "ema": _device_bytes(state.ema, state_sh.ema),
                   "opt_state": _device_bytes(state.opt_state, state_sh.opt_state), "reference": _device_bytes(ref, ref_sh),
@@ -182,8 +182,8 @@ def plan(config, chips: int, *, per_device_batch: int | None = None, compile: bo
            "per_device_batch": pdb, "micro_batch": int(rl.micro_batch), "train_batch": n,
            "resolution": int(mcfg.resolution), "params": {"trainable": count_params(state.params),
                                                           "reference": count_params(ref)},
-           "replicated_fraction": {"trainable": parallel.replicated_fraction(state.params, state_sh.params),
-                                   "reference": parallel.replicated_fraction(ref, ref_sh)},
+           "replicated_fraction": {"trainable": sharding.replicated_fraction(state.params, state_sh.params),
+                                   "reference": sharding.replicated_fraction(ref, ref_sh)},
            "max_replicated_fraction": float(config.mesh.get("max_replicated_fraction", 1.0)),
            "bytes_from_shardings": per_device}
     if not compile:

@@ -19,12 +19,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ng_jax import flow, parallel, partitioning, reporting
+from ng_jax import flow, logs, sharding
 from ng_jax.checkpoint import Checkpointer
-from ng_jax.config_checks import ConfigError
+from ng_jax.config.checks import ConfigError
 from ng_jax.models.bundle import BundleError, ModelBundle, load_bundle, save_bundle
 from ng_jax.models.grow import grow_params
-from ng_jax.models.text import EMPTY_PROMPT, make_text_encoder, tokenize
+from ng_jax.models.nets.text import EMPTY_PROMPT, make_text_encoder, tokenize
 from ng_jax.models.velocity import make_velocity_model
 from ng_jax.sampling import make_sampler, to_uint8
 from ng_jax.state import TrainState, create_sharded, ema_update, make_optimizer
@@ -136,11 +136,11 @@ def _warm_start(config):
 
 def run(config, workdir: str) -> int:
     os.makedirs(workdir, exist_ok=True)
-    mesh = parallel.make_mesh(config.mesh.shape)
+    mesh = sharding.make_mesh(config.mesh.shape)
     batch_size = int(config.data.batch_size)
-    if batch_size % parallel.batch_size_multiple(mesh):
+    if batch_size % sharding.batch_size_multiple(mesh):
         raise ConfigError(f"data.batch_size={batch_size} must be divisible by data x fsdp = "
-                         f"{parallel.batch_size_multiple(mesh)}")
+                         f"{sharding.batch_size_multiple(mesh)}")
     model = make_velocity_model(config.model)
     text = make_text_encoder(config.text)
     optimizer = make_optimizer(config.optim)
@@ -156,11 +156,11 @@ def run(config, workdir: str) -> int:
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema=params,
                           opt_state=optimizer.init(params), rng=r_state)
 
-    state, shardings = create_sharded(init_state, mesh, partitioning.layouts(config.mesh)[0])
-    batch_sh = parallel.batch_sharding(mesh)
+    state, shardings = create_sharded(init_state, mesh, sharding.layouts(config.mesh)[0])
+    batch_sh = sharding.batch_sharding(mesh)
     step_fn = jax.jit(
         make_pretrain_step(model, text, optimizer, config.train, jnp.asarray(empty_ids[0]), jnp.asarray(empty_mask[0])),
-        in_shardings=(shardings, batch_sh), out_shardings=(shardings, parallel.replicated(mesh)),
+        in_shardings=(shardings, batch_sh), out_shardings=(shardings, sharding.replicated(mesh)),
         donate_argnums=(0,))
 
     stream = make_image_text_stream(config.data, batch_size, seed=config.seed)
@@ -169,7 +169,7 @@ def run(config, workdir: str) -> int:
         state, meta, _ = ckpt.restore(state)
         stream.restore(meta["data"])
         print(f"resumed from step {int(state.step)}")
-    writer = reporting.MetricWriter(workdir, enabled=jax.process_index() == 0)
+    writer = logs.MetricWriter(workdir, enabled=jax.process_index() == 0)
     sampler = jax.jit(make_sampler(model.apply, num_steps=int(config.sample.num_steps),
                                    shift=float(config.sample.shift), cfg_scale=float(config.sample.cfg_scale)))
     sample_prompts = list(config.sample.prompts)
@@ -181,19 +181,19 @@ def run(config, workdir: str) -> int:
         uncond = text.encode(params["text"], uids, umask)
         noise = jax.random.normal(jax.random.key(1234), (len(sample_prompts),) + model.sample_shape)
         out = sampler(params["velocity"], noise, cond, uncond)
-        reporting.save_grid(os.path.join(workdir, "samples", f"step_{step:06d}.png"), np.asarray(to_uint8(out.x0)),
+        logs.save_grid(os.path.join(workdir, "samples", f"step_{step:06d}.png"), np.asarray(to_uint8(out.x0)),
                             labels=sample_prompts, cols=min(8, len(sample_prompts)), scale=3)
 
     total = int(config.train.steps)
     start = int(state.step)
     stop = _StopFlag()
-    bar = reporting.progress(total, desc="pretrain", initial=start, enabled=jax.process_index() == 0)
+    bar = logs.progress(total, desc="pretrain", initial=start, enabled=jax.process_index() == 0)
     t0, seen = time.time(), 0
     try:
         for step in range(start, total):
             raw = stream.next_batch()
             ids, mask = tokenize(text.tokenizer, raw["prompt"])
-            batch = parallel.shard_batch(ImageTextBatch(images=raw["image"], ids=ids, mask=mask), mesh)
+            batch = sharding.shard_batch(ImageTextBatch(images=raw["image"], ids=ids, mask=mask), mesh)
             state, metrics = step_fn(state, batch)
             seen += batch_size
             done = step + 1

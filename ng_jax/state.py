@@ -1,7 +1,7 @@
 """Train-state pytrees, the optimizer, and sharded initialisation.
 
 The state's abstract shape comes from `jax.eval_shape`, its shardings from the config's rule table
-(`ng_jax.partitioning`: logical axis names -> mesh axes),
+(`ng_jax.sharding`: logical axis names -> mesh axes),
 and `jax.jit(init, out_shardings=...)` creates it already sharded (no full copy on one device).
 """
 
@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ng_jax import partitioning
+from ng_jax import sharding
 
 
 @flax.struct.dataclass
@@ -56,10 +56,10 @@ def ema_update(ema, params, decay):
 def create_sharded(init_fn: Callable[[], Any], mesh, rules, *, donate_check: bool = False):
     """Run `init_fn` (no arguments, returns a pytree) under jit with every leaf born sharded.
 
-    `rules`: a `partitioning.Layout` (or a legacy regex rule list). Returns `(tree, shardings)`.
+    `rules`: a `sharding.Layout` (or a legacy regex rule list). Returns `(tree, shardings)`.
     """
     abstract = jax.eval_shape(init_fn)
-    shardings = partitioning.as_layout(rules).shardings(abstract, mesh)
+    shardings = sharding.as_layout(rules).shardings(abstract, mesh)
     tree = jax.jit(init_fn, out_shardings=shardings)()
     return tree, shardings
 
@@ -67,7 +67,7 @@ def create_sharded(init_fn: Callable[[], Any], mesh, rules, *, donate_check: boo
 def state_shardings(state_abstract: TrainState, mesh, rules) -> TrainState:
     """Shardings for a TrainState: params, ema and optimizer moments follow the rule table
     (optimizer moments share their parameter's path suffix), scalars and RNG are replicated."""
-    return partitioning.as_layout(rules).shardings(state_abstract, mesh)
+    return sharding.as_layout(rules).shardings(state_abstract, mesh)
 
 
 def count_params(tree) -> int:

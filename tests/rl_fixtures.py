@@ -16,21 +16,21 @@ import jax.numpy as jnp
 import ml_collections as mlc
 import numpy as np
 
-from ng_jax import config_base
+from ng_jax.config import methods
 
 PROMPTS = ("a red circle", "a blue square", "a green triangle", "a yellow cross",
            "a large white circle", "a small cyan square", "two red circles", "an orange triangle")
 
 
 def tiny_model_cfg() -> mlc.ConfigDict:
-    c = config_base.toy_model_config()
+    c = methods.toy_model_config()
     c.update(dict(image_size=32, patch_size=4, hidden_size=48, depth=1, num_heads=2, context_dim=16,
                   pooled_dim=16))
     return c
 
 
 def tiny_text_cfg() -> mlc.ConfigDict:
-    c = config_base.toy_text_config()
+    c = methods.toy_text_config()
     c.update(dict(width=16, depth=1, heads=2, pooled_dim=16))
     return c
 
@@ -58,7 +58,7 @@ def build_tiny_bundle(directory: str, *, steps: int = 200, batch: int = 32, seed
     from ng_jax import flow
     from ng_jax.data import world
     from ng_jax.models.bundle import ModelBundle, save_bundle
-    from ng_jax.models.text import EMPTY_PROMPT, make_text_encoder, tokenize
+    from ng_jax.models.nets.text import EMPTY_PROMPT, make_text_encoder, tokenize
     from ng_jax.models.velocity import make_velocity_model
     from ng_jax.state import make_optimizer
 
@@ -67,7 +67,7 @@ def build_tiny_bundle(directory: str, *, steps: int = 200, batch: int = 32, seed
     rng = np.random.default_rng(seed)
     text_params = _numpy_init(jax.eval_shape(text.init, jax.random.key(0)), rng)
     params = _numpy_init(jax.eval_shape(model.init, jax.random.key(0)), rng)
-    optimizer = make_optimizer(config_base.optim_config(lr=3e-3))
+    optimizer = make_optimizer(methods.optim_config(lr=3e-3))
 
     per_prompt = 16  # a fixed render set, sampled from (with 10% empty prompts for guidance)
     prompts = [p for p in PROMPTS for _ in range(per_prompt)]
@@ -124,7 +124,7 @@ def tiny_rl_config(bundle_dir: str, prompt_file: str, *, method: str = "awm", ep
     16-token model cannot remove in 8 epochs. AWM runs with advantages clipped at 1 (instead of 5)
     and a weaker EMA anchor (0.1 instead of 1) so that 16 optimizer steps show a clear effect.
     """
-    c = config_base.rl_config(method)
+    c = methods.rl_config(method)
     c.reference = bundle_dir
     c.data.prompt_file = prompt_file
     c.rl.epochs = epochs

@@ -1,4 +1,4 @@
-"""The analyses of ng_jax.analyze: checkpoints, adjoint sensitivity, matched reward, the MLLM judge
+"""The analyses of ng_jax.eval.analyze: checkpoints, adjoint sensitivity, matched reward, the MLLM judge
 client, and the CLI end to end on a tiny bundle and a copy whose velocity is exactly 1.1x larger."""
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 import rl_fixtures
-from ng_jax import analyze
-from ng_jax.analysis import adjoint, checkpoints, matched
+from ng_jax.eval import analyze
+from ng_jax.eval.analysis import adjoint, checkpoints, matched
 from ng_jax.judges import mllm
 from ng_jax.models.bundle import BundleError, ModelBundle, load_bundle, save_bundle
 
@@ -69,7 +69,7 @@ def test_adjoint_summary_statistics():
 
 
 def test_adjoint_jacobian_matches_finite_differences(bundles):
-    from ng_jax.models.text import EMPTY_PROMPT, make_text_encoder, tokenize
+    from ng_jax.models.nets.text import EMPTY_PROMPT, make_text_encoder, tokenize
     from ng_jax.models.velocity import make_velocity_model
     from ng_jax.rewards.verifier import load_verifier_params
     from ng_jax.sampling import make_sampler

@@ -5,20 +5,20 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ng_jax import parallel
+from ng_jax import sharding
 from ng_jax.checkpoint import Checkpointer, CheckpointError
 from ng_jax.state import TrainState
 
 
 def _state(mesh, scale=1.0, width=8):
-    sh = parallel.param_shardings({"w": jnp.zeros((width, 4))}, mesh, [("w", "fsdp")])
+    sh = sharding.param_shardings({"w": jnp.zeros((width, 4))}, mesh, [("w", "fsdp")])
     params = jax.device_put({"w": scale * jnp.arange(width * 4.0).reshape(width, 4)}, sh)
     return TrainState(step=jnp.array(3), params=params, ema=params, opt_state=(jnp.ones(2),),
                       rng=jax.random.key(1))
 
 
 def test_round_trip_keeps_values_and_shardings(tmp_path):
-    mesh = parallel.make_mesh((2, 4, 1))
+    mesh = sharding.make_mesh((2, 4, 1))
     ck = Checkpointer(str(tmp_path / "ck"))
     saved = _state(mesh, 2.0)
     ck.save(5, saved, {"epoch": 5, "data": {"position": 7}})
@@ -31,7 +31,7 @@ def test_round_trip_keeps_values_and_shardings(tmp_path):
 
 
 def test_missing_mismatched_and_corrupt_checkpoints_raise(tmp_path):
-    mesh = parallel.make_mesh((2, 4, 1))
+    mesh = sharding.make_mesh((2, 4, 1))
     ck = Checkpointer(str(tmp_path / "ck"))
     with pytest.raises(CheckpointError, match="no checkpoint found"):
         ck.restore(_state(mesh))

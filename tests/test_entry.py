@@ -54,7 +54,7 @@ def test_normguard_variants_differ_only_in_normguard_block():
 def test_toy_rl_configs_pass_the_batch_checks(name):
     """Every shipped toy RL config must start: its batch arithmetic is checked before any compile
     (the DPO config once asked for 32 pairs per step from 8 prompts)."""
-    from ng_jax import grid
-    from ng_jax.train import check_rl_config
+    from ng_jax.eval import grid
+    from ng_jax.rl.loop import check_rl_config
 
     check_rl_config(grid.load_config_file(f"{name}.py"), 1)

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 import rl_fixtures
-from ng_jax import grid, report
-from ng_jax.config_checks import ConfigError
+from ng_jax.eval import grid
+from ng_jax.eval import report
+from ng_jax.config.checks import ConfigError
 
 pytestmark = pytest.mark.slow
 

@@ -5,21 +5,21 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ng_jax import config_base
-from ng_jax.models.lora import lora_init, lora_merge
-from ng_jax.models.text import EMPTY_PROMPT, TextCond, TokenizeError, make_text_encoder, tokenize
+from ng_jax.config import methods
+from ng_jax.models.nets.lora import lora_init, lora_merge
+from ng_jax.models.nets.text import EMPTY_PROMPT, TextCond, TokenizeError, make_text_encoder, tokenize
 from ng_jax.models.velocity import make_velocity_model
 
 
 def tiny_model_cfg(**kw):
-    c = config_base.toy_model_config()
+    c = methods.toy_model_config()
     c.update(dict(image_size=8, patch_size=2, hidden_size=32, depth=2, num_heads=2, context_dim=16, pooled_dim=16))
     c.update(kw)
     return c
 
 
 def tiny_text_cfg():
-    c = config_base.toy_text_config()
+    c = methods.toy_text_config()
     c.update(dict(width=16, depth=1, heads=2, pooled_dim=16))
     return c
 
@@ -182,7 +182,7 @@ def test_lora_starts_at_base_and_merges_low_rank_update(model, perturbed):
 
 
 def test_lora_on_scanned_kernel_stacks_is_per_layer():
-    from ng_jax.models.lora import lora_init, lora_merge
+    from ng_jax.models.nets.lora import lora_init, lora_merge
 
     rng = np.random.default_rng(0)
     base = {"blocks": {"attn": {"to_q": {"kernel": jnp.asarray(rng.standard_normal((3, 4, 5)), jnp.float32),

@@ -13,10 +13,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ng_jax.models import flux, flux_weights
-from ng_jax.models.lora import lora_init
-from ng_jax.models.text import TextCond
-from ng_jax.models.weights import WeightsError
+from ng_jax.models.nets import flux
+from ng_jax.models.weights import flux as flux_weights
+from ng_jax.models.nets.lora import lora_init
+from ng_jax.models.nets.text import TextCond
+from ng_jax.models.weights.safetensors import WeightsError
 
 B, H, W, C, L = 2, 4, 6, 4, 5  # non-square latents: a row/column mix-up in the ids or packing shows
 TOL = 1e-4
@@ -172,7 +173,7 @@ def checkpoint(request, build_checkpoint):
 @pytest.mark.needs_torch
 @pytest.mark.parametrize("layout", [dict(), dict(scan_blocks=True, remat=True)], ids=["unrolled", "scanned"])
 def test_velocity_matches_diffusers(checkpoint, layout):
-    from ng_jax.models.flux_weights import load_flux_transformer
+    from ng_jax.models.weights.flux import load_flux_transformer
 
     cfg = tiny_cfg(checkpoint["dev"], **layout)
     if layout:
@@ -226,7 +227,7 @@ def _misshape(t):
     (_misshape, ["single_transformer_blocks.1.proj_mlp.weight"]),
 ], ids=["renamed", "extra", "misshaped"])
 def test_loading_is_strict(build_checkpoint, tmp_path, scan, edit, names):
-    from ng_jax.models.flux_weights import load_flux_transformer
+    from ng_jax.models.weights.flux import load_flux_transformer
 
     bad = _rewrite(build_checkpoint("dev")["root"], str(tmp_path / "bad"), edit)
     with pytest.raises(WeightsError) as e:
@@ -237,7 +238,7 @@ def test_loading_is_strict(build_checkpoint, tmp_path, scan, edit, names):
 
 @pytest.mark.needs_torch
 def test_config_is_read_and_checked(checkpoint):
-    from ng_jax.models.flux_weights import load_flux_transformer, model_config_from_diffusers
+    from ng_jax.models.weights.flux import load_flux_transformer, model_config_from_diffusers
 
     cfg = model_config_from_diffusers(checkpoint["root"], sample_size=(H, W))
     want = tiny_cfg(checkpoint["dev"])
@@ -251,7 +252,7 @@ def test_config_is_read_and_checked(checkpoint):
 
 @pytest.mark.needs_torch
 def test_parity_tool(checkpoint):
-    from ng_jax.models.flux_weights import parity_flux
+    from ng_jax.models.weights.flux import parity_flux
 
     out = parity_flux(checkpoint["root"], 3, latent_size=6)
     assert out["family"] == "flux"

@@ -19,11 +19,11 @@ torch = pytest.importorskip("torch", reason="needs the test extra (torch 2.13.0 
 diffusers = pytest.importorskip("diffusers", reason="needs the test extra (torch 2.13.0 + diffusers)")
 
 from ng_jax import flow  # noqa: E402
-from ng_jax.models import sd3_weights  # noqa: E402
-from ng_jax.models.sd3_weights import load_sd3_transformer, model_config_from_diffusers  # noqa: E402
-from ng_jax.models.text import TextCond  # noqa: E402
+from ng_jax.models.weights import sd3 as sd3_weights  # noqa: E402
+from ng_jax.models.weights.sd3 import load_sd3_transformer, model_config_from_diffusers  # noqa: E402
+from ng_jax.models.nets.text import TextCond  # noqa: E402
 from ng_jax.models.velocity import make_velocity_model  # noqa: E402
-from ng_jax.models.weights import WeightsError  # noqa: E402
+from ng_jax.models.weights.safetensors import WeightsError  # noqa: E402
 from ng_jax.sampling import make_sampler  # noqa: E402
 from ng_jax.tools import check_weights, parity  # noqa: E402
 
@@ -273,7 +273,7 @@ class _MetaReader:
 def test_released_architectures_map_completely(name):
     import ml_collections
 
-    from ng_jax.models.weights import check_map
+    from ng_jax.models.weights.safetensors import check_map
 
     kw = dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, attention_head_dim=64,
               joint_attention_dim=4096, pooled_projection_dim=2048, **RELEASED[name])

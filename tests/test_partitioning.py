@@ -1,4 +1,4 @@
-"""Logical axis names and the rule table (ng_jax.partitioning) on tiny real-model trees, 8 CPU devices."""
+"""Logical axis names and the rule table (ng_jax.sharding) on tiny real-model trees, 8 CPU devices."""
 import logging
 
 import jax
@@ -8,9 +8,11 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from ng_jax import config_base, parallel, partitioning
-from ng_jax.models import flux
-from ng_jax.models.lora import lora_init
+from ng_jax import sharding
+
+from ng_jax.config import methods
+from ng_jax.models.nets import flux
+from ng_jax.models.nets.lora import lora_init
 from ng_jax.models.velocity import make_velocity_model
 
 SD35 = dict(family="sd35", patch_size=2, attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32,
@@ -31,19 +33,19 @@ def flux_tree(scan=True):
 
 
 def named(tree):
-    return {parallel.path_str(p): a for p, a in
-            jax.tree_util.tree_flatten_with_path(partitioning.tree_axes(tree), is_leaf=lambda x: x is None
+    return {sharding.path_str(p): a for p, a in
+            jax.tree_util.tree_flatten_with_path(sharding.tree_axes(tree), is_leaf=lambda x: x is None
                                                  or isinstance(x, tuple))[0]}
 
 
 def hf_text_trees():
-    from ng_jax.models.hf_text import _patch_flax_t5_clip
+    from ng_jax.models.nets.hf_text import _patch_flax_t5_clip
     from transformers import CLIPTextConfig, FlaxCLIPTextModelWithProjection, FlaxT5EncoderModel, T5Config
 
     clip = FlaxCLIPTextModelWithProjection(CLIPTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                                           num_attention_heads=2, projection_dim=32, vocab_size=99),
                                            _do_init=False)
-    _patch_flax_t5_clip()  # jnp.clip lost a_min / a_max (as ng_jax.models.hf_text does before loading T5)
+    _patch_flax_t5_clip()  # jnp.clip lost a_min / a_max (as ng_jax.models.nets.hf_text does before loading T5)
     t5 = FlaxT5EncoderModel(T5Config(d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=2, vocab_size=99),
                             _do_init=False)
     from flax.core import unfreeze
@@ -52,12 +54,12 @@ def hf_text_trees():
 
 
 def test_every_model_parameter_has_logical_axes():
-    from ng_jax.models.text import make_text_encoder
+    from ng_jax.models.nets.text import make_text_encoder
 
     lora = jax.eval_shape(lambda base: lora_init(base, jax.random.key(1), rank=4, alpha=8.0,
-                                                 targets=config_base.SD3_LORA_TARGETS), sd35_tree())
-    toy = make_velocity_model(config_base.toy_model_config())
-    toy_text = make_text_encoder(config_base.toy_text_config())
+                                                 targets=methods.SD3_LORA_TARGETS), sd35_tree())
+    toy = make_velocity_model(methods.toy_model_config())
+    toy_text = make_text_encoder(methods.toy_text_config())
     trees = {"sd35_scan": sd35_tree(True), "sd35": sd35_tree(False), "flux_scan": flux_tree(True),
              "flux": flux_tree(False), "lora": lora, "toy": jax.eval_shape(toy.init, jax.random.key(0)),
              "toy_text": jax.eval_shape(toy_text.init, jax.random.key(0))}
@@ -92,30 +94,30 @@ def test_every_model_parameter_has_logical_axes():
 
 
 def test_rule_table_decides_the_specs():
-    mesh = parallel.make_mesh((1, 4, 2))
+    mesh = sharding.make_mesh((1, 4, 2))
     tree = sd35_tree()
     q = "transformer_blocks_0_to_1/block/attn/to_q/kernel"   # [layers 2, embed 16, heads 16]
     ff2 = "transformer_blocks_0_to_1/block/ff/net_2/kernel"  # [layers 2, mlp 64, embed 16]
-    default = partitioning.Layout()
+    default = sharding.Layout()
     assert default.spec(q, (2, 16, 16), mesh) == P(None, "fsdp", "tensor")
     assert default.spec(ff2, (2, 64, 16), mesh) == P(None, "tensor", "fsdp")
-    swapped = partitioning.Layout((("heads", "fsdp"), ("embed", "tensor")))
+    swapped = sharding.Layout((("heads", "fsdp"), ("embed", "tensor")))
     assert swapped.spec(q, (2, 16, 16), mesh) == P(None, "tensor", "fsdp")
     assert swapped.spec(ff2, (2, 64, 16), mesh) == P(None, None, "tensor")  # "mlp" has no rule here
-    two_axes = partitioning.Layout((("embed", ("fsdp", "tensor")),))
+    two_axes = sharding.Layout((("embed", ("fsdp", "tensor")),))
     assert two_axes.spec(q, (2, 16, 16), mesh) == P(None, ("fsdp", "tensor"), None)
     # The whole tree on an FSDP mesh: the shardings are NamedShardings of the table's specs.
-    sh = default.shardings(tree, parallel.make_mesh((1, 8, 1)))
+    sh = default.shardings(tree, sharding.make_mesh((1, 8, 1)))
     assert sh["transformer_blocks_0_to_1"]["block"]["attn"]["to_q"]["kernel"].spec == P(None, "fsdp", None)
-    assert parallel.replicated_fraction(tree, sh) < 0.05
+    assert sharding.replicated_fraction(tree, sh) < 0.05
     with pytest.raises(ValueError, match="unknown mesh axis 'model'"):
-        partitioning.Layout((("embed", "model"),)).spec(q, (2, 16, 16), mesh)
+        sharding.Layout((("embed", "model"),)).spec(q, (2, 16, 16), mesh)
 
 
 def test_non_divisible_dimension_falls_back_and_says_so(caplog):
-    mesh = parallel.make_mesh((1, 8, 1))
-    caplog.set_level(logging.DEBUG, logger="ng_jax.partitioning")
-    layout = partitioning.Layout()
+    mesh = sharding.make_mesh((1, 8, 1))
+    caplog.set_level(logging.DEBUG, logger="ng_jax.sharding")
+    layout = sharding.Layout()
     # embed 12 is not divisible by 8: the heads dimension (fallback rule ("heads", "fsdp")) takes fsdp.
     assert layout.spec("attn/to_q/kernel", (12, 16), mesh) == P(None, "fsdp")
     assert "not divisible by mesh ('fsdp',) = 8" in caplog.text
@@ -126,42 +128,42 @@ def test_non_divisible_dimension_falls_back_and_says_so(caplog):
 
 
 def test_reference_table_can_differ_and_overrides_still_apply():
-    c = config_base.mesh_config()
-    policy, ref = partitioning.layouts(c)
+    c = methods.mesh_config()
+    policy, ref = sharding.layouts(c)
     assert policy == ref
     c.ref_logical_rules = (("embed", ("fsdp", "tensor")), ("mlp", "fsdp"))
-    policy, ref = partitioning.layouts(c)
-    mesh = parallel.make_mesh((1, 4, 2))
+    policy, ref = sharding.layouts(c)
+    mesh = sharding.make_mesh((1, 4, 2))
     path = "transformer_blocks_0_to_1/block/ff/net_0/proj/kernel"
     assert policy.spec(path, (2, 16, 64), mesh) == P(None, "fsdp", "tensor")
     assert ref.spec(path, (2, 16, 64), mesh) == P(None, ("fsdp", "tensor"), None)
     c.rules = (("ff/net_0", "replicate"),)   # the legacy regex rules: overrides, checked first
-    policy, ref = partitioning.layouts(c)
+    policy, ref = sharding.layouts(c)
     assert policy.spec(path, (2, 16, 64), mesh) == ref.spec(path, (2, 16, 64), mesh) == P()
-    assert partitioning.as_layout([(".*", "fsdp")]).spec(path, (2, 16, 64), mesh) == P(None, None, "fsdp")
+    assert sharding.as_layout([(".*", "fsdp")]).spec(path, (2, 16, 64), mesh) == P(None, None, "fsdp")
 
 
 def test_replication_check_trips_when_the_table_replicates_everything():
-    mesh = parallel.make_mesh((1, 8, 1))
+    mesh = sharding.make_mesh((1, 8, 1))
     tree = flux_tree()
-    ok = partitioning.Layout().shardings(tree, mesh)
-    assert parallel.check_replication(tree, ok, 0.1) < 0.1
-    nothing = partitioning.Layout((("batch", ("data", "fsdp")),)).shardings(tree, mesh)
+    ok = sharding.Layout().shardings(tree, mesh)
+    assert sharding.check_replication(tree, ok, 0.1) < 0.1
+    nothing = sharding.Layout((("batch", ("data", "fsdp")),)).shardings(tree, mesh)
     with pytest.raises(ValueError, match="replicated on every device"):
-        parallel.check_replication(tree, nothing, 0.1)
+        sharding.check_replication(tree, nothing, 0.1)
 
 
 def test_activation_constraints_only_inside_a_rules_context():
     x = jnp.ones((8, 4, 16))
-    assert partitioning.constrain(x, ("batch", "seq", "embed")) is x
-    mesh = parallel.make_mesh((2, 2, 2))
+    assert sharding.constrain(x, ("batch", "seq", "embed")) is x
+    mesh = sharding.make_mesh((2, 2, 2))
 
     def f(x):
-        return partitioning.constrain(x * 2, ("batch", "seq", "heads"))
+        return sharding.constrain(x * 2, ("batch", "seq", "heads"))
 
-    y = jax.jit(partitioning.with_rules(f, mesh))(x)
+    y = jax.jit(sharding.with_rules(f, mesh))(x)
     assert y.sharding.spec == P(("data", "fsdp"), None, "tensor")
     np.testing.assert_array_equal(np.asarray(y), 2.0)
     # An unshardable batch (3 rows on 4 batch devices): no constraint at all.
-    z = jax.jit(partitioning.with_rules(f, mesh))(jnp.ones((3, 4, 16)))
+    z = jax.jit(sharding.with_rules(f, mesh))(jnp.ones((3, 4, 16)))
     assert len(z.sharding.device_set) == 1

@@ -6,20 +6,20 @@ import ml_collections as mlc
 import numpy as np
 import pytest
 
-from ng_jax import parallel
+from ng_jax import sharding
 from ng_jax.data import world
 from ng_jax.data.sources import ImageTextStream, MixtureStream
 from ng_jax.models.bundle import BundleError, ModelBundle, load_bundle, save_bundle
-from ng_jax.models.text import EMPTY_PROMPT, make_text_encoder, tokenize
+from ng_jax.models.nets.text import EMPTY_PROMPT, make_text_encoder, tokenize
 from ng_jax.models.velocity import make_velocity_model
 from ng_jax.pretrain import ImageTextBatch, make_pretrain_step
 from ng_jax.state import TrainState, create_sharded, make_optimizer
-from ng_jax import config_base
+from ng_jax.config import methods
 from tests.test_models import tiny_text_cfg
 
 
 def tiny_pixel_cfg():
-    c = config_base.toy_model_config()
+    c = methods.toy_model_config()
     c.update(dict(patch_size=8, hidden_size=32, depth=2, num_heads=2, context_dim=16, pooled_dim=16))
     return c
 
@@ -28,9 +28,9 @@ PROMPTS = ["a red circle", "a blue square", "a green triangle", "a yellow cross"
 
 
 def test_pretrain_steps_lower_the_loss_and_keep_shardings():
-    mesh = parallel.make_mesh((2, 4, 1))
+    mesh = sharding.make_mesh((2, 4, 1))
     model, text = make_velocity_model(tiny_pixel_cfg()), make_text_encoder(tiny_text_cfg())
-    optim = config_base.optim_config(lr=3e-3)
+    optim = methods.optim_config(lr=3e-3)
     optimizer = make_optimizer(optim)
     train = mlc.ConfigDict(dict(cfg_dropout=0.1, ema_decay=0.9))
     e_ids, e_mask = tokenize(text.tokenizer, [EMPTY_PROMPT])
@@ -52,11 +52,11 @@ def test_pretrain_steps_lower_the_loss_and_keep_shardings():
         return pure_step(state, batch)
 
     step = jax.jit(counted,
-                   in_shardings=(shardings, parallel.batch_sharding(mesh)),
-                   out_shardings=(shardings, parallel.replicated(mesh)), donate_argnums=(0,))
+                   in_shardings=(shardings, sharding.batch_sharding(mesh)),
+                   out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=(0,))
     images = np.stack([world.render_prompt(p, i)[0] for i, p in enumerate(PROMPTS)])
     ids, mask = tokenize(text.tokenizer, PROMPTS)
-    batch = parallel.shard_batch(ImageTextBatch(images=images, ids=ids, mask=mask), mesh)
+    batch = sharding.shard_batch(ImageTextBatch(images=images, ids=ids, mask=mask), mesh)
     losses = []
     for _ in range(30):
         state, metrics = step(state, batch)
@@ -191,7 +191,7 @@ def test_depth_growth_preserves_the_function_and_then_trains(tmp_path):
 
 
 def test_warm_start_checks_the_bundle_against_the_run(tmp_path):
-    from ng_jax.config_checks import ConfigError
+    from ng_jax.config.checks import ConfigError
     from ng_jax.pretrain import _warm_start
 
     path, _ = _tiny_bundle(tmp_path, tiny_pixel_cfg(), tiny_text_cfg())
@@ -216,7 +216,7 @@ def test_pretrain_job_exports_resumes_and_grows(tmp_path, capsys):
     import json
 
     from ng_jax import pretrain
-    from ng_jax.grid import load_config_file
+    from ng_jax.eval.grid import load_config_file
 
     c = load_config_file("pretrain_shapes.py")
     c.data.data_dir = str(tmp_path / "tfds")

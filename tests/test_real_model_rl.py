@@ -1,8 +1,8 @@
-"""RL on the real model families (ng_jax.models.pipeline) with tiny random diffusers directories.
+"""RL on the real model families (ng_jax.models.stack) with tiny random diffusers directories.
 
 An SD3.5-style directory (transformer with RMS qk-norm and an MMDiT-X dual-attention layer, an
 AutoencoderKL, CLIP-L / bigG / T5 encoders and tokenizers) and a FLUX.1-dev-style one (guidance
-embedding, CLIP-L + T5) are saved with diffusers / transformers, then `ng_jax.train.run` runs AWM +
+embedding, CLIP-L + T5) are saved with diffusers / transformers, then `ng_jax.rl.loop.run` runs AWM +
 NormGuard and NFT + NormGuard through the shipped configs' builders, shrunk to 2 epochs of 16 tiny
 rollouts on the 8-device CPU mesh, rewarded by a tiny CLIP score (numpy backend). The shipped
 configs are also parsed by the entry point, with and without `model.weights_dir`.
@@ -24,9 +24,11 @@ import test_parity_flux
 import test_parity_vae
 from test_text_encoders import clip_config, write_clip_tokenizer, write_t5_tokenizer
 
-from ng_jax import config_base, train
+from ng_jax.config import methods
+
+from ng_jax.rl import loop
 from ng_jax.main import main, parse_args
-from ng_jax.reporting import read_metrics
+from ng_jax.logs import read_metrics
 
 CONFIGS = ("sd35m_nft_normguard", "sd35m_awm_normguard", "sd35m_dpo_normguard", "flux1dev_nft_normguard",
            "flux1dev_awm_normguard")
@@ -126,10 +128,10 @@ def tiny(config, weights_dir, d, *, epochs=2):
 
 
 def _spy_stack(monkeypatch) -> dict:
-    """Filled by the next train.run: the stack it builds and a host copy of its reference params at
+    """Filled by the next loop.run: the stack it builds and a host copy of its reference params at
     build time."""
     seen = {}
-    build = train.build_model_stack
+    build = loop.build_model_stack
 
     def spy(*args, **kwargs):
         stack = build(*args, **kwargs)
@@ -141,9 +143,9 @@ def _spy_stack(monkeypatch) -> dict:
 
 
 def _run(config, workdir, monkeypatch):
-    """train.run, keeping what `_spy_stack` records."""
+    """loop.run, keeping what `_spy_stack` records."""
     seen = _spy_stack(monkeypatch)
-    assert train.run(config, str(workdir)) == 0
+    assert loop.run(config, str(workdir)) == 0
     return seen
 
 
@@ -204,7 +206,7 @@ def test_awm_normguard_on_sd35(dirs, tmp_path, monkeypatch):
         "import test_real_model_rl as t\n\n\n"
         "def get_config(arg=None):\n"
         f"    d = json.load(open({str(tmp_path / 'dirs.json')!r}))\n"
-        "    return t.tiny(config_base.sd35_medium_config('awm', normguard_lam=1.0), d['sd35'], d)\n")
+        "    return t.tiny(methods.sd35_medium_config('awm', normguard_lam=1.0), d['sd35'], d)\n")
     seen = _spy_stack(monkeypatch)
     workdir = tmp_path / "run"
     assert entry.main(["ng_jax.main", f"--config={cfg_file}", f"--workdir={workdir}"]) == 0
@@ -231,7 +233,7 @@ def test_awm_normguard_on_sd35(dirs, tmp_path, monkeypatch):
 @pytest.mark.needs_torch
 @pytest.mark.slow
 def test_nft_normguard_on_flux(dirs, tmp_path, monkeypatch):
-    config = tiny(config_base.flux1_dev_config("nft", normguard_lam=1.0), dirs["flux"], dirs)
+    config = tiny(methods.flux1_dev_config("nft", normguard_lam=1.0), dirs["flux"], dirs)
     config.rl.num_timesteps = 2
     seen = _run(config, tmp_path, monkeypatch)
     stack = seen["stack"]
@@ -260,8 +262,8 @@ def test_trainable_tree_is_float32_over_a_bf16_base():
     frozen base's dtype; the merged LoRA policy keeps the base dtype and equals the base at step 0."""
     import jax.numpy as jnp
 
-    from ng_jax.models.pipeline import trainable_init
-    from ng_jax.train_step import policy_params_fn
+    from ng_jax.models.stack import trainable_init
+    from ng_jax.rl.step import policy_params_fn
 
     rng = np.random.default_rng(0)
     base = {"blk": {"attn": {"to_q": {"kernel": jnp.asarray(rng.standard_normal((8, 4)), jnp.bfloat16),
@@ -271,7 +273,7 @@ def test_trainable_tree_is_float32_over_a_bf16_base():
     assert {str(x.dtype) for x in jax.tree.leaves(full)} == {"float32"}
     np.testing.assert_array_equal(np.asarray(full["blk"]["ff"]["kernel"]),
                                   np.asarray(base["blk"]["ff"]["kernel"], np.float32))
-    lora_cfg = ml_collections.ConfigDict(dict(rank=2, alpha=4.0, targets=config_base.SD3_LORA_TARGETS))
+    lora_cfg = ml_collections.ConfigDict(dict(rank=2, alpha=4.0, targets=methods.SD3_LORA_TARGETS))
     adapters = trainable_init(base, lora_cfg, jax.random.key(0))
     assert set(adapters["blk"]) == {"attn"} and {str(x.dtype) for x in jax.tree.leaves(adapters)} == {"float32"}
     policy = policy_params_fn(lora_cfg)(adapters, base)

@@ -197,7 +197,7 @@ def test_numpy_detector_forward_matches_the_jax_network():
 
 def test_constraint_failures_name_what_fails_per_category():
     from ng_jax.data.world import PlacedObject
-    from ng_jax.evaluate import constraint_failures
+    from ng_jax.eval.evaluate import constraint_failures
 
     red, blue = (PlacedObject("circle", c, "large", 16.0, 16.0) for c in ("red", "blue"))
     square = PlacedObject("square", "red", "large", 6.0, 6.0)
@@ -206,7 +206,7 @@ def test_constraint_failures_name_what_fails_per_category():
 
 
 def test_repeat_prompts_tops_up_small_categories():
-    from ng_jax.evaluate import repeat_prompts
+    from ng_jax.eval.evaluate import repeat_prompts
 
     prompts = ["a circle", "a red circle", "a blue square", "a green cross", "two crosses"]
     out = repeat_prompts(prompts, 2, min_per_category=0)

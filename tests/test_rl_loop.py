@@ -26,11 +26,13 @@ import pytest
 from jax.experimental.compilation_cache import compilation_cache
 
 import rl_fixtures
-from ng_jax import evaluate, parallel, train
+from ng_jax import sharding
+from ng_jax.eval import evaluate
+from ng_jax.rl import loop
 from ng_jax.checkpoint import CheckpointError, Checkpointer
 from ng_jax.main import main
 from ng_jax.models.bundle import ModelBundle, load_bundle, save_bundle
-from ng_jax.reporting import read_metrics
+from ng_jax.logs import read_metrics
 from ng_jax.rewards.host import RewardError
 from ng_jax.rewards.jpeg import JpegIncompressibility
 
@@ -122,7 +124,7 @@ def _config(files, **kw):
 @pytest.fixture(scope="module")
 def baseline(files):
     workdir = str(files["root"] / "baseline")
-    assert train.run(_config(files, epochs=EPOCHS), workdir) == 0
+    assert loop.run(_config(files, epochs=EPOCHS), workdir) == 0
     return workdir
 
 
@@ -232,7 +234,7 @@ def _sigterm_once_the_loop_handles_it(timeout_s=600.0):
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         handler = signal.getsignal(signal.SIGTERM)
-        if isinstance(getattr(handler, "__self__", None), train._Sigterm):
+        if isinstance(getattr(handler, "__self__", None), loop._Sigterm):
             os.kill(os.getpid(), signal.SIGTERM)
             return
         time.sleep(0.005)
@@ -243,14 +245,14 @@ def test_sigterm_checkpoints_at_the_epoch_boundary_and_resume_is_exact(files, ba
     config = _config(files, epochs=EPOCHS)
     killer = threading.Thread(target=_sigterm_once_the_loop_handles_it, daemon=True)
     killer.start()
-    assert train.run(config, workdir) == 0
+    assert loop.run(config, workdir) == 0
     killer.join(timeout=1)
     assert _steps(os.path.join(workdir, "checkpoints")) == [1]
     assert [m["step"] for m in _train_records(workdir)] == [1]
     assert not os.path.exists(os.path.join(workdir, "summary.json"))
-    assert not isinstance(getattr(signal.getsignal(signal.SIGTERM), "__self__", None), train._Sigterm)
+    assert not isinstance(getattr(signal.getsignal(signal.SIGTERM), "__self__", None), loop._Sigterm)
 
-    assert train.run(config, workdir) == 0
+    assert loop.run(config, workdir) == 0
     assert _metrics(workdir) == _metrics(baseline)  # every epoch's reward, loss, norms, evals: bit for bit
     assert _summary(workdir)["eval"] == _summary(baseline)["eval"]
 
@@ -306,7 +308,7 @@ def test_reward_failure_in_process_is_a_reward_error(files, baseline, tmp_path):
     config = _config(files, epochs=EPOCHS + 1, rewards={"test_raises": 1.0}, quality=False)
     with pytest.raises(RewardError, match=r"epoch 9: reward 'test_raises' raised RuntimeError: scorer crashed; "
                                           r"last good checkpoint: epoch 8") as info:
-        train.run(config, workdir)
+        loop.run(config, workdir)
     assert "\n" not in str(info.value)
 
 
@@ -323,9 +325,9 @@ def test_nonfinite_loss_stops_naming_the_epoch_after_a_retried_reward(files, bas
     config = rl_fixtures.tiny_rl_config(nan_bundle, files["prompts"], epochs=EPOCHS + 1,
                                         rewards={"test_flaky": 1.0}, quality=False)
     config.rewards.retries = 1
-    with pytest.raises(train.TrainingError, match=r"non-finite loss or gradient at epoch 9, optimizer step 1 .*"
+    with pytest.raises(loop.TrainingError, match=r"non-finite loss or gradient at epoch 9, optimizer step 1 .*"
                                                   r"the update was not applied; last good checkpoint: epoch 8"):
-        train.run(config, workdir)
+        loop.run(config, workdir)
     assert TEST_REWARDS["test_flaky"].calls == 8 + 1  # 8 device shards, one retried
     assert _digest(os.path.join(workdir, "checkpoints")) == before
 
@@ -357,7 +359,7 @@ def test_bad_checkpoints_are_checkpoint_errors_not_fresh_starts(files, baseline,
         config.lora.rank = 2
     lines_before = len(_metrics(workdir))
     with pytest.raises(CheckpointError, match=message):
-        train.run(config, workdir)
+        loop.run(config, workdir)
     assert len(_metrics(workdir)) == lines_before  # nothing was trained or logged
 
 
@@ -381,7 +383,7 @@ def test_bad_prompt_file_is_one_line_exit_1(tmp_path, capsys, content, message):
 
 def test_balance_categories_gives_every_category_the_same_share():
     from ng_jax.data.prompts import category_of
-    from ng_jax.rl_prompts import balance_categories
+    from ng_jax.rl.prompts import balance_categories
 
     prompts = ["a red circle", "a blue square"] + [f"a {c} circle left of a {d} square" for c, d in
                                                    [("red", "blue"), ("green", "white"), ("cyan", "red")]]
@@ -394,8 +396,8 @@ def test_balance_categories_gives_every_category_the_same_share():
 def test_evaluate_job_scores_the_reference_without_a_second_pass(files, tmp_path, capsys):
     """The `evaluate` job skips the reference forward pass when it scores the reference itself: same
     images, rewards and accuracies as the two-pass evaluation, norm ratio 1; small categories topped up."""
-    from ng_jax.evaluate import Evaluator, build_rewards
-    from ng_jax.models.pipeline import build_model_stack
+    from ng_jax.eval.evaluate import Evaluator, build_rewards
+    from ng_jax.models.stack import build_model_stack
 
     c = _eval_job_config(files)
     assert evaluate.run(c, str(tmp_path)) == 0
@@ -405,7 +407,7 @@ def test_evaluate_job_scores_the_reference_without_a_second_pass(files, tmp_path
     got = json.load(open(tmp_path / "eval.json"))
     assert got["norm_ratio"] == 1.0
     stack = build_model_stack(c, None, None)
-    two_pass = Evaluator(c.eval, stack, parallel.make_mesh(c.mesh.shape), weighted=build_rewards(c.rewards),
+    two_pass = Evaluator(c.eval, stack, sharding.make_mesh(c.mesh.shape), weighted=build_rewards(c.rewards),
                          policy_params=lambda p, r: p, workdir=None)
     want = two_pass(stack.ref, tag="x", step=0)
     for key in ("reward", "accuracy", "accuracy_overall", "fd", "precision", "recall"):
@@ -414,7 +416,7 @@ def test_evaluate_job_scores_the_reference_without_a_second_pass(files, tmp_path
 
 
 def _eval_job_config(files):
-    from ng_jax.grid import load_config_file
+    from ng_jax.eval.grid import load_config_file
 
     c = load_config_file("eval_reference.py")
     tiny = _config(files)
@@ -431,12 +433,12 @@ def _eval_job_config(files):
 def test_evaluation_sampler_places_activations_by_the_rule_table(files):
     """The evaluation sampler is traced under the run's activation rules, like the rollout: its
     lowering carries the sharding constraints that the models' `constrain` calls emit."""
-    from ng_jax.evaluate import Evaluator, build_rewards
-    from ng_jax.models.pipeline import build_model_stack
+    from ng_jax.eval.evaluate import Evaluator, build_rewards
+    from ng_jax.models.stack import build_model_stack
 
     c = _eval_job_config(files)
     stack = build_model_stack(c, None, None)
-    mesh = parallel.make_mesh(c.mesh.shape)
+    mesh = sharding.make_mesh(c.mesh.shape)
     ev = Evaluator(c.eval, stack, mesh, weighted=build_rewards(c.rewards), policy_params=lambda p, r: p,
                    workdir=None)
     args = (stack.ref, stack.ref, ev.noise[0], ev.conds[0], ev.uncond)

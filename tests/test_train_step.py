@@ -1,4 +1,4 @@
-"""The fused RL train step (ng_jax.train_step) on an 8-device (data=2, fsdp=4) CPU mesh.
+"""The fused RL train step (ng_jax.rl.step) on an 8-device (data=2, fsdp=4) CPU mesh.
 
 Compile time dominates on 2 cores, so every jitted step is built once per (method, lam, micro_batch,
 LoRA) by the module-scoped `steps` cache and shared between tests. The fast tier (`-m "not slow"`)
@@ -18,12 +18,14 @@ import numpy as np
 import optax
 import pytest
 
-from ng_jax import config_base, flow, losses, parallel
-from ng_jax.models.lora import lora_init, lora_merge
-from ng_jax.models.text import TextCond
+from ng_jax import flow, losses, sharding
+
+from ng_jax.config import methods
+from ng_jax.models.nets.lora import lora_init, lora_merge
+from ng_jax.models.nets.text import TextCond
 from ng_jax.models.velocity import make_velocity_model
 from ng_jax.state import TrainState, make_optimizer
-from ng_jax.train_step import NORMGUARD_METRICS, StepSpec, TrainBatch, make_train_step
+from ng_jax.rl.step import NORMGUARD_METRICS, StepSpec, TrainBatch, make_train_step
 from tests.test_models import tiny_model_cfg
 
 METHODS = ("nft", "awm", "dpo")
@@ -31,7 +33,7 @@ N = 16            # samples (DPO: pairs) per optimizer step; a multiple of the 8
 MICRO = 8         # gradient-accumulation chunk: 2 micro-batches per step
 T = 2             # training timesteps per sample
 GRID = tuple(float(s) for s in np.asarray(flow.sigma_grid(4))[:-1])  # (1, .75, .5, .25)
-LOSS_KWARGS = {m: dict(config_base.METHODS[m]["loss"]) for m in METHODS}
+LOSS_KWARGS = {m: dict(methods.METHODS[m]["loss"]) for m in METHODS}
 FRACTION = {"nft": 0.99, "awm": 0.9, "dpo": 1.0}
 CTX_LEN = 4
 LORA = mlc.ConfigDict(dict(rank=2, alpha=4.0, targets=("attn/(to_q|to_v)",)))
@@ -49,7 +51,7 @@ def recording(opt: optax.GradientTransformation) -> optax.GradientTransformation
     return optax.GradientTransformation(init, update)
 
 
-OPTIMIZER = recording(make_optimizer(config_base.optim_config(lr=1e-3)))  # AdamW + clip 1.0
+OPTIMIZER = recording(make_optimizer(methods.optim_config(lr=1e-3)))  # AdamW + clip 1.0
 # Semantics, not speed, are under test: skipping LLVM's optimisations halves each step's compile time.
 COMPILER_OPTIONS = {"xla_backend_optimization_level": 0}
 SLOW = pytest.mark.slow  # each needs one more compiled step (~10-20 s on 2 cores)
@@ -78,7 +80,7 @@ def scale_output(params, factor):
 
 @pytest.fixture(scope="module")
 def mesh():
-    return parallel.make_mesh((2, 4, 1))
+    return sharding.make_mesh((2, 4, 1))
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +109,7 @@ def ref_host(model):
 
 @pytest.fixture(scope="module")
 def ref(ref_host, mesh):
-    return jax.device_put(ref_host, parallel.param_shardings(ref_host, mesh, [(".*", "fsdp")]))
+    return jax.device_put(ref_host, sharding.param_shardings(ref_host, mesh, [(".*", "fsdp")]))
 
 
 def new_state(trainable):
@@ -116,7 +118,7 @@ def new_state(trainable):
 
 
 def state_shardings(trainable_host, mesh):
-    return parallel.param_shardings(jax.eval_shape(new_state, trainable_host), mesh, [(".*", "fsdp")])
+    return sharding.param_shardings(jax.eval_shape(new_state, trainable_host), mesh, [(".*", "fsdp")])
 
 
 _STATE_INITS = {}
@@ -144,14 +146,14 @@ def make_batch(method, seed, mesh, *, nan_advantage=False, nan_x0=False):
     x0_l = (0.5 * rng.standard_normal((N, 8, 8, 3))).astype(np.float32) if method == "dpo" else None
     if nan_x0:
         (x0_l if method == "dpo" else x0)[5, 1, 2, 0] = np.nan
-    return parallel.shard_batch(TrainBatch(x0=x0, cond=cond, advantages=adv, x0_l=x0_l), mesh)
+    return sharding.shard_batch(TrainBatch(x0=x0, cond=cond, advantages=adv, x0_l=x0_l), mesh)
 
 
 @pytest.fixture(scope="module")
 def steps(model, mesh, ref_host):
     """get(method, lam=0., micro_batch=MICRO, lora=False) -> jitted step, built (and compiled) once each."""
     cache = {}
-    ref_sh = parallel.param_shardings(ref_host, mesh, [(".*", "fsdp")])
+    ref_sh = sharding.param_shardings(ref_host, mesh, [(".*", "fsdp")])
     lora_host = to_host(lora_init(ref_host, jax.random.key(3), rank=LORA.rank, alpha=LORA.alpha,
                                   targets=tuple(LORA.targets)))
 
@@ -160,8 +162,8 @@ def steps(model, mesh, ref_host):
         if key not in cache:
             state_sh = state_shardings(lora_host if lora else ref_host, mesh)
             step = make_train_step(model.apply, OPTIMIZER, spec_for(method, lam, micro_batch), LORA if lora else None)
-            cache[key] = jax.jit(step, in_shardings=(state_sh, ref_sh, parallel.batch_sharding(mesh)),
-                                 out_shardings=(state_sh, parallel.replicated(mesh)), donate_argnums=(0,),
+            cache[key] = jax.jit(step, in_shardings=(state_sh, ref_sh, sharding.batch_sharding(mesh)),
+                                 out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=(0,),
                                  compiler_options=COMPILER_OPTIONS)
         return cache[key]
 

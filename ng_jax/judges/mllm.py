@@ -2,7 +2,7 @@
 
 Quality beyond the reward, for real runs: a vision-language model served by vLLM or sglang
 (`POST <base_url>/chat/completions`, the OpenAI wire format) scores each image on a rubric. The
-judge is not a reward: it is only used by the analyses (`ng_jax.analyze judge`).
+judge is not a reward: it is only used by the analyses (`ng_jax.eval.analyze judge`).
 
 Request (one image per request, temperature 0):
 

@@ -83,7 +83,7 @@ def bundle_fingerprint(directory: str | None = None) -> str:
 
 def load_bundle(directory: str | None = None) -> ModelBundle:
     """Load and validate a bundle (default: the shipped reference)."""
-    from ng_jax.models.text import make_text_encoder
+    from ng_jax.models.nets.text import make_text_encoder
     from ng_jax.models.velocity import make_velocity_model
 
     directory = directory or DEFAULT_REFERENCE

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ng_jax.models.mmdit import block_name
+from ng_jax.models.nets.mmdit import block_name
 
 
 class GrowError(ValueError):

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ng_jax.models.text import TextCond
+from ng_jax.models.nets.text import TextCond
 
 __all__ = ["PromptEmbeddingCache"]
 

@@ -22,7 +22,7 @@ training. Families:
   ignored (diffusers' SD3 attends to every text token).
 - "flux1_dev": diffusers' `FluxTransformer2DModel` (FLUX.1-dev with the guidance embedding;
   `guidance_embeds=False` for schnell-like checkpoints) on NHWC latents, packed 2x2 inside; see
-  `ng_jax.models.flux.make_flux_model` and `flux_weights.model_config_from_diffusers`.
+  `ng_jax.models.nets.flux.make_flux_model` and `flux_weights.model_config_from_diffusers`.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from ng_jax.models.text import TextCond
+from ng_jax.models.nets.text import TextCond
 
 FAMILIES = ("toy_mmdit", "sd3", "sd35", "flux1_dev")
 SD3_FAMILIES = ("sd3", "sd35")
@@ -87,13 +87,13 @@ def make_velocity_model(cfg) -> VelocityModel:
     family = cfg.get("family", "toy_mmdit")
     if family in SD3_FAMILIES:
         return _make_sd3(cfg)
-    if family == "flux1_dev":  # FLUX.1-dev and schnell-like (guidance_embeds=False): ng_jax.models.flux
-        from ng_jax.models.flux import make_flux_model
+    if family == "flux1_dev":  # FLUX.1-dev and schnell-like (guidance_embeds=False): ng_jax.models.nets.flux
+        from ng_jax.models.nets.flux import make_flux_model
 
         return make_flux_model(cfg)
     if family != "toy_mmdit":
         raise ValueError(f"unknown model.family {family!r}; expected one of {FAMILIES}")
-    from ng_jax.models.mmdit import MMDiT
+    from ng_jax.models.nets.mmdit import MMDiT
 
     size, patch = int(cfg.image_size), int(cfg.patch_size)
     if size % patch:
@@ -110,7 +110,7 @@ def make_velocity_model(cfg) -> VelocityModel:
 
 
 def _make_sd3(cfg) -> VelocityModel:
-    from ng_jax.models.mmdit import MMDiT
+    from ng_jax.models.nets.mmdit import MMDiT
 
     missing = [k for k in SD3_REQUIRED if cfg.get(k) is None]
     if missing:
@@ -144,7 +144,7 @@ def _make_sd3(cfg) -> VelocityModel:
                    use_text_mask=False)
     loader = None
     if cfg.get("weights_dir"):
-        from ng_jax.models.sd3_weights import load_sd3_transformer
+        from ng_jax.models.weights.sd3 import load_sd3_transformer
 
         loader = functools.partial(load_sd3_transformer, str(cfg.weights_dir), cfg)
     return VelocityModel(module=module, sample_shape=(latent, latent, in_ch),

@@ -60,10 +60,10 @@ def _prod(shape) -> int:
 def check_sd3(weights_dir: str) -> dict:
     import jax
 
-    from ng_jax.models.sd3_weights import (POS_EMBED_BUFFER, check_pos_embed, model_config_from_diffusers,
+    from ng_jax.models.weights.sd3 import (POS_EMBED_BUFFER, check_pos_embed, model_config_from_diffusers,
                                            sd3_keymap, transformer_dir)
     from ng_jax.models.velocity import make_velocity_model
-    from ng_jax.models.weights import SafetensorsDir, WeightsError
+    from ng_jax.models.weights.safetensors import SafetensorsDir, WeightsError
 
     tdir = transformer_dir(weights_dir)
     cfg = model_config_from_diffusers(tdir)
@@ -96,9 +96,9 @@ def check_flux(weights_dir: str) -> dict:
     """FLUX.1 (dev / schnell-like) WEIGHTS_DIR/transformer against the unrolled Flax tree."""
     import jax
 
-    from ng_jax.models.flux import make_flux_model
-    from ng_jax.models.flux_weights import flux_keymap, model_config_from_diffusers, transformer_dir
-    from ng_jax.models.weights import SafetensorsDir
+    from ng_jax.models.nets.flux import make_flux_model
+    from ng_jax.models.weights.flux import flux_keymap, model_config_from_diffusers, transformer_dir
+    from ng_jax.models.weights.safetensors import SafetensorsDir
 
     tdir = transformer_dir(weights_dir)
     cfg = model_config_from_diffusers(tdir)
@@ -114,9 +114,9 @@ def check_vae(weights_dir: str) -> dict:
     """The AutoencoderKL in WEIGHTS_DIR/vae (SD3 / FLUX / SD1 layouts)."""
     import jax
 
-    from ng_jax.models.vae import make_vae
-    from ng_jax.models.vae_weights import vae_config_from_diffusers, vae_keymap
-    from ng_jax.models.weights import SafetensorsDir
+    from ng_jax.models.nets.vae import make_vae
+    from ng_jax.models.weights.vae import vae_config_from_diffusers, vae_keymap
+    from ng_jax.models.weights.safetensors import SafetensorsDir
 
     vdir = os.path.join(weights_dir, "vae") if os.path.isdir(os.path.join(weights_dir, "vae")) else weights_dir
     cfg = vae_config_from_diffusers(vdir)
@@ -151,7 +151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--family", required=True, choices=sorted(CHECKERS))
     ap.add_argument("--weights_dir", required=True)
     args = ap.parse_args(argv)
-    from ng_jax.models.weights import WeightsError
+    from ng_jax.models.weights.safetensors import WeightsError
 
     if not os.path.isdir(args.weights_dir):
         print(f"check_weights: error: weights directory not found: {args.weights_dir}", file=sys.stderr)

@@ -34,8 +34,8 @@ def parity_sd3(weights_dir: str, seed: int = 0, latent_size: int | None = None, 
     from diffusers import SD3Transformer2DModel
     from diffusers.utils import logging as diffusers_logging
 
-    from ng_jax.models.sd3_weights import load_sd3_transformer, model_config_from_diffusers, transformer_dir
-    from ng_jax.models.text import TextCond
+    from ng_jax.models.weights.sd3 import load_sd3_transformer, model_config_from_diffusers, transformer_dir
+    from ng_jax.models.nets.text import TextCond
     from ng_jax.models.velocity import make_velocity_model
 
     cfg = model_config_from_diffusers(weights_dir)
@@ -63,7 +63,7 @@ def parity_sd3(weights_dir: str, seed: int = 0, latent_size: int | None = None, 
 
 
 def parity_flux(weights_dir: str, seed: int = 0, latent_size: int | None = None, **options) -> dict:
-    from ng_jax.models.flux_weights import parity_flux as _parity_flux
+    from ng_jax.models.weights.flux import parity_flux as _parity_flux
 
     if latent_size:
         options["latent_size"] = latent_size
@@ -71,7 +71,7 @@ def parity_flux(weights_dir: str, seed: int = 0, latent_size: int | None = None,
 
 
 def parity_vae(weights_dir: str, seed: int = 0, latent_size: int | None = None, **options) -> dict:
-    from ng_jax.models.vae_weights import parity_vae as _parity_vae
+    from ng_jax.models.weights.vae import parity_vae as _parity_vae
 
     del latent_size  # the VAE works on images (default 32x32 or 4x its downsampling)
     return _parity_vae(weights_dir, seed, **options)
@@ -90,7 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--latent_size", type=int, default=0, help="sd3/sd35: latent side (default min(sample_size, 32))")
     args = ap.parse_args(argv)
     options = {"latent_size": args.latent_size} if args.latent_size else {}
-    from ng_jax.models.weights import WeightsError
+    from ng_jax.models.weights.safetensors import WeightsError
 
     try:
         result = PARITY[args.family](args.weights_dir, args.seed, **options)

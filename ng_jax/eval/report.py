@@ -1,4 +1,4 @@
-"""docs/RESULTS.md from the grid's run summaries and analysis JSON files (ng_jax.grid).
+"""docs/RESULTS.md from the grid's run summaries and analysis JSON files (ng_jax.eval.grid).
 
 Every number in the report is read from those files; every verdict is computed from the numbers
 (a claim that does not hold on the toy world is reported as not holding).
@@ -43,7 +43,7 @@ def commit() -> str:
 
 
 def _run_commits(workdir: str, runs) -> list[str]:
-    from ng_jax.grid import RUN_COMMIT
+    from ng_jax.eval.grid import RUN_COMMIT
 
     found = set()
     for n in runs:

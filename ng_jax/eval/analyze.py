@@ -1,6 +1,6 @@
 """The paper's analyses on any set of checkpoints, each writing JSON and PNG plots to an output dir.
 
-    python -m ng_jax.analyze ANALYSIS --checkpoints=reference,workdirs/awm,workdirs/awm_normguard \
+    python -m ng_jax.eval.analyze ANALYSIS --checkpoints=reference,workdirs/awm,workdirs/awm_normguard \
         --out=workdirs/analysis [--runs=workdirs/awm,workdirs/awm_normguard] [--config.a.b=value ...]
 
 ANALYSIS is one of
@@ -8,12 +8,12 @@ ANALYSIS is one of
 - `renorm`: reward and quality plain, with inference-time renormalisation to the reference norm
   at every step, and with CFG-rescale (`analysis.cfg_rescale_phi`);
 - `few_step`: reward and quality at `analysis.few_steps` Euler steps;
-- `adjoint`: dR/d alpha_k of the differentiable verifier through the sampler (ng_jax.analysis.adjoint);
+- `adjoint`: dR/d alpha_k of the differentiable verifier through the sampler (ng_jax.eval.analysis.adjoint);
 - `matched`: the matched-reward control over RL run summaries (`--runs`);
 - `judge`: an MLLM judge (OpenAI-compatible endpoint, `analysis.judge_url`) on eval samples;
 - `all`: norms, renorm, few_step, adjoint, plus matched / judge when runs / a judge URL are given.
 
-Checkpoints: see ng_jax.analysis.checkpoints (`reference`, bundle dirs, finished RL workdirs).
+Checkpoints: see ng_jax.eval.analysis.checkpoints (`reference`, bundle dirs, finished RL workdirs).
 It is also a job of the entry point: `python -m ng_jax.main --config=configs/analyze.py
 --config.analysis.name=norms --config.analysis.checkpoints=...`. Every knob is in configs/analyze.py.
 """
@@ -27,21 +27,21 @@ import sys
 import jax
 import numpy as np
 
-from ng_jax import parallel, partitioning, reporting
+from ng_jax import logs, sharding
 
 ANALYSES = ("norms", "renorm", "few_step", "adjoint", "matched", "judge")
-DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "analyze.py")
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs", "analyze.py")
 
 
 class Context:
     """The reference, the checkpoints and cached evaluators shared by the analyses of one run."""
 
     def __init__(self, config, out: str):
-        from ng_jax.analysis.checkpoints import load_matching, resolve
-        from ng_jax.evaluate import build_rewards, eval_prompts
+        from ng_jax.eval.analysis.checkpoints import load_matching, resolve
+        from ng_jax.eval.evaluate import build_rewards, eval_prompts
         from ng_jax.models.bundle import load_bundle
-        from ng_jax.models.pipeline import toy_stack
-        from ng_jax.models.text import make_text_encoder
+        from ng_jax.models.stack import toy_stack
+        from ng_jax.models.nets.text import make_text_encoder
 
         self.config, self.out = config, out
         self.a = config.analysis
@@ -49,7 +49,7 @@ class Context:
         self.stack = toy_stack(self.reference)  # host-side reference, as the evaluator always had it
         self.model = self.stack.model
         self.text = make_text_encoder(self.reference.text_cfg)
-        self.mesh = parallel.make_mesh(config.mesh.shape)
+        self.mesh = sharding.make_mesh(config.mesh.shape)
         self.ref = self.stack.ref
         self.weighted = build_rewards(config.rewards)
         self.prompts = eval_prompts(config.eval)
@@ -58,7 +58,7 @@ class Context:
         self._evaluators: dict = {}
 
     def evaluator(self, **overrides):
-        from ng_jax.evaluate import Evaluator
+        from ng_jax.eval.evaluate import Evaluator
 
         key = tuple(sorted(overrides.items()))
         if key not in self._evaluators:
@@ -67,7 +67,7 @@ class Context:
                 cfg[k] = v
             self._evaluators[key] = Evaluator(cfg, self.stack, self.mesh, weighted=self.weighted,
                                               policy_params=lambda p, r: p, workdir=self.out, prompts=self.prompts,
-                                              rules=partitioning.layouts(self.config.mesh)[0].logical_rules)
+                                              rules=sharding.layouts(self.config.mesh)[0].logical_rules)
         return self._evaluators[key]
 
     def evaluate(self, label: str, tag: str, **overrides) -> dict:
@@ -83,7 +83,7 @@ def _fmt(x, digits=3) -> str:
 
 
 def analyze_norms(ctx: Context) -> dict:
-    from ng_jax.analysis import plots
+    from ng_jax.eval.analysis import plots
 
     out = {}
     for label in ctx.checkpoints:
@@ -100,7 +100,7 @@ def analyze_norms(ctx: Context) -> dict:
 
 
 def analyze_renorm(ctx: Context) -> dict:
-    from ng_jax.analysis import plots
+    from ng_jax.eval.analysis import plots
 
     phi = float(ctx.a.cfg_rescale_phi)
     variants = {"plain": {}, "renorm": {"renorm": True}, f"cfg_rescale_{phi:g}": {"cfg_rescale": phi}}
@@ -117,7 +117,7 @@ def analyze_renorm(ctx: Context) -> dict:
 
 
 def analyze_few_step(ctx: Context) -> dict:
-    from ng_jax.analysis import plots
+    from ng_jax.eval.analysis import plots
 
     steps = [int(s) for s in ctx.a.few_steps]
     out = {}
@@ -135,9 +135,9 @@ def analyze_few_step(ctx: Context) -> dict:
 
 
 def analyze_adjoint(ctx: Context) -> dict:
-    from ng_jax.analysis import plots
-    from ng_jax.analysis.adjoint import reward_jacobian, summarize, verifier_reward_fn
-    from ng_jax.models.text import EMPTY_PROMPT, tokenize
+    from ng_jax.eval.analysis import plots
+    from ng_jax.eval.analysis.adjoint import reward_jacobian, summarize, verifier_reward_fn
+    from ng_jax.models.nets.text import EMPTY_PROMPT, tokenize
     from ng_jax.rewards.verifier import load_verifier_params
     from ng_jax.sampling import make_sampler
 
@@ -156,7 +156,7 @@ def analyze_adjoint(ctx: Context) -> dict:
     sigmas = np.asarray(jax.device_get(sampler(ctx.ref, noise[:1], jax.tree.map(lambda c: c[:1], cond),
                                                jax.tree.map(lambda c: c[:1], uncond)).sigmas))[:-1]
     out = {}
-    bar = reporting.progress(len(ctx.checkpoints), desc="adjoint")
+    bar = logs.progress(len(ctx.checkpoints), desc="adjoint")
     for label, params in ctx.checkpoints.items():
         out[label] = summarize(np.asarray(jac_fn(params)), sigmas)
         bar.update(1)
@@ -171,7 +171,7 @@ def analyze_adjoint(ctx: Context) -> dict:
 
 
 def analyze_matched(ctx: Context) -> dict:
-    from ng_jax.analysis.matched import load_runs, matched_reward
+    from ng_jax.eval.analysis.matched import load_runs, matched_reward
 
     runs = [r for r in str(ctx.a.runs).split(",") if r.strip()]
     if not runs:
@@ -230,7 +230,7 @@ def selected(config) -> list[str]:
 
 
 def run(config, workdir: str) -> int:
-    from ng_jax.config_checks import ConfigError
+    from ng_jax.config.checks import ConfigError
 
     try:
         names = selected(config)
@@ -245,21 +245,21 @@ def run(config, workdir: str) -> int:
             result = FUNCTIONS[name](ctx)
         except ValueError as err:
             raise ConfigError(str(err)) from None
-        reporting.write_json(os.path.join(workdir, f"{name}.json"), result)
+        logs.write_json(os.path.join(workdir, f"{name}.json"), result)
     print(f"results: {workdir}")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m ng_jax.analyze ANALYSIS --checkpoints=... --out=DIR [--runs=...] [--config=...] [--config.x=y]`"""
+    """`python -m ng_jax.eval.analyze ANALYSIS --checkpoints=... --out=DIR [--runs=...] [--config=...] [--config.x=y]`"""
     from ng_jax import main as entry
 
     argv = list(sys.argv if argv is None else argv)
-    usage = ("usage: python -m ng_jax.analyze {" + ",".join(ANALYSES + ("all",)) +
+    usage = ("usage: python -m ng_jax.eval.analyze {" + ",".join(ANALYSES + ("all",)) +
              "} --checkpoints=A,B --out=DIR [--runs=DIR,DIR] [--config=FILE] [--config.KEY=VALUE ...]")
     if len(argv) < 2 or argv[1] not in ANALYSES + ("all",):
         what = "missing analysis" if len(argv) < 2 or argv[1].startswith("-") else f"unknown analysis {argv[1]!r}"
-        print(f"ng_jax.analyze: error: {what}\n{usage}", file=sys.stderr)
+        print(f"ng_jax.eval.analyze: error: {what}\n{usage}", file=sys.stderr)
         return 2
     args = [argv[0], f"--config.analysis.name={argv[1]}"]
     rest = argv[2:]

@@ -25,7 +25,7 @@ Two worlds, chosen by `config.model.family` (no `model` block: the toy world):
   `model.param_dtype` (bf16 on accelerators) and computes in `model.dtype`; the trainable tree is
   always float32 (LoRA adapters, or full fine-tuning's master weights: `trainable_init`). Text
   encoders and the VAE are frozen in `model.text.param_dtype` / `model.vae.dtype`. The reference and
-  text encoders follow the run's reference layout (`ng_jax.partitioning`: logical axis names mapped
+  text encoders follow the run's reference layout (`ng_jax.sharding`: logical axis names mapped
   by `mesh.ref_logical_rules`; each tensor read straight into its shards); the
   VAE decoder is replicated (84M parameters; the batch-parallel decode then needs no communication).
   `decode_fn` is the VAE decode of `from_model_latents(x0)`, traced into the rollout's jit so that
@@ -46,9 +46,9 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 
-from ng_jax import parallel, partitioning
-from ng_jax.config_checks import ConfigError, weights_dir_problem
-from ng_jax.models.text import EMPTY_PROMPT, TextCond
+from ng_jax import sharding
+from ng_jax.config.checks import ConfigError, weights_dir_problem
+from ng_jax.models.nets.text import EMPTY_PROMPT, TextCond
 
 TOY = "toy_mmdit"
 REAL_FAMILIES = ("sd3", "sd35", "flux1_dev")
@@ -99,10 +99,10 @@ def model_family(config) -> str:
 
 def build_model_stack(config, mesh=None, layout=None) -> ModelStack:
     """The stack for `config` (RL, evaluate or analyze config). With `mesh`, the frozen parameters are
-    placed by `layout` (a `partitioning.Layout`, default: the default rule table; a legacy regex rule
+    placed by `layout` (a `sharding.Layout`, default: the default rule table; a legacy regex rule
     list also works); without, the toy reference stays on the host (as the evaluate/analyze jobs always
     had it)."""
-    layout = partitioning.as_layout(layout if layout is not None else ())
+    layout = sharding.as_layout(layout if layout is not None else ())
     family = model_family(config)
     if family == TOY:
         from ng_jax.models.bundle import load_bundle
@@ -117,7 +117,7 @@ def build_model_stack(config, mesh=None, layout=None) -> ModelStack:
 
 
 def toy_stack(bundle, mesh=None, layout=None) -> ModelStack:
-    from ng_jax.models.text import make_text_encoder, tokenize
+    from ng_jax.models.nets.text import make_text_encoder, tokenize
     from ng_jax.models.velocity import make_velocity_model
 
     model = make_velocity_model(bundle.model_cfg)
@@ -125,7 +125,7 @@ def toy_stack(bundle, mesh=None, layout=None) -> ModelStack:
     text_params = bundle.params["text"]
     ref, ref_sh = bundle.params["velocity"], None
     if mesh is not None:
-        ref_sh = partitioning.as_layout(layout if layout is not None else ()).shardings(ref, mesh)
+        ref_sh = sharding.as_layout(layout if layout is not None else ()).shardings(ref, mesh)
         ref = jax.device_put(ref, ref_sh)
     encode_jit = jax.jit(text.encode)
 
@@ -165,21 +165,21 @@ def velocity_config(mcfg, latent: int):
     common = dict(dtype=str(mcfg.get("dtype", "float32")), remat=bool(mcfg.get("remat", False)),
                   scan_blocks=bool(mcfg.get("scan_blocks", False)))
     if mcfg.family == "flux1_dev":
-        from ng_jax.models import flux_weights
+        from ng_jax.models.weights import flux as flux_weights
 
         over = dict(common, family="flux1_dev", sample_size=latent, weights_dir=wd,
                     max_sequence_length=int(mcfg.text.max_sequence_length))
         if mcfg.get("guidance") is not None:
             over["guidance"] = float(mcfg.guidance)
         return flux_weights.model_config_from_diffusers(wd, **over)
-    from ng_jax.models import sd3_weights
+    from ng_jax.models.weights import sd3 as sd3_weights
 
     return sd3_weights.model_config_from_diffusers(wd, family=str(mcfg.family), latent_size=latent, **common)
 
 
 def real_stack(mcfg, mesh=None, layout=None) -> ModelStack:
-    from ng_jax.models.hf_text import load_text_encoders
-    from ng_jax.models.vae_weights import load_vae, vae_config_from_diffusers
+    from ng_jax.models.nets.hf_text import load_text_encoders
+    from ng_jax.models.weights.vae import load_vae, vae_config_from_diffusers
     from ng_jax.models.velocity import make_velocity_model
 
     wd = check_weights_dir(mcfg)
@@ -203,7 +203,7 @@ def real_stack(mcfg, mesh=None, layout=None) -> ModelStack:
                           f"{vae_cfg.latent_channels}")
 
     param_dtype = _dtype(mcfg.get("param_dtype"), "model.param_dtype")
-    layout = partitioning.as_layout(layout if layout is not None else ())
+    layout = sharding.as_layout(layout if layout is not None else ())
     place = (lambda tree: layout.shardings(tree, mesh)) if mesh is not None else None
     abstract = jax.eval_shape(model.init, jax.random.key(0))
     if param_dtype is not None:
@@ -222,10 +222,10 @@ def real_stack(mcfg, mesh=None, layout=None) -> ModelStack:
     vae_dtype = _dtype(mcfg.vae.get("dtype"), "model.vae.dtype")
     vae_sh = None
     if mesh is not None:
-        from ng_jax.models.vae import make_vae
+        from ng_jax.models.nets.vae import make_vae
 
         vae_abstract = jax.eval_shape(make_vae(vae_cfg).init, jax.random.key(0))
-        vae_sh = parallel.param_shardings(vae_abstract, mesh, ((".*", "replicate"),))
+        vae_sh = sharding.param_shardings(vae_abstract, mesh, ((".*", "replicate"),))
     vae, vae_params = load_vae(wd, vae_cfg, dtype=vae_dtype, shardings=vae_sh)
 
     def decode_fn(params, x0):
@@ -264,6 +264,6 @@ def trainable_init(ref, lora_cfg, rng):
     or, for full fine-tuning, float32 master copies of the reference weights."""
     if lora_cfg is None:
         return jax.tree.map(lambda x: jnp.copy(x).astype(jnp.float32), ref)
-    from ng_jax.models.lora import lora_init
+    from ng_jax.models.nets.lora import lora_init
 
     return lora_init(ref, rng, rank=int(lora_cfg.rank), alpha=float(lora_cfg.alpha), targets=tuple(lora_cfg.targets))

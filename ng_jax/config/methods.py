@@ -11,7 +11,7 @@ import os
 
 import ml_collections as mlc
 
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs")
 
 
 def load_config_file(name: str, arg=None) -> mlc.ConfigDict:
@@ -27,14 +27,14 @@ DEFAULT_DATA_DIR = "workdirs/tfds"
 
 
 def mesh_config() -> mlc.ConfigDict:
-    """Mesh and partitioning (ng_jax.parallel, ng_jax.partitioning; README "Meshes and partitioning")."""
-    from ng_jax.partitioning import LOGICAL_RULES
+    """Mesh and partitioning (ng_jax.sharding; README "Meshes and partitioning")."""
+    from ng_jax.sharding import LOGICAL_RULES
 
     m = mlc.ConfigDict()
     m.shape = (-1, 1, 1)  # devices along (data, fsdp, tensor); one -1 takes the remaining devices
     # THE rule table: (logical axis name, mesh axis | tuple of mesh axes | None), flax's
     # logical_axis_rules format. Parameters carry logical names from their path and rank
-    # (ng_jax.partitioning.PARAM_AXES: "embed" model width, "heads" attention projections, "kv" per-head
+    # (ng_jax.sharding.PARAM_AXES: "embed" model width, "heads" attention projections, "kv" per-head
     # dim, "mlp" feed-forward hidden, "mod" adaLN modulation outputs, "vocab", "channels" latent/text
     # input features, "layers" scanned-block axis, "lora" adapter rank); activations at block boundaries
     # ("batch", "seq", "embed", "heads", "kv", "mlp"). Rules apply in table order: a rule takes the first
@@ -200,7 +200,7 @@ def rl_config(method: str, *, normguard_lam: float = 0.0) -> mlc.ConfigDict:
     c.normguard = normguard_config(normguard_lam)
 
     c.rewards = mlc.ConfigDict()
-    c.rewards.weights = mlc.ConfigDict({"verifier": 1.0})  # name -> weight; names: ng_jax.evaluate.REWARD_NAMES
+    c.rewards.weights = mlc.ConfigDict({"verifier": 1.0})  # name -> weight; names: ng_jax.eval.evaluate.REWARD_NAMES
     c.rewards.timeout_s = 120.0  # a reward call slower than this stops the run (0 = no limit)
     c.rewards.retries = 0        # retries of a failing reward call before giving up
     c.rewards.remote_url = ""    # for the "remote" reward: http://host:port/ of a reward server
@@ -268,7 +268,7 @@ REAL_METHODS = {
 
 
 def real_model_config(family: str) -> mlc.ConfigDict:
-    """The `model` block of a real-model run (ng_jax.models.pipeline). The architecture comes from
+    """The `model` block of a real-model run (ng_jax.models.stack). The architecture comes from
     WEIGHTS_DIR/transformer/config.json; validate a directory first with
     `python -m ng_jax.tools.check_weights --family FAMILY --weights_dir DIR`."""
     flux = family == "flux1_dev"
@@ -361,9 +361,9 @@ def _real_rl_config(method: str, family: str, normguard_lam: float) -> mlc.Confi
     c.lora.rank = 32             # LoRA r = 32, alpha = 64 (all three references)
     c.lora.alpha = 64.0
     if flux:
-        from ng_jax.models.flux import FLUX_LORA_TARGETS
+        from ng_jax.models.nets.flux import FLUX_LORA_TARGETS
 
-        c.lora.targets = FLUX_LORA_TARGETS   # Flow-Factory's FLUX adapter targets (see ng_jax.models.flux)
+        c.lora.targets = FLUX_LORA_TARGETS   # Flow-Factory's FLUX adapter targets (see ng_jax.models.nets.flux)
     else:
         c.lora.targets = SD3_LORA_TARGETS
 

@@ -11,7 +11,7 @@ the same `norm1` (`SD35AdaLayerNormZeroX`, 9 outputs instead of 6).
 
 Parameter names mirror diffusers (`pos_embed/proj`, `time_text_embed/timestep_embedder/linear_1`,
 `context_embedder`, `transformer_blocks_{i}/attn/to_q`, `.../ff/net_0/proj`, `norm_out/linear`,
-`proj_out`); `ng_jax.models.sd3_weights` maps a diffusers checkpoint onto them. With
+`proj_out`); `ng_jax.models.weights.sd3` maps a diffusers checkpoint onto them. With
 `scan_blocks`, each run of two or more structurally identical consecutive blocks (same dual
 attention, not the context-pre-only last block) is one `nn.scan` named
 `transformer_blocks_{first}_to_{last}/block/...` whose parameters carry a leading layer axis: one
@@ -28,9 +28,9 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from ng_jax.models.layers import (TOKENS, AdaLayerNormContinuous, AdaLayerNormZero, Dense, FeedForward, MLPEmbedder,
+from ng_jax.models.nets.layers import (TOKENS, AdaLayerNormContinuous, AdaLayerNormZero, Dense, FeedForward, MLPEmbedder,
                                   RMSNorm, attention, layer_norm, modulate, sincos_2d_pos_embed, timestep_embedding)
-from ng_jax.partitioning import constrain
+from ng_jax.sharding import constrain
 
 Dtype = Any
 
@@ -129,7 +129,7 @@ class JointTransformerBlock(nn.Module):
             x = x + gate_msa2[:, None] * attn_x2
         h = layer_norm(x) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
         x = x + gate_mlp[:, None] * FeedForward(self.dim, hidden, self.dtype, name="ff")(h)
-        x = constrain(x, TOKENS)  # block boundary (ng_jax.partitioning)
+        x = constrain(x, TOKENS)  # block boundary (ng_jax.sharding)
         if self.context_pre_only:
             return x, None
         c = c + c_gate_msa[:, None] * attn_c

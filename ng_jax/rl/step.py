@@ -19,7 +19,7 @@ text conditioning and advantages; DPO: winner/loser pairs). Inside one jitted fu
 4. reports the base loss's parts, NormGuard's penalty and hinge-active fraction (when on), the mean
    norm ratio `||v|| / ||v_ref||` and its mean per sigma bucket, and the pre-clip gradient norm.
 
-The caller jits `step` with the mesh shardings and donates the state (ng_jax.train):
+The caller jits `step` with the mesh shardings and donates the state (ng_jax.rl.loop):
 
     jax.jit(make_train_step(model.apply, optimizer, spec, lora_cfg),
             in_shardings=(state_sh, ref_sh, batch_sh), out_shardings=(state_sh, replicated),
@@ -100,7 +100,7 @@ def policy_params_fn(lora_cfg) -> Callable[[Any, Any], Any]:
     """(trainable, reference) -> full velocity-model params. LoRA: base + deltas; else trainable."""
     if lora_cfg is None or not lora_cfg.get("rank", 0):
         return lambda trainable, ref: trainable
-    from ng_jax.models.lora import lora_merge
+    from ng_jax.models.nets.lora import lora_merge
 
     rank, alpha = int(lora_cfg.rank), float(lora_cfg.alpha)
     return lambda trainable, ref: lora_merge(ref, trainable, alpha=alpha, rank=rank)

@@ -2,11 +2,11 @@
 
 1. Every RL run of {methods} x {base, +NormGuard} x {rewards} x {seeds}, in this process, one
    after the other, each in WORKDIR/<method>[_normguard]_<reward>_s<seed>. A run with a
-   summary.json is reused; an interrupted one resumes from its checkpoint (ng_jax.train).
-2. The analyses (ng_jax.analyze) on the reference and the runs of `grid.analysis_reward` and
+   summary.json is reused; an interrupted one resumes from its checkpoint (ng_jax.rl.loop).
+2. The analyses (ng_jax.eval.analyze) on the reference and the runs of `grid.analysis_reward` and
    `grid.analysis_seed`, and the matched-reward control over all runs, into WORKDIR/analysis.
 3. The report (`config.results`, figures next to it in results/), with the command and commit
-   at its top, built from those JSON files by `ng_jax.report`.
+   at its top, built from those JSON files by `ng_jax.eval.report`.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import time
 
 import ml_collections as mlc
 
-from ng_jax.config_base import load_config_file
+from ng_jax.config.methods import load_config_file
 
 
 def _apply(config: mlc.ConfigDict, overrides: mlc.ConfigDict, prefix: str = "") -> None:
@@ -39,8 +39,8 @@ def run_name(method: str, normguard: bool, reward: str, seed: int) -> str:
 
 def run_configs(config) -> dict[str, mlc.ConfigDict]:
     """name -> the RL config of every run of the grid (validated, so a typo fails before any training)."""
-    from ng_jax.config_checks import check_config
-    from ng_jax.evaluate import REWARD_NAMES
+    from ng_jax.config.checks import check_config
+    from ng_jax.eval.evaluate import REWARD_NAMES
 
     g = config.grid
     out = {}
@@ -79,7 +79,7 @@ def _flatten(tree, prefix=""):
 def _check_recorded_config(c: mlc.ConfigDict, run_dir: str, reference_sha: str) -> None:
     """A run directory is reused or resumed only by the config and the reference weights that started it:
     a grid whose settings or reference changed since must not silently mix old runs into its report."""
-    from ng_jax.config_checks import ConfigError
+    from ng_jax.config.checks import ConfigError
 
     path = os.path.join(run_dir, RUN_CONFIG)
     if not os.path.isdir(run_dir) or not os.listdir(run_dir):
@@ -121,8 +121,10 @@ def analysis_config(config, checkpoints: list[str], runs: list[str]) -> mlc.Conf
 
 
 def run(config, workdir: str) -> int:
-    from ng_jax import analyze, report, train
-    from ng_jax.config_checks import ConfigError
+    from ng_jax.eval import analyze
+    from ng_jax.eval import report
+    from ng_jax.rl import loop
+    from ng_jax.config.checks import ConfigError
     from ng_jax.models.bundle import bundle_fingerprint
 
     t_start = time.time()
@@ -149,7 +151,7 @@ def run(config, workdir: str) -> int:
         with open(os.path.join(run_dir, RUN_REFERENCE), "w") as f:
             f.write(reference_sha + "\n")
         t0 = time.time()
-        code = train.run(c, run_dir)
+        code = loop.run(c, run_dir)
         if code != 0 or not os.path.isfile(os.path.join(run_dir, "summary.json")):
             print(f"{name}: stopped before the end (exit {code}); rerun the command to resume it")
             return code or 1

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ng_jax.train_step import TrainBatch, bucket_centres
+from ng_jax.rl.step import TrainBatch, bucket_centres
 
 
 def dpo_pairs(rewards: np.ndarray, group_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

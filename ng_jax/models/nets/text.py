@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ng_jax.models.layers import MultiHeadAttention, TransformerMLP
+from ng_jax.models.nets.layers import MultiHeadAttention, TransformerMLP
 
 EMPTY_PROMPT = ""
 SPECIAL_TOKENS = ("[PAD]", "[BOS]", "[EOS]", "[UNK]")

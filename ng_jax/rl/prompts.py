@@ -3,7 +3,7 @@ category-balanced) and the one-line PromptFileError the entry point reports."""
 
 from __future__ import annotations
 
-from ng_jax.models.pipeline import TOY, model_family
+from ng_jax.models.stack import TOY, model_family
 
 
 class PromptFileError(ValueError):

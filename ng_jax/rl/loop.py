@@ -4,10 +4,10 @@
 
 Per epoch: prompts -> jitted group rollout (K samples per prompt, rewards scored through host
 callbacks inside the same jit) -> group-relative advantages -> optimizer steps (the fused
-base-loss + NormGuard step of ng_jax.train_step) -> old/EMA update -> periodic evaluation ->
+base-loss + NormGuard step of ng_jax.rl.step) -> old/EMA update -> periodic evaluation ->
 checkpoint. An RL "step boundary" for checkpoints and SIGTERM is the end of an epoch.
 
-The model comes from `ng_jax.models.pipeline.build_model_stack`: the toy world's bundle
+The model comes from `ng_jax.models.stack.build_model_stack`: the toy world's bundle
 (`config.reference`) or, with `config.model.family` "sd3"/"sd35"/"flux1_dev", a local diffusers
 directory `config.model.weights_dir` (configs/sd35m_*.py, configs/flux1dev_*.py). Real-model
 rollouts are latents; the rollout jit decodes them with the VAE before the reward callbacks, and
@@ -25,7 +25,7 @@ Failures stop the run with a one-line message and leave the last good checkpoint
 reward that raises, returns NaN or a wrong shape, or times out (RewardError, after
 `rewards.retries` retries); a non-finite loss or gradient (TrainingError naming the epoch; the
 step did not apply the update); a corrupt, mismatched or incomplete checkpoint (CheckpointError,
-never a silent fresh start); an unusable prompt file (ng_jax.rl_prompts.PromptFileError). SIGTERM
+never a silent fresh start); an unusable prompt file (ng_jax.rl.prompts.PromptFileError). SIGTERM
 checkpoints at the next epoch boundary and returns 0.
 """
 
@@ -41,18 +41,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ng_jax import losses, parallel, partitioning, reporting, rl_epoch
+from ng_jax import logs, losses, sharding
+
+from ng_jax.rl import epoch as rl_epoch
 from ng_jax.checkpoint import CheckpointError, Checkpointer, export_params
-from ng_jax.config_checks import ConfigError
-from ng_jax.evaluate import Evaluator, build_rewards, eval_prompts
-from ng_jax.analysis.checkpoints import POLICY_DIR
+from ng_jax.config.checks import ConfigError
+from ng_jax.eval.evaluate import Evaluator, build_rewards, eval_prompts
+from ng_jax.eval.analysis.checkpoints import POLICY_DIR
 from ng_jax.models.bundle import ModelBundle, save_bundle
-from ng_jax.models.pipeline import TOY, build_model_stack, model_family, trainable_init
+from ng_jax.models.stack import TOY, build_model_stack, model_family, trainable_init
 from ng_jax.rewards.host import RewardError, make_reward_fn, reset_callback_tokens
-from ng_jax.rl_prompts import load_rl_prompts, one_line, read_prompts
+from ng_jax.rl.prompts import load_rl_prompts, one_line, read_prompts
 from ng_jax.sampling import make_sampler
 from ng_jax.state import TrainState, make_optimizer
-from ng_jax.train_step import StepSpec, make_ema_update, make_train_step, policy_params_fn
+from ng_jax.rl.step import StepSpec, make_ema_update, make_train_step, policy_params_fn
 
 
 class TrainingError(RuntimeError):
@@ -84,10 +86,10 @@ def jit_train_step(config, apply_fn, optimizer, lora_cfg, grid, mesh, state_sh, 
     the activation rules of `mesh.logical_rules` active while it traces. `ng_jax.plan` lowers this same
     function ahead of time against abstract shapes."""
     spec = make_step_spec(config, grid)
-    step = partitioning.with_rules(make_train_step(apply_fn, optimizer, spec, lora_cfg), mesh,
-                                   partitioning.layouts(config.mesh)[0].logical_rules)
-    return jax.jit(step, in_shardings=(state_sh, ref_sh, parallel.batch_sharding(mesh)),
-                   out_shardings=(state_sh, parallel.replicated(mesh)), donate_argnums=(0,))
+    step = sharding.with_rules(make_train_step(apply_fn, optimizer, spec, lora_cfg), mesh,
+                                   sharding.layouts(config.mesh)[0].logical_rules)
+    return jax.jit(step, in_shardings=(state_sh, ref_sh, sharding.batch_sharding(mesh)),
+                   out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=(0,))
 
 
 def ema_decay(config, step: int) -> float:
@@ -155,35 +157,35 @@ def run(config, workdir: str) -> int:
         f"eval.prompt_file={config.eval.prompt_file!r}" if config.eval.get("prompt_file")
         else f"evaluation prompts in eval.data_dir={config.eval.data_dir!r}",
         lambda: eval_prompts(config.eval, shapes_grammar=model_family(config) == TOY))
-    mesh = parallel.make_mesh(config.mesh.shape)
-    layout, ref_layout = partitioning.layouts(config.mesh)
-    check_rl_config(config, parallel.batch_size_multiple(mesh))
+    mesh = sharding.make_mesh(config.mesh.shape)
+    layout, ref_layout = sharding.layouts(config.mesh)
+    check_rl_config(config, sharding.batch_size_multiple(mesh))
     k = int(rl.group_size)
     n_samples = int(rl.prompts_per_epoch) * k
     # Rollouts per jitted call (a memory knob for real models); 0 = the whole epoch in one call.
     chunk = int(rl.rollout.get("batch_size", 0) or 0) or n_samples
-    if n_samples % chunk or chunk % parallel.batch_size_multiple(mesh):
+    if n_samples % chunk or chunk % sharding.batch_size_multiple(mesh):
         raise ConfigError(f"rl.rollout.batch_size={chunk} must divide the {n_samples} rollouts of an epoch and be "
-                          f"divisible by the data x fsdp devices ({parallel.batch_size_multiple(mesh)})")
+                          f"divisible by the data x fsdp devices ({sharding.batch_size_multiple(mesh)})")
 
-    # The model stack (ng_jax.models.pipeline): velocity model, placed reference, prompt encoder, decoder.
+    # The model stack (ng_jax.models.stack): velocity model, placed reference, prompt encoder, decoder.
     stack = build_model_stack(config, mesh, ref_layout)
     model, ref, ref_shardings = stack.model, stack.ref, stack.ref_shardings
     dec_params, dec_shardings = stack.decoder_params, stack.decoder_shardings
     lora_cfg = config.lora if config.lora.rank else None
-    replicated = parallel.replicated(mesh)
+    replicated = sharding.replicated(mesh)
     optimizer = make_optimizer(config.optim)
     init_state = make_init_state(config, optimizer, lora_cfg)
     state_abstract = jax.eval_shape(init_state, ref)
     state_sh = layout.shardings(state_abstract, mesh)
     max_rep = float(config.mesh.get("max_replicated_fraction", 1.0))
     try:  # a rule table that leaves big tensors replicated fails here, not in an out-of-memory later
-        parallel.check_replication(state_abstract.params, state_sh.params, max_rep, "trainable parameters")
-        parallel.check_replication(ref, ref_shardings, max_rep, "reference parameters")
+        sharding.check_replication(state_abstract.params, state_sh.params, max_rep, "trainable parameters")
+        sharding.check_replication(ref, ref_shardings, max_rep, "reference parameters")
     except ValueError as err:
         raise ConfigError(str(err)) from None
     policy_params = policy_params_fn(lora_cfg)
-    batch_sh = parallel.batch_sharding(mesh)
+    batch_sh = sharding.batch_sharding(mesh)
 
     # --- rollout + rewards (host callbacks inside shard_map), one jit -------------------------
     ro = rl.rollout
@@ -192,7 +194,7 @@ def run(config, workdir: str) -> int:
                            sde_window=tuple(ro.sde_window))
     weighted = build_rewards(config.rewards)
     prompt_table: list[str] = []
-    reward_fn = make_reward_fn(weighted, prompt_table, mesh, jax.sharding.PartitionSpec(parallel.BATCH_AXES))
+    reward_fn = make_reward_fn(weighted, prompt_table, mesh, jax.sharding.PartitionSpec(sharding.BATCH_AXES))
 
     def rollout(trainable, ema, ref_params, decoder_params, noise, cond, uncond, prompt_ids, rng):
         source = ema if ro.policy == "old" else trainable
@@ -201,7 +203,7 @@ def run(config, workdir: str) -> int:
         total, parts = reward_fn(stack.decode_fn(decoder_params, out.x0), prompt_ids)
         return out.x0, total, parts
 
-    rollout_fn = jax.jit(partitioning.with_rules(rollout, mesh, layout.logical_rules),
+    rollout_fn = jax.jit(sharding.with_rules(rollout, mesh, layout.logical_rules),
                          in_shardings=(state_sh.params, state_sh.ema, ref_shardings, dec_shardings, batch_sh,
                                        batch_sh, batch_sh, batch_sh, replicated),
                          out_shardings=(batch_sh, batch_sh, batch_sh))
@@ -233,7 +235,7 @@ def run(config, workdir: str) -> int:
     except BaseException:
         ckpt.close()
         raise
-    writer = reporting.MetricWriter(workdir, enabled=is_main)
+    writer = logs.MetricWriter(workdir, enabled=is_main)
 
     def evaluate(params, tag, step):
         try:
@@ -245,7 +247,7 @@ def run(config, workdir: str) -> int:
     sigterm = _Sigterm()
     quiet = _DropRewardErrorLogs()
     _CALLBACK_LOGGER.addFilter(quiet)
-    bar = reporting.progress(epochs, desc=f"{rl.method}{'+normguard' if config.normguard.lam else ''}",
+    bar = logs.progress(epochs, desc=f"{rl.method}{'+normguard' if config.normguard.lam else ''}",
                              initial=min(meta["epoch"], epochs), enabled=is_main)
     say = bar.write if is_main else (lambda *_: None)  # one copy of each report line, from process 0
     try:
@@ -275,7 +277,7 @@ def run(config, workdir: str) -> int:
                 if cause is None and not isinstance(err, RewardError):
                     raise  # not a reward problem: keep jax's own error and traceback
                 raise RewardError(f"epoch {done}: {one_line(cause or err)}; {_last_good(ckpt)}") from err
-            rewards, parts = parallel.to_host(rewards), parallel.to_host(parts)
+            rewards, parts = sharding.to_host(rewards), sharding.to_host(parts)
             t_roll = time.time() - t0
             advantages = np.asarray(adv_fn(jnp.asarray(rewards), jnp.asarray(prompt_ids)))
             sums: dict = {}
@@ -308,7 +310,7 @@ def run(config, workdir: str) -> int:
                 writer.write(done, rl_epoch.scalars(result), prefix="eval/")
                 say(rl_epoch.eval_line(f"epoch {done}", result))
             # SIGTERM on any host stops every host at this same boundary (a collective on multi-host runs).
-            stop = parallel.any_process(sigterm.requested)
+            stop = sharding.any_process(sigterm.requested)
             if done % int(config.ckpt.every) == 0 or done == epochs or stop:
                 ckpt.save(done, state, meta)
             if stop:
@@ -327,7 +329,7 @@ def run(config, workdir: str) -> int:
     if stack.is_toy:
         # The final policy as a self-contained bundle (LoRA merged), for the analyses and for sampling.
         bundle = stack.bundle
-        policy = parallel.tree_to_host(jax.jit(policy_params)(state.params, ref))
+        policy = sharding.tree_to_host(jax.jit(policy_params)(state.params, ref))
         if is_main:
             save_bundle(os.path.join(workdir, POLICY_DIR),
                         ModelBundle(model_cfg=bundle.model_cfg, text_cfg=bundle.text_cfg, sampling=bundle.sampling,
@@ -343,9 +345,9 @@ def run(config, workdir: str) -> int:
             "rl_config": config.name, "family": stack.family, "model": config.model.to_dict(),
             "trainable": "lora_adapters" if lora else "full_weights_float32", "lora": lora,
             "optimizer_steps": int(state.step), "use": "policy = lora_merge(base from model.weights_dir, "
-            "adapters, alpha, rank) (ng_jax.models.lora); full weights replace the base"})
+            "adapters, alpha, rank) (ng_jax.models.nets.lora); full weights replace the base"})
     if is_main:
-        reporting.write_json(os.path.join(workdir, "summary.json"), summary)
+        logs.write_json(os.path.join(workdir, "summary.json"), summary)
         print(f"summary: {os.path.join(workdir, 'summary.json')}")
     return 0
 

@@ -29,7 +29,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from ng_jax.models.weights import (SafetensorsDir, Source, WeightsError, check_map, conv2d, flatten_map, linear,
+from ng_jax.models.weights.safetensors import (SafetensorsDir, Source, WeightsError, check_map, conv2d, flatten_map, linear,
                                    load_params)
 
 CLASS_NAME = "SD3Transformer2DModel"
@@ -271,7 +271,7 @@ def check_pos_embed(reader: SafetensorsDir, cfg) -> None:
     if POS_EMBED_BUFFER not in reader.key_file:
         return
     atol = _TABLE_ATOL.get(reader.dtype(POS_EMBED_BUFFER), 1e-2)
-    from ng_jax.models.mmdit import sincos_pos_table
+    from ng_jax.models.nets.mmdit import sincos_pos_table
 
     mx = int(cfg.get("pos_embed_max_size") or 0)
     hidden = int(cfg.num_attention_heads) * int(cfg.attention_head_dim)

@@ -1,4 +1,4 @@
-"""diffusers `FluxTransformer2DModel` checkpoints -> `ng_jax.models.flux` parameters (strict).
+"""diffusers `FluxTransformer2DModel` checkpoints -> `ng_jax.models.nets.flux` parameters (strict).
 
     cfg = model_config_from_diffusers(WEIGHTS_DIR)      # config.json keys (+ sample_size, dtype, ...)
     model = make_flux_model(cfg)
@@ -25,8 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ng_jax.models import flux
-from ng_jax.models.weights import SafetensorsDir, Source, WeightsError, check_map, linear, load_params
+from ng_jax.models.nets import flux
+from ng_jax.models.weights.safetensors import SafetensorsDir, Source, WeightsError, check_map, linear, load_params
 
 CLASS_NAME = "FluxTransformer2DModel"
 # The architecture keys of diffusers' config.json and their defaults (FluxTransformer2DModel.__init__).
@@ -234,7 +234,7 @@ def parity_flux(weights_dir: str, seed: int = 0, latent_size: int | None = None,
     from diffusers import FluxTransformer2DModel
     from diffusers.pipelines.flux.pipeline_flux import FluxPipeline
 
-    from ng_jax.models.text import TextCond
+    from ng_jax.models.nets.text import TextCond
 
     directory = transformer_dir(weights_dir)
     cfg = model_config_from_diffusers(directory, sample_size=(height, width), max_sequence_length=text_len)

@@ -15,7 +15,7 @@ from collections import Counter, defaultdict
 import jax
 import numpy as np
 
-from ng_jax import parallel, partitioning, reporting
+from ng_jax import logs, sharding
 from ng_jax.sampling import make_sampler, to_uint8
 
 REWARD_NAMES = ("verifier", "jpeg_compressibility", "jpeg_incompressibility", "remote", "clip_score", "pickscore",
@@ -118,14 +118,14 @@ def repeat_prompts(prompts: list[str], samples_per_prompt: int, min_per_category
 class Evaluator:
     """Callable `(trainable_params, tag, step) -> results dict`; keeps the last full result.
 
-    `stack` is the run's `ng_jax.models.pipeline.ModelStack`: its velocity model and reference
+    `stack` is the run's `ng_jax.models.stack.ModelStack`: its velocity model and reference
     params, its prompt encoder, and its decoder (samples -> images; the identity in the toy world,
     the VAE for real models). The verifier accuracy and the FD / precision / recall judges are the
     toy world's (`eval.accuracy`, `eval.quality`; off in the real-model configs)."""
 
     def __init__(self, eval_cfg, stack, mesh, *, weighted, policy_params, workdir: str | None,
                  prompts: list[str] | None = None, policy_is_ref: bool = False,
-                 rules=partitioning.LOGICAL_RULES):
+                 rules=sharding.LOGICAL_RULES):
         from ng_jax.judges.toy import QualityJudge, reference_renders
 
         model, ref_params = stack.model, stack.ref
@@ -140,7 +140,7 @@ class Evaluator:
         self.prompts = repeat_prompts(base, k, int(eval_cfg.get("min_samples_per_category", 0) or 0))
         self.categories = [_category(p) for p in self.prompts]
         self.batch = int(eval_cfg.batch_size)
-        multiple = parallel.batch_size_multiple(mesh)
+        multiple = sharding.batch_size_multiple(mesh)
         if self.batch % multiple:
             raise ValueError(f"eval.batch_size={self.batch} must be divisible by data x fsdp ({multiple})")
         pad = (-len(self.prompts)) % self.batch
@@ -159,7 +159,7 @@ class Evaluator:
                                     cfg_rescale_phi=float(eval_cfg.get("cfg_rescale", 0.0)))
         # Inputs are batch-sharded; outputs are left to the compiler (the grid `sigmas` and the
         # [steps, batch] norms cannot take the batch sharding on their first axis).
-        sh = parallel.batch_sharding(mesh)
+        sh = sharding.batch_sharding(mesh)
         self.noise = [jax.device_put(n, sh) for n in self.noise]
         self.conds = [jax.device_put(c, sh) for c in self.conds]
         self.uncond = jax.device_put(self.uncond, sh)
@@ -169,7 +169,7 @@ class Evaluator:
         # Activations are placed by the run's rule table (`rules`), as in the rollout.
         sample = lambda p, r, noise, c, u: self.sampler(policy_params(p, r), noise, c, u, None,  # noqa: E731
                                                         ref_params=r if ref_pass else None)
-        self._sample = jax.jit(partitioning.with_rules(sample, mesh, rules))
+        self._sample = jax.jit(sharding.with_rules(sample, mesh, rules))
         self._verifier = None
         self._decode = jax.jit(stack.decode_fn)  # samples -> float images (toy: the identity)
         self.judge = QualityJudge() if eval_cfg.get("quality", True) else None
@@ -179,10 +179,10 @@ class Evaluator:
         xs, pol, ref = [], [], []
         for noise, cond in zip(self.noise, self.conds):
             out = self._sample(trainable, self.ref, noise, cond, self.uncond)
-            xs.append(parallel.to_host(to_uint8(self._decode(self.stack.decoder_params, out.x0))))
-            pol.append(parallel.to_host(out.norms_policy))
-            ref.append(pol[-1] if out.norms_ref is None else parallel.to_host(out.norms_ref))
-        sigmas = parallel.to_host(out.sigmas)
+            xs.append(sharding.to_host(to_uint8(self._decode(self.stack.decoder_params, out.x0))))
+            pol.append(sharding.to_host(out.norms_policy))
+            ref.append(pol[-1] if out.norms_ref is None else sharding.to_host(out.norms_ref))
+        sigmas = sharding.to_host(out.sigmas)
         return (np.concatenate(xs)[: self.n], np.concatenate(pol, 1)[:, : self.n],
                 np.concatenate(ref, 1)[:, : self.n], sigmas)
 
@@ -222,7 +222,7 @@ class Evaluator:
         if self.workdir:
             show = min(len(images), int(self.cfg.get("grid_size", 32)))
             scale = max(1, 96 // max(images.shape[1:3]))  # 32 px toy images x3; 512 px real ones x1
-            reporting.save_grid(os.path.join(self.workdir, "samples", f"{tag}.png"), images[:show],
+            logs.save_grid(os.path.join(self.workdir, "samples", f"{tag}.png"), images[:show],
                                 labels=self.prompts[:show], cols=8, scale=scale)
         self.last, self.last_images, self.last_detections = result, images, detections
         return result
@@ -247,10 +247,10 @@ def constraint_failures(prompts, detections) -> dict[str, dict[str, float]]:
 def run(config, workdir: str) -> int:
     """The `evaluate` job: score a bundle (or, with a `model` block, a real model's reference weights)
     on fixed prompts, print a per-category accuracy table."""
-    from ng_jax.models.pipeline import build_model_stack
+    from ng_jax.models.stack import build_model_stack
 
-    mesh = parallel.make_mesh(config.mesh.shape)
-    layout, ref_layout = partitioning.layouts(config.mesh)
+    mesh = sharding.make_mesh(config.mesh.shape)
+    layout, ref_layout = sharding.layouts(config.mesh)
     # The toy reference stays on the host, as this job always had it; real weights are placed by the rules.
     stack = build_model_stack(config, None if "model" not in config else mesh, ref_layout)
     evaluator = Evaluator(config.eval, stack, mesh, weighted=build_rewards(config.rewards),
@@ -259,7 +259,7 @@ def run(config, workdir: str) -> int:
     result = evaluator(stack.ref, tag="evaluate", step=0)
     if stack.is_toy and evaluator.last_detections is not None:
         result["constraint_failures"] = constraint_failures(evaluator.prompts, evaluator.last_detections)
-    reporting.write_json(os.path.join(workdir, "eval.json"), result)
+    logs.write_json(os.path.join(workdir, "eval.json"), result)
     counts = Counter(evaluator.categories)
     print("| category | prompts x samples | verifier accuracy |\n|---|---|---|")
     for c, acc in result.get("accuracy_by_category", {}).items():

@@ -35,12 +35,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ng_jax.models.layers import (AdaLayerNormContinuous, AdaLayerNormZero, FeedForward, MLPEmbedder, RMSNorm,
+from ng_jax.models.nets.layers import (AdaLayerNormContinuous, AdaLayerNormZero, FeedForward, MLPEmbedder, RMSNorm,
                                   attention, layer_norm, modulate, timestep_embedding)
-from ng_jax.models.text import TextCond
-from ng_jax.partitioning import constrain
+from ng_jax.models.nets.text import TextCond
+from ng_jax.sharding import constrain
 
-TOKENS = ("batch", "seq", "embed")  # logical names of the streams (ng_jax.partitioning)
+TOKENS = ("batch", "seq", "embed")  # logical names of the streams (ng_jax.sharding)
 
 Dtype = Any
 
@@ -53,7 +53,7 @@ PACK = 2  # FluxPipeline packs 2x2 latent patches into channels (in_channels = 4
 # both streams of the double blocks and their feed-forwards (image and text); "attn.to_q/k/v" also
 # matches the single blocks' q/k/v under PEFT's suffix rule, so those are included. Not adapted:
 # embedders, adaLN linears, the single blocks' proj_mlp/proj_out, norm_out, proj_out.
-# Regexes over "/"-joined Flax paths without the trailing "kernel" (ng_jax.models.lora).
+# Regexes over "/"-joined Flax paths without the trailing "kernel" (ng_jax.models.nets.lora).
 FLUX_LORA_TARGETS = (
     r"(^|/)attn/(to_q|to_k|to_v|to_out_0|add_q_proj|add_k_proj|add_v_proj|to_add_out)$",
     r"(^|/)(ff|ff_context)/(net_0/proj|net_2)$",
@@ -427,7 +427,7 @@ def make_flux_model(cfg) -> FluxVelocityModel:
                              scan_blocks=bool(get("scan_blocks", False)))
     loader = None
     if get("weights_dir"):
-        from ng_jax.models.flux_weights import load_flux_transformer  # flux_weights imports this module
+        from ng_jax.models.weights.flux import load_flux_transformer  # flux_weights imports this module
 
         loader = functools.partial(load_flux_transformer, str(cfg["weights_dir"]), cfg)
     return FluxVelocityModel(module=module, sample_shape=(hgt, wid, in_ch // (PACK * PACK)),

@@ -1,4 +1,4 @@
-"""diffusers `AutoencoderKL` weights (WEIGHTS_DIR/vae) -> the Flax VAE of ng_jax.models.vae, strictly.
+"""diffusers `AutoencoderKL` weights (WEIGHTS_DIR/vae) -> the Flax VAE of ng_jax.models.nets.vae, strictly.
 
     vae, params = load_vae(WEIGHTS_DIR)                      # config from WEIGHTS_DIR/vae/config.json
     vae, params = load_vae(WEIGHTS_DIR, dtype="bfloat16")    # frozen bf16 VAE computing in bf16
@@ -21,8 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ng_jax.models.vae import VAE, VAEConfig, make_vae
-from ng_jax.models.weights import (Path, SafetensorsDir, Source, WeightsError, check_map, conv2d, flatten_map,
+from ng_jax.models.nets.vae import VAE, VAEConfig, make_vae
+from ng_jax.models.weights.safetensors import (Path, SafetensorsDir, Source, WeightsError, check_map, conv2d, flatten_map,
                                    load_params, norm)
 
 ENCODER_BLOCK = "DownEncoderBlock2D"

@@ -22,7 +22,7 @@ Why transformers' Flax classes (4.57.6, the last release that has them): `FlaxCL
 `FlaxCLIPTextModelWithProjection` and `FlaxT5EncoderModel` are maintained ports of exactly the
 torch modules the checkpoints were trained with, so parity is a matter of loading, not of
 re-implementing. They run wherever the run's devices are, jitted, in `dtype` (bf16 for the real
-models). Loading is the project's own strict loader (`ng_jax.models.weights`) rather than
+models). Loading is the project's own strict loader (`ng_jax.models.weights.safetensors`) rather than
 `from_pretrained(from_pt=True)`: that path cannot read sharded safetensors (T5-XXL is sharded),
 puts every tensor on the default device, and only warns on missing keys. Here the Flax parameter
 tree comes from `jax.eval_shape` of the module's init; every leaf names its checkpoint tensor by
@@ -55,8 +55,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ng_jax.models.text import TextCond
-from ng_jax.models.weights import SafetensorsDir, Source, WeightsError, load_params
+from ng_jax.models.nets.text import TextCond
+from ng_jax.models.weights.safetensors import SafetensorsDir, Source, WeightsError, load_params
 
 __all__ = ["HFTextEncoders", "load_text_encoders", "hf_keymap", "CLIP_LENGTH"]
 

@@ -1,6 +1,6 @@
 """The SD3/SD3.5/FLUX image autoencoder (diffusers `AutoencoderKL`) in Flax linen, NHWC.
 
-    vae = make_vae(VAEConfig(...))                  # or ng_jax.models.vae_weights.load_vae(WEIGHTS_DIR)
+    vae = make_vae(VAEConfig(...))                  # or ng_jax.models.weights.vae.load_vae(WEIGHTS_DIR)
     params = vae.init(rng)
     dist = vae.encode(params, images)               # images [B, H, W, 3] in [-1, 1] -> LatentDist
     z = vae.to_model_latents(dist.mode())           # what the velocity model sees (SD3/FLUX pipelines)
@@ -31,7 +31,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ng_jax.models.layers import attention
+from ng_jax.models.nets.layers import attention
 
 Dtype = Any
 NORM_EPS = 1e-6

@@ -15,10 +15,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ng_jax.partitioning import constrain
+from ng_jax.sharding import constrain
 
 Dtype = Any
-# Logical names of activations (ng_jax.partitioning; constraints are no-ops outside a rules context).
+# Logical names of activations (ng_jax.sharding; constraints are no-ops outside a rules context).
 TOKENS = ("batch", "seq", "embed")
 HEADS = ("batch", "seq", "heads", "kv")
 
