@@ -14,8 +14,10 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from ng_jax.errors import UserError
 
-class CheckpointError(RuntimeError):
+
+class CheckpointError(UserError, RuntimeError):
     pass
 
 

@@ -35,6 +35,8 @@ import sys
 import tempfile
 import time
 
+from ng_jax.errors import UserError
+
 GIB = 1024 ** 3
 # name -> (chips per accelerator-name count, HBM GiB per chip): v5p-N and v4-N count TensorCores (2 per chip).
 TPUS = {"v5p": (2, 95.0), "v4": (2, 32.0), "v5litepod": (1, 16.0), "v5e": (1, 16.0), "v6e": (1, 32.0)}
@@ -61,7 +63,7 @@ PRESETS = {
 }
 
 
-class PlanError(ValueError):
+class PlanError(UserError, ValueError):
     """A bad plan request (topology, chips, mesh): reported in one line."""
 
 
@@ -128,13 +130,13 @@ def plan(config, chips: int, *, per_device_batch: int | None = None, compile: bo
     import jax.numpy as jnp
 
     from ng_jax import sharding
-    from ng_jax.models.stack import _dtype, velocity_config
     from ng_jax.models.nets.text import TextCond
+    from ng_jax.models.stack import _dtype, velocity_config
     from ng_jax.models.velocity import make_velocity_model
-    from ng_jax.state import count_params, make_optimizer
     from ng_jax.rl.epoch import sampler_sigmas
     from ng_jax.rl.loop import jit_train_step, make_init_state
     from ng_jax.rl.step import TrainBatch
+    from ng_jax.state import count_params, make_optimizer
 
     if "model" not in config:
         raise PlanError("the plan needs a real-model config (a `model` block: configs/sd35m_*.py, flux1dev_*.py)")

@@ -9,7 +9,10 @@ from __future__ import annotations
 import os
 from typing import Any, Callable
 
-class ConfigError(ValueError):
+from ng_jax.errors import UserError
+
+
+class ConfigError(UserError, ValueError):
     """A setting that cannot work (reported in one line by the entry point)."""
 
 

@@ -17,6 +17,8 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
+from ng_jax.errors import UserError
+
 CANVAS = 32
 BACKGROUND = (24, 24, 24)
 COLORS: dict[str, tuple[int, int, int]] = {
@@ -56,7 +58,7 @@ _RELATION_PHRASES = {  # tokenised phrase -> canonical relation; longest phrases
 _PREFIX = re.compile(r"^(?:(?:a|an)\s+)?(?:photo|image|picture|drawing|rendering|render)\s+of\s+")
 
 
-class PromptError(ValueError):
+class PromptError(UserError, ValueError):
     """A prompt (text or spec) outside the shapes grammar."""
 
 

@@ -30,6 +30,7 @@ from typing import Sequence
 
 import numpy as np
 
+from ng_jax.errors import UserError
 from ng_jax.rewards.remote import encode_image
 
 SCALE = (0.0, 10.0)
@@ -50,7 +51,7 @@ _PATTERNS = (
 )
 
 
-class JudgeError(RuntimeError):
+class JudgeError(UserError, RuntimeError):
     """The judge endpoint could not be used (not: the judge declined to score one image)."""
 
 

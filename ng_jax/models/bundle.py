@@ -19,11 +19,13 @@ import ml_collections
 import numpy as np
 from flax import serialization
 
+from ng_jax.errors import UserError
+
 BUNDLE_VERSION = 1
 DEFAULT_REFERENCE = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets", "reference")
 
 
-class BundleError(RuntimeError):
+class BundleError(UserError, RuntimeError):
     pass
 
 

@@ -23,10 +23,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ng_jax.errors import UserError
 from ng_jax.models.nets.mmdit import block_name
 
 
-class GrowError(ValueError):
+class GrowError(UserError, ValueError):
     pass
 
 

@@ -11,10 +11,12 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from ng_jax.errors import UserError
+
 _BUFFERS = ("text_model.embeddings.position_ids", "vision_model.embeddings.position_ids")
 
 
-class ClipWeightsError(ValueError):
+class ClipWeightsError(UserError, ValueError):
     """A CLIP weights directory or checkpoint that cannot be used (missing, wrong kind, keys, shapes)."""
 
 

@@ -25,6 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
+from ng_jax.errors import UserError
+
 __all__ = ["Reward", "RewardError", "WeightedRewards", "PromptTable", "check_reward_output",
            "images_to_uint8", "make_reward_fn", "reset_callback_tokens"]
 
@@ -51,7 +53,7 @@ class Reward(Protocol):
         ...
 
 
-class RewardError(RuntimeError):
+class RewardError(UserError, RuntimeError):
     """A reward model failed: raised, returned a wrong shape / dtype / non-finite value, or timed out."""
 
 

@@ -3,10 +3,11 @@ category-balanced) and the one-line PromptFileError the entry point reports."""
 
 from __future__ import annotations
 
+from ng_jax.errors import UserError
 from ng_jax.models.stack import TOY, model_family
 
 
-class PromptFileError(ValueError):
+class PromptFileError(UserError, ValueError):
     """A prompt file (or prompt data set) that cannot be used; reported in one line by the entry point."""
 
 

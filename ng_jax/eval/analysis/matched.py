@@ -12,10 +12,12 @@ import json
 import os
 from typing import Sequence
 
+from ng_jax.errors import UserError
+
 QUALITY_KEYS = ("fd", "precision", "recall")
 
 
-class RunSummaryError(RuntimeError):
+class RunSummaryError(UserError, RuntimeError):
     pass
 
 

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ng_jax.errors import UserError
 from ng_jax.models.nets.layers import MultiHeadAttention, TransformerMLP
 
 EMPTY_PROMPT = ""
@@ -65,7 +66,7 @@ def build_tokenizer(max_length: int):
                                    unk_token="[UNK]", model_max_length=max_length)
 
 
-class TokenizeError(ValueError):
+class TokenizeError(UserError, ValueError):
     """A prompt the toy tokenizer cannot represent faithfully (unknown word, too long)."""
 
 

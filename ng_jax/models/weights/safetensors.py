@@ -27,10 +27,12 @@ from typing import Any, Callable, Iterable, Mapping
 import jax
 import numpy as np
 
+from ng_jax.errors import UserError
+
 Path = tuple[str, ...]
 
 
-class WeightsError(RuntimeError):
+class WeightsError(UserError, RuntimeError):
     """A weights directory that cannot be loaded (missing files, unmapped / missing / mis-shaped keys)."""
 
 
