@@ -27,7 +27,7 @@ import numpy as np
 
 from ng_jax import flow, sharding
 
-from ng_jax.config import methods
+from ng_jax.config import blocks, methods
 from ng_jax.models.nets.text import TextCond
 from ng_jax.models.velocity import make_velocity_model
 from ng_jax.state import TrainState, make_optimizer
@@ -121,11 +121,11 @@ def main(argv=None) -> int:
     if any(m not in METHODS for m in methods):
         parser.error(f"--methods must be drawn from {METHODS}, got {args.methods!r}")
 
-    mesh = sharding.make_mesh(methods.mesh_config().shape)
+    mesh = sharding.make_mesh(blocks.mesh_config().shape)
     if args.batch % sharding.batch_size_multiple(mesh):
         parser.error(f"--batch {args.batch} must be a multiple of the {sharding.batch_size_multiple(mesh)} devices")
-    model = make_velocity_model(methods.toy_model_config())
-    text_cfg = methods.toy_text_config()
+    model = make_velocity_model(blocks.toy_model_config())
+    text_cfg = blocks.toy_text_config()
     ref = reference_params(model)
     print(f"devices: {len(jax.devices())} x {jax.devices()[0].platform}; toy MMDiT "
           f"{sum(x.size for x in jax.tree.leaves(ref)) / 1e6:.2f}M params; batch {args.batch}; "

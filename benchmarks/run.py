@@ -53,7 +53,7 @@ import numpy as np  # noqa: E402
 from benchmarks.model_code import BEFORE, model_code, optimisations  # noqa: E402
 from benchmarks.report import METHODS, device_string, git_commit, markdown, targets  # noqa: E402
 from ng_jax import flow
-from ng_jax.config import methods  # noqa: E402
+from ng_jax.config import blocks, methods  # noqa: E402
 from ng_jax.models.weights.sd3 import load_sd3_transformer, model_config_from_diffusers  # noqa: E402
 from ng_jax.models.nets.text import TextCond  # noqa: E402
 from ng_jax.models.velocity import make_velocity_model  # noqa: E402
@@ -153,7 +153,7 @@ def step_spec(method: str, micro_batch: int, lam: float = 0.0, num_timesteps: in
     """The shipped RL config's step (methods.METHODS) at this micro-batch and NormGuard weight."""
     m = methods.METHODS[method]
     grid = np.asarray(flow.sigma_grid(int(m["num_steps"])))[:-1]
-    ng = methods.normguard_config(lam)
+    ng = blocks.normguard_config(lam)
     return StepSpec(method=method, micro_batch=micro_batch, num_timesteps=int(num_timesteps or m["num_timesteps"]),
                     grid=tuple(float(s) for s in grid), grid_fraction=float(m["grid_fraction"]),
                     loss_kwargs=dict(m["loss"]), lam=float(lam), margin=float(ng.margin), power=int(ng.power),
@@ -162,7 +162,7 @@ def step_spec(method: str, micro_batch: int, lam: float = 0.0, num_timesteps: in
 
 def jax_step(model, ref, spec: StepSpec, batch: TrainBatch, fast_compile: bool = False):
     """(run: a zero-argument callable doing one blocking step, compiled, compile seconds)."""
-    optimizer = make_optimizer(methods.optim_config(lr=float(methods.METHODS[spec.method]["lr"])))
+    optimizer = make_optimizer(blocks.optim_config(lr=float(methods.METHODS[spec.method]["lr"])))
     params, ema = jax.tree.map(jnp.copy, ref), jax.tree.map(jnp.copy, ref)  # distinct buffers: both donated
     state = TrainState(step=jnp.zeros((), jnp.int32), params=params, ema=ema, opt_state=optimizer.init(params),
                        rng=jax.random.key(0))

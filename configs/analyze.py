@@ -9,7 +9,7 @@ equivalently: python -m ng_jax.main --config=configs/analyze.py --config.analysi
 
 import ml_collections as mlc
 
-from ng_jax.config import methods
+from ng_jax.config import blocks, methods
 
 
 def get_config(arg=None):
@@ -20,7 +20,7 @@ def get_config(arg=None):
     c.seed = 0
     c.workdir = "workdirs/analysis"
     c.reference = ""              # the reference bundle the checkpoints are compared with ("" = shipped)
-    c.mesh = methods.mesh_config()
+    c.mesh = blocks.mesh_config()
     c.rewards = rl.rewards        # the reward(s) reported by every evaluation (verifier by default)
     c.eval = rl.eval              # prompts, samples, steps, CFG of every evaluation (see methods.rl_config)
     c.eval.samples_per_prompt = 4

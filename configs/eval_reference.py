@@ -8,7 +8,7 @@ Another bundle: --config.reference=DIR.
 
 import ml_collections as mlc
 
-from ng_jax.config import methods
+from ng_jax.config import blocks, methods
 
 
 def get_config(arg=None):
@@ -19,7 +19,7 @@ def get_config(arg=None):
     c.seed = 0
     c.workdir = "workdirs/eval_reference"
     c.reference = ""
-    c.mesh = methods.mesh_config()
+    c.mesh = blocks.mesh_config()
     c.rewards = rl.rewards
     c.eval = rl.eval
     c.eval.split = "test"

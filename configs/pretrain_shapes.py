@@ -14,7 +14,7 @@ Smoke run (seconds): add --config.train.steps=20 --config.data.images_per_catego
 
 import ml_collections as mlc
 
-from ng_jax.config import methods
+from ng_jax.config import blocks, methods
 from ng_jax.data.world import CATEGORIES
 
 
@@ -34,10 +34,10 @@ def get_config(arg=None):
     c.data.prompts_per_category = None  # keep only the first N train prompts per category (tiny test builds)
     c.data.batch_size = 64
 
-    c.model = methods.toy_model_config()
-    c.text = methods.toy_text_config()
-    c.mesh = methods.mesh_config()
-    c.optim = methods.optim_config(lr=1e-3)
+    c.model = blocks.toy_model_config()
+    c.text = blocks.toy_text_config()
+    c.mesh = blocks.mesh_config()
+    c.optim = blocks.optim_config(lr=1e-3)
     c.optim.warmup_steps = 200
     c.optim.schedule = "cosine"
     c.optim.decay_steps = 7000
@@ -50,16 +50,16 @@ def get_config(arg=None):
     c.train.logit_mean = 0.0    # logit-normal timestep sampling (SD3)
     c.train.logit_std = 1.0
 
-    c.sample = methods.sample_config()
+    c.sample = blocks.sample_config()
     c.sample.prompts = (
         "a red circle", "a blue square", "a green triangle", "a yellow cross",
         "two purple circles", "three orange squares", "a red circle left of a blue square",
         "a green triangle above a yellow circle",
     )
 
-    c.log_every = 50
-    c.sample_every = 1000
-    c.ckpt_every = 250
+    c.log_every = 50            # steps between metric lines (and the non-finite-loss check)
+    c.sample_every = 1000       # steps between sample grids (WORKDIR/samples/)
+    c.ckpt = blocks.ckpt_config(every=250, max_to_keep=2)  # steps between checkpoints, as RL's ckpt block
     # Warm start: a model bundle whose parameters initialise text encoder + MMDiT ("" = fresh init). Its
     # configs must match this one except for depths, which may grow (ng_jax/models/grow.py: new blocks
     # start as the identity, so step 0 computes what the bundle does).

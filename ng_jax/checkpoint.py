@@ -7,7 +7,10 @@ when it was asked to resume.
 
 from __future__ import annotations
 
+import json
 import os
+import signal
+import threading
 from typing import Any
 
 import jax
@@ -15,6 +18,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from ng_jax.errors import UserError
+from ng_jax.sharding import any_process
 
 
 class CheckpointError(UserError, RuntimeError):
@@ -147,8 +151,6 @@ def export_params(directory: str, params, note: dict) -> str:
     """Save a parameter tree with orbax in `directory/params` (every process must call this; it waits for
     the write) and, from process 0, `note` as `directory/<basename>.json` saying what the tree is and how
     to use it. Restore with `orbax.checkpoint.StandardCheckpointer().restore(directory/params)`."""
-    import json
-
     directory = os.path.abspath(directory)
     with ocp.StandardCheckpointer() as saver:
         saver.save(os.path.join(directory, "params"), params, force=True)
@@ -159,3 +161,34 @@ def export_params(directory: str, params, note: dict) -> str:
             json.dump(note, f, indent=2)
         os.replace(path + ".tmp", path)
     return directory
+
+
+class Preemption:
+    """SIGTERM -> stop at the next step boundary on EVERY host, with a checkpoint.
+
+    `should_stop()` is a collective (`sharding.any_process`): every process calls it at the same
+    step boundary, so a SIGTERM that reaches one host of a pod stops them all at the same step
+    (a host that stopped alone would leave the others waiting in the next collective). On one
+    process it costs nothing. Use as a context manager; the previous handler is restored on exit.
+    Handlers can only be installed from the main thread; elsewhere SIGTERM keeps its default.
+    """
+
+    def __init__(self):
+        self.requested = False
+        self._prev = None
+
+    def __enter__(self) -> "Preemption":
+        if threading.current_thread() is threading.main_thread():
+            self._prev = signal.signal(signal.SIGTERM, self._set)
+        return self
+
+    def _set(self, *_):
+        self.requested = True
+
+    def should_stop(self) -> bool:
+        return any_process(self.requested)
+
+    def __exit__(self, *exc) -> None:
+        if self._prev is not None:
+            signal.signal(signal.SIGTERM, self._prev)
+            self._prev = None

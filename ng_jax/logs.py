@@ -107,3 +107,38 @@ def write_json(path: str, obj: Any) -> None:
     with open(tmp, "w") as f:
         json.dump(_to_py(obj), f, indent=2)
     os.replace(tmp, path)
+
+
+def scalars(result: dict) -> dict:
+    """The plain numbers of a result dict (what goes into metrics.jsonl / TensorBoard)."""
+    return {k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def eval_line(tag: str, r: dict) -> str:
+    """`[eval TAG] reward=... norm_ratio=... fd=... precision=... recall=...`, one line per evaluation."""
+    def fmt(key, digits):
+        v = r.get(key)
+        return "n/a" if v is None else f"{v:.{digits}f}"
+
+    return (f"[eval {tag}] reward={fmt('reward', 4)} norm_ratio={fmt('norm_ratio', 4)} fd={fmt('fd', 3)} "
+            f"precision={fmt('precision', 3)} recall={fmt('recall', 3)}")
+
+
+def trim_metrics(path: str, step: int) -> None:
+    """On resume, drop metric lines written after the restored step (they are about to be redone)."""
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()
+    keep = []
+    for line in lines:
+        try:
+            if int(json.loads(line)["step"]) > step:
+                continue
+        except (ValueError, KeyError, TypeError):
+            pass
+        keep.append(line)
+    if len(keep) != len(lines):
+        with open(path + ".tmp", "w") as f:
+            f.writelines(keep)
+        os.replace(path + ".tmp", path)

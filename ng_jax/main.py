@@ -10,14 +10,17 @@ Config problems (missing file, unknown key, wrong type) are reported in one line
 
 from __future__ import annotations
 
+import importlib
 import os
 import re
 import sys
 
+from ng_jax.config.checks import check_config
+from ng_jax.errors import UserError
 
-class UsageError(Exception):
-    """A problem with the command line or the config: reported in one line, no traceback."""
 
+class UsageError(UserError):
+    """A problem with the command line or the config: reported in one line, no traceback (exit status 2)."""
 
 JOBS = {
     "pretrain": "ng_jax.pretrain",
@@ -68,7 +71,6 @@ def parse_args(argv: list[str], check: bool = True):
     if "job" not in config or config.job not in JOBS:
         raise UsageError(f"config.job must be one of {sorted(JOBS)}, got {config.get('job')!r}")
     workdir = fv.workdir or config.get("workdir") or os.path.join("workdirs", config.get("name", config.job))
-    from ng_jax.config.checks import check_config
 
     try:
         if check:
@@ -96,24 +98,15 @@ def main(argv: list[str] | None = None) -> int:
                                        process_id=int(os.environ["NG_PROCESS_ID"]))
         else:
             jax.distributed.initialize()
-    import importlib
-
     module = importlib.import_module(JOBS[config.job])
     try:
         return int(module.run(config, workdir) or 0)
     except UsageError as err:
         print(f"ng_jax: error: {err}", file=sys.stderr)
         return 2
-    except Exception as err:
-        if type(err).__name__ in REPORTED_ERRORS:
-            print(f"ng_jax: error: {err}", file=sys.stderr)
-            return 1
-        raise
-
-
-# Errors whose message says everything a user needs: printed in one line, exit status 1.
-REPORTED_ERRORS = {"TrainingError", "RewardError", "CheckpointError", "BundleError", "PromptError", "WeightsError",
-                   "PromptFileError", "FileNotFoundError", "ConfigError", "RunSummaryError", "JudgeError"}
+    except (UserError, FileNotFoundError) as err:  # the message says everything a user needs
+        print(f"ng_jax: error: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ Device side: `make_pretrain_step`, one jitted function with in/out shardings and
 from __future__ import annotations
 
 import os
-import signal
 import time
 
 import flax
@@ -20,8 +19,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from ng_jax import flow, logs, sharding
-from ng_jax.checkpoint import Checkpointer
+from ng_jax.checkpoint import Checkpointer, Preemption
 from ng_jax.config.checks import ConfigError
+from ng_jax.data.prompts import split_prompts
+from ng_jax.data.sources import ImageTextStream, MixtureStream
+from ng_jax.data.tfds_shapes import load_image_text
+from ng_jax.errors import TrainingError
 from ng_jax.models.bundle import BundleError, ModelBundle, load_bundle, save_bundle
 from ng_jax.models.grow import grow_params
 from ng_jax.models.nets.text import EMPTY_PROMPT, make_text_encoder, tokenize
@@ -82,10 +85,6 @@ def make_image_text_stream(data_cfg, batch_size: int, seed: int):
     Each category gets about `data.images_per_category` renders (examples per prompt = that divided by
     the category's train-prompt count), so rare categories (10 single-object prompts) are seen as
     often as the 539 colour-attribution prompts."""
-    from ng_jax.data.prompts import split_prompts
-    from ng_jax.data.sources import ImageTextStream, MixtureStream
-    from ng_jax.data.tfds_shapes import load_image_text
-
     weights = {k: float(v) for k, v in data_cfg.category_weights.items() if float(v) > 0}
     ppc = data_cfg.get("prompts_per_category")
     streams = {}
@@ -96,20 +95,6 @@ def make_image_text_stream(data_cfg, batch_size: int, seed: int):
                                  prompts_per_category=ppc)
         streams[cat] = ImageTextStream(source, batch_size, seed=seed + 1000 * i)
     return MixtureStream(streams, weights, batch_size, seed=seed)
-
-
-class _StopFlag:
-    """SIGTERM -> finish the current step, checkpoint, exit 0."""
-
-    def __init__(self):
-        self.stop = False
-        self._prev = signal.signal(signal.SIGTERM, self._handle)
-
-    def _handle(self, *_):
-        self.stop = True
-
-    def restore(self):
-        signal.signal(signal.SIGTERM, self._prev)
 
 
 def _depths(bundle, config) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -164,7 +149,7 @@ def run(config, workdir: str) -> int:
         donate_argnums=(0,))
 
     stream = make_image_text_stream(config.data, batch_size, seed=config.seed)
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=2)
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=int(config.ckpt.max_to_keep))
     if ckpt.latest_step() is not None:
         state, meta, _ = ckpt.restore(state)
         stream.restore(meta["data"])
@@ -186,38 +171,39 @@ def run(config, workdir: str) -> int:
 
     total = int(config.train.steps)
     start = int(state.step)
-    stop = _StopFlag()
     bar = logs.progress(total, desc="pretrain", initial=start, enabled=jax.process_index() == 0)
     t0, seen = time.time(), 0
-    try:
-        for step in range(start, total):
-            raw = stream.next_batch()
-            ids, mask = tokenize(text.tokenizer, raw["prompt"])
-            batch = sharding.shard_batch(ImageTextBatch(images=raw["image"], ids=ids, mask=mask), mesh)
-            state, metrics = step_fn(state, batch)
-            seen += batch_size
-            done = step + 1
-            bar.update(1)
-            if done % config.log_every == 0 or done == total:
-                m = jax.device_get(metrics)
-                if not np.isfinite(m["loss"]):
-                    raise FloatingPointError(f"pretraining loss is {m['loss']} at step {done}")
-                m["images_per_s"] = seen / (time.time() - t0)
-                writer.write(done, m)
-                bar.set_postfix(loss=f"{float(m['loss']):.4f}")
-                t0, seen = time.time(), 0
-            if done % config.sample_every == 0 or done == total:
-                sample_grid(state.ema, done)
-            if done % config.ckpt_every == 0 or done == total or stop.stop:
-                ckpt.save(done, state, {"data": stream.state()})
-            if stop.stop:
-                print(f"SIGTERM: checkpointed step {done}, exiting")
-                break
-    finally:
-        bar.close()
-        stop.restore()
-        ckpt.wait()
-        writer.close()
+    with Preemption() as preemption:
+        try:
+            for step in range(start, total):
+                raw = stream.next_batch()
+                ids, mask = tokenize(text.tokenizer, raw["prompt"])
+                batch = sharding.shard_batch(ImageTextBatch(images=raw["image"], ids=ids, mask=mask), mesh)
+                state, metrics = step_fn(state, batch)
+                seen += batch_size
+                done = step + 1
+                bar.update(1)
+                if done % config.log_every == 0 or done == total:
+                    m = jax.device_get(metrics)
+                    if not np.isfinite(m["loss"]):
+                        raise TrainingError(f"pretraining loss is {m['loss']} at step {done}; last good checkpoint: "
+                                            f"step {ckpt.latest_step()} in {ckpt.directory}")
+                    m["images_per_s"] = seen / (time.time() - t0)
+                    writer.write(done, m)
+                    bar.set_postfix(loss=f"{float(m['loss']):.4f}")
+                    t0, seen = time.time(), 0
+                if done % config.sample_every == 0 or done == total:
+                    sample_grid(state.ema, done)
+                stop = preemption.should_stop()  # SIGTERM on any host stops all of them at this step
+                if done % config.ckpt.every == 0 or done == total or stop:
+                    ckpt.save(done, state, {"data": stream.state()})
+                if stop:
+                    print(f"SIGTERM: checkpointed step {done}, exiting")
+                    break
+        finally:
+            bar.close()
+            ckpt.wait()
+            writer.close()
     if int(state.step) == total:
         export_dir = config.get("export_dir") or os.path.join(workdir, "reference")
         bundle = ModelBundle(model_cfg=config.model, text_cfg=config.text, sampling=dict(config.sample.to_dict()),

@@ -16,21 +16,21 @@ import jax.numpy as jnp
 import ml_collections as mlc
 import numpy as np
 
-from ng_jax.config import methods
+from ng_jax.config import blocks, methods
 
 PROMPTS = ("a red circle", "a blue square", "a green triangle", "a yellow cross",
            "a large white circle", "a small cyan square", "two red circles", "an orange triangle")
 
 
 def tiny_model_cfg() -> mlc.ConfigDict:
-    c = methods.toy_model_config()
+    c = blocks.toy_model_config()
     c.update(dict(image_size=32, patch_size=4, hidden_size=48, depth=1, num_heads=2, context_dim=16,
                   pooled_dim=16))
     return c
 
 
 def tiny_text_cfg() -> mlc.ConfigDict:
-    c = methods.toy_text_config()
+    c = blocks.toy_text_config()
     c.update(dict(width=16, depth=1, heads=2, pooled_dim=16))
     return c
 
@@ -67,7 +67,7 @@ def build_tiny_bundle(directory: str, *, steps: int = 200, batch: int = 32, seed
     rng = np.random.default_rng(seed)
     text_params = _numpy_init(jax.eval_shape(text.init, jax.random.key(0)), rng)
     params = _numpy_init(jax.eval_shape(model.init, jax.random.key(0)), rng)
-    optimizer = make_optimizer(methods.optim_config(lr=3e-3))
+    optimizer = make_optimizer(blocks.optim_config(lr=3e-3))
 
     per_prompt = 16  # a fixed render set, sampled from (with 10% empty prompts for guidance)
     prompts = [p for p in PROMPTS for _ in range(per_prompt)]

@@ -387,7 +387,7 @@ def test_clip_reward_in_per_shard_callbacks(tiny, backend):
 def test_clip_rewards_by_name_from_the_rl_config(tiny, images):
     """`rewards.weights.clip_score` in an RL config builds the reward from `rewards.clip_score_dir`."""
     from ng_jax.config import methods
-    from ng_jax.eval.evaluate import build_rewards
+    from ng_jax.rewards.registry import build_rewards
     from ng_jax.rewards.clip import ClipScore
 
     cfg = methods.rl_config("awm").rewards

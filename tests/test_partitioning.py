@@ -10,7 +10,7 @@ from jax.sharding import PartitionSpec as P
 
 from ng_jax import sharding
 
-from ng_jax.config import methods
+from ng_jax.config import blocks, methods
 from ng_jax.models.nets import flux
 from ng_jax.models.nets.lora import lora_init
 from ng_jax.models.velocity import make_velocity_model
@@ -58,8 +58,8 @@ def test_every_model_parameter_has_logical_axes():
 
     lora = jax.eval_shape(lambda base: lora_init(base, jax.random.key(1), rank=4, alpha=8.0,
                                                  targets=methods.SD3_LORA_TARGETS), sd35_tree())
-    toy = make_velocity_model(methods.toy_model_config())
-    toy_text = make_text_encoder(methods.toy_text_config())
+    toy = make_velocity_model(blocks.toy_model_config())
+    toy_text = make_text_encoder(blocks.toy_text_config())
     trees = {"sd35_scan": sd35_tree(True), "sd35": sd35_tree(False), "flux_scan": flux_tree(True),
              "flux": flux_tree(False), "lora": lora, "toy": jax.eval_shape(toy.init, jax.random.key(0)),
              "toy_text": jax.eval_shape(toy_text.init, jax.random.key(0))}
@@ -128,7 +128,7 @@ def test_non_divisible_dimension_falls_back_and_says_so(caplog):
 
 
 def test_reference_table_can_differ_and_overrides_still_apply():
-    c = methods.mesh_config()
+    c = blocks.mesh_config()
     policy, ref = sharding.layouts(c)
     assert policy == ref
     c.ref_logical_rules = (("embed", ("fsdp", "tensor")), ("mlp", "fsdp"))

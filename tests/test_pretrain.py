@@ -14,12 +14,12 @@ from ng_jax.models.nets.text import EMPTY_PROMPT, make_text_encoder, tokenize
 from ng_jax.models.velocity import make_velocity_model
 from ng_jax.pretrain import ImageTextBatch, make_pretrain_step
 from ng_jax.state import TrainState, create_sharded, make_optimizer
-from ng_jax.config import methods
+from ng_jax.config import blocks
 from tests.test_models import tiny_text_cfg
 
 
 def tiny_pixel_cfg():
-    c = methods.toy_model_config()
+    c = blocks.toy_model_config()
     c.update(dict(patch_size=8, hidden_size=32, depth=2, num_heads=2, context_dim=16, pooled_dim=16))
     return c
 
@@ -30,7 +30,7 @@ PROMPTS = ["a red circle", "a blue square", "a green triangle", "a yellow cross"
 def test_pretrain_steps_lower_the_loss_and_keep_shardings():
     mesh = sharding.make_mesh((2, 4, 1))
     model, text = make_velocity_model(tiny_pixel_cfg()), make_text_encoder(tiny_text_cfg())
-    optim = methods.optim_config(lr=3e-3)
+    optim = blocks.optim_config(lr=3e-3)
     optimizer = make_optimizer(optim)
     train = mlc.ConfigDict(dict(cfg_dropout=0.1, ema_decay=0.9))
     e_ids, e_mask = tokenize(text.tokenizer, [EMPTY_PROMPT])
@@ -223,7 +223,7 @@ def test_pretrain_job_exports_resumes_and_grows(tmp_path, capsys):
     c.data.images_per_category, c.data.prompts_per_category, c.data.batch_size = 8, 2, 8
     c.model, c.text = tiny_pixel_cfg(), tiny_text_cfg()
     c.optim.warmup_steps, c.optim.decay_steps = 2, 8
-    c.train.steps, c.log_every, c.sample_every, c.ckpt_every = 4, 2, 4, 2
+    c.train.steps, c.log_every, c.sample_every, c.ckpt.every = 4, 2, 4, 2
     c.sample.prompts, c.sample.num_steps = ("a red circle", "two blue squares"), 2
     one = str(tmp_path / "one")
     assert pretrain.run(c, one) == 0

@@ -138,7 +138,7 @@ def _spy_stack(monkeypatch) -> dict:
         seen.update(stack=stack, ref0=jax.device_get(stack.ref))
         return stack
 
-    monkeypatch.setattr(train, "build_model_stack", spy)
+    monkeypatch.setattr(loop, "build_model_stack", spy)
     return seen
 
 

@@ -11,6 +11,7 @@ dir) lets later runs reuse the executables of the first one; only the rollout, w
 callback cannot be cached, is compiled again in every run.
 """
 
+import contextlib
 import hashlib
 import json
 import os
@@ -29,7 +30,9 @@ import rl_fixtures
 from ng_jax import sharding
 from ng_jax.eval import evaluate
 from ng_jax.rl import loop
-from ng_jax.checkpoint import CheckpointError, Checkpointer
+from ng_jax.checkpoint import CheckpointError, Checkpointer, Preemption
+from ng_jax.errors import TrainingError
+from ng_jax.rewards import registry
 from ng_jax.main import main
 from ng_jax.models.bundle import ModelBundle, load_bundle, save_bundle
 from ng_jax.logs import read_metrics
@@ -83,13 +86,10 @@ def test_rewards():
             return TEST_REWARDS[name]
         return make
 
-    names = []
-    for mode in ("raises", "nan", "shape", "sleeps", "flaky"):
-        names.append(f"test_{mode}")
-        evaluate.register_reward(names[-1], factory(names[-1], mode))
-    yield
-    for name in names:
-        evaluate.EXTRA_REWARDS.pop(name, None)
+    with contextlib.ExitStack() as stack:  # the registry is restored when the module's tests are done
+        for mode in ("raises", "nan", "shape", "sleeps", "flaky"):
+            stack.enter_context(registry.registered(f"test_{mode}", factory(f"test_{mode}", mode)))
+        yield
 
 
 # ------------------------------------------------------------------ shared fixtures
@@ -234,7 +234,7 @@ def _sigterm_once_the_loop_handles_it(timeout_s=600.0):
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         handler = signal.getsignal(signal.SIGTERM)
-        if isinstance(getattr(handler, "__self__", None), loop._Sigterm):
+        if isinstance(getattr(handler, "__self__", None), Preemption):
             os.kill(os.getpid(), signal.SIGTERM)
             return
         time.sleep(0.005)
@@ -250,7 +250,7 @@ def test_sigterm_checkpoints_at_the_epoch_boundary_and_resume_is_exact(files, ba
     assert _steps(os.path.join(workdir, "checkpoints")) == [1]
     assert [m["step"] for m in _train_records(workdir)] == [1]
     assert not os.path.exists(os.path.join(workdir, "summary.json"))
-    assert not isinstance(getattr(signal.getsignal(signal.SIGTERM), "__self__", None), loop._Sigterm)
+    assert not isinstance(getattr(signal.getsignal(signal.SIGTERM), "__self__", None), Preemption)
 
     assert loop.run(config, workdir) == 0
     assert _metrics(workdir) == _metrics(baseline)  # every epoch's reward, loss, norms, evals: bit for bit
@@ -325,7 +325,7 @@ def test_nonfinite_loss_stops_naming_the_epoch_after_a_retried_reward(files, bas
     config = rl_fixtures.tiny_rl_config(nan_bundle, files["prompts"], epochs=EPOCHS + 1,
                                         rewards={"test_flaky": 1.0}, quality=False)
     config.rewards.retries = 1
-    with pytest.raises(loop.TrainingError, match=r"non-finite loss or gradient at epoch 9, optimizer step 1 .*"
+    with pytest.raises(TrainingError, match=r"non-finite loss or gradient at epoch 9, optimizer step 1 .*"
                                                   r"the update was not applied; last good checkpoint: epoch 8"):
         loop.run(config, workdir)
     assert TEST_REWARDS["test_flaky"].calls == 8 + 1  # 8 device shards, one retried
@@ -396,7 +396,8 @@ def test_balance_categories_gives_every_category_the_same_share():
 def test_evaluate_job_scores_the_reference_without_a_second_pass(files, tmp_path, capsys):
     """The `evaluate` job skips the reference forward pass when it scores the reference itself: same
     images, rewards and accuracies as the two-pass evaluation, norm ratio 1; small categories topped up."""
-    from ng_jax.eval.evaluate import Evaluator, build_rewards
+    from ng_jax.eval.evaluate import Evaluator
+    from ng_jax.rewards.registry import build_rewards
     from ng_jax.models.stack import build_model_stack
 
     c = _eval_job_config(files)
@@ -433,7 +434,8 @@ def _eval_job_config(files):
 def test_evaluation_sampler_places_activations_by_the_rule_table(files):
     """The evaluation sampler is traced under the run's activation rules, like the rollout: its
     lowering carries the sharding constraints that the models' `constrain` calls emit."""
-    from ng_jax.eval.evaluate import Evaluator, build_rewards
+    from ng_jax.eval.evaluate import Evaluator
+    from ng_jax.rewards.registry import build_rewards
     from ng_jax.models.stack import build_model_stack
 
     c = _eval_job_config(files)

@@ -20,7 +20,7 @@ import pytest
 
 from ng_jax import flow, losses, sharding
 
-from ng_jax.config import methods
+from ng_jax.config import blocks, methods
 from ng_jax.models.nets.lora import lora_init, lora_merge
 from ng_jax.models.nets.text import TextCond
 from ng_jax.models.velocity import make_velocity_model
@@ -51,7 +51,7 @@ def recording(opt: optax.GradientTransformation) -> optax.GradientTransformation
     return optax.GradientTransformation(init, update)
 
 
-OPTIMIZER = recording(make_optimizer(methods.optim_config(lr=1e-3)))  # AdamW + clip 1.0
+OPTIMIZER = recording(make_optimizer(blocks.optim_config(lr=1e-3)))  # AdamW + clip 1.0
 # Semantics, not speed, are under test: skipping LLVM's optimisations halves each step's compile time.
 COMPILER_OPTIONS = {"xla_backend_optimization_level": 0}
 SLOW = pytest.mark.slow  # each needs one more compiled step (~10-20 s on 2 cores)

@@ -28,6 +28,21 @@ import jax
 import numpy as np
 
 from ng_jax import logs, sharding
+from ng_jax import main as entry
+from ng_jax.config.checks import ConfigError
+from ng_jax.eval.analysis import plots
+from ng_jax.eval.analysis.adjoint import reward_jacobian, summarize, verifier_reward_fn
+from ng_jax.eval.analysis.checkpoints import load_matching, resolve
+from ng_jax.eval.analysis.matched import load_runs, matched_reward
+from ng_jax.eval.evaluate import Evaluator
+from ng_jax.judges.mllm import MLLMJudge
+from ng_jax.models.bundle import load_bundle
+from ng_jax.models.nets.text import EMPTY_PROMPT, make_text_encoder, tokenize
+from ng_jax.models.stack import toy_stack
+from ng_jax.rewards.registry import build_rewards
+from ng_jax.rewards.verifier import load_verifier_params
+from ng_jax.rl.prompts import eval_prompts
+from ng_jax.sampling import make_sampler
 
 ANALYSES = ("norms", "renorm", "few_step", "adjoint", "matched", "judge")
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs", "analyze.py")
@@ -35,13 +50,7 @@ DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os
 
 class Context:
     """The reference, the checkpoints and cached evaluators shared by the analyses of one run."""
-
     def __init__(self, config, out: str):
-        from ng_jax.eval.analysis.checkpoints import load_matching, resolve
-        from ng_jax.eval.evaluate import build_rewards, eval_prompts
-        from ng_jax.models.bundle import load_bundle
-        from ng_jax.models.stack import toy_stack
-        from ng_jax.models.nets.text import make_text_encoder
 
         self.config, self.out = config, out
         self.a = config.analysis
@@ -58,7 +67,6 @@ class Context:
         self._evaluators: dict = {}
 
     def evaluator(self, **overrides):
-        from ng_jax.eval.evaluate import Evaluator
 
         key = tuple(sorted(overrides.items()))
         if key not in self._evaluators:
@@ -83,7 +91,6 @@ def _fmt(x, digits=3) -> str:
 
 
 def analyze_norms(ctx: Context) -> dict:
-    from ng_jax.eval.analysis import plots
 
     out = {}
     for label in ctx.checkpoints:
@@ -100,7 +107,6 @@ def analyze_norms(ctx: Context) -> dict:
 
 
 def analyze_renorm(ctx: Context) -> dict:
-    from ng_jax.eval.analysis import plots
 
     phi = float(ctx.a.cfg_rescale_phi)
     variants = {"plain": {}, "renorm": {"renorm": True}, f"cfg_rescale_{phi:g}": {"cfg_rescale": phi}}
@@ -117,7 +123,6 @@ def analyze_renorm(ctx: Context) -> dict:
 
 
 def analyze_few_step(ctx: Context) -> dict:
-    from ng_jax.eval.analysis import plots
 
     steps = [int(s) for s in ctx.a.few_steps]
     out = {}
@@ -135,11 +140,6 @@ def analyze_few_step(ctx: Context) -> dict:
 
 
 def analyze_adjoint(ctx: Context) -> dict:
-    from ng_jax.eval.analysis import plots
-    from ng_jax.eval.analysis.adjoint import reward_jacobian, summarize, verifier_reward_fn
-    from ng_jax.models.nets.text import EMPTY_PROMPT, tokenize
-    from ng_jax.rewards.verifier import load_verifier_params
-    from ng_jax.sampling import make_sampler
 
     e, a = ctx.config.eval, ctx.a
     n_steps = int(a.adjoint_steps or e.num_steps)
@@ -171,7 +171,6 @@ def analyze_adjoint(ctx: Context) -> dict:
 
 
 def analyze_matched(ctx: Context) -> dict:
-    from ng_jax.eval.analysis.matched import load_runs, matched_reward
 
     runs = [r for r in str(ctx.a.runs).split(",") if r.strip()]
     if not runs:
@@ -187,7 +186,6 @@ def analyze_matched(ctx: Context) -> dict:
 
 
 def analyze_judge(ctx: Context) -> dict:
-    from ng_jax.judges.mllm import MLLMJudge
 
     a = ctx.a
     if not a.judge_url:
@@ -230,7 +228,6 @@ def selected(config) -> list[str]:
 
 
 def run(config, workdir: str) -> int:
-    from ng_jax.config.checks import ConfigError
 
     try:
         names = selected(config)
@@ -252,8 +249,6 @@ def run(config, workdir: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m ng_jax.eval.analyze ANALYSIS --checkpoints=... --out=DIR [--runs=...] [--config=...] [--config.x=y]`"""
-    from ng_jax import main as entry
-
     argv = list(sys.argv if argv is None else argv)
     usage = ("usage: python -m ng_jax.eval.analyze {" + ",".join(ANALYSES + ("all",)) +
              "} --checkpoints=A,B --out=DIR [--runs=DIR,DIR] [--config=FILE] [--config.KEY=VALUE ...]")

@@ -16,94 +16,21 @@ import jax
 import numpy as np
 
 from ng_jax import logs, sharding
+from ng_jax.data import world
+from ng_jax.data.prompts import category_of
+from ng_jax.judges.toy import QualityJudge, reference_renders
+from ng_jax.models.stack import build_model_stack
+from ng_jax.rewards.registry import build_rewards
+from ng_jax.rewards.verifier import VerifierReward
+from ng_jax.rl.prompts import eval_prompts
 from ng_jax.sampling import make_sampler, to_uint8
-
-REWARD_NAMES = ("verifier", "jpeg_compressibility", "jpeg_incompressibility", "remote", "clip_score", "pickscore",
-                "hpsv2")
-CLIP_REWARDS = ("clip_score", "pickscore", "hpsv2")  # real reward models from local CLIP weights (ng_jax.rewards.clip)
-
-# Extra rewards by name: name -> factory(rewards_cfg) -> Reward. Filled by `register_reward`.
-EXTRA_REWARDS: dict = {}
-
-
-def register_reward(name: str, factory) -> None:
-    """Make `rewards.weights.<name>` usable: `factory(rewards_cfg)` returns the Reward (a callable
-    `(uint8 images [B, H, W, 3], prompts) -> float32 [B]`). Built-in names cannot be replaced."""
-    if name in REWARD_NAMES:
-        raise ValueError(f"reward {name!r} is built in; register another name")
-    if not callable(factory):
-        raise ValueError(f"the factory of reward {name!r} must be callable, got {type(factory).__name__}")
-    EXTRA_REWARDS[name] = factory
-
-
-def make_reward(name: str, cfg=None):
-    """One reward model by name (see REWARD_NAMES and `register_reward`)."""
-    if name in EXTRA_REWARDS:
-        return EXTRA_REWARDS[name](cfg)
-    if name == "verifier":
-        from ng_jax.rewards.verifier import VerifierReward
-
-        return VerifierReward()
-    if name == "jpeg_compressibility":
-        from ng_jax.rewards.jpeg import JpegCompressibility
-
-        return JpegCompressibility()
-    if name == "jpeg_incompressibility":
-        from ng_jax.rewards.jpeg import JpegIncompressibility
-
-        return JpegIncompressibility()
-    if name in CLIP_REWARDS:
-        from ng_jax.rewards.clip import ClipScore, HPSv2, PickScore
-
-        if cfg is None or not cfg.get(f"{name}_dir"):
-            raise ValueError(f"reward {name!r} needs rewards.{name}_dir (a local CLIPModel directory)")
-        kw = dict(backend=cfg.get("clip_backend", "auto"), device=cfg.get("clip_device", "cpu"))
-        if name == "pickscore" and cfg.get("pickscore_tokenizer_dir"):
-            kw["tokenizer_dir"] = cfg.pickscore_tokenizer_dir
-        return {"clip_score": ClipScore, "pickscore": PickScore, "hpsv2": HPSv2}[name](cfg[f"{name}_dir"], **kw)
-    if name == "remote":
-        from ng_jax.rewards.remote import RemoteReward
-
-        if cfg is None or not cfg.get("remote_url"):
-            raise ValueError("reward 'remote' needs rewards.remote_url")
-        return RemoteReward(cfg.remote_url, name="remote", timeout_s=float(cfg.get("timeout_s") or 60))
-    raise ValueError(f"unknown reward {name!r}; expected one of {REWARD_NAMES + tuple(EXTRA_REWARDS)}")
-
-
-def build_rewards(rewards_cfg):
-    """WeightedRewards from `rewards.weights` (name -> weight), `timeout_s`, `retries`."""
-    from ng_jax.rewards.host import WeightedRewards
-
-    weights = {str(k): float(v) for k, v in rewards_cfg.weights.items()}
-    if not weights:
-        raise ValueError("rewards.weights is empty: configure at least one reward")
-    rewards = {name: make_reward(name, rewards_cfg) for name in weights}
-    return WeightedRewards(rewards, weights, timeout_s=rewards_cfg.get("timeout_s") or None,
-                           retries=int(rewards_cfg.get("retries", 0)))
-
-
-def eval_prompts(eval_cfg, shapes_grammar: bool = True) -> list[str]:
-    """`eval.prompt_file` (free-form prompts unless `shapes_grammar`), else the TFDS split; first num_prompts."""
-    from ng_jax.data.sources import as_text, read_prompt_file
-    from ng_jax.data.tfds_shapes import load_prompts
-
-    if eval_cfg.get("prompt_file"):
-        prompts = read_prompt_file(eval_cfg.prompt_file, shapes_grammar=shapes_grammar)
-    else:
-        source = load_prompts(eval_cfg.data_dir, eval_cfg.get("split", "eval"))
-        prompts = [as_text(source[i]["prompt"]) for i in range(len(source))]
-    n = int(eval_cfg.get("num_prompts", 0) or 0)
-    return prompts[:n] if n else prompts
 
 
 def _category(prompt: str) -> str:
     """The shapes-world category of a prompt; free-form prompts (real models) are "other"."""
-    from ng_jax.data.prompts import category_of
-    from ng_jax.data.world import PromptError
-
     try:
         return category_of(prompt)
-    except PromptError:
+    except world.PromptError:
         return "other"
 
 
@@ -126,8 +53,6 @@ class Evaluator:
     def __init__(self, eval_cfg, stack, mesh, *, weighted, policy_params, workdir: str | None,
                  prompts: list[str] | None = None, policy_is_ref: bool = False,
                  rules=sharding.LOGICAL_RULES):
-        from ng_jax.judges.toy import QualityJudge, reference_renders
-
         model, ref_params = stack.model, stack.ref
         self.cfg, self.model, self.mesh, self.stack = eval_cfg, model, mesh, stack
         self.weighted, self.policy_params, self.ref = weighted, policy_params, ref_params
@@ -199,8 +124,6 @@ class Evaluator:
         verifier = self.weighted.rewards.get("verifier") if hasattr(self.weighted, "rewards") else None
         if verifier is None and self.cfg.get("accuracy", True):
             if self._verifier is None:  # loaded once, on the first evaluation that needs it
-                from ng_jax.rewards.verifier import VerifierReward
-
                 self._verifier = VerifierReward()
             verifier = self._verifier
         detections = None
@@ -232,8 +155,6 @@ def constraint_failures(prompts, detections) -> dict[str, dict[str, float]]:
     """Per prompt category, the fraction of samples failing each atomic constraint of their prompt
     (`world.constraint_scores`: g{i}_count is the shape, g{i}_color / g{i}_size the attributes,
     relation, no_extra_objects) on the verifier's detected objects: what an accuracy table hides."""
-    from ng_jax.data import world
-
     fails: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
     seen: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
     for prompt, objects in zip(prompts, detections):
@@ -247,8 +168,6 @@ def constraint_failures(prompts, detections) -> dict[str, dict[str, float]]:
 def run(config, workdir: str) -> int:
     """The `evaluate` job: score a bundle (or, with a `model` block, a real model's reference weights)
     on fixed prompts, print a per-category accuracy table."""
-    from ng_jax.models.stack import build_model_stack
-
     mesh = sharding.make_mesh(config.mesh.shape)
     layout, ref_layout = sharding.layouts(config.mesh)
     # The toy reference stays on the host, as this job always had it; real weights are placed by the rules.

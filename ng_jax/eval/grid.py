@@ -18,7 +18,12 @@ import time
 
 import ml_collections as mlc
 
+from ng_jax.config.checks import ConfigError, check_config
 from ng_jax.config.methods import load_config_file
+from ng_jax.eval import analyze, report
+from ng_jax.models.bundle import bundle_fingerprint
+from ng_jax.rewards.registry import REWARD_NAMES
+from ng_jax.rl import loop
 
 
 def _apply(config: mlc.ConfigDict, overrides: mlc.ConfigDict, prefix: str = "") -> None:
@@ -39,9 +44,6 @@ def run_name(method: str, normguard: bool, reward: str, seed: int) -> str:
 
 def run_configs(config) -> dict[str, mlc.ConfigDict]:
     """name -> the RL config of every run of the grid (validated, so a typo fails before any training)."""
-    from ng_jax.config.checks import check_config
-    from ng_jax.eval.evaluate import REWARD_NAMES
-
     g = config.grid
     out = {}
     for method in g.methods:
@@ -64,7 +66,6 @@ def run_configs(config) -> dict[str, mlc.ConfigDict]:
 
 
 RUN_CONFIG = "grid_run_config.json"
-RUN_COMMIT = "grid_run_commit.txt"
 RUN_REFERENCE = "grid_run_reference.txt"  # params sha256 of the reference bundle the run started from
 
 
@@ -79,8 +80,6 @@ def _flatten(tree, prefix=""):
 def _check_recorded_config(c: mlc.ConfigDict, run_dir: str, reference_sha: str) -> None:
     """A run directory is reused or resumed only by the config and the reference weights that started it:
     a grid whose settings or reference changed since must not silently mix old runs into its report."""
-    from ng_jax.config.checks import ConfigError
-
     path = os.path.join(run_dir, RUN_CONFIG)
     if not os.path.isdir(run_dir) or not os.listdir(run_dir):
         return
@@ -121,11 +120,6 @@ def analysis_config(config, checkpoints: list[str], runs: list[str]) -> mlc.Conf
 
 
 def run(config, workdir: str) -> int:
-    from ng_jax.eval import analyze
-    from ng_jax.eval import report
-    from ng_jax.rl import loop
-    from ng_jax.config.checks import ConfigError
-    from ng_jax.models.bundle import bundle_fingerprint
 
     t_start = time.time()
     try:
@@ -146,7 +140,7 @@ def run(config, workdir: str) -> int:
         os.makedirs(run_dir, exist_ok=True)
         with open(os.path.join(run_dir, RUN_CONFIG), "w") as f:
             f.write(c.to_json_best_effort(indent=1, sort_keys=True))
-        with open(os.path.join(run_dir, RUN_COMMIT), "w") as f:
+        with open(os.path.join(run_dir, report.RUN_COMMIT), "w") as f:
             f.write(started_at + "\n")  # the code that trains it (the report lists these)
         with open(os.path.join(run_dir, RUN_REFERENCE), "w") as f:
             f.write(reference_sha + "\n")

@@ -30,6 +30,9 @@ def _read(path):
         return json.load(f)
 
 
+RUN_COMMIT = "grid_run_commit.txt"  # in each grid run directory: the code commit that trained it
+
+
 def commit() -> str:
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
@@ -43,8 +46,6 @@ def commit() -> str:
 
 
 def _run_commits(workdir: str, runs) -> list[str]:
-    from ng_jax.eval.grid import RUN_COMMIT
-
     found = set()
     for n in runs:
         path = os.path.join(workdir, n, RUN_COMMIT)

@@ -13,12 +13,14 @@ Reference ("real") images are renders of the same prompts by the shapes world.
 """
 from __future__ import annotations
 
-from typing import Sequence
-
 import warnings
+from typing import Sequence
 
 import numpy as np
 import scipy.linalg
+
+from ng_jax.data import world
+from ng_jax.judges.features import JudgeFeatures
 
 
 def _check_features(feats: np.ndarray, name: str, min_rows: int) -> np.ndarray:
@@ -91,8 +93,6 @@ def knn_precision_recall(real_feats: np.ndarray, fake_feats: np.ndarray, k: int 
 
 def reference_renders(prompts: Sequence[str], seeds: Sequence[int]) -> np.ndarray:
     """Renders of the shapes world for (prompt, seed) pairs: uint8 [N, 32, 32, 3]."""
-    from ng_jax.data import world
-
     if len(prompts) != len(seeds):
         raise ValueError(f"got {len(prompts)} prompts and {len(seeds)} seeds; expected one seed per prompt")
     if len(prompts) == 0:
@@ -103,10 +103,8 @@ def reference_renders(prompts: Sequence[str], seeds: Sequence[int]) -> np.ndarra
 class QualityJudge:
     """Frechet distance and k-NN precision/recall between generated and reference images,
     measured in the feature space of the judge network (not used by any reward)."""
-
     def __init__(self, features=None, k: int = 3):
         if features is None:
-            from ng_jax.judges.features import JudgeFeatures
 
             features = JudgeFeatures()
         self.features = features

@@ -16,6 +16,8 @@ Evaluation, which already holds uint8 images and prompt strings, calls
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import threading
 import time
 from typing import Callable, Mapping, Protocol, Sequence, runtime_checkable
@@ -25,10 +27,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
-from ng_jax.errors import UserError
+from ng_jax.errors import UserError, one_line
 
 __all__ = ["Reward", "RewardError", "WeightedRewards", "PromptTable", "check_reward_output",
-           "images_to_uint8", "make_reward_fn", "reset_callback_tokens"]
+           "images_to_uint8", "make_reward_fn", "reset_callback_tokens", "reward_failures", "quiet_reward_error_logs"]
 
 # At most this many offending indices are listed in a non-finite-values message.
 _MAX_LISTED = 10
@@ -353,3 +355,44 @@ def make_reward_fn(weighted: WeightedRewards, prompt_table: Sequence[str], mesh:
             raise stored  # keeps its own cause (the reward's exception); the jax error is its context
 
     return reward_fn
+
+
+@contextlib.contextmanager
+def reward_failures(weighted: WeightedRewards, mesh: Mesh, where: str, after: str = ""):
+    """Around a computation whose host callbacks score `weighted` (and a `block_until_ready`, so that a
+    failing callback surfaces inside): a reward failure becomes ONE `RewardError`
+    "`where`: <what the reward did>; `after`", with the callback tokens reset so the next computation
+    runs. Any other error is not a reward problem and keeps jax's own message and traceback."""
+    weighted.clear_error()
+    try:
+        yield
+    except Exception as err:
+        try:
+            reset_callback_tokens(mesh)
+        except Exception:  # noqa: BLE001 - never mask the error being reported
+            pass
+        cause = weighted.last_error
+        if cause is None and not isinstance(err, RewardError):
+            raise
+        raise RewardError(f"{where}: {one_line(cause or err)}" + (f"; {after}" if after else "")) from err
+
+
+class _DropRewardErrorLogs(logging.Filter):
+    """jax logs every failed host callback with a full traceback, once per device shard. A RewardError
+    already names the reward and the problem and is reported in one line, so those records are
+    dropped; any other callback failure (a bug) is still logged."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not isinstance(exc, RewardError)
+
+
+@contextlib.contextmanager
+def quiet_reward_error_logs():
+    """Inside: jax's per-shard tracebacks of failed reward callbacks are not logged (see above)."""
+    logger, quiet = logging.getLogger("jax._src.callback"), _DropRewardErrorLogs()
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)

@@ -38,7 +38,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ng_jax import flow, losses
+from ng_jax import flow, losses, sharding
+from ng_jax.models.nets.lora import lora_merge
+from ng_jax.models.stack import trainable_init
 from ng_jax.state import TrainState, ema_update, tree_all_finite
 
 METHODS = ("nft", "awm", "dpo")
@@ -100,7 +102,6 @@ def policy_params_fn(lora_cfg) -> Callable[[Any, Any], Any]:
     """(trainable, reference) -> full velocity-model params. LoRA: base + deltas; else trainable."""
     if lora_cfg is None or not lora_cfg.get("rank", 0):
         return lambda trainable, ref: trainable
-    from ng_jax.models.nets.lora import lora_merge
 
     rank, alpha = int(lora_cfg.rank), float(lora_cfg.alpha)
     return lambda trainable, ref: lora_merge(ref, trainable, alpha=alpha, rank=rank)
@@ -272,3 +273,73 @@ def make_ema_update():
 
 def bucket_centres() -> np.ndarray:
     return (np.arange(NUM_SIGMA_BUCKETS) + 0.5) / NUM_SIGMA_BUCKETS
+
+
+# --- the run's step, built from its config -------------------------------------------------------------
+
+def make_step_spec(config, grid: np.ndarray) -> StepSpec:
+    """The StepSpec of a run: method, batch split, timestep scheme on the rollout grid, base-loss and
+    NormGuard settings."""
+    rl, ng = config.rl, config.normguard
+    return StepSpec(
+        method=rl.method, micro_batch=int(rl.micro_batch), num_timesteps=int(rl.num_timesteps),
+        grid=tuple(float(s) for s in grid[:-1]), grid_fraction=float(rl.grid_fraction),
+        loss_kwargs=dict(config.loss.to_dict()), lam=float(ng.lam), margin=float(ng.margin),
+        power=int(ng.power), relative=bool(ng.relative), dpo_logit_mean=float(rl.dpo_logit_mean),
+        dpo_logit_std=float(rl.dpo_logit_std), dpo_shift=float(rl.dpo_shift))
+
+
+def make_init_state(config, optimizer, lora_cfg):
+    """`init_state(ref) -> TrainState` at step 0 (pure; jitted with the state's out_shardings)."""
+    def init_state(ref):
+        trainable = trainable_init(ref, lora_cfg, jax.random.key(config.seed + 1))
+        return TrainState(step=jnp.zeros((), jnp.int32), params=trainable, ema=jax.tree.map(jnp.copy, trainable),
+                          opt_state=optimizer.init(trainable), rng=jax.random.key(config.seed))
+    return init_state
+
+
+def jit_train_step(config, apply_fn, optimizer, lora_cfg, grid, mesh, state_sh, ref_sh):
+    """The run's jitted, sharded train step `(state, ref, batch) -> (state, metrics)`, state donated, with
+    the activation rules of `mesh.logical_rules` active while it traces. `ng_jax.plan` lowers this same
+    function ahead of time against abstract shapes."""
+    spec = make_step_spec(config, grid)
+    step = sharding.with_rules(make_train_step(apply_fn, optimizer, spec, lora_cfg), mesh,
+                               sharding.layouts(config.mesh)[0].logical_rules)
+    return jax.jit(step, in_shardings=(state_sh, ref_sh, sharding.batch_sharding(mesh)),
+                   out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=(0,))
+
+
+def ema_decay(config, step: int) -> float:
+    """Old/EMA decay after an epoch: min(rate * optimizer_step, max) (DiffusionNFT / AWM schedules)."""
+    return float(min(config.rl.ema.rate * step, config.rl.ema.max))
+
+
+class StepMetrics:
+    """Epoch means of the step metrics; per-sigma-bucket ratios weighted by their sample counts."""
+    def __init__(self):
+        self.sums: dict = {}
+        self.steps = 0
+
+    def add(self, m: dict) -> None:
+        counts = np.asarray(m["bucket_count"], np.float64)
+        for key, val in m.items():
+            if key in ("finite", "bucket_count"):
+                continue
+            val = np.asarray(val, np.float64)
+            if key == "norm_ratio_by_bucket":
+                val = val * counts
+            self.sums[key] = self.sums.get(key, 0.0) + val
+        self.sums["bucket_count"] = self.sums.get("bucket_count", 0.0) + counts
+        self.steps += 1
+
+    def record(self) -> dict:
+        """`{metric: epoch mean}`; per-bucket norm ratios as `norm_ratio_sigma_<centre>`."""
+        sums = dict(self.sums)
+        counts = sums.pop("bucket_count", None)
+        by_bucket = sums.pop("norm_ratio_by_bucket", None)
+        record = {key: float(v) / max(self.steps, 1) for key, v in sums.items()}
+        if by_bucket is not None:
+            for c, total, n in zip(bucket_centres(), by_bucket, counts):
+                if n > 0:
+                    record[f"norm_ratio_sigma_{c:.1f}"] = float(total / n)
+        return record

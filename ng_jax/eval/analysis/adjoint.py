@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ng_jax.rewards.verifier import encode_prompts, soft_alignment
+
 _TINY = 1e-12
 
 
@@ -38,8 +40,6 @@ def reward_jacobian(sample_fn: Callable, reward_fn: Callable, params, noise, con
 
 def verifier_reward_fn(verifier_params, prompts) -> Callable:
     """The differentiable verifier on images in [-1, 1] (clipped, as the judged uint8 image is)."""
-    from ng_jax.rewards.verifier import encode_prompts, soft_alignment
-
     targets = encode_prompts(list(prompts))
     return lambda x0: soft_alignment(verifier_params, jnp.clip(x0, -1.0, 1.0), targets)
 

@@ -1,0 +1,51 @@
+"""What a finished RL run leaves behind: the final policy and `summary.json`.
+
+Toy world: the policy as a self-contained model bundle (LoRA merged) in `WORKDIR/policy/`, which the
+analyses and the evaluate job read. Real models: the trainable tree (LoRA adapters or full float32
+weights) saved with orbax in `WORKDIR/policy_params/` with `policy_params.json` saying how to use it;
+the base weights stay in `model.weights_dir` (a merged SD3.5 / FLUX copy would duplicate them).
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+
+from ng_jax import logs, sharding
+from ng_jax.checkpoint import export_params
+from ng_jax.eval.analysis.checkpoints import POLICY_DIR
+from ng_jax.models.bundle import ModelBundle, save_bundle
+
+POLICY_PARAMS_DIR = "policy_params"  # real models: the trainable tree (orbax) + policy_params.json
+
+
+def export_run(config, workdir: str, stack, state, policy_params, meta) -> dict:
+    """Writes the final policy and `summary.json` (evaluation before and after, history); returns the
+    summary. Every process must call it (the real-model export is a collective save)."""
+    is_main = jax.process_index() == 0
+    summary = {"config": config.name, "method": config.rl.method, "normguard": config.normguard.to_dict(),
+               "rewards": {str(k): float(v) for k, v in config.rewards.weights.items()}, "seed": int(config.seed),
+               "epochs": int(config.rl.epochs), "eval_initial": meta.eval_initial, "eval": meta.eval_last,
+               "history": meta.evals}
+    if stack.is_toy:
+        bundle = stack.bundle
+        policy = sharding.tree_to_host(jax.jit(policy_params)(state.params, stack.ref))
+        if is_main:
+            save_bundle(os.path.join(workdir, POLICY_DIR),
+                        ModelBundle(model_cfg=bundle.model_cfg, text_cfg=bundle.text_cfg, sampling=bundle.sampling,
+                                    params={"text": bundle.params["text"], "velocity": policy},
+                                    info={"rl_config": config.name, "epochs": int(config.rl.epochs),
+                                          "reference": config.reference or "shipped",
+                                          "optimizer_steps": int(state.step)}))
+    else:
+        lora = config.lora.to_dict() if config.lora.rank else None
+        summary["policy_export"] = export_params(os.path.join(workdir, POLICY_PARAMS_DIR), state.params, {
+            "rl_config": config.name, "family": stack.family, "model": config.model.to_dict(),
+            "trainable": "lora_adapters" if lora else "full_weights_float32", "lora": lora,
+            "optimizer_steps": int(state.step), "use": "policy = lora_merge(base from model.weights_dir, "
+            "adapters, alpha, rank) (ng_jax.models.nets.lora); full weights replace the base"})
+    if is_main:
+        logs.write_json(os.path.join(workdir, "summary.json"), summary)
+        print(f"summary: {os.path.join(workdir, 'summary.json')}")
+    return summary
