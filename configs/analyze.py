@@ -32,6 +32,7 @@ def get_config(arg=None):
     c.analysis.runs = ""          # comma-separated RL workdirs (summary.json) for the matched-reward control
     c.analysis.few_steps = (4, 6, 10, 20, 40)  # Euler step counts of the few-step evaluation
     c.analysis.cfg_rescale_phi = 0.7           # the CFG-rescale variant of the renorm analysis
+    c.analysis.guided_cfg_scale = 4.5          # the guided evaluations of the renorm analysis (SD3's default CFG)
     c.analysis.adjoint_prompts = 8             # eval prompts used by the adjoint analysis
     c.analysis.adjoint_samples = 2             # samples per prompt there (one reverse pass each)
     c.analysis.adjoint_steps = 0               # sampler steps there (0 = eval.num_steps)

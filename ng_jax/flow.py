@@ -59,10 +59,33 @@ def _at_least_f32(x: jax.Array) -> jax.Array:
     return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
-def per_sample_norm(x: jax.Array) -> jax.Array:
-    """L2 norm over every non-batch dimension, [B] (float32 at least)."""
+# Guards the division by ||v_ref|| in the norm ratio and the relative NormGuard penalty when a
+# reference velocity is (numerically) zero.
+NORM_EPS = 1e-8
+
+
+def per_sample_sq_norm(x: jax.Array) -> jax.Array:
+    """Squared L2 norm over every non-batch dimension, [B] (float32 at least)."""
     x = _at_least_f32(jnp.asarray(x))
-    return jnp.sqrt(jnp.sum(jnp.square(x), axis=_reduce_axes(x)))
+    return jnp.sum(jnp.square(x), axis=_reduce_axes(x))
+
+
+def per_sample_norm(x: jax.Array) -> jax.Array:
+    """Zero-safe L2 norm over every non-batch dimension: [B, ...] -> [B] (float32 at least).
+
+    The ONE norm of the project: training (the NormGuard hinge, the train-time norm ratio) and
+    evaluation (the norm ratio along sampling trajectories) both use it. `sqrt` has an infinite
+    derivative at 0, so `grad ||x||` at `x == 0` would be NaN; here the square root only ever sees
+    positive inputs and the gradient at `x == 0` is exactly 0.
+    """
+    sq = per_sample_sq_norm(x)
+    positive = sq > 0
+    return jnp.where(positive, jnp.sqrt(jnp.where(positive, sq, 1.0)), 0.0)
+
+
+def norm_ratio(norm, norm_ref):
+    """`||v|| / max(||v_ref||, NORM_EPS)` from per-sample norms (the paper's headline measurement)."""
+    return norm / jnp.maximum(norm_ref, NORM_EPS)
 
 
 def per_sample_mean(x: jax.Array) -> jax.Array:

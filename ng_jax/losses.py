@@ -21,9 +21,8 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
-# Guards the division by ||v_ref|| in the relative NormGuard penalty (and the norm-ratio
-# diagnostic) when a reference velocity is (numerically) zero.
-NORM_EPS = 1e-8
+from ng_jax.flow import NORM_EPS, norm_ratio, per_sample_norm, per_sample_sq_norm  # noqa: F401 (re-exported)
+
 # DiffusionNFT's lower bound on the adaptive x0-space weight mean(|e|).
 NFT_WEIGHT_FLOOR = 1e-5
 # AWM's generalised-Huber offset inside (mse + delta) ** p.
@@ -69,23 +68,6 @@ def _expand_to(x: jax.Array, ndim: int) -> jax.Array:
 def per_sample_mean(x: jax.Array) -> jax.Array:
     """Mean over every non-batch dimension: [B, ...] -> [B]."""
     return jnp.mean(x, axis=tuple(range(1, x.ndim)))
-
-
-def per_sample_sq_norm(x: jax.Array) -> jax.Array:
-    """Squared L2 norm over every non-batch dimension, in float32 or wider: [B, ...] -> [B]."""
-    x = x.astype(_compute_dtype(x))
-    return jnp.sum(jnp.square(x), axis=tuple(range(1, x.ndim)))
-
-
-def per_sample_norm(x: jax.Array) -> jax.Array:
-    """Zero-safe L2 norm over every non-batch dimension: [B, ...] -> [B].
-
-    `sqrt` has an infinite derivative at 0, so `grad ||x||` at `x == 0` would be NaN; here the
-    square root only ever sees positive inputs and the gradient at `x == 0` is exactly 0.
-    """
-    sq = per_sample_sq_norm(x)
-    positive = sq > 0
-    return jnp.where(positive, jnp.sqrt(jnp.where(positive, sq, 1.0)), 0.0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -191,7 +173,7 @@ def with_normguard(loss: jax.Array, v_list: Sequence[jax.Array], v_ref_list: Seq
         norm = per_sample_norm(v)
         norm_ref = per_sample_norm(jax.lax.stop_gradient(v_ref))
         active.append(norm > (1.0 + margin) * norm_ref)
-        ratios.append(norm / jnp.maximum(norm_ref, NORM_EPS))
+        ratios.append(norm_ratio(norm, norm_ref))
     penalty = jnp.mean(jnp.concatenate(penalties))
     aux = {
         "normguard_penalty": penalty,

@@ -41,6 +41,7 @@ def get_config(arg=None):
     c.analysis.samples_per_prompt = 4
     c.analysis.few_steps = (4, 6, 10, 20, 40)
     c.analysis.cfg_rescale_phi = 0.7
+    c.analysis.guided_cfg_scale = 4.5
     c.analysis.adjoint_prompts = 8
     c.analysis.adjoint_samples = 2
 

@@ -58,6 +58,17 @@ def _get(config, dotted: str):
 _MISSING = object()
 
 
+def _cross_field_problems(config) -> list[str]:
+    """Settings that are each valid but cannot work together."""
+    out = []
+    for block in ("eval", "sample"):
+        rescale, scale = _get(config, f"{block}.cfg_rescale"), _get(config, f"{block}.cfg_scale")
+        if rescale is not _MISSING and scale is not _MISSING and rescale and float(scale) == 1.0:
+            out.append(f"{block}.cfg_rescale={rescale} acts only on a guided velocity, but {block}.cfg_scale=1 "
+                       f"(CFG-free); set {block}.cfg_scale (e.g. 4.5) or {block}.cfg_rescale=0")
+    return out
+
+
 def check_config(config) -> None:
     """Raise ValueError naming the first bad setting."""
     for key, ok, expected in RULES:
@@ -69,6 +80,8 @@ def check_config(config) -> None:
     mesh = _get(config, "mesh.shape")
     if mesh is not _MISSING and len(tuple(mesh)) != 3:
         raise ValueError(f"mesh.shape={tuple(mesh)!r}: expected 3 entries (data, fsdp, tensor)")
+    for problem in _cross_field_problems(config):
+        raise ValueError(problem)
     _check_real_model(config)
     _check_clip_reward_dirs(config)
 

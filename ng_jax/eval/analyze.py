@@ -108,8 +108,13 @@ def analyze_norms(ctx: Context) -> dict:
 
 def analyze_renorm(ctx: Context) -> dict:
 
-    phi = float(ctx.a.cfg_rescale_phi)
-    variants = {"plain": {}, "renorm": {"renorm": True}, f"cfg_rescale_{phi:g}": {"cfg_rescale": phi}}
+    # CFG-free (what the RL objective trains) and guided (where CFG-rescale acts at all; it is a no-op
+    # without guidance, so it is evaluated only there)
+    phi, w = float(ctx.a.cfg_rescale_phi), float(ctx.a.guided_cfg_scale)
+    guided = f"_cfg{w:g}"
+    variants = {"plain": {}, "renorm": {"renorm": True}, f"plain{guided}": {"cfg_scale": w},
+                f"renorm{guided}": {"cfg_scale": w, "renorm": True},
+                f"cfg_rescale_{phi:g}{guided}": {"cfg_scale": w, "cfg_rescale": phi}}
     out = {label: {name: _quality(ctx.evaluate(label, f"renorm_{name}", **ov)) for name, ov in variants.items()}
            for label in ctx.checkpoints}
     plots.grouped_bars(os.path.join(ctx.out, "renorm.png"), out, ("reward", "fd", "precision"),

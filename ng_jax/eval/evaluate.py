@@ -15,7 +15,8 @@ from collections import Counter, defaultdict
 import jax
 import numpy as np
 
-from ng_jax import logs, sharding
+from ng_jax import flow, logs, sharding
+from ng_jax.config.checks import ConfigError
 from ng_jax.data import world
 from ng_jax.data.prompts import category_of
 from ng_jax.judges.toy import QualityJudge, reference_renders
@@ -64,6 +65,9 @@ class Evaluator:
         base = list(prompts) if prompts is not None else eval_prompts(eval_cfg, shapes_grammar=stack.is_toy)
         self.prompts = repeat_prompts(base, k, int(eval_cfg.get("min_samples_per_category", 0) or 0))
         self.categories = [_category(p) for p in self.prompts]
+        if float(eval_cfg.get("cfg_rescale", 0.0)) and float(eval_cfg.cfg_scale) == 1.0:
+            raise ConfigError(f"eval.cfg_rescale={eval_cfg.cfg_rescale} acts only on a guided velocity, but "
+                              "eval.cfg_scale=1 (CFG-free); set eval.cfg_scale (e.g. 4.5) or eval.cfg_rescale=0")
         self.batch = int(eval_cfg.batch_size)
         multiple = sharding.batch_size_multiple(mesh)
         if self.batch % multiple:
@@ -114,7 +118,7 @@ class Evaluator:
     def __call__(self, trainable, *, tag: str, step: int) -> dict:
         images, norm_p, norm_r, sigmas = self.sample(trainable)
         total, parts = self.weighted.score_host(images, self.prompts)
-        ratio = norm_p / np.maximum(norm_r, 1e-12)  # [N_steps, n]
+        ratio = np.asarray(flow.norm_ratio(norm_p, norm_r))  # [N_steps, n], as the train step's
         result = {"step": int(step), "reward": float(np.mean(total)),
                   "norm_ratio": float(ratio.mean()),
                   "norm_ratio_by_sigma": [[float(s), float(r)] for s, r in zip(sigmas[:-1], ratio.mean(1))],

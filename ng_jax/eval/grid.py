@@ -111,7 +111,7 @@ def analysis_config(config, checkpoints: list[str], runs: list[str]) -> mlc.Conf
     a.eval = copy.deepcopy(first.eval)
     a.eval.cfg_rescale = 0.0
     a.eval.samples_per_prompt = int(config.analysis.samples_per_prompt)
-    for key in ("few_steps", "cfg_rescale_phi", "adjoint_prompts", "adjoint_samples"):
+    for key in ("few_steps", "cfg_rescale_phi", "guided_cfg_scale", "adjoint_prompts", "adjoint_samples"):
         a.analysis[key] = config.analysis[key]
     a.analysis.name = "all"
     a.analysis.checkpoints = ",".join(checkpoints)

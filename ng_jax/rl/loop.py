@@ -197,9 +197,13 @@ def run(config, workdir: str) -> int:
                             f"applied; {_last_good(ckpt)}")
                     metrics.add(m)
                 state = ema_fn(state, jnp.float32(ema_decay(config, int(state.step))))
+                if metrics.steps == 0:  # e.g. DPO when every group's rewards tie
+                    say(f"warning: epoch {done} took no optimizer step (rl.method={rl.method}, "
+                        f"rewards {'all tie within every group' if rl.method == 'dpo' else 'gave no full batch'})")
                 record = metrics.record()
                 record.update(reward=float(rewards.mean()), reward_std=float(rewards.std()), epoch=done,
-                              rollout_s=t_roll, epoch_s=time.time() - t0, optimizer_steps=int(state.step))
+                              rollout_s=t_roll, epoch_s=time.time() - t0, optimizer_steps=int(state.step),
+                              epoch_optimizer_steps=metrics.steps)
                 record.update({f"reward/{name}": float(parts[:, i].mean()) for i, name in enumerate(weighted.names)})
                 writer.write(done, record, prefix="train/")
                 bar.update(1)

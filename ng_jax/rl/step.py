@@ -149,7 +149,7 @@ def _bucket_stats(sigma, ratio):
 def _norm_ratio(v, v_ref):
     """Per-sample `||v|| / ||v_ref||` (diagnostic; the same guard as losses.with_normguard)."""
     v, v_ref = jax.lax.stop_gradient(v), jax.lax.stop_gradient(v_ref)
-    return losses.per_sample_norm(v) / jnp.maximum(losses.per_sample_norm(v_ref), losses.NORM_EPS)
+    return flow.norm_ratio(flow.per_sample_norm(v), flow.per_sample_norm(v_ref))
 
 
 def make_micro_grad(apply_fn, spec: StepSpec, policy_params: Callable):
