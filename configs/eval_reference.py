@@ -19,6 +19,7 @@ def get_config(arg=None):
     c.seed = 0
     c.workdir = "workdirs/eval_reference"
     c.reference = ""
+    c.render = rl.render            # "clip" or "soft" (ng_jax/data/render.py)
     c.mesh = blocks.mesh_config()
     c.rewards = rl.rewards
     c.eval = rl.eval

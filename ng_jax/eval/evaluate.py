@@ -19,6 +19,7 @@ from ng_jax import flow, logs, sharding
 from ng_jax.config.checks import ConfigError
 from ng_jax.data import world
 from ng_jax.data.prompts import category_of
+from ng_jax.data.render import with_render
 from ng_jax.judges.toy import QualityJudge, reference_renders
 from ng_jax.models.stack import build_model_stack
 from ng_jax.rewards.registry import build_rewards
@@ -175,7 +176,7 @@ def run(config, workdir: str) -> int:
     mesh = sharding.make_mesh(config.mesh.shape)
     layout, ref_layout = sharding.layouts(config.mesh)
     # The toy reference stays on the host, as this job always had it; real weights are placed by the rules.
-    stack = build_model_stack(config, None if "model" not in config else mesh, ref_layout)
+    stack = with_render(build_model_stack(config, None if "model" not in config else mesh, ref_layout), config.render)
     evaluator = Evaluator(config.eval, stack, mesh, weighted=build_rewards(config.rewards),
                           policy_params=lambda p, r: p, workdir=workdir, policy_is_ref=True,
                           rules=layout.logical_rules)
