@@ -202,6 +202,11 @@ def eval_config(*, every: int, num_prompts: int, samples_per_prompt: int, batch_
     c.quality = quality          # FD and k-NN precision/recall against real renders (the shapes world's judges)
     c.accuracy = quality         # verifier accuracy per prompt category (the shapes world's verifier)
     c.grid_size = grid_size      # images in WORKDIR/samples/<tag>.png
+    # RL runs: samples per prompt of the evaluations before training and after the last epoch (0 = as
+    # samples_per_prompt), and evaluation variants run beside each evaluation on the same prompts and noise:
+    # name -> overrides of this block, e.g. {"guided": {"cfg_scale": 4.5}, "steps4": {"num_steps": 4}}
+    c.final_samples_per_prompt = 0
+    c.variants = mlc.ConfigDict()
     return c
 
 
@@ -218,6 +223,7 @@ def real_model_config(family: str) -> mlc.ConfigDict:
     c.param_dtype = "bfloat16"  # the frozen base / reference weights; trainable params are always float32
     c.remat = True              # rematerialise transformer blocks in the backward pass
     c.scan_blocks = True        # one scanned module per run of identical blocks (faster compiles)
+    c.attention = "auto"        # auto: cuDNN flash (GPU), splash (TPU), reference (CPU); or xla/cudnn/splash/reference
     if flux:
         c.guidance = 3.5        # FLUX.1-dev's distilled guidance (guidance embedding), FluxPipeline's default
     c.text = mlc.ConfigDict()

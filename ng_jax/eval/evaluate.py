@@ -9,6 +9,7 @@ Also the `evaluate` job, which scores a model bundle (default: the shipped refer
 
 from __future__ import annotations
 
+import copy
 import os
 from collections import Counter, defaultdict
 
@@ -153,6 +154,44 @@ class Evaluator:
             logs.save_grid(os.path.join(self.workdir, "samples", f"{tag}.png"), images[:show],
                                 labels=self.prompts[:show], cols=8, scale=scale)
         self.last, self.last_images, self.last_detections = result, images, detections
+        return result
+
+
+class RunEvaluation:
+    """The evaluations of an RL run, as one callable `(params, tag=, step=, final=) -> result dict`.
+
+    The configured evaluation (`eval.*`) runs every `eval.every` epochs; the `final=True` ones (before
+    training and after the last epoch) use `eval.final_samples_per_prompt` samples per prompt instead
+    when it is set (> 0), so that the numbers a run is judged by rest on more images. Each evaluation
+    also runs the variants of `eval.variants` (name -> overrides of the eval block, e.g.
+    `{"guided": {"cfg_scale": 4.5}, "steps4": {"num_steps": 4}}`) on the same prompts and noise; their
+    results come back under `variants`, and their numbers flattened as `<name>/<key>` for the logs.
+    Evaluators are built on first use and reused."""
+
+    def __init__(self, eval_cfg, stack, mesh, **evaluator_kwargs):
+        self.cfg, self.stack, self.mesh, self.kwargs = eval_cfg, stack, mesh, evaluator_kwargs
+        self._evaluators: dict = {}
+
+    def evaluator(self, final: bool, variant: str = "") -> Evaluator:
+        n_final = int(self.cfg.final_samples_per_prompt)
+        key = (final and n_final > 0, variant)
+        if key not in self._evaluators:
+            cfg = copy.deepcopy(self.cfg)
+            if key[0]:
+                cfg.samples_per_prompt = n_final
+            for k, v in (self.cfg.variants[variant].items() if variant else ()):
+                cfg[k] = v
+            self._evaluators[key] = Evaluator(cfg, self.stack, self.mesh, **self.kwargs)
+        return self._evaluators[key]
+
+    def __call__(self, params, *, tag: str, step: int, final: bool = False) -> dict:
+        result = self.evaluator(final)(params, tag=tag, step=step)
+        if self.cfg.variants:
+            result["variants"] = {}
+            for name in self.cfg.variants:
+                r = self.evaluator(final, name)(params, tag=f"{tag}_{name}", step=step)
+                result["variants"][name] = r
+                result.update({f"{name}/{k}": v for k, v in logs.scalars(r).items() if k != "step"})
         return result
 
 

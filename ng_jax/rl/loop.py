@@ -45,7 +45,7 @@ from ng_jax.config.checks import ConfigError
 from ng_jax.data.render import with_render
 from ng_jax.data.sources import PromptStream
 from ng_jax.errors import TrainingError, one_line
-from ng_jax.eval.evaluate import Evaluator
+from ng_jax.eval.evaluate import RunEvaluation
 from ng_jax.models.stack import build_model_stack
 from ng_jax.rewards.host import quiet_reward_error_logs, reward_failures
 from ng_jax.rewards.registry import build_rewards
@@ -148,8 +148,8 @@ def run(config, workdir: str) -> int:
     is_main = jax.process_index() == 0
     try:
         state, meta = _restore_or_init(ckpt, init_state, state_abstract, state_sh, stack, stream, rl.method, workdir)
-        evaluator = Evaluator(config.eval, stack, mesh, weighted=weighted, policy_params=policy_params,
-                              workdir=workdir, prompts=eval_base, rules=layout.logical_rules)
+        evaluator = RunEvaluation(config.eval, stack, mesh, weighted=weighted, policy_params=policy_params,
+                                  workdir=workdir, prompts=eval_base, rules=layout.logical_rules)
         uncond = jax.device_put(stack.uncond(chunk), batch_sh)
     except BaseException:
         ckpt.close()
@@ -162,7 +162,7 @@ def run(config, workdir: str) -> int:
 
     def evaluate(params, tag: str, step: int) -> dict:
         with reward_failures(weighted, mesh, f"evaluation ({tag})", _last_good(ckpt)):
-            result = evaluator(params, tag=tag, step=step)
+            result = evaluator(params, tag=tag, step=step, final=step in (0, epochs))
         writer.write(step, logs.scalars(result), prefix="eval/")
         say(logs.eval_line(f"epoch {step}" if step else tag, result))
         return result
