@@ -1,5 +1,7 @@
-"""Shared test setup: 8 fake CPU devices for sharding tests, deterministic host RNG."""
+"""Shared test setup: 8 fake CPU devices for sharding tests, deterministic host RNG, and the tiny
+pretrained reference bundle (built once per test session, shared by the xdist workers)."""
 import os
+import sys
 
 # Must be set before jax is imported anywhere in the test session.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -9,7 +11,16 @@ if "xla_force_host_platform_device_count" not in _flags:
 # XLA's C++ warnings (e.g. SPMD rematerialisation notes on tiny sharded test shapes) flood the log.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+# Test files still directly in tests/ import their sibling test files as top-level modules
+# (`import test_parity_vae`); keep tests/ importable for them until they import from tests.fixtures.
+_TESTS = os.path.dirname(os.path.abspath(__file__))
+if _TESTS not in sys.path:
+    sys.path.append(_TESTS)
+
+import dataclasses  # noqa: E402
+
 import pytest  # noqa: E402
+from filelock import FileLock  # noqa: E402
 
 
 @pytest.fixture
@@ -17,3 +28,27 @@ def np_rng():
     import numpy as np
 
     return np.random.default_rng(0)
+
+
+@dataclasses.dataclass(frozen=True)
+class TinyReference:
+    bundle: str   # the bundle directory (read only: copy it to change it)
+    prompts: str  # a prompt file of tests.fixtures.PROMPTS
+
+
+@pytest.fixture(scope="session")
+def tiny_reference(tmp_path_factory) -> TinyReference:
+    """tests.fixtures.build_tiny_bundle, pretrained once per test session: under xdist in the session's
+    shared temporary directory, the first worker that needs it builds it while the others wait."""
+    from tests.fixtures import build_tiny_bundle, write_prompt_file
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # one directory per session, shared by its workers
+    root = root / "tiny_reference"
+    with FileLock(str(root) + ".lock"):
+        if not (root / "bundle" / "params.msgpack").is_file():
+            root.mkdir(exist_ok=True)
+            write_prompt_file(str(root))
+            os.replace(build_tiny_bundle(str(root / "bundle.partial")), root / "bundle")
+    return TinyReference(bundle=str(root / "bundle"), prompts=str(root / "prompts.txt"))

@@ -1,4 +1,8 @@
-"""The entry point reports config problems in one line (exit status 2), never a traceback."""
+"""The entry point reports config problems in one line (exit status 2) and bad prompt files in one line
+(exit status 1), never a traceback."""
+import os
+import re
+
 import pytest
 
 from ng_jax.main import main
@@ -58,3 +62,21 @@ def test_toy_rl_configs_pass_the_batch_checks(name):
     from ng_jax.rl.loop import check_rl_config
 
     check_rl_config(grid.load_config_file(f"{name}.py"), 1)
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, r"data.prompt_file='.*missing.txt': prompt file '.*missing.txt' does not exist"),
+    ("# only a comment\n\n", r"holds no prompts"),
+    ("a red circle\na purple elephant\n", r"bad.txt:2"),
+])
+def test_bad_prompt_file_is_one_line_exit_1(tmp_path, capsys, content, message):
+    path = tmp_path / ("missing.txt" if content is None else "bad.txt")
+    if content is not None:
+        path.write_text(content)
+    code = main(["ng_jax.main", "--config=configs/awm.py", f"--workdir={tmp_path / 'wd'}",
+                 f"--config.data.prompt_file={path}"])
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1, err
+    assert re.search(message, err), err
+    assert not os.path.exists(tmp_path / "wd" / "checkpoints")

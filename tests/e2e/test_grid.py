@@ -1,4 +1,5 @@
-"""The reproduction grid end to end at a tiny size: runs, analyses, the report, and reuse."""
+"""The reproduction grid end to end at a tiny size: runs, analyses, the report, and reuse (the grid's config
+errors: tests/unit/test_grid_report.py)."""
 
 from __future__ import annotations
 
@@ -9,10 +10,10 @@ import ml_collections as mlc
 import numpy as np
 import pytest
 
-import rl_fixtures
+from ng_jax.config.checks import ConfigError
 from ng_jax.eval import grid
 from ng_jax.eval import report
-from ng_jax.config.checks import ConfigError
+from tests.fixtures import tiny_rl_config
 
 pytestmark = pytest.mark.slow
 
@@ -25,7 +26,7 @@ def _tiny_grid(root, bundle, prompts):
     c.grid.rewards = ("jpeg_incompressibility",)
     c.grid.seeds = (0,)
     c.grid.analysis_reward = "jpeg_incompressibility"
-    tiny = rl_fixtures.tiny_rl_config(bundle, prompts, epochs=2)
+    tiny = tiny_rl_config(bundle, prompts, epochs=2)
     c.overrides = mlc.ConfigDict({
         "data": {"prompt_file": prompts},
         "rl": {k: tiny.rl[k] for k in ("epochs", "prompts_per_epoch", "group_size", "train_batch", "micro_batch",
@@ -43,10 +44,9 @@ def _tiny_grid(root, bundle, prompts):
     return c
 
 
-def test_tiny_grid_runs_analyses_reports_and_reuses(tmp_path, capsys):
-    bundle = rl_fixtures.build_tiny_bundle(str(tmp_path / "bundle"), steps=150)
-    prompts = rl_fixtures.write_prompt_file(str(tmp_path))
-    config = _tiny_grid(tmp_path, bundle, prompts)
+def test_tiny_grid_runs_analyses_reports_and_reuses(tmp_path, capsys, tiny_reference):
+    bundle = tiny_reference.bundle
+    config = _tiny_grid(tmp_path, bundle, tiny_reference.prompts)
     assert grid.run(config, config.workdir) == 0
     names = ["awm_jpeg_incompressibility_s0", "awm_normguard_jpeg_incompressibility_s0"]
     for n in names:
@@ -94,24 +94,3 @@ def test_tiny_grid_runs_analyses_reports_and_reuses(tmp_path, capsys):
     with pytest.raises(ConfigError, match=r"awm_jpeg_incompressibility_s0 was started from another reference "
                                           r"bundle \(params sha256 000000000000, now " + sha[:12]):
         grid.run(config, config.workdir)
-
-
-def test_grid_config_errors_name_the_key(tmp_path):
-    c = grid.load_config_file("experiments/toy_grid.py")
-    c.overrides.rl.no_such_knob = 3
-    with pytest.raises(KeyError, match="rl.no_such_knob"):
-        grid.run_configs(c)
-    c = grid.load_config_file("experiments/toy_grid.py")
-    c.grid.rewards = ("verifier", "beauty")
-    with pytest.raises(ValueError, match="unknown reward 'beauty'"):
-        grid.run_configs(c)
-    # The shipped grid: 24 valid runs whose configs differ from the method's config file only where intended.
-    c = grid.load_config_file("experiments/toy_grid.py")
-    runs = grid.run_configs(c)
-    assert len(runs) == 24
-    a, b = runs["awm_verifier_s0"], runs["awm_normguard_verifier_s0"]
-    assert a.normguard.lam == 0 and b.normguard.lam > 0
-    a.normguard, b.normguard = b.normguard, b.normguard
-    a.name = b.name
-    a.workdir = b.workdir
-    assert a.to_dict() == b.to_dict()

@@ -10,7 +10,8 @@ import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.fixtures import REPO as ROOT
+
 SCRIPTS = ["launch/common.sh", "launch/tpu_pod.sh", "launch/tpu_queued.sh", "launch/slurm_gpu.sbatch",
            "launch/local_multiprocess.sh"]
 TPU_ENV = {"TPU_NAME": "ng-v5p-64", "ZONE": "us-east5-a", "ACCELERATOR": "v5p-64",

@@ -12,10 +12,9 @@ import sys
 import numpy as np
 import pytest
 
-import rl_fixtures
+from tests.fixtures import REPO as ROOT
 
 pytestmark = pytest.mark.slow
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMING = ("rollout_s", "epoch_s")
 
 
@@ -30,16 +29,15 @@ def _metrics(workdir):
         return [json.loads(line) for line in f]
 
 
-def test_two_processes_reproduce_the_single_process_run(tmp_path):
-    bundle = rl_fixtures.build_tiny_bundle(str(tmp_path / "bundle"), steps=100)
-    prompts = rl_fixtures.write_prompt_file(str(tmp_path))
+def test_two_processes_reproduce_the_single_process_run(tmp_path, tiny_reference):
+    bundle, prompts = tiny_reference.bundle, tiny_reference.prompts
     config = tmp_path / "config.py"
     config.write_text(
         "import sys\n"
-        f"sys.path.insert(0, {os.path.join(ROOT, 'tests')!r})\n"
+        f"sys.path.insert(0, {ROOT!r})\n"
         "import numpy as np\n"
-        "import rl_fixtures\n"
-        "from ng_jax.rewards import registry\n\n\n"
+        "from ng_jax.rewards import registry\n"
+        "from tests.fixtures import tiny_rl_config\n\n\n"
         "class Brightness:  # a smooth reward: float rounding differences between device layouts stay small\n"
         "    name = 'brightness'\n\n"
         "    def __call__(self, images, prompts):\n"
@@ -47,7 +45,7 @@ def test_two_processes_reproduce_the_single_process_run(tmp_path):
         "if 'brightness' not in registry.EXTRA_REWARDS:\n"
         "    registry.register_reward('brightness', lambda cfg: Brightness())\n\n\n"
         "def get_config(arg=None):\n"
-        f"    c = rl_fixtures.tiny_rl_config({bundle!r}, {prompts!r}, epochs=2, rewards={{'brightness': 1.0}})\n"
+        f"    c = tiny_rl_config({bundle!r}, {prompts!r}, epochs=2, rewards={{'brightness': 1.0}})\n"
         "    c.eval.quality = False\n"
         "    return c\n")
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}

@@ -1,4 +1,5 @@
-"""The Colab demo notebook executes top to bottom (tiny size) and produces its figures."""
+"""The Colab demo notebook executes top to bottom (tiny size, from the tiny pretrained reference) and
+produces its figures."""
 
 from __future__ import annotations
 
@@ -7,18 +8,20 @@ import os
 
 import pytest
 
+from tests.fixtures import REPO
+
 pytestmark = pytest.mark.slow
 
-NOTEBOOK = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "notebooks",
-                        "normguard_demo.ipynb")
+NOTEBOOK = os.path.join(REPO, "notebooks", "normguard_demo.ipynb")
 
 
-def test_demo_notebook_runs(tmp_path, monkeypatch):
+def test_demo_notebook_runs(tmp_path, monkeypatch, tiny_reference):
     import nbformat
     from nbclient import NotebookClient
 
     monkeypatch.setenv("NG_DEMO_TINY", "1")
     monkeypatch.setenv("NG_DEMO_WORKDIR", str(tmp_path / "demo"))
+    monkeypatch.setenv("NG_DEMO_REFERENCE", tiny_reference.bundle)
     nb = nbformat.read(NOTEBOOK, as_version=4)
     NotebookClient(nb, timeout=900, kernel_name="python3",
                    resources={"metadata": {"path": os.path.dirname(NOTEBOOK)}}).execute()

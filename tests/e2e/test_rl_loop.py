@@ -1,8 +1,9 @@
-"""The RL loop end to end on a tiny pretrained model (32x32, 16 tokens) and 8 fake CPU devices.
+"""The RL loop end to end on the tiny pretrained reference (32x32, 64 image tokens; the session fixture
+`tiny_reference`) and 8 fake CPU devices.
 
 One uninterrupted 8-epoch AWM run (the `baseline` fixture) is shared: it must raise the reward and
-write metrics, TensorBoard events, sample grids, checkpoints and summary.json. A SIGTERM'd run
-resumed to the end must reproduce its metrics exactly. Failure runs start from a copy of its
+write metrics, TensorBoard events, sample grids, checkpoints and summary.json. A SIGTERM'd run resumed to the end
+must reproduce its metrics exactly. Failure runs start from a copy of its
 workdir (so a "last good checkpoint" exists) and must stop with their message, leaving that
 checkpoint byte-for-byte intact.
 
@@ -26,7 +27,6 @@ import numpy as np
 import pytest
 from jax.experimental.compilation_cache import compilation_cache
 
-import rl_fixtures
 from ng_jax import sharding
 from ng_jax.eval import evaluate
 from ng_jax.rl import loop
@@ -38,6 +38,7 @@ from ng_jax.models.bundle import ModelBundle, load_bundle, save_bundle
 from ng_jax.logs import read_metrics
 from ng_jax.rewards.host import RewardError
 from ng_jax.rewards.jpeg import JpegIncompressibility
+from tests.fixtures import REPO, tiny_rl_config
 
 EPOCHS = 8
 TIMING_KEYS = ("time", "train/rollout_s", "train/epoch_s")
@@ -111,14 +112,12 @@ def compile_cache(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    root = tmp_path_factory.mktemp("rl")
-    bundle = rl_fixtures.build_tiny_bundle(str(root / "bundle"))
-    return {"root": root, "bundle": bundle, "prompts": rl_fixtures.write_prompt_file(str(root))}
+def files(tmp_path_factory, tiny_reference):
+    return {"root": tmp_path_factory.mktemp("rl"), "bundle": tiny_reference.bundle, "prompts": tiny_reference.prompts}
 
 
 def _config(files, **kw):
-    return rl_fixtures.tiny_rl_config(files["bundle"], files["prompts"], **kw)
+    return tiny_rl_config(files["bundle"], files["prompts"], **kw)
 
 
 @pytest.fixture(scope="module")
@@ -182,7 +181,7 @@ def test_short_run_raises_the_reward(baseline):
 
 def test_run_writes_summary_metrics_grids_and_checkpoints(files, baseline):
     summary = _summary(baseline)
-    config = rl_fixtures.tiny_rl_config("", "")
+    config = tiny_rl_config("", "")
     for key in ("eval_initial", "eval"):
         ev = summary[key]
         for name in ("reward", "norm_ratio", "fd", "precision", "recall"):
@@ -265,11 +264,10 @@ def _write_config(tmp_path, files, **kw):
     path = tmp_path / "tiny_rl_config.py"
     path.write_text(
         "import sys\n"
-        f"sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})\n"
-        "import rl_fixtures\n\n\n"
+        f"sys.path.insert(0, {REPO!r})\n"
+        "from tests.fixtures import tiny_rl_config\n\n\n"
         "def get_config(arg=None):\n"
-        f"    c = rl_fixtures.tiny_rl_config({files['bundle']!r}, {files['prompts']!r}, **{kw!r})\n"
-        "    return c\n")
+        f"    return tiny_rl_config({files['bundle']!r}, {files['prompts']!r}, **{kw!r})\n")
     return str(path)
 
 
@@ -322,8 +320,8 @@ def test_nonfinite_loss_stops_naming_the_epoch_after_a_retried_reward(files, bas
                                                                        params, ref.info))
     workdir = _copy(baseline, tmp_path)
     before = _digest(os.path.join(workdir, "checkpoints"))
-    config = rl_fixtures.tiny_rl_config(nan_bundle, files["prompts"], epochs=EPOCHS + 1,
-                                        rewards={"test_flaky": 1.0}, quality=False)
+    config = tiny_rl_config(nan_bundle, files["prompts"], epochs=EPOCHS + 1, rewards={"test_flaky": 1.0},
+                            quality=False)
     config.rewards.retries = 1
     with pytest.raises(TrainingError, match=r"non-finite loss or gradient at epoch 9, optimizer step 1 .*"
                                                   r"the update was not applied; last good checkpoint: epoch 8"):
@@ -361,36 +359,6 @@ def test_bad_checkpoints_are_checkpoint_errors_not_fresh_starts(files, baseline,
     with pytest.raises(CheckpointError, match=message):
         loop.run(config, workdir)
     assert len(_metrics(workdir)) == lines_before  # nothing was trained or logged
-
-
-@pytest.mark.parametrize("content, message", [
-    (None, r"data.prompt_file='.*missing.txt': prompt file '.*missing.txt' does not exist"),
-    ("# only a comment\n\n", r"holds no prompts"),
-    ("a red circle\na purple elephant\n", r"bad.txt:2"),
-])
-def test_bad_prompt_file_is_one_line_exit_1(tmp_path, capsys, content, message):
-    path = tmp_path / ("missing.txt" if content is None else "bad.txt")
-    if content is not None:
-        path.write_text(content)
-    code = main(["ng_jax.main", "--config=configs/awm.py", f"--workdir={tmp_path / 'wd'}",
-                 f"--config.data.prompt_file={path}"])
-    err = capsys.readouterr().err
-    assert code == 1 and "Traceback" not in err
-    assert len(err.strip().splitlines()) == 1, err
-    assert re.search(message, err), err
-    assert not os.path.exists(tmp_path / "wd" / "checkpoints")
-
-
-def test_balance_categories_gives_every_category_the_same_share():
-    from ng_jax.data.prompts import category_of
-    from ng_jax.rl.prompts import balance_categories
-
-    prompts = ["a red circle", "a blue square"] + [f"a {c} circle left of a {d} square" for c, d in
-                                                   [("red", "blue"), ("green", "white"), ("cyan", "red")]]
-    out = balance_categories(prompts)
-    cats = [category_of(p) for p in out]
-    assert sorted(set(out)) == sorted(prompts)
-    assert cats.count("colors") == cats.count("position") == 3
 
 
 def test_evaluate_job_scores_the_reference_without_a_second_pass(files, tmp_path, capsys):

@@ -1,7 +1,7 @@
 """CLIP score, PickScore and HPSv2 rewards (ng_jax.rewards.clip) against direct torch computations.
 
 Tiny random transformers `CLIPModel`s are saved with `save_pretrained` next to a tiny CLIP
-tokenizer written here and a `CLIPImageProcessor` config. The reference scores follow each
+tokenizer and a `CLIPImageProcessor` config (tests.fixtures.save_tiny_clip). The reference scores follow each
 reward's reference code with torch: transformers' CLIPImageProcessor + CLIPModel features for
 CLIP score / PickScore; for HPSv2 an open_clip-style forward (torch `nn.MultiheadAttention` fed the
 open_clip `in_proj_weight`s) run directly on the open_clip-named state dict, which the converter
@@ -15,52 +15,10 @@ import threading
 import numpy as np
 import pytest
 
-MERGES = [("t", "h"), ("th", "e</w>"), ("r", "e"), ("re", "d</w>"), ("c", "a"), ("ca", "t</w>"), ("d", "o"),
-          ("do", "g</w>")]
+from tests.fixtures import CLIP_IMAGE as IMAGE
+from tests.fixtures import save_tiny_clip, tiny_clip_config, write_clip_tokenizer
+
 PROMPTS = ["the red cat", "a dog", "the red dog on a cat", "a photo of the cat " * 12]  # the last is truncated
-IMAGE = 32
-
-
-def write_clip_tokenizer(directory):
-    """A CLIPTokenizer over the 256 byte symbols (+ `</w>` forms), MERGES and the two specials (last)."""
-    from transformers import CLIPTokenizer
-    from transformers.models.clip.tokenization_clip import bytes_to_unicode
-
-    os.makedirs(directory, exist_ok=True)
-    chars = list(bytes_to_unicode().values())
-    vocab = chars + [c + "</w>" for c in chars] + ["".join(m) for m in MERGES] + ["<|startoftext|>", "<|endoftext|>"]
-    with open(os.path.join(directory, "vocab.json"), "w") as f:
-        json.dump({t: i for i, t in enumerate(vocab)}, f)
-    with open(os.path.join(directory, "merges.txt"), "w") as f:
-        f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in MERGES))
-    CLIPTokenizer(os.path.join(directory, "vocab.json"), os.path.join(directory, "merges.txt"),
-                  model_max_length=77).save_pretrained(directory)
-    return len(vocab)
-
-
-def tiny_config(vocab, act):
-    from transformers import CLIPConfig
-
-    return CLIPConfig(
-        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                         vocab_size=vocab, max_position_embeddings=77, hidden_act=act, bos_token_id=vocab - 2,
-                         eos_token_id=vocab - 1, pad_token_id=vocab - 1),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                           image_size=IMAGE, patch_size=8, hidden_act=act),
-        projection_dim=24, logit_scale_init_value=4.3)
-
-
-def save_tiny_clip(directory, act, seed):
-    import torch
-    from transformers import CLIPImageProcessor, CLIPModel
-
-    torch.manual_seed(seed)
-    vocab = write_clip_tokenizer(directory)
-    model = CLIPModel(tiny_config(vocab, act)).eval()
-    model.save_pretrained(directory)
-    processor = CLIPImageProcessor(size={"shortest_edge": IMAGE}, crop_size={"height": IMAGE, "width": IMAGE})
-    processor.save_pretrained(directory)
-    return model
 
 
 @pytest.fixture(scope="module")
@@ -227,7 +185,7 @@ def hps(tiny):
     import torch
 
     torch.save({"state_dict": {"module." + k: v for k, v in sd.items()}}, path)  # as HPSv2 training saves it
-    config = tiny_config(write_clip_tokenizer(str(tiny["root"] / "tok")), "gelu").to_dict()
+    config = tiny_clip_config(write_clip_tokenizer(str(tiny["root"] / "tok")), "gelu").to_dict()
     out = convert_open_clip_checkpoint(path, str(tiny["root"] / "hps"), tiny["gelu"],
                                        config={k: config[k] for k in ("text_config", "vision_config",
                                                                       "projection_dim")})

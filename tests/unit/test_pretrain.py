@@ -1,4 +1,5 @@
-"""Pretraining step on an 8-device CPU mesh, the mixture stream, and the model bundle round trip."""
+"""Pretraining step on an 8-device CPU mesh, the mixture stream, the model bundle round trip, depth growth
+and the warm-start checks (the pretraining job end to end: tests/e2e/test_pretrain_job.py)."""
 
 import jax
 import jax.numpy as jnp
@@ -15,13 +16,12 @@ from ng_jax.models.velocity import make_velocity_model
 from ng_jax.pretrain import ImageTextBatch, make_pretrain_step
 from ng_jax.state import TrainState, create_sharded, make_optimizer
 from ng_jax.config import blocks
-from tests.test_models import tiny_text_cfg
+from tests.fixtures import tiny_model_cfg, tiny_text_cfg
 
 
 def tiny_pixel_cfg():
-    c = blocks.toy_model_config()
-    c.update(dict(patch_size=8, hidden_size=32, depth=2, num_heads=2, context_dim=16, pooled_dim=16))
-    return c
+    """32x32 pixels (the world's renders) in 8-pixel patches: 16 image tokens."""
+    return tiny_model_cfg(image_size=32, patch_size=8)
 
 
 PROMPTS = ["a red circle", "a blue square", "a green triangle", "a yellow cross"] * 4
@@ -207,43 +207,3 @@ def test_warm_start_checks_the_bundle_against_the_run(tmp_path):
     config.init_from = str(tmp_path / "nowhere")
     with pytest.raises(ConfigError, match="init_from: model bundle .*missing config.json"):
         _warm_start(config)
-
-
-@pytest.mark.slow
-def test_pretrain_job_exports_resumes_and_grows(tmp_path, capsys):
-    """The pretraining job end to end at a tiny size: TFDS image-text data, logs, sample grid, export;
-    a longer rerun resumes from the checkpoint; a deeper stage-2 run starts from the exported bundle."""
-    import json
-
-    from ng_jax import pretrain
-    from ng_jax.eval.grid import load_config_file
-
-    c = load_config_file("pretrain_shapes.py")
-    c.data.data_dir = str(tmp_path / "tfds")
-    c.data.images_per_category, c.data.prompts_per_category, c.data.batch_size = 8, 2, 8
-    c.model, c.text = tiny_pixel_cfg(), tiny_text_cfg()
-    c.optim.warmup_steps, c.optim.decay_steps = 2, 8
-    c.train.steps, c.log_every, c.sample_every, c.ckpt.every = 4, 2, 4, 2
-    c.sample.prompts, c.sample.num_steps = ("a red circle", "two blue squares"), 2
-    one = str(tmp_path / "one")
-    assert pretrain.run(c, one) == 0
-    assert [json.loads(line)["step"] for line in open(f"{one}/metrics.jsonl")] == [2, 4]
-    assert (tmp_path / "one" / "samples" / "step_000004.png").is_file()
-    assert load_bundle(f"{one}/reference").info["trained_steps"] == 4
-    c.train.steps = 6
-    assert pretrain.run(c, one) == 0
-    assert "resumed from step 4" in capsys.readouterr().out
-    first = load_bundle(f"{one}/reference")
-    assert first.info["trained_steps"] == 6
-
-    c.init_from = f"{one}/reference"
-    c.model.depth, c.text.depth = c.model.depth + 1, c.text.depth + 1
-    c.train.steps, c.export_dtype = 2, "float16"
-    assert pretrain.run(c, str(tmp_path / "two")) == 0
-    grown = load_bundle(str(tmp_path / "two" / "reference"))
-    assert grown.info["init_from"] == dict(first.info, path=c.init_from)
-    assert grown.model_cfg.depth == first.model_cfg.depth + 1
-    # The trained embedders came along (moved by 2 optimizer steps, not re-initialised).
-    a = np.asarray(first.params["text"]["token_embedding"]["embedding"])
-    b = np.asarray(grown.params["text"]["token_embedding"]["embedding"])
-    assert np.abs(b - a).max() < 0.1 * np.abs(a).max()

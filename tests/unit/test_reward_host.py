@@ -9,6 +9,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ng_jax.rewards.host import PromptTable, RewardError, WeightedRewards, make_reward_fn, reset_callback_tokens
+from tests.fixtures import REPO
 
 BATCH_SPEC = P(("data", "fsdp"))
 PROMPTS = ["a red circle", "two blue squares", "a small green triangle", "x"]
@@ -254,11 +255,10 @@ def test_process_exits_cleanly_after_a_callback_failure(tmp_path):
     """))
     import os
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
-               PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+               PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])))
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=120,
-                         cwd=root)
+                         cwd=REPO)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "LAST: reward 'broken' raised OSError: scorer offline" in out.stdout
     assert "Exception ignored" not in out.stderr

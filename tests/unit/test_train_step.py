@@ -26,7 +26,7 @@ from ng_jax.models.nets.text import TextCond
 from ng_jax.models.velocity import make_velocity_model
 from ng_jax.state import TrainState, make_optimizer
 from ng_jax.rl.step import NORMGUARD_METRICS, StepSpec, TrainBatch, make_train_step
-from tests.test_models import tiny_model_cfg
+from tests.fixtures import tiny_model_cfg
 
 METHODS = ("nft", "awm", "dpo")
 N = 16            # samples (DPO: pairs) per optimizer step; a multiple of the 8 devices

@@ -1,0 +1,230 @@
+"""Builders shared by the tests (imported as `from tests.fixtures import ...`; the pytest fixtures
+that use them are in tests/conftest.py).
+
+- `tiny_model_cfg` / `tiny_text_cfg`: the tiny MMDiT and text encoder configs (keyword overrides for
+  other sizes).
+- `build_tiny_bundle`: a tiny *pretrained* reference bundle for the RL loop, the analyses, the grid and
+  the notebook: a 32x32 MMDiT with 4-pixel patches (64 image tokens, hidden 48, depth 1), so the
+  verifier and the quality judge (both 32x32) work on its samples. It is pretrained for a few hundred
+  rectified-flow steps on renders of PROMPTS: the MMDiT zero-initialises its adaLN / output
+  projections, so an untrained model would output v == 0 and every rollout would be the initial noise.
+  The session fixture `tiny_reference` (tests/conftest.py) builds it once per test session.
+- `write_prompt_file`, `tiny_rl_config`: an RL run small enough for 2 CPU cores and 8 fake devices.
+- `write_clip_tokenizer`, `save_tiny_clip`: a tiny CLIP BPE tokenizer and a tiny random transformers
+  `CLIPModel` saved with `save_pretrained` (torch and transformers, the test extra).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections as mlc
+import numpy as np
+
+from ng_jax.config import blocks, methods
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
+
+# ------------------------------------------------------------------ tiny model configs
+
+
+def tiny_model_cfg(**kw) -> mlc.ConfigDict:
+    """The toy MMDiT at a tiny size: 8x8 images in 2-pixel patches (16 tokens), hidden 32, 2 blocks, 2 heads,
+    16-wide text features; `kw` overrides any key."""
+    c = blocks.toy_model_config()
+    c.update(dict(image_size=8, patch_size=2, hidden_size=32, depth=2, num_heads=2, context_dim=16, pooled_dim=16))
+    c.update(kw)
+    return c
+
+
+def tiny_text_cfg() -> mlc.ConfigDict:
+    """The toy text encoder at a tiny size (width 16 = tiny_model_cfg's context_dim and pooled_dim)."""
+    c = blocks.toy_text_config()
+    c.update(dict(width=16, depth=1, heads=2, pooled_dim=16))
+    return c
+
+
+# ------------------------------------------------------------------ the tiny pretrained reference
+
+PROMPTS = ("a red circle", "a blue square", "a green triangle", "a yellow cross",
+           "a large white circle", "a small cyan square", "two red circles", "an orange triangle")
+# The bundle's velocity model: 32x32 as the world's renders, the verifier and the judge.
+BUNDLE_MODEL = dict(image_size=32, patch_size=4, hidden_size=48, depth=1)
+BUNDLE_STEPS = 200  # about 200 steps give coloured blobs on a dark background
+
+
+def _numpy_init(abstract, rng: np.random.Generator):
+    """Parameters for an abstract tree without compiling an init: kernels ~ N(0, 1/fan_in), biases 0,
+    norm scales 1, anything else ~ N(0, 0.02^2). The MMDiT's zero-initialised adaLN / output
+    projections get random kernels too (harmless for a tiny model that is then trained)."""
+    def one(path, leaf):
+        name = str(getattr(path[-1], "key", path[-1]))
+        if name == "bias":
+            return np.zeros(leaf.shape, leaf.dtype)
+        if name == "scale":
+            return np.ones(leaf.shape, leaf.dtype)
+        if name == "kernel":
+            fan_in = int(np.prod(leaf.shape[:-1]))
+            return (rng.standard_normal(leaf.shape) / np.sqrt(fan_in)).astype(leaf.dtype)
+        return (0.02 * rng.standard_normal(leaf.shape)).astype(leaf.dtype)
+    return jax.tree_util.tree_map_with_path(one, abstract)
+
+
+def build_tiny_bundle(directory: str, *, steps: int = BUNDLE_STEPS, batch: int = 32, seed: int = 0) -> str:
+    """Pretrain the tiny velocity model (rectified flow, frozen random text encoder) on world renders of
+    PROMPTS and save it as a bundle in `directory`."""
+    from ng_jax import flow
+    from ng_jax.data import world
+    from ng_jax.models.bundle import ModelBundle, save_bundle
+    from ng_jax.models.nets.text import EMPTY_PROMPT, make_text_encoder, tokenize
+    from ng_jax.models.velocity import make_velocity_model
+    from ng_jax.state import make_optimizer
+
+    model_cfg, text_cfg = tiny_model_cfg(**BUNDLE_MODEL), tiny_text_cfg()
+    model, text = make_velocity_model(model_cfg), make_text_encoder(text_cfg)
+    rng = np.random.default_rng(seed)
+    text_params = _numpy_init(jax.eval_shape(text.init, jax.random.key(0)), rng)
+    params = _numpy_init(jax.eval_shape(model.init, jax.random.key(0)), rng)
+    optimizer = make_optimizer(blocks.optim_config(lr=3e-3))
+
+    per_prompt = 16  # a fixed render set, sampled from (with 10% empty prompts for guidance)
+    prompts = [p for p in PROMPTS for _ in range(per_prompt)]
+    images = np.stack([world.render_prompt(p, seed * 1000 + i)[0] for i, p in enumerate(prompts)])
+    x_all = images.astype(np.float32) / 127.5 - 1.0
+    ids, mask = tokenize(text.tokenizer, prompts + [EMPTY_PROMPT])
+    conds = jax.jit(text.encode)(text_params, ids, mask)  # frozen text features, computed once
+
+    @jax.jit
+    def step(params, opt_state, idx, key):
+        k_drop, k_sigma, k_noise = jax.random.split(key, 3)
+        drop = jax.random.uniform(k_drop, idx.shape) < 0.1
+        cond = jax.tree.map(lambda c: c[jnp.where(drop, len(prompts), idx)], conds)
+        x0 = jnp.asarray(x_all)[idx]
+        sigma = flow.sample_logit_normal(k_sigma, idx.shape)
+        noise = jax.random.normal(k_noise, x0.shape)
+
+        def loss_fn(p):
+            v = model.apply(p, flow.interpolate(x0, noise, sigma), sigma, cond)
+            return jnp.mean(jnp.square(v - flow.velocity_target(x0, noise)))
+
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return jax.tree.map(jnp.add, params, updates), opt_state, loss
+
+    opt_state = optimizer.init(params)
+    keys = jax.random.split(jax.random.key(seed), steps)
+    for i in range(steps):
+        params, opt_state, loss = step(params, opt_state, rng.choice(len(prompts), batch, replace=False), keys[i])
+    loss = float(loss)
+    if not np.isfinite(loss):
+        raise FloatingPointError(f"tiny pretraining diverged (loss {loss})")
+    bundle = ModelBundle(model_cfg=model_cfg, text_cfg=text_cfg,
+                         sampling={"num_steps": 6, "shift": 1.0, "cfg_scale": 2.0},
+                         params={"text": text_params, "velocity": jax.device_get(params)},
+                         info={"trained_steps": steps, "final_loss": loss})
+    save_bundle(directory, bundle)
+    return directory
+
+
+def write_prompt_file(directory: str, prompts=PROMPTS, name: str = "prompts.txt") -> str:
+    path = os.path.join(directory, name)
+    with open(path, "w") as f:
+        f.write("\n".join(prompts) + "\n")
+    return path
+
+
+def tiny_rl_config(bundle_dir: str, prompt_file: str, *, method: str = "awm", epochs: int = 8,
+                   rewards: dict | None = None, quality: bool = True) -> mlc.ConfigDict:
+    """An RL config small enough for 2 CPU cores with 8 fake devices (batches divisible by 8).
+
+    The default reward is JPEG incompressibility: its score moves within a few epochs for this tiny
+    model, whereas compressibility is dominated by the residual noise of 6-step samples, which the
+    tiny model cannot remove in 8 epochs. AWM runs with advantages clipped at 1 (instead of 5)
+    and a weaker EMA anchor (0.1 instead of 1) so that 16 optimizer steps show a clear effect.
+    """
+    c = methods.rl_config(method)
+    c.reference = bundle_dir
+    c.data.prompt_file = prompt_file
+    c.rl.epochs = epochs
+    c.rl.prompts_per_epoch = 4
+    c.rl.group_size = 4          # 16 rollouts per epoch
+    c.rl.train_batch = 8
+    c.rl.micro_batch = 8         # 2 optimizer steps per epoch
+    c.rl.num_timesteps = 2
+    c.rl.rollout.num_steps = 6
+    c.rl.rollout.cfg_scale = 2.0
+    c.optim.lr = 3e-3
+    if method == "awm":
+        c.loss.adv_clip = 1.0
+        c.loss.ema_beta = 0.1
+    c.rewards.weights = mlc.ConfigDict(rewards or {"jpeg_incompressibility": 1.0})
+    c.rewards.timeout_s = 0.0
+    c.eval.prompt_file = prompt_file
+    c.eval.num_prompts = 4
+    c.eval.samples_per_prompt = 2
+    c.eval.batch_size = 8
+    c.eval.num_steps = 6
+    c.eval.cfg_scale = 2.0
+    c.eval.every = 3
+    c.eval.grid_size = 8
+    c.eval.quality = quality
+    c.ckpt.every = 2
+    c.ckpt.max_to_keep = 3
+    return c
+
+
+# ------------------------------------------------------------------ tiny CLIP (test extra)
+
+CLIP_MERGES = (("t", "h"), ("th", "e</w>"), ("r", "e"), ("re", "d</w>"), ("c", "a"), ("ca", "t</w>"), ("d", "o"),
+               ("do", "g</w>"))
+CLIP_IMAGE = 32  # the tiny CLIPModel's image size
+
+
+def write_clip_tokenizer(directory, *, merges=CLIP_MERGES, pad_token: str = "<|endoftext|>") -> int:
+    """A CLIPTokenizer over the 256 byte symbols (+ `</w>` forms), `merges` and the two specials (last),
+    saved in `directory`; returns the vocabulary size."""
+    from transformers import CLIPTokenizer
+    from transformers.models.clip.tokenization_clip import bytes_to_unicode
+
+    os.makedirs(directory, exist_ok=True)
+    chars = list(bytes_to_unicode().values())
+    vocab = chars + [c + "</w>" for c in chars] + ["".join(m) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
+    with open(os.path.join(directory, "vocab.json"), "w") as f:
+        json.dump({t: i for i, t in enumerate(vocab)}, f)
+    with open(os.path.join(directory, "merges.txt"), "w") as f:
+        f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    CLIPTokenizer(os.path.join(directory, "vocab.json"), os.path.join(directory, "merges.txt"), pad_token=pad_token,
+                  model_max_length=77).save_pretrained(directory)
+    return len(vocab)
+
+
+def tiny_clip_config(vocab: int, act: str):
+    """A transformers CLIPConfig: 2-layer, 32-wide text and vision towers (8-pixel patches), projection 24."""
+    from transformers import CLIPConfig
+
+    return CLIPConfig(
+        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                         vocab_size=vocab, max_position_embeddings=77, hidden_act=act, bos_token_id=vocab - 2,
+                         eos_token_id=vocab - 1, pad_token_id=vocab - 1),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=CLIP_IMAGE, patch_size=8, hidden_act=act),
+        projection_dim=24, logit_scale_init_value=4.3)
+
+
+def save_tiny_clip(directory, act: str, seed: int):
+    """A random tiny CLIPModel (torch seed `seed`) with its tokenizer and CLIPImageProcessor config, saved in
+    `directory`; returns the torch model."""
+    import torch
+    from transformers import CLIPImageProcessor, CLIPModel
+
+    torch.manual_seed(seed)
+    vocab = write_clip_tokenizer(directory)
+    model = CLIPModel(tiny_clip_config(vocab, act)).eval()
+    model.save_pretrained(directory)
+    processor = CLIPImageProcessor(size={"shortest_edge": CLIP_IMAGE},
+                                   crop_size={"height": CLIP_IMAGE, "width": CLIP_IMAGE})
+    processor.save_pretrained(directory)
+    return model

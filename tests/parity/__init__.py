@@ -1,0 +1,1 @@
+"""Parity tests: ng_jax against the PyTorch reference implementations (the test extra)."""
