@@ -14,6 +14,7 @@ import os
 from collections import Counter, defaultdict
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from ng_jax import flow, logs, sharding
@@ -35,6 +36,12 @@ def _category(prompt: str) -> str:
         return category_of(prompt)
     except world.PromptError:
         return "other"
+
+
+@jax.jit
+def _out_of_range(x0):
+    """Per sample, the fraction of values with |x| > 1 (before clipping / rendering)."""
+    return jnp.mean((jnp.abs(x0) > 1.0).astype(jnp.float32), axis=tuple(range(1, x0.ndim)))
 
 
 def repeat_prompts(prompts: list[str], samples_per_prompt: int, min_per_category: int = 0) -> list[str]:
@@ -61,6 +68,7 @@ class Evaluator:
         self.weighted, self.policy_params, self.ref = weighted, policy_params, ref_params
         self.workdir = workdir
         self.last = None
+        self.last_out_of_range = None  # the last call's fraction of sample values past [-1, 1] (toy world)
         self.last_images = None  # uint8 [n, H, W, 3] of the last call
         self.last_detections = None  # the verifier's objects per image of the last call (when it ran)
         k = int(eval_cfg.samples_per_prompt)
@@ -107,13 +115,16 @@ class Evaluator:
         self.real = reference_renders(self.prompts, seeds[: self.n]) if self.judge else None
 
     def sample(self, trainable):
-        xs, pol, ref = [], [], []
+        xs, pol, ref, over = [], [], [], []
         for noise, cond in zip(self.noise, self.conds):
             out = self._sample(trainable, self.ref, noise, cond, self.uncond)
             xs.append(sharding.to_host(to_uint8(self._decode(self.stack.decoder_params, out.x0))))
+            if self.stack.is_toy:  # pixel-space samples: the fraction of values past [-1, 1] before rendering
+                over.append(sharding.to_host(_out_of_range(out.x0)))
             pol.append(sharding.to_host(out.norms_policy))
             ref.append(pol[-1] if out.norms_ref is None else sharding.to_host(out.norms_ref))
         sigmas = sharding.to_host(out.sigmas)
+        self.last_out_of_range = float(np.concatenate(over)[: self.n].mean()) if over else None
         return (np.concatenate(xs)[: self.n], np.concatenate(pol, 1)[:, : self.n],
                 np.concatenate(ref, 1)[:, : self.n], sigmas)
 
@@ -127,6 +138,8 @@ class Evaluator:
                   "norm_ratio_spread_by_sigma": [[float(s), float(r)] for s, r in zip(sigmas[:-1], ratio.std(1))]}
         for name, vals in parts.items():
             result[f"reward_{name}"] = float(np.mean(vals))
+        if self.last_out_of_range is not None:
+            result["out_of_range"] = self.last_out_of_range
         verifier = self.weighted.rewards.get("verifier") if hasattr(self.weighted, "rewards") else None
         if verifier is None and self.cfg.get("accuracy", True):
             if self._verifier is None:  # loaded once, on the first evaluation that needs it
@@ -147,7 +160,7 @@ class Evaluator:
         if self.judge is not None:
             result.update(self.judge.evaluate(images, self.real))
         else:  # eval.quality=False: the keys stay, marked as not measured
-            result.update(fd=None, precision=None, recall=None)
+            result.update(fd=None, precision=None, recall=None, kid=None)
         if self.workdir:
             show = min(len(images), int(self.cfg.get("grid_size", 32)))
             scale = max(1, 96 // max(images.shape[1:3]))  # 32 px toy images x3; 512 px real ones x1
@@ -233,6 +246,9 @@ def run(config, workdir: str) -> int:
     quality = " ".join(f"{k}={'n/a' if result.get(k) is None else format(result[k], '.3f')}"
                        for k in ("fd", "precision", "recall"))
     print(f"reward={result['reward']:.4f} {quality}")
+    if result.get("kid") is not None:
+        print(f"kid={result['kid']:.2f} [95% CI {result['kid_ci_low']:.2f}, {result['kid_ci_high']:.2f}] (paired, judge "
+              f"features) saturation-real={result['saturation_diff']:+.4f} contrast-real={result['contrast_diff']:+.4f}")
     for c, rates in result.get("constraint_failures", {}).items():
         worst = sorted(rates.items(), key=lambda kv: -kv[1])
         print(f"failed constraints, {c}: " + ", ".join(f"{k} {v:.2f}" for k, v in worst))

@@ -9,6 +9,11 @@ features of a judge network that no reward uses (``ng_jax.judges.features``).
   within the set; precision is the fraction of fake samples inside the real manifold, recall the
   fraction of real samples inside the fake manifold.
 
+- ``kid`` (``ng_jax.judges.kid``) is the primary distribution measure: unbiased at any N, with a 95%
+  interval; generated and real image i show the same prompt, so the paired form is used.
+- The over-saturation probes (``ng_jax.judges.probes``): mean HSV saturation and RMS contrast of the
+  generated images minus those of the real renders (paired by prompt).
+
 Reference ("real") images are renders of the same prompts by the shapes world.
 """
 from __future__ import annotations
@@ -20,7 +25,9 @@ import numpy as np
 import scipy.linalg
 
 from ng_jax.data import world
+from ng_jax.judges import probes
 from ng_jax.judges.features import JudgeFeatures
+from ng_jax.judges.kid import kid
 
 
 def _check_features(feats: np.ndarray, name: str, min_rows: int) -> np.ndarray:
@@ -111,8 +118,13 @@ class QualityJudge:
         self.k = k
 
     def evaluate(self, fake_images: np.ndarray, real_images: np.ndarray) -> dict[str, float]:
-        """``{"fd", "precision", "recall"}`` of uint8 [N, H, W, 3] fakes against uint8 reals."""
+        """FD, precision, recall, KID with its 95% interval, and the saturation / contrast differences of
+        uint8 [N, H, W, 3] fakes against uint8 reals; image i of both shows the same prompt."""
         fake = self.features.features(fake_images)
         real = self.features.features(real_images)
         pr = knn_precision_recall(real, fake, k=self.k)
-        return {"fd": frechet_distance(fake, real), "precision": pr["precision"], "recall": pr["recall"]}
+        k = kid(fake, real, paired=fake.shape[0] == real.shape[0])
+        diffs = probes.compare_probes(fake_images, real_images, paired=fake_images.shape[0] == real_images.shape[0])
+        return {"fd": frechet_distance(fake, real), "precision": pr["precision"], "recall": pr["recall"],
+                "kid": k.kid, "kid_ci_low": k.ci_low, "kid_ci_high": k.ci_high,
+                "saturation_diff": diffs["saturation"]["diff"], "contrast_diff": diffs["contrast"]["diff"]}
