@@ -26,7 +26,9 @@ def get_config(arg=None):
     c.grid = mlc.ConfigDict()
     c.grid.methods = ("nft", "awm", "dpo")        # each run is configs/{method}[_normguard].py
     c.grid.normguard = (False, True)              # base and +NormGuard (the config file's normguard block)
-    c.grid.rewards = ("verifier", "jpeg_compressibility")  # one reward per run (weight 1)
+    # one reward per run: a registered name (weight 1) or a name in grid.composites
+    c.grid.rewards = ("verifier", "jpeg_compressibility")
+    c.grid.composites = mlc.ConfigDict({"verifier_colour": {"verifier": 1.0, "colourfulness": 0.01}})
     c.grid.seeds = (0, 1)
     c.grid.analysis_reward = "verifier"           # the checkpoint analyses use these runs ...
     c.grid.analysis_seed = 0                      # ... of this seed (plus the reference)

@@ -22,7 +22,7 @@ from ng_jax.config.checks import ConfigError, check_config
 from ng_jax.config.methods import load_config_file
 from ng_jax.eval import analyze, report
 from ng_jax.models.bundle import bundle_fingerprint
-from ng_jax.rewards.registry import REWARD_NAMES
+from ng_jax.rewards.registry import EXTRA_REWARDS, REWARD_NAMES
 from ng_jax.rl import loop
 
 
@@ -42,6 +42,19 @@ def run_name(method: str, normguard: bool, reward: str, seed: int) -> str:
     return f"{method}{'_normguard' if normguard else ''}_{reward}_s{seed}"
 
 
+def reward_weights(grid_cfg, reward: str) -> dict[str, float]:
+    """The `rewards.weights` of a grid column: a reward name (built in or registered, weight 1), or the name
+    of a weighted composite in `grid.composites` (name -> {reward: weight})."""
+    composites = grid_cfg.get("composites") or {}
+    weights = dict(composites[reward]) if reward in composites else {reward: 1.0}
+    known = REWARD_NAMES + tuple(EXTRA_REWARDS)
+    for name in weights:
+        if name not in known:
+            raise ValueError(f"grid.rewards: unknown reward {name!r} (in {reward!r}); expected one of {known} or a "
+                             f"name in grid.composites")
+    return {str(k): float(v) for k, v in weights.items()}
+
+
 def run_configs(config) -> dict[str, mlc.ConfigDict]:
     """name -> the RL config of every run of the grid (validated, so a typo fails before any training)."""
     g = config.grid
@@ -49,13 +62,12 @@ def run_configs(config) -> dict[str, mlc.ConfigDict]:
     for method in g.methods:
         for ng in g.normguard:
             for reward in g.rewards:
-                if reward not in REWARD_NAMES:
-                    raise ValueError(f"grid.rewards: unknown reward {reward!r}; expected one of {REWARD_NAMES}")
+                weights = reward_weights(g, reward)
                 for seed in g.seeds:
                     c = load_config_file(f"{method}{'_normguard' if ng else ''}.py")
                     c.seed = int(seed)
                     c.reference = config.reference
-                    c.rewards.weights = mlc.ConfigDict({reward: 1.0})
+                    c.rewards.weights = mlc.ConfigDict(weights)
                     _apply(c, config.overrides)
                     name = run_name(method, bool(ng), reward, int(seed))
                     c.name = name
