@@ -54,7 +54,8 @@ from benchmarks.model_code import BEFORE, model_code, optimisations  # noqa: E40
 from benchmarks.report import METHODS, device_string, git_commit, markdown, targets  # noqa: E402
 from ng_jax import flow
 from ng_jax.config import blocks, methods  # noqa: E402
-from ng_jax.models.weights.sd3 import load_sd3_transformer, model_config_from_diffusers  # noqa: E402
+from ng_jax.models.weights.sd3 import load_sd3_transformer  # noqa: E402
+from ng_jax.models.weights.transformer import model_config_from_diffusers  # noqa: E402
 from ng_jax.models.nets.text import TextCond  # noqa: E402
 from ng_jax.models.velocity import make_velocity_model  # noqa: E402
 from ng_jax.sampling import make_sampler  # noqa: E402

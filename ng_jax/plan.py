@@ -130,11 +130,12 @@ def plan(config, chips: int, *, per_device_batch: int | None = None, compile: bo
     import jax.numpy as jnp
 
     from ng_jax import sharding
+    from ng_jax.models.dtypes import dtype_of
     from ng_jax.models.nets.text import TextCond
-    from ng_jax.models.stack import _dtype, velocity_config
+    from ng_jax.models.stack import velocity_config
     from ng_jax.models.velocity import make_velocity_model
-    from ng_jax.rl.epoch import sampler_sigmas
-    from ng_jax.rl.loop import jit_train_step, make_init_state
+    from ng_jax.rl.rollout import sampler_sigmas
+    from ng_jax.rl.step import jit_train_step, make_init_state
     from ng_jax.rl.step import TrainBatch
     from ng_jax.state import count_params, make_optimizer
 
@@ -154,7 +155,7 @@ def plan(config, chips: int, *, per_device_batch: int | None = None, compile: bo
         mcfg.weights_dir = _weights_dir(mcfg, tmp)
         model = make_velocity_model(velocity_config(mcfg, int(mcfg.resolution) // VAE_DOWNSAMPLE))
 
-    ref_dtype = _dtype(mcfg.get("param_dtype"), "model.param_dtype")
+    ref_dtype = dtype_of(mcfg.get("param_dtype"), "model.param_dtype", optional=True)
     ref = jax.eval_shape(model.init, jax.random.key(0))
     if ref_dtype is not None:
         ref = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, ref_dtype), ref)
@@ -165,7 +166,7 @@ def plan(config, chips: int, *, per_device_batch: int | None = None, compile: bo
 
     n, flux = int(rl.train_batch), mcfg.family == "flux1_dev"
     length = int(mcfg.text.max_sequence_length) + (0 if flux else CLIP_TOKENS)
-    text_dtype = _dtype(mcfg.text.get("dtype"), "model.text.dtype") or jnp.float32
+    text_dtype = dtype_of(mcfg.text.get("dtype"), "model.text.dtype", optional=True) or jnp.float32
     x0 = jax.ShapeDtypeStruct((n,) + tuple(model.sample_shape), jnp.float32)
     cond = TextCond(tokens=jax.ShapeDtypeStruct((n, length, model.context_shape[1]), text_dtype),
                     pooled=jax.ShapeDtypeStruct((n, model.pooled_dim), text_dtype),

@@ -14,18 +14,22 @@ import numpy as np
 import pytest
 
 from ng_jax.models.nets import flux
-from ng_jax.models.weights import flux as flux_weights
 from ng_jax.models.nets.lora import lora_init
 from ng_jax.models.nets.text import TextCond
+from ng_jax.models.velocity import make_velocity_model
+from ng_jax.models.weights import flux as flux_weights
+from ng_jax.models.weights import stacked
+from ng_jax.models.weights.flux import load_flux_transformer
 from ng_jax.models.weights.safetensors import WeightsError
+from ng_jax.models.weights.transformer import model_config_from_diffusers
 
 B, H, W, C, L = 2, 4, 6, 4, 5  # non-square latents: a row/column mix-up in the ids or packing shows
 TOL = 1e-4
 
 
 def tiny_cfg(guidance_embeds: bool, **kw) -> dict:
-    cfg = dict(patch_size=1, in_channels=4 * C, out_channels=None, num_layers=2, num_single_layers=2,
-               attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
+    cfg = dict(family="flux1_dev", patch_size=1, in_channels=4 * C, out_channels=None, num_layers=2,
+               num_single_layers=2, attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
                guidance_embeds=guidance_embeds, axes_dims_rope=(4, 6, 6), sample_size=(H, W),
                max_sequence_length=L)
     cfg.update(kw)
@@ -61,7 +65,7 @@ def test_pack_latents_follows_flux_pipeline_channel_order():
 @pytest.fixture(scope="module")
 def random_dev():
     """A tiny dev-like model with every parameter random (adaLN-Zero init would make blocks identities)."""
-    model = flux.make_flux_model(tiny_cfg(True))
+    model = make_velocity_model(tiny_cfg(True))
     leaves, treedef = jax.tree_util.tree_flatten(jax.eval_shape(model.init, jax.random.key(0)))
     rng = np.random.default_rng(1)
     return model, jax.tree_util.tree_unflatten(
@@ -73,15 +77,16 @@ def test_scanned_and_rematted_blocks_match_unrolled(random_dev):
     x, cond, sigma, guidance = _inputs()
     v = jax.jit(model.apply)(params, x, sigma, cond, guidance)
     assert float(jnp.max(jnp.abs(v))) > 0.1
-    scanned = flux_weights.scan_params(params, 2, 2)
+    model_s = make_velocity_model(tiny_cfg(True, scan_blocks=True, remat=True))
+    runs = flux_weights.runs(jax.eval_shape(model_s.init, jax.random.key(0)))
+    scanned = stacked.stack(params, runs)
     assert scanned["transformer_blocks"]["attn"]["to_q"]["kernel"].shape == (2, 32, 32)
     assert scanned["single_transformer_blocks"]["proj_out"]["kernel"].shape == (2, 32 + 128, 32)
-    model_s = flux.make_flux_model(tiny_cfg(True, scan_blocks=True, remat=True))
     assert jax.tree_util.tree_structure(jax.eval_shape(model_s.init, jax.random.key(0))) == \
         jax.tree_util.tree_structure(scanned)
     v_s = jax.jit(model_s.apply)(scanned, x, sigma, cond, guidance)
     np.testing.assert_allclose(np.asarray(v_s), np.asarray(v), atol=1e-5, rtol=0)
-    back = flux_weights.unscan_params(scanned)
+    back = stacked.unstack(scanned, runs)
     assert jax.tree_util.tree_all(jax.tree_util.tree_map(lambda a, b: bool(jnp.array_equal(a, b)), back, params))
 
 
@@ -101,13 +106,13 @@ def test_lora_targets_are_attention_and_feed_forward_kernels(random_dev):
 
 def test_make_flux_model_rejects_inconsistent_configs():
     with pytest.raises(ValueError, match="axes_dims_rope"):
-        flux.make_flux_model(tiny_cfg(True, axes_dims_rope=(4, 4, 4)))
+        make_velocity_model(tiny_cfg(True, axes_dims_rope=(4, 4, 4)))
     with pytest.raises(ValueError, match="guidance_embeds=False"):
-        flux.make_flux_model(tiny_cfg(False, guidance=3.5))
+        make_velocity_model(tiny_cfg(False, guidance=3.5))
     with pytest.raises(ValueError, match="patch_size"):
-        flux.make_flux_model(tiny_cfg(False, patch_size=2))
-    assert flux.make_flux_model(tiny_cfg(True)).guidance == 3.5
-    assert flux.make_flux_model(tiny_cfg(False)).guidance is None
+        make_velocity_model(tiny_cfg(False, patch_size=2))
+    assert make_velocity_model(tiny_cfg(True)).guidance == 3.5
+    assert make_velocity_model(tiny_cfg(False)).guidance is None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -173,15 +178,9 @@ def checkpoint(request, build_checkpoint):
 @pytest.mark.needs_torch
 @pytest.mark.parametrize("layout", [dict(), dict(scan_blocks=True, remat=True)], ids=["unrolled", "scanned"])
 def test_velocity_matches_diffusers(checkpoint, layout):
-    from ng_jax.models.weights.flux import load_flux_transformer
-
     cfg = tiny_cfg(checkpoint["dev"], **layout)
-    if layout:
-        params = load_flux_transformer(checkpoint["root"], cfg)
-        model = flux.make_flux_model(cfg)
-    else:  # through the contract's loader (model.weights_dir)
-        model = flux.make_flux_model(dict(cfg, weights_dir=checkpoint["root"]))
-        params = model.load_pretrained()
+    params = load_flux_transformer(checkpoint["root"], cfg)
+    model = make_velocity_model(cfg)
     if layout:
         assert params["transformer_blocks"]["attn"]["norm_added_q"]["weight"].shape == (2, 16)
     x, cond, sigma, guidance = checkpoint["inputs"]
@@ -227,8 +226,6 @@ def _misshape(t):
     (_misshape, ["single_transformer_blocks.1.proj_mlp.weight"]),
 ], ids=["renamed", "extra", "misshaped"])
 def test_loading_is_strict(build_checkpoint, tmp_path, scan, edit, names):
-    from ng_jax.models.weights.flux import load_flux_transformer
-
     bad = _rewrite(build_checkpoint("dev")["root"], str(tmp_path / "bad"), edit)
     with pytest.raises(WeightsError) as e:
         load_flux_transformer(bad, tiny_cfg(True, scan_blocks=scan))
@@ -238,8 +235,6 @@ def test_loading_is_strict(build_checkpoint, tmp_path, scan, edit, names):
 
 @pytest.mark.needs_torch
 def test_config_is_read_and_checked(checkpoint):
-    from ng_jax.models.weights.flux import load_flux_transformer, model_config_from_diffusers
-
     cfg = model_config_from_diffusers(checkpoint["root"], sample_size=(H, W))
     want = tiny_cfg(checkpoint["dev"])
     for key in ("in_channels", "num_layers", "num_single_layers", "attention_head_dim", "num_attention_heads",
@@ -252,7 +247,7 @@ def test_config_is_read_and_checked(checkpoint):
 
 @pytest.mark.needs_torch
 def test_parity_tool(checkpoint):
-    from ng_jax.models.weights.flux import parity_flux
+    from ng_jax.tools.parity import parity_flux
 
     out = parity_flux(checkpoint["root"], 3, latent_size=6)
     assert out["family"] == "flux"

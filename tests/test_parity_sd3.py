@@ -19,11 +19,13 @@ torch = pytest.importorskip("torch", reason="needs the test extra (torch 2.13.0 
 diffusers = pytest.importorskip("diffusers", reason="needs the test extra (torch 2.13.0 + diffusers)")
 
 from ng_jax import flow  # noqa: E402
-from ng_jax.models.weights import sd3 as sd3_weights  # noqa: E402
-from ng_jax.models.weights.sd3 import load_sd3_transformer, model_config_from_diffusers  # noqa: E402
 from ng_jax.models.nets.text import TextCond  # noqa: E402
 from ng_jax.models.velocity import make_velocity_model  # noqa: E402
+from ng_jax.models.weights import sd3 as sd3_weights  # noqa: E402
+from ng_jax.models.weights import stacked  # noqa: E402
 from ng_jax.models.weights.safetensors import WeightsError  # noqa: E402
+from ng_jax.models.weights.sd3 import load_sd3_transformer  # noqa: E402
+from ng_jax.models.weights.transformer import model_config_from_diffusers  # noqa: E402
 from ng_jax.sampling import make_sampler  # noqa: E402
 from ng_jax.tools import check_weights, parity  # noqa: E402
 
@@ -87,8 +89,7 @@ def _err(a, b):
 @pytest.fixture(scope="module")
 def sd35_unrolled(ckpt):
     cfg = model_config_from_diffusers(ckpt["sd35"][0])
-    model = make_velocity_model(cfg)
-    return cfg, model, model.load_pretrained()
+    return cfg, make_velocity_model(cfg), load_sd3_transformer(cfg.weights_dir, cfg)
 
 
 def test_config_from_diffusers_mirrors_config_json(ckpt):
@@ -131,14 +132,15 @@ def test_scanned_blocks_match_unrolled_and_torch(ckpt, sd35_unrolled):
     cfg, model, params = sd35_unrolled
     scfg = model_config_from_diffusers(wdir, scan_blocks=True, remat=True)
     smodel = make_velocity_model(scfg)
-    sparams = smodel.load_pretrained()
+    sparams = load_sd3_transformer(wdir, scfg)
     assert sorted(k for k in sparams if k.startswith("transformer_blocks")) == [
         "transformer_blocks_0_to_1", "transformer_blocks_2_to_3", "transformer_blocks_4"]
     assert sparams["transformer_blocks_0_to_1"]["block"]["attn2"]["to_q"]["kernel"].shape == (2, 16, 16)
     # The stacked layout is exactly the per-layer weights stacked, both ways.
-    restacked = sd3_weights.stack_blocks(params, sparams)
+    runs = sd3_weights.runs(sparams)
+    restacked = stacked.stack(params, runs)
     assert jax.tree.all(jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), restacked, sparams))
-    unstacked = sd3_weights.unstack_blocks(sparams)
+    unstacked = stacked.unstack(sparams, runs)
     assert jax.tree.all(jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), unstacked, params))
     args = _inputs(2, 2, 16, 16, 16)
     ours_scan, ours = _ours(smodel, sparams, *args), _ours(model, params, *args)
@@ -284,7 +286,7 @@ def test_released_architectures_map_completely(name):
         cfg = ml_collections.ConfigDict(dict(kw, family="sd35", scan_blocks=scan))
         abstract = jax.eval_shape(lambda cfg=cfg: make_velocity_model(cfg).init(jax.random.key(0)))
         keymap = sd3_weights.sd3_keymap(abstract, cfg)
-        source = sd3_weights.StackedReader(reader, {s.key for s in keymap.values()}) if scan else reader
+        source = stacked.StackedReader(reader, {s.key for s in keymap.values()}) if scan else reader
         check_map(keymap, abstract, source, ignore_unused=(sd3_weights.POS_EMBED_BUFFER,))  # raises on any gap
         assert sum(x.size for x in jax.tree.leaves(abstract)) == sum(p.numel() for p in tm.parameters())
 
@@ -309,7 +311,7 @@ def test_sharded_and_bf16_saves_load_identically(ckpt, sd35_unrolled, tmp_path):
     scanned = load_sd3_transformer(sharded, scfg, shardings=shardings)
     kernel = scanned["transformer_blocks_2_to_3"]["block"]["ff"]["net_2"]["kernel"]
     assert kernel.shape == (2, 64, 16) and kernel.sharding.spec == P(None, "m")
-    unstacked = sd3_weights.unstack_blocks(scanned)
+    unstacked = stacked.unstack(scanned, sd3_weights.runs(scanned))
     assert jax.tree.all(jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), unstacked, params))
     # bf16 checkpoints (how released weights ship) read exactly as the bf16 rounding of the weights.
     bf16 = str(tmp_path / "bf16")

@@ -17,8 +17,9 @@ import numpy as np
 import pytest
 
 from ng_jax.models.nets.vae import VAEConfig, from_model_latents, make_vae, to_model_latents
-from ng_jax.models.weights.vae import check_vae_dir, load_vae, parity_vae, vae_config_from_diffusers, vae_keymap
 from ng_jax.models.weights.safetensors import WeightsError
+from ng_jax.models.weights.vae import check_vae_dir, load_vae, vae_config_from_diffusers, vae_keymap
+from ng_jax.tools.parity import parity_vae
 
 pytestmark = pytest.mark.needs_torch
 

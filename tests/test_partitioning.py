@@ -11,16 +11,15 @@ from jax.sharding import PartitionSpec as P
 from ng_jax import sharding
 
 from ng_jax.config import blocks, methods
-from ng_jax.models.nets import flux
 from ng_jax.models.nets.lora import lora_init
 from ng_jax.models.velocity import make_velocity_model
 
 SD35 = dict(family="sd35", patch_size=2, attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32,
             caption_projection_dim=16, pooled_projection_dim=32, sample_size=16, in_channels=16, out_channels=16,
             num_layers=5, pos_embed_max_size=12, qk_norm="rms_norm", dual_attention_layers=(0, 1))
-FLUX = dict(patch_size=1, in_channels=16, out_channels=None, num_layers=2, num_single_layers=2, attention_head_dim=16,
-            num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True,
-            axes_dims_rope=(4, 6, 6), sample_size=(4, 6), max_sequence_length=5)
+FLUX = dict(family="flux1_dev", patch_size=1, in_channels=16, out_channels=None, num_layers=2, num_single_layers=2,
+            attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
+            guidance_embeds=True, axes_dims_rope=(4, 6, 6), sample_size=(4, 6), max_sequence_length=5)
 
 
 def sd35_tree(scan=True):
@@ -29,7 +28,7 @@ def sd35_tree(scan=True):
 
 
 def flux_tree(scan=True):
-    return jax.eval_shape(lambda: flux.make_flux_model(dict(FLUX, scan_blocks=scan)).init(jax.random.key(0)))
+    return jax.eval_shape(lambda: make_velocity_model(dict(FLUX, scan_blocks=scan)).init(jax.random.key(0)))
 
 
 def named(tree):
@@ -39,13 +38,13 @@ def named(tree):
 
 
 def hf_text_trees():
-    from ng_jax.models.nets.hf_text import _patch_flax_t5_clip
+    from ng_jax.models.nets.hf_text import patch_flax_t5_clip
     from transformers import CLIPTextConfig, FlaxCLIPTextModelWithProjection, FlaxT5EncoderModel, T5Config
 
     clip = FlaxCLIPTextModelWithProjection(CLIPTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                                           num_attention_heads=2, projection_dim=32, vocab_size=99),
                                            _do_init=False)
-    _patch_flax_t5_clip()  # jnp.clip lost a_min / a_max (as ng_jax.models.nets.hf_text does before loading T5)
+    patch_flax_t5_clip()  # jnp.clip lost a_min / a_max (as ng_jax.models.nets.hf_text does before loading T5)
     t5 = FlaxT5EncoderModel(T5Config(d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=2, vocab_size=99),
                             _do_init=False)
     from flax.core import unfreeze

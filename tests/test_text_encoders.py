@@ -1,4 +1,5 @@
-"""SD3 / FLUX text encoders (ng_jax.models.nets.hf_text) against transformers + diffusers PyTorch.
+"""SD3 / FLUX text encoders (ng_jax.models.nets.hf_text; loading: ng_jax.models.weights.hf_text) against
+transformers + diffusers PyTorch.
 
 Tiny random CLIP / T5 encoders are saved with `save_pretrained` (T5 sharded, as T5-XXL is) next to
 tiny tokenizers written here (a byte-level CLIP BPE vocabulary with a few merges; a WordLevel
@@ -95,14 +96,14 @@ def tiny(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def sd3(tiny):
-    from ng_jax.models.nets.hf_text import load_text_encoders
+    from ng_jax.models.weights.hf_text import load_text_encoders
 
     return load_text_encoders(tiny["sd3"], "sd3", max_sequence_length=T5_LEN)
 
 
 @pytest.fixture(scope="module")
 def flux(tiny):
-    from ng_jax.models.nets.hf_text import load_text_encoders
+    from ng_jax.models.weights.hf_text import load_text_encoders
 
     return load_text_encoders(tiny["flux"], "flux", max_sequence_length=T5_LEN)
 
@@ -177,7 +178,7 @@ def test_sd3_layout_matches_diffusers_pipeline(tiny, sd3):
 
 @pytest.mark.needs_torch
 def test_sd3_without_t5_uses_zeros(tiny):
-    from ng_jax.models.nets.hf_text import load_text_encoders
+    from ng_jax.models.weights.hf_text import load_text_encoders
 
     enc, params = load_text_encoders(tiny["sd3"], "sd3", max_sequence_length=8, with_t5=False, joint_attention_dim=96)
     assert set(params) == {"clip_l", "clip_g"}
@@ -211,7 +212,7 @@ def test_flux_layout_matches_diffusers_pipeline(tiny, flux):
 
 @pytest.mark.needs_torch
 def test_loading_is_strict_with_clear_errors(tiny, tmp_path):
-    from ng_jax.models.nets.hf_text import load_text_encoders
+    from ng_jax.models.weights.hf_text import load_text_encoders
     from ng_jax.models.weights.safetensors import WeightsError
 
     # FLUX's CLIP-L has no text_projection, which SD3 needs
@@ -296,7 +297,7 @@ def test_precision_variants_and_bfloat16(tiny, flux, tmp_path):
     import jax
     import jax.numpy as jnp
 
-    from ng_jax.models.nets.hf_text import load_text_encoders
+    from ng_jax.models.weights.hf_text import load_text_encoders
     from ng_jax.models.weights.safetensors import WeightsError
 
     d = tmp_path / "flux"

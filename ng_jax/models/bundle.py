@@ -20,6 +20,9 @@ import numpy as np
 from flax import serialization
 
 from ng_jax.errors import UserError
+from ng_jax.models.nets.text import make_text_encoder
+from ng_jax.models.velocity import make_velocity_model
+from ng_jax.models.weights.safetensors import read_json
 
 BUNDLE_VERSION = 1
 DEFAULT_REFERENCE = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets", "reference")
@@ -85,19 +88,12 @@ def bundle_fingerprint(directory: str | None = None) -> str:
 
 def load_bundle(directory: str | None = None) -> ModelBundle:
     """Load and validate a bundle (default: the shipped reference)."""
-    from ng_jax.models.nets.text import make_text_encoder
-    from ng_jax.models.velocity import make_velocity_model
-
     directory = directory or DEFAULT_REFERENCE
     cfg_path, params_path = os.path.join(directory, "config.json"), os.path.join(directory, "params.msgpack")
     for path in (cfg_path, params_path):
         if not os.path.isfile(path):
             raise BundleError(f"model bundle {directory}: missing {os.path.basename(path)}")
-    try:
-        with open(cfg_path) as f:
-            meta = json.load(f)
-    except json.JSONDecodeError as err:
-        raise BundleError(f"model bundle {directory}: config.json is not valid JSON ({err})") from None
+    meta = read_json(directory, error=BundleError, where=f"model bundle {directory}")
     if meta.get("version") != BUNDLE_VERSION:
         raise BundleError(f"model bundle {directory}: version {meta.get('version')}, expected {BUNDLE_VERSION}")
     with open(params_path, "rb") as f:

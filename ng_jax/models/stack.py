@@ -48,17 +48,26 @@ import jax.numpy as jnp
 
 from ng_jax import sharding
 from ng_jax.config.checks import ConfigError, weights_dir_problem
-from ng_jax.models.nets.text import EMPTY_PROMPT, TextCond
+from ng_jax.models.bundle import load_bundle
+from ng_jax.models.dtypes import dtype_of
+from ng_jax.models.nets.lora import lora_init
+from ng_jax.models.nets.text import EMPTY_PROMPT, TextCond, make_text_encoder, tokenize
+from ng_jax.models.nets.vae import make_vae
+from ng_jax.models.velocity import make_velocity_model
+from ng_jax.models.weights.flux import load_flux_transformer
+from ng_jax.models.weights.hf_text import load_text_encoders
+from ng_jax.models.weights.sd3 import load_sd3_transformer
+from ng_jax.models.weights.transformer import model_config_from_diffusers
+from ng_jax.models.weights.vae import load_vae, vae_config_from_diffusers
 
 TOY = "toy_mmdit"
 REAL_FAMILIES = ("sd3", "sd35", "flux1_dev")
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class ModelStack:
     family: str                       # "toy_mmdit" | "sd3" | "sd35" | "flux1_dev"
-    model: Any                        # velocity.VelocityModel / flux.FluxVelocityModel
+    model: Any                        # velocity.VelocityModel (FluxVelocityModel for FLUX)
     ref: Any                          # reference velocity params (frozen; the LoRA base)
     ref_shardings: Any                # tree of shardings like `ref` (None without a mesh)
     decoder_params: Any               # VAE params, or {} (toy)
@@ -105,8 +114,6 @@ def build_model_stack(config, mesh=None, layout=None) -> ModelStack:
     layout = sharding.as_layout(layout if layout is not None else ())
     family = model_family(config)
     if family == TOY:
-        from ng_jax.models.bundle import load_bundle
-
         return toy_stack(load_bundle(config.get("reference") or None), mesh, layout)
     if family not in REAL_FAMILIES:
         raise ConfigError(f"model.family={family!r}: expected one of {(TOY,) + REAL_FAMILIES}")
@@ -117,9 +124,6 @@ def build_model_stack(config, mesh=None, layout=None) -> ModelStack:
 
 
 def toy_stack(bundle, mesh=None, layout=None) -> ModelStack:
-    from ng_jax.models.nets.text import make_text_encoder, tokenize
-    from ng_jax.models.velocity import make_velocity_model
-
     model = make_velocity_model(bundle.model_cfg)
     text = make_text_encoder(bundle.text_cfg)
     text_params = bundle.params["text"]
@@ -141,15 +145,6 @@ def toy_stack(bundle, mesh=None, layout=None) -> ModelStack:
 # ------------------------------------------------------------------------------------------ real
 
 
-def _dtype(name, what: str):
-    if name is None or name == "":
-        return None
-    try:
-        return _DTYPES[str(name)]
-    except KeyError:
-        raise ConfigError(f"{what}={name!r}: expected one of {sorted(_DTYPES)}") from None
-
-
 def check_weights_dir(mcfg) -> str:
     """model.weights_dir, or a one-line ConfigError saying what to pass (and how to validate it)."""
     path = str(mcfg.get("weights_dir") or "")
@@ -161,27 +156,24 @@ def check_weights_dir(mcfg) -> str:
 
 def velocity_config(mcfg, latent: int):
     """The transformer config from WEIGHTS_DIR/transformer/config.json plus the run's overrides."""
-    wd = str(mcfg.weights_dir)
-    common = dict(dtype=str(mcfg.get("dtype", "float32")), remat=bool(mcfg.get("remat", False)),
-                  scan_blocks=bool(mcfg.get("scan_blocks", False)))
+    over = dict(family=str(mcfg.family), dtype=str(mcfg.get("dtype", "float32")), remat=bool(mcfg.get("remat", False)),
+                scan_blocks=bool(mcfg.get("scan_blocks", False)))
     if mcfg.family == "flux1_dev":
-        from ng_jax.models.weights import flux as flux_weights
-
-        over = dict(common, family="flux1_dev", sample_size=latent, weights_dir=wd,
-                    max_sequence_length=int(mcfg.text.max_sequence_length))
+        over.update(sample_size=latent, max_sequence_length=int(mcfg.text.max_sequence_length))
         if mcfg.get("guidance") is not None:
             over["guidance"] = float(mcfg.guidance)
-        return flux_weights.model_config_from_diffusers(wd, **over)
-    from ng_jax.models.weights import sd3 as sd3_weights
+    else:
+        over["latent_size"] = latent
+    return model_config_from_diffusers(str(mcfg.weights_dir), **over)
 
-    return sd3_weights.model_config_from_diffusers(wd, family=str(mcfg.family), latent_size=latent, **common)
+
+def load_transformer(vcfg, dtype=None, shardings=None):
+    """The reference transformer's parameters from `vcfg.weights_dir`, strictly (weights.sd3 / weights.flux)."""
+    load = load_flux_transformer if vcfg.family == "flux1_dev" else load_sd3_transformer
+    return load(str(vcfg.weights_dir), vcfg, dtype=dtype, shardings=shardings)
 
 
 def real_stack(mcfg, mesh=None, layout=None) -> ModelStack:
-    from ng_jax.models.nets.hf_text import load_text_encoders
-    from ng_jax.models.weights.vae import load_vae, vae_config_from_diffusers
-    from ng_jax.models.velocity import make_velocity_model
-
     wd = check_weights_dir(mcfg)
     family = str(mcfg.family)
     vae_cfg = vae_config_from_diffusers(os.path.join(wd, "vae"))
@@ -202,28 +194,27 @@ def real_stack(mcfg, mesh=None, layout=None) -> ModelStack:
         raise ConfigError(f"{wd}: the transformer works on {model.sample_shape[-1]} latent channels, the VAE has "
                           f"{vae_cfg.latent_channels}")
 
-    param_dtype = _dtype(mcfg.get("param_dtype"), "model.param_dtype")
+    param_dtype = dtype_of(mcfg.get("param_dtype"), "model.param_dtype", optional=True)
     layout = sharding.as_layout(layout if layout is not None else ())
     place = (lambda tree: layout.shardings(tree, mesh)) if mesh is not None else None
     abstract = jax.eval_shape(model.init, jax.random.key(0))
     if param_dtype is not None:
         abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, param_dtype), abstract)
     ref_sh = place(abstract) if place else None
-    ref = model.load_pretrained(dtype=param_dtype, shardings=ref_sh)
+    ref = load_transformer(vcfg, dtype=param_dtype, shardings=ref_sh)
 
     tcfg = mcfg.text
     text_family = "flux" if family == "flux1_dev" else "sd3"
-    kw = dict(max_sequence_length=int(tcfg.max_sequence_length), dtype=_dtype(tcfg.dtype, "model.text.dtype"),
-              param_dtype=_dtype(tcfg.get("param_dtype"), "model.text.param_dtype"), shardings=place)
+    kw = dict(max_sequence_length=int(tcfg.max_sequence_length),
+              dtype=dtype_of(tcfg.dtype, "model.text.dtype", optional=True),
+              param_dtype=dtype_of(tcfg.get("param_dtype"), "model.text.param_dtype", optional=True), shardings=place)
     if text_family == "sd3":
         kw.update(with_t5=bool(tcfg.get("with_t5", True)), joint_attention_dim=int(vcfg.joint_attention_dim))
     enc, text_params = load_text_encoders(wd, text_family, **kw)
 
-    vae_dtype = _dtype(mcfg.vae.get("dtype"), "model.vae.dtype")
+    vae_dtype = dtype_of(mcfg.vae.get("dtype"), "model.vae.dtype", optional=True)
     vae_sh = None
     if mesh is not None:
-        from ng_jax.models.nets.vae import make_vae
-
         vae_abstract = jax.eval_shape(make_vae(vae_cfg).init, jax.random.key(0))
         vae_sh = sharding.param_shardings(vae_abstract, mesh, ((".*", "replicate"),))
     vae, vae_params = load_vae(wd, vae_cfg, dtype=vae_dtype, shardings=vae_sh)
@@ -264,6 +255,4 @@ def trainable_init(ref, lora_cfg, rng):
     or, for full fine-tuning, float32 master copies of the reference weights."""
     if lora_cfg is None:
         return jax.tree.map(lambda x: jnp.copy(x).astype(jnp.float32), ref)
-    from ng_jax.models.nets.lora import lora_init
-
     return lora_init(ref, rng, rank=int(lora_cfg.rank), alpha=float(lora_cfg.alpha), targets=tuple(lora_cfg.targets))

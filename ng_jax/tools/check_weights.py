@@ -22,6 +22,16 @@ import os
 import sys
 from typing import Callable, Sequence
 
+import jax
+
+from ng_jax.models.nets.vae import make_vae
+from ng_jax.models.velocity import make_velocity_model
+from ng_jax.models.weights.flux import flux_keymap
+from ng_jax.models.weights.safetensors import SafetensorsDir, WeightsError
+from ng_jax.models.weights.sd3 import POS_EMBED_BUFFER, check_pos_embed, sd3_keymap
+from ng_jax.models.weights.transformer import model_config_from_diffusers, transformer_dir
+from ng_jax.models.weights.vae import vae_config_from_diffusers, vae_keymap
+
 
 def summary_dict(family: str, directory: str, reader, keymap, want_shapes: dict, ignore: Sequence[str] = (),
                  extra_problems: Sequence[str] = (), info: dict | None = None) -> dict:
@@ -57,21 +67,18 @@ def _prod(shape) -> int:
     return out
 
 
+def _want(abstract) -> dict:
+    return {tuple(str(getattr(k, "key", k)) for k in path): leaf.shape
+            for path, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]}
+
+
 def check_sd3(weights_dir: str) -> dict:
-    import jax
-
-    from ng_jax.models.weights.sd3 import (POS_EMBED_BUFFER, check_pos_embed, model_config_from_diffusers,
-                                           sd3_keymap, transformer_dir)
-    from ng_jax.models.velocity import make_velocity_model
-    from ng_jax.models.weights.safetensors import SafetensorsDir, WeightsError
-
     tdir = transformer_dir(weights_dir)
     cfg = model_config_from_diffusers(tdir)
+    if cfg.family not in ("sd3", "sd35"):
+        raise WeightsError(f"{tdir}: config.json describes a {cfg.family} transformer, not SD3 / SD3.5")
     reader = SafetensorsDir(tdir)
-    model = make_velocity_model(cfg)
-    abstract = jax.eval_shape(lambda: model.init(jax.random.key(0)))  # unrolled: per-layer keys
-    want = {tuple(str(getattr(k, "key", k)) for k in path): leaf.shape
-            for path, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]}
+    abstract = jax.eval_shape(make_velocity_model(cfg).init, jax.random.key(0))  # unrolled: per-layer keys
     extra = []
     try:
         check_pos_embed(reader, cfg)
@@ -81,43 +88,24 @@ def check_sd3(weights_dir: str) -> dict:
             "hidden": int(cfg.num_attention_heads) * int(cfg.attention_head_dim), "qk_norm": cfg.qk_norm or None,
             "dual_attention_layers": list(cfg.dual_attention_layers),
             "pos_embed_max_size": cfg.pos_embed_max_size or None}
-    return summary_dict("sd3", tdir, reader, sd3_keymap(abstract, cfg), want, ignore=(POS_EMBED_BUFFER,),
+    return summary_dict("sd3", tdir, reader, sd3_keymap(abstract, cfg), _want(abstract), ignore=(POS_EMBED_BUFFER,),
                         extra_problems=extra, info=info)
-
-
-def _want(abstract) -> dict:
-    import jax
-
-    return {tuple(str(getattr(k, "key", k)) for k in path): leaf.shape
-            for path, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]}
 
 
 def check_flux(weights_dir: str) -> dict:
     """FLUX.1 (dev / schnell-like) WEIGHTS_DIR/transformer against the unrolled Flax tree."""
-    import jax
-
-    from ng_jax.models.nets.flux import make_flux_model
-    from ng_jax.models.weights.flux import flux_keymap, model_config_from_diffusers, transformer_dir
-    from ng_jax.models.weights.safetensors import SafetensorsDir
-
     tdir = transformer_dir(weights_dir)
-    cfg = model_config_from_diffusers(tdir)
+    cfg = model_config_from_diffusers(tdir, family="flux1_dev")
     reader = SafetensorsDir(tdir)
-    abstract = jax.eval_shape(make_flux_model(cfg).init, jax.random.key(0))
+    abstract = jax.eval_shape(make_velocity_model(cfg).init, jax.random.key(0))
     info = {"num_layers": int(cfg["num_layers"]), "num_single_layers": int(cfg["num_single_layers"]),
             "hidden": int(cfg["num_attention_heads"]) * int(cfg["attention_head_dim"]),
             "guidance_embeds": bool(cfg["guidance_embeds"])}
-    return summary_dict("flux1_dev", tdir, reader, flux_keymap(abstract, cfg), _want(abstract), info=info)
+    return summary_dict("flux1_dev", tdir, reader, flux_keymap(abstract), _want(abstract), info=info)
 
 
 def check_vae(weights_dir: str) -> dict:
     """The AutoencoderKL in WEIGHTS_DIR/vae (SD3 / FLUX / SD1 layouts)."""
-    import jax
-
-    from ng_jax.models.nets.vae import make_vae
-    from ng_jax.models.weights.vae import vae_config_from_diffusers, vae_keymap
-    from ng_jax.models.weights.safetensors import SafetensorsDir
-
     vdir = os.path.join(weights_dir, "vae") if os.path.isdir(os.path.join(weights_dir, "vae")) else weights_dir
     cfg = vae_config_from_diffusers(vdir)
     reader = SafetensorsDir(vdir)
@@ -151,8 +139,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--family", required=True, choices=sorted(CHECKERS))
     ap.add_argument("--weights_dir", required=True)
     args = ap.parse_args(argv)
-    from ng_jax.models.weights.safetensors import WeightsError
-
     if not os.path.isdir(args.weights_dir):
         print(f"check_weights: error: weights directory not found: {args.weights_dir}", file=sys.stderr)
         return 2

@@ -16,7 +16,8 @@ latent packing and the position ids. Structure:
 Parameter paths mirror the diffusers state dict (`transformer_blocks_3/attn/to_out_0/kernel` <->
 `transformer_blocks.3.attn.to_out.0.weight`); with `scan_blocks` each stack is one scanned module
 (`transformer_blocks/...`, `single_transformer_blocks/...`) whose parameters carry a leading layer
-axis. `flux_weights.py` holds the key map, the loader and the layout conversions.
+axis. `ng_jax.models.weights.flux` holds the key map and the loader; `ng_jax.models.velocity` the
+velocity-model contract (NHWC latents in and out, packed here).
 
 Conventions (docs/ALGORITHMS.md sec 1): FLUX is fed `timestep = sigma` and multiplies it by 1000
 itself; the guidance-distilled dev model also gets `guidance = guidance_scale` (x1000 inside).
@@ -26,9 +27,7 @@ not used (padding tokens are part of the conditioning, as in the reference).
 
 from __future__ import annotations
 
-import dataclasses
-import functools
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
@@ -36,8 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ng_jax.models.nets.layers import (AdaLayerNormContinuous, AdaLayerNormZero, FeedForward, MLPEmbedder, RMSNorm,
-                                  attention, layer_norm, modulate, timestep_embedding)
-from ng_jax.models.nets.text import TextCond
+                                      attention, layer_norm, modulate, timestep_embedding)
 from ng_jax.sharding import constrain
 
 TOKENS = ("batch", "seq", "embed")  # logical names of the streams (ng_jax.sharding)
@@ -115,12 +113,16 @@ def _heads(t, heads):
     return t.reshape(t.shape[:2] + (heads, -1))
 
 
-class FluxTransformerBlock(nn.Module):
-    """Double-stream block; `__call__((c, x), temb, cos, sin) -> ((c, x), None)` (scan-shaped)."""
+class _Width(nn.Module):
+    """The fields every FLUX block and attention shares: model width, heads, compute dtype."""
 
     dim: int
     heads: int
     dtype: Dtype = jnp.float32
+
+
+class FluxTransformerBlock(_Width):
+    """Double-stream block; `__call__((c, x), temb, cos, sin) -> ((c, x), None)` (scan-shaped)."""
 
     @nn.compact
     def __call__(self, carry, temb, cos, sin):
@@ -142,11 +144,7 @@ class FluxTransformerBlock(nn.Module):
         return (constrain(c, TOKENS), constrain(x, TOKENS)), None
 
 
-class _DoubleAttention(nn.Module):
-    dim: int
-    heads: int
-    dtype: Dtype = jnp.float32
-
+class _DoubleAttention(_Width):
     @nn.compact
     def __call__(self, x, c, cos, sin):
         m = c.shape[1]
@@ -162,13 +160,10 @@ class _DoubleAttention(nn.Module):
         return dense("to_out_0")(out[:, m:]), dense("to_add_out")(out[:, :m])
 
 
-class FluxSingleTransformerBlock(nn.Module):
+class FluxSingleTransformerBlock(_Width):
     """Single-stream block over h = [text; image]; `__call__(h, temb, cos, sin) -> (h, None)`."""
 
-    dim: int
-    heads: int
     mlp_ratio: float = 4.0
-    dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, h, temb, cos, sin):
@@ -193,12 +188,8 @@ class _AdaLinear(nn.Module):
         return nn.Dense(self.features, dtype=self.dtype, kernel_init=nn.initializers.zeros, name="linear")(nn.silu(emb))
 
 
-class _SingleAttention(nn.Module):
+class _SingleAttention(_Width):
     """q/k/v + qk-norm + RoPE + attention, no output projection (diffusers `pre_only=True`)."""
-
-    dim: int
-    heads: int
-    dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, h, cos, sin):
@@ -294,7 +285,7 @@ class FluxTransformer(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
-# Packing and the velocity-model contract
+# 2x2 latent packing (the velocity-model contract, ng_jax.models.velocity, works on NHWC latents)
 
 
 def pack_latents(x):
@@ -311,126 +302,3 @@ def unpack_latents(x, height: int, width: int):
     ch = packed // (PACK * PACK)
     x = x.reshape(b, height // PACK, width // PACK, ch, PACK, PACK).transpose(0, 1, 4, 2, 5, 3)
     return x.reshape(b, height, width, ch)
-
-
-@dataclasses.dataclass(frozen=True)
-class FluxVelocityModel:
-    """`init(rng) -> params`, `apply(params, x_t [B, H, W, C] NHWC, sigma [B], cond) -> v [B, H, W, C]`.
-
-    Same fields as `velocity.VelocityModel`. `guidance` is the distilled guidance scale fed to a
-    `guidance_embeds` model (FLUX.1-dev: 3.5); None for models without it (schnell). `apply` may
-    override it per call (scalar or [B]).
-    """
-
-    module: FluxTransformer
-    sample_shape: tuple[int, ...]   # (H, W, C) latents, NHWC; H and W even
-    context_shape: tuple[int, int]  # (T5 tokens, joint_attention_dim) used to build init inputs
-    pooled_dim: int
-    guidance: float | None = None
-    time_scale: float = 1.0         # FLUX's transformer is fed sigma (x1000 inside the module)
-    # (dtype=None, shardings=None) -> params from pretrained weights; None without model.weights_dir.
-    loader: Callable | None = dataclasses.field(default=None, compare=False)
-
-    def _guidance(self, guidance, batch: int):
-        g = self.guidance if guidance is None else guidance
-        if not self.module.guidance_embeds:
-            if guidance is not None:
-                raise ValueError("this FLUX model has no guidance embedding (guidance_embeds=False)")
-            return None
-        if g is None:
-            raise ValueError("a guidance_embeds FLUX model needs model.guidance (FLUX.1-dev uses 3.5)")
-        return jnp.broadcast_to(jnp.asarray(g, jnp.float32), (batch,))
-
-    def inputs(self, x_t, sigma, cond: TextCond, guidance=None) -> tuple:
-        """The `FluxTransformer` arguments for NHWC latents: packed latents, tokens, pooled, timestep,
-        image ids, text ids, guidance (ids are numpy, so the RoPE tables are compile-time constants)."""
-        b, hgt, wid, _ = x_t.shape
-        if hgt % PACK or wid % PACK:
-            raise ValueError(f"FLUX latents need even height and width, got {tuple(x_t.shape[1:3])}")
-        sigma = jnp.broadcast_to(jnp.asarray(sigma, jnp.float32), (b,))
-        return (pack_latents(x_t), cond.tokens, cond.pooled, self.time_scale * sigma,
-                latent_image_ids(hgt // PACK, wid // PACK), text_ids(cond.tokens.shape[1]),
-                self._guidance(guidance, b))
-
-    def init(self, rng, batch_size: int = 1):
-        x = jnp.zeros((batch_size,) + tuple(self.sample_shape), jnp.float32)
-        cond = TextCond(tokens=jnp.zeros((batch_size,) + tuple(self.context_shape), jnp.float32),
-                        pooled=jnp.zeros((batch_size, self.pooled_dim), jnp.float32),
-                        mask=jnp.ones((batch_size, self.context_shape[0]), bool))
-        g = None if not self.module.guidance_embeds else (1.0 if self.guidance is None else self.guidance)
-        return self.module.init(rng, *self.inputs(x, jnp.zeros((batch_size,)), cond, g))["params"]
-
-    def apply(self, params, x_t, sigma, cond: TextCond, guidance=None) -> jax.Array:
-        out = self.module.apply({"params": params}, *self.inputs(x_t, sigma, cond, guidance))
-        return unpack_latents(out, x_t.shape[1], x_t.shape[2])
-
-    def load_pretrained(self, dtype=None, shardings=None):
-        """Strictly load the configured pretrained weights (`model.weights_dir`) as a params tree."""
-        if self.loader is None:
-            raise ValueError("this model has no pretrained weights configured (set model.weights_dir)")
-        return self.loader(dtype=dtype, shardings=shardings)
-
-    @property
-    def apply_fn(self) -> Callable:
-        return self.apply
-
-
-def _dtype(name):
-    if not isinstance(name, str):
-        return name
-    try:
-        return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[name]
-    except KeyError:
-        raise ValueError(f"model.dtype must be float32, bfloat16 or float16, got {name!r}") from None
-
-
-def _hw(size) -> tuple[int, int]:
-    if isinstance(size, (tuple, list)):
-        return int(size[0]), int(size[1])
-    return int(size), int(size)
-
-
-def make_flux_model(cfg) -> FluxVelocityModel:
-    """cfg (dict or ConfigDict) with diffusers' config.json keys (patch_size, in_channels,
-    out_channels, num_layers, num_single_layers, attention_head_dim, num_attention_heads,
-    joint_attention_dim, pooled_projection_dim, guidance_embeds, axes_dims_rope) plus
-    sample_size (latent pixels, int or (H, W)), max_sequence_length (T5 tokens for init inputs),
-    guidance (None -> 3.5 when guidance_embeds), dtype, remat, scan_blocks, and optionally
-    weights_dir (WEIGHTS_DIR or its transformer/ directory) for `load_pretrained`."""
-    get = cfg.get
-    if int(get("patch_size", 1)) != 1:
-        raise ValueError(f"FLUX packs 2x2 latent patches outside the transformer; patch_size must be 1, "
-                         f"got {cfg['patch_size']}")
-    in_ch = int(cfg["in_channels"])
-    out_ch = get("out_channels")
-    if out_ch is not None and int(out_ch) != in_ch:
-        raise ValueError(f"a velocity model needs out_channels == in_channels, got {out_ch} vs {in_ch}")
-    if in_ch % (PACK * PACK):
-        raise ValueError(f"in_channels={in_ch} must be 4 x latent channels (2x2 packing)")
-    head_dim, heads = int(cfg["attention_head_dim"]), int(cfg["num_attention_heads"])
-    axes = tuple(int(a) for a in get("axes_dims_rope", (16, 56, 56)))
-    if sum(axes) != head_dim:
-        raise ValueError(f"axes_dims_rope {axes} must sum to attention_head_dim={head_dim}")
-    guidance_embeds = bool(get("guidance_embeds", False))
-    guidance = get("guidance", None)
-    if guidance_embeds and guidance is None:
-        guidance = 3.5
-    if not guidance_embeds and guidance is not None:
-        raise ValueError(f"model.guidance={guidance} given but guidance_embeds=False (schnell-like)")
-    hgt, wid = _hw(get("sample_size", 128))
-    if hgt % PACK or wid % PACK:
-        raise ValueError(f"model.sample_size {(hgt, wid)} must be even (2x2 packing)")
-    module = FluxTransformer(in_channels=in_ch, num_layers=int(cfg["num_layers"]),
-                             num_single_layers=int(cfg["num_single_layers"]), attention_head_dim=head_dim,
-                             num_attention_heads=heads, guidance_embeds=guidance_embeds, axes_dims_rope=axes,
-                             dtype=_dtype(get("dtype", "float32")), remat=bool(get("remat", False)),
-                             scan_blocks=bool(get("scan_blocks", False)))
-    loader = None
-    if get("weights_dir"):
-        from ng_jax.models.weights.flux import load_flux_transformer  # flux_weights imports this module
-
-        loader = functools.partial(load_flux_transformer, str(cfg["weights_dir"]), cfg)
-    return FluxVelocityModel(module=module, sample_shape=(hgt, wid, in_ch // (PACK * PACK)),
-                             context_shape=(int(get("max_sequence_length", 512)), int(cfg["joint_attention_dim"])),
-                             pooled_dim=int(cfg["pooled_projection_dim"]),
-                             guidance=None if guidance is None else float(guidance), loader=loader)

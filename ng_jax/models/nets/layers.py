@@ -188,16 +188,18 @@ def timestep_embedding(t, dim: int = 256, max_period: float = 10000.0):
     return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
 
 
+def sincos_1d(dim: int, pos: np.ndarray) -> np.ndarray:
+    """[pos.size, dim] float64 sin-cos features of positions `pos` (sines then cosines, frequencies
+    1 / 10000^(2i / dim)): one axis of a 2D sin-cos table."""
+    omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2.0))
+    out = np.outer(pos.reshape(-1), omega)
+    return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+
 def sincos_2d_pos_embed(dim: int, grid_size: int, base_size: int | None = None,
                         interpolation_scale: float = 1.0) -> np.ndarray:
     """Fixed 2D sin-cos position table [grid_size**2, dim] (rows then columns), as SD3's PatchEmbed."""
     base_size = base_size or grid_size
     pos = np.arange(grid_size, dtype=np.float64) / (grid_size / base_size) / interpolation_scale
     grid_w, grid_h = np.meshgrid(pos, pos)  # [h, w]: first varies along columns
-
-    def one_d(d, p):
-        omega = 1.0 / 10000 ** (np.arange(d // 2, dtype=np.float64) / (d / 2.0))
-        out = np.outer(p.reshape(-1), omega)
-        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
-
-    return np.concatenate([one_d(dim // 2, grid_w), one_d(dim // 2, grid_h)], axis=1).astype(np.float32)
+    return np.concatenate([sincos_1d(dim // 2, grid_w), sincos_1d(dim // 2, grid_h)], axis=1).astype(np.float32)

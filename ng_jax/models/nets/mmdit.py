@@ -28,8 +28,9 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from ng_jax.models.nets.layers import (TOKENS, AdaLayerNormContinuous, AdaLayerNormZero, Dense, FeedForward, MLPEmbedder,
-                                  RMSNorm, attention, layer_norm, modulate, sincos_2d_pos_embed, timestep_embedding)
+from ng_jax.models.nets.layers import (TOKENS, AdaLayerNormContinuous, AdaLayerNormZero, Dense, FeedForward,
+                                      MLPEmbedder, RMSNorm, attention, layer_norm, modulate, sincos_1d,
+                                      sincos_2d_pos_embed, timestep_embedding)
 from ng_jax.sharding import constrain
 
 Dtype = Any
@@ -150,13 +151,7 @@ def sincos_pos_table(dim: int, grid_h: int, grid_w: int, base_size: int, rows=No
     pos_h = rows.astype(np.float64) / (grid_h / base_size)
     pos_w = cols.astype(np.float64) / (grid_w / base_size)
     gw, gh = np.meshgrid(pos_w, pos_h)  # [h, w]
-
-    def one_d(d, p):
-        omega = 1.0 / 10000 ** (np.arange(d // 2, dtype=np.float64) / (d / 2.0))
-        out = np.outer(p.reshape(-1), omega)
-        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
-
-    return np.concatenate([one_d(dim // 2, gw), one_d(dim // 2, gh)], axis=1).astype(np.float32)
+    return np.concatenate([sincos_1d(dim // 2, gw), sincos_1d(dim // 2, gh)], axis=1).astype(np.float32)
 
 
 class PatchEmbed(nn.Module):

@@ -19,7 +19,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
+from tokenizers.models import WordLevel
 
+from ng_jax.data import world
 from ng_jax.errors import UserError
 from ng_jax.models.nets.layers import MultiHeadAttention, TransformerMLP
 
@@ -39,8 +42,6 @@ class TextCond:
 
 def vocabulary() -> list[str]:
     """Every word of the shapes-world grammar (colours, shapes, plurals, sizes, numbers, relations)."""
-    from ng_jax.data import world
-
     words = set(world.COLORS) | set(world.SHAPES) | set(world.SIZES)
     words |= {"circles", "squares", "triangles", "crosses"}
     words |= {"a", "an", "and", "one", "two", "three", "four", "1", "2", "3", "4", "of", "the", "to", "on", "top"}
@@ -52,8 +53,7 @@ def vocabulary() -> list[str]:
 @functools.lru_cache(maxsize=None)
 def build_tokenizer(max_length: int):
     """A `PreTrainedTokenizerFast` (WordLevel, lower-cased, [BOS]/[EOS] added, padded to max_length)."""
-    from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
-    from tokenizers.models import WordLevel
+    # Deferred: importing transformers takes seconds, and only building a tokenizer needs it.
     from transformers import PreTrainedTokenizerFast
 
     vocab = {w: i for i, w in enumerate(vocabulary())}

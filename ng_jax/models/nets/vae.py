@@ -191,12 +191,16 @@ class ResnetStack2D(nn.Module):
         return x
 
 
-class Encoder(nn.Module):
-    """images [B, H, W, in_channels] -> moments [B, H/f, W/f, 2 * latent_channels] (mean, logvar)."""
+class _Coder(nn.Module):
+    """What the encoder and the decoder are built from."""
 
     cfg: VAEConfig
     dtype: Dtype = jnp.float32
     remat: bool = False
+
+
+class Encoder(_Coder):
+    """images [B, H, W, in_channels] -> moments [B, H/f, W/f, 2 * latent_channels] (mean, logvar)."""
 
     @nn.compact
     def __call__(self, x):
@@ -212,12 +216,8 @@ class Encoder(nn.Module):
         return _conv(2 * cfg.latent_channels, 3, dt, "conv_out")(x)
 
 
-class Decoder(nn.Module):
+class Decoder(_Coder):
     """latents [B, h, w, latent_channels] -> images [B, h*f, w*f, out_channels]."""
-
-    cfg: VAEConfig
-    dtype: Dtype = jnp.float32
-    remat: bool = False
 
     @nn.compact
     def __call__(self, z):

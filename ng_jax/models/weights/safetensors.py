@@ -25,7 +25,9 @@ import os
 from typing import Any, Callable, Iterable, Mapping
 
 import jax
+import ml_dtypes
 import numpy as np
+from safetensors import safe_open
 
 from ng_jax.errors import UserError
 
@@ -34,6 +36,21 @@ Path = tuple[str, ...]
 
 class WeightsError(UserError, RuntimeError):
     """A weights directory that cannot be loaded (missing files, unmapped / missing / mis-shaped keys)."""
+
+
+def read_json(directory: str, name: str = "config.json", *, error: type[Exception] = WeightsError,
+              where: str | None = None, hint: str = "") -> dict:
+    """DIRECTORY/NAME parsed; a missing file or invalid JSON is one `error` naming `where` (default the
+    directory) and the file, plus `hint`."""
+    where = where or directory
+    path = os.path.join(directory, name)
+    if not os.path.isfile(path):
+        raise error(f"{where}: no {name}{hint}")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as err:
+        raise error(f"{where}: {name} is not valid JSON ({err})") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,8 +95,6 @@ class SafetensorsDir:
     """The tensors of one component directory (e.g. WEIGHTS_DIR/transformer), single file or sharded."""
 
     def __init__(self, directory: str, prefix: str = "diffusion_pytorch_model"):
-        from safetensors import safe_open
-
         self.directory = directory
         if not os.path.isdir(directory):
             raise WeightsError(f"weights directory not found: {directory}")
@@ -130,8 +145,6 @@ class SafetensorsDir:
         return handle.get_tensor(key)
 
     def _read_raw(self, name: str, key: str) -> np.ndarray:
-        import ml_dtypes
-
         path = os.path.join(self.directory, name)
         with open(path, "rb") as f:
             header_len = int.from_bytes(f.read(8), "little")
@@ -140,13 +153,6 @@ class SafetensorsDir:
             f.seek(8 + header_len + start)
             raw = f.read(end - start)
         return np.frombuffer(raw, dtype=ml_dtypes.bfloat16).reshape(info["shape"])
-
-    def config(self) -> dict:
-        path = os.path.join(self.directory, "config.json")
-        if not os.path.isfile(path):
-            raise WeightsError(f"{self.directory}: no config.json")
-        with open(path) as f:
-            return json.load(f)
 
 
 def _flat(tree) -> dict[Path, Any]:

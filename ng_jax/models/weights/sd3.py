@@ -1,7 +1,7 @@
 """diffusers `SD3Transformer2DModel` checkpoints -> the Flax MMDiT (families "sd3" / "sd35").
 
-    cfg = model_config_from_diffusers("WEIGHTS_DIR/transformer")   # config.json -> model config
-    params = load_sd3_transformer("WEIGHTS_DIR", cfg)               # strict, sharded-aware
+    cfg = transformer.model_config_from_diffusers(WEIGHTS_DIR)    # config.json -> model config
+    params = load_sd3_transformer(WEIGHTS_DIR, cfg)                # strict, sharded-aware
 
 The key map is written out from the architecture (not a generic renaming), so `check_map`
 catches any disagreement between the model, the map and the checkpoint. Layout rules
@@ -9,10 +9,9 @@ catches any disagreement between the model, the map and the checkpoint. Layout r
 `[out, in, kh, kw]` -> `[kh, kw, in, out]`; `to_out.0` -> `to_out_0`, `ff.net.0.proj` ->
 `ff/net_0/proj`, `transformer_blocks.{i}` -> `transformer_blocks_{i}`.
 
-Scanned runs (`scan_blocks`, `transformer_blocks_{a}_to_{b}/block/...`, leading layer axis) read
-virtual keys `transformer_blocks.{a..b}.<rest>`: `StackedReader` stacks the per-layer tensors
-`a..b` on read. The strict check always runs first on the per-layer keys, so an error names the
-real checkpoint tensor.
+Scanned runs (`scan_blocks`: `transformer_blocks_{a}_to_{b}/block/...`, leading layer axis) are
+`weights.stacked` runs: they read the per-layer tensors `a..b` stacked, after a strict check of the
+per-layer keys (so an error names the real checkpoint tensor).
 
 The persistent buffer `pos_embed.pos_embed` (the sin-cos table, saved when pos_embed_max_size is
 set) is not a parameter: it is checked against the table the Flax model computes.
@@ -20,100 +19,21 @@ set) is not a parameter: it is checked against the table the Flax model computes
 
 from __future__ import annotations
 
-import json
-import os
 import re
-from typing import Any, Mapping
+from typing import Any
 
 import jax
-import ml_collections
 import numpy as np
 
-from ng_jax.models.weights.safetensors import (SafetensorsDir, Source, WeightsError, check_map, conv2d, flatten_map, linear,
-                                   load_params)
+from ng_jax.models.nets.mmdit import sincos_pos_table
+from ng_jax.models.velocity import make_velocity_model
+from ng_jax.models.weights import stacked
+from ng_jax.models.weights.safetensors import SafetensorsDir, Source, WeightsError, conv2d, flatten_map, linear
+from ng_jax.models.weights.transformer import check_config, transformer_dir
 
-CLASS_NAME = "SD3Transformer2DModel"
-# Architecture keys shared by diffusers' config.json and our model config.
-ARCH_KEYS = ("sample_size", "patch_size", "in_channels", "num_layers", "attention_head_dim", "num_attention_heads",
-             "joint_attention_dim", "caption_projection_dim", "pooled_projection_dim", "out_channels",
-             "pos_embed_max_size", "qk_norm", "dual_attention_layers")
 POS_EMBED_BUFFER = "pos_embed.pos_embed"
 _RUN = re.compile(r"^transformer_blocks_(\d+)_to_(\d+)$")
 _ONE = re.compile(r"^transformer_blocks_(\d+)$")
-_VIRTUAL = re.compile(r"^transformer_blocks\.\{(\d+)\.\.(\d+)\}\.(.+)$")
-
-
-def transformer_dir(weights_dir: str) -> str:
-    """WEIGHTS_DIR/transformer, or `weights_dir` itself when it already is a transformer directory."""
-    sub = os.path.join(weights_dir, "transformer")
-    if os.path.isdir(sub):
-        return sub
-    if os.path.isfile(os.path.join(weights_dir, "config.json")):
-        return weights_dir
-    raise WeightsError(f"{weights_dir}: no transformer/ directory (expected a diffusers SD3 / SD3.5 save)")
-
-
-def _read_config(tdir: str) -> dict:
-    path = os.path.join(tdir, "config.json")
-    if not os.path.isfile(path):
-        raise WeightsError(f"{tdir}: no config.json")
-    try:
-        with open(path) as f:
-            raw = json.load(f)
-    except json.JSONDecodeError as err:
-        raise WeightsError(f"{path}: not valid JSON ({err})") from None
-    name = raw.get("_class_name")
-    if name not in (None, CLASS_NAME):
-        raise WeightsError(f"{path}: _class_name is {name!r}, expected {CLASS_NAME!r}")
-    return raw
-
-
-def model_config_from_diffusers(path: str, family: str | None = None, **overrides) -> ml_collections.ConfigDict:
-    """A diffusers transformer config.json (path: WEIGHTS_DIR or WEIGHTS_DIR/transformer) -> model config.
-
-    Missing keys take diffusers' `SD3Transformer2DModel` defaults. family defaults to "sd35" when the
-    checkpoint has qk-norm or dual-attention layers, else "sd3". `overrides` set dtype, remat, ...
-    """
-    tdir = transformer_dir(path)
-    raw = _read_config(tdir)
-    defaults = dict(sample_size=128, patch_size=2, in_channels=16, num_layers=18, attention_head_dim=64,
-                    num_attention_heads=18, joint_attention_dim=4096, caption_projection_dim=1152,
-                    pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=96, qk_norm=None,
-                    dual_attention_layers=())
-    arch = {k: raw.get(k, defaults[k]) for k in ARCH_KEYS}
-    arch["dual_attention_layers"] = tuple(int(i) for i in (arch["dual_attention_layers"] or ()))
-    arch["qk_norm"] = arch["qk_norm"] or ""
-    arch["pos_embed_max_size"] = arch["pos_embed_max_size"] or 0
-    arch["out_channels"] = arch["out_channels"] or arch["in_channels"]
-    c = ml_collections.ConfigDict()
-    c.family = family or ("sd35" if arch["qk_norm"] or arch["dual_attention_layers"] else "sd3")
-    for k, v in arch.items():
-        setattr(c, k, v)
-    c.dtype = "float32"
-    c.remat = False
-    c.scan_blocks = False
-    c.latent_size = 0  # 0: sample_size
-    c.weights_dir = os.path.dirname(tdir) if os.path.basename(os.path.normpath(tdir)) == "transformer" else tdir
-    c.update(overrides)
-    return c
-
-
-def config_mismatches(cfg, raw: Mapping[str, Any]) -> list[str]:
-    """Architecture keys where our config and a diffusers config.json disagree ("" / 0 / None / () equal)."""
-    out = []
-    for k in ARCH_KEYS:
-        if k not in raw:
-            continue
-        ours, theirs = cfg.get(k), raw[k]
-        if k == "dual_attention_layers":
-            ours, theirs = tuple(ours or ()), tuple(theirs or ())
-        elif k == "out_channels":
-            ours, theirs = ours or cfg.get("in_channels"), theirs or raw.get("in_channels")
-        else:
-            ours, theirs = ours or None, theirs or None
-        if ours != theirs:
-            out.append(f"{k}: model config {ours!r}, checkpoint {theirs!r}")
-    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -151,23 +71,23 @@ def block_map(prefix: str, dual: bool, pre_only: bool, qk_norm: bool) -> dict:
     return m
 
 
-def _stacked(src: Source, first: int, last: int) -> Source:
-    """A per-layer Source of block `first` -> the Source of the stacked run `first..last`."""
-    rest = src.key.split(".", 2)[2]  # "transformer_blocks.{i}.<rest>"
-    key = f"transformer_blocks.{{{first}..{last}}}.{rest}"
-    if src.transform is None:
-        return Source(key)
-    # Only Linear weights are transformed inside blocks: transpose the last two axes of [L, out, in].
-    return Source(key, lambda w: np.swapaxes(w, -1, -2), lambda s: tuple(s[:-2]) + (s[-1], s[-2]))
-
-
 def _flags(cfg) -> tuple[int, set, bool]:
     layers = int(cfg.num_layers)
     return layers, {int(i) for i in (cfg.get("dual_attention_layers") or ())}, bool(cfg.get("qk_norm"))
 
 
+def runs(tree) -> list[stacked.Run]:
+    """The scanned runs `transformer_blocks_{a}_to_{b}/block` of an MMDiT parameter tree."""
+    return [stacked.Run(n, "transformer_blocks", int(m.group(1)), int(m.group(2)), ("block",))
+            for n in tree if (m := _RUN.match(n)) is not None]
+
+
 def sd3_keymap(params_abstract, cfg) -> dict[tuple[str, ...], Source]:
     """{flax path: Source} for every parameter of an sd3/sd35 MMDiT tree (unrolled or scanned)."""
+    return stacked.stacked_keymap(lambda tree: _per_layer_keymap(tree, cfg), params_abstract, runs(params_abstract))
+
+
+def _per_layer_keymap(params_abstract, cfg) -> dict[tuple[str, ...], Source]:
     layers, dual, qk = _flags(cfg)
     nested: dict[str, Any] = {
         "pos_embed": {"proj": conv2d("pos_embed.proj")},
@@ -182,79 +102,7 @@ def sd3_keymap(params_abstract, cfg) -> dict[tuple[str, ...], Source]:
         if (m := _ONE.match(name)) is not None:
             i = int(m.group(1))
             out.update(flatten_map(block_map(f"transformer_blocks.{i}", i in dual, i == layers - 1, qk), (name,)))
-        elif (m := _RUN.match(name)) is not None:
-            a, b = int(m.group(1)), int(m.group(2))
-            per_layer = flatten_map(block_map(f"transformer_blocks.{a}", a in dual, a == layers - 1, qk))
-            out.update({(name, "block") + p: _stacked(s, a, b) for p, s in per_layer.items()})
     return out
-
-
-# ----------------------------------------------------------------------------------------------
-# Stacked (scanned) layout
-
-
-def _run_names(tree) -> dict[str, tuple[int, int]]:
-    return {n: (int(m.group(1)), int(m.group(2))) for n in tree if (m := _RUN.match(n)) is not None}
-
-
-def unstack_blocks(params):
-    """A tree with scanned runs `transformer_blocks_{a}_to_{b}/block` -> per-layer `transformer_blocks_{i}`.
-
-    Works on arrays and on ShapeDtypeStructs (abstract trees)."""
-    out = {k: v for k, v in params.items() if k not in _run_names(params)}
-    for name, (a, b) in _run_names(params).items():
-        for j in range(b - a + 1):
-            out[f"transformer_blocks_{a + j}"] = jax.tree.map(
-                lambda x, j=j: jax.ShapeDtypeStruct(x.shape[1:], x.dtype) if isinstance(x, jax.ShapeDtypeStruct)
-                else x[j], params[name]["block"])
-    return out
-
-
-def stack_blocks(params, abstract):
-    """Per-layer params -> the layout of `abstract` (which names the scanned runs)."""
-    out = {k: params[k] for k in abstract if k not in _run_names(abstract)}
-    for name, (a, b) in _run_names(abstract).items():
-        layers = [params[f"transformer_blocks_{i}"] for i in range(a, b + 1)]
-        out[name] = {"block": jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *layers)}
-    return out
-
-
-class StackedReader:
-    """A SafetensorsDir view that adds virtual keys `transformer_blocks.{a..b}.<rest>` (the per-layer
-    tensors a..b stacked on a new leading axis) and hides the per-layer tensors they consume."""
-
-    def __init__(self, reader: SafetensorsDir, virtual_keys):
-        self.reader, self.directory = reader, reader.directory
-        self.key_file = dict(reader.key_file)
-        for key in virtual_keys:
-            members = self._members(key)
-            if members and all(k in reader.key_file for k in members):
-                for k in members:
-                    self.key_file.pop(k, None)
-                self.key_file[key] = "<stacked>"
-
-    @staticmethod
-    def _members(key: str) -> list[str]:
-        m = _VIRTUAL.match(key)
-        if m is None:
-            return []
-        return [f"transformer_blocks.{i}.{m.group(3)}" for i in range(int(m.group(1)), int(m.group(2)) + 1)]
-
-    def keys(self) -> list[str]:
-        return sorted(self.key_file)
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        members = self._members(key)
-        if not members:
-            return self.reader.shape(key)
-        shapes = {self.reader.shape(k) for k in members}
-        if len(shapes) != 1:
-            raise WeightsError(f"{self.directory}: layers of {key} differ in shape: {sorted(shapes)}")
-        return (len(members),) + shapes.pop()
-
-    def get(self, key: str) -> np.ndarray:
-        members = self._members(key)
-        return np.stack([self.reader.get(k) for k in members]) if members else self.reader.get(key)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -271,8 +119,6 @@ def check_pos_embed(reader: SafetensorsDir, cfg) -> None:
     if POS_EMBED_BUFFER not in reader.key_file:
         return
     atol = _TABLE_ATOL.get(reader.dtype(POS_EMBED_BUFFER), 1e-2)
-    from ng_jax.models.nets.mmdit import sincos_pos_table
-
     mx = int(cfg.get("pos_embed_max_size") or 0)
     hidden = int(cfg.num_attention_heads) * int(cfg.attention_head_dim)
     if not mx:
@@ -296,20 +142,11 @@ def check_pos_embed(reader: SafetensorsDir, cfg) -> None:
 def load_sd3_transformer(weights_dir: str, cfg, dtype=None, shardings=None):
     """Strictly load WEIGHTS_DIR/transformer (single or sharded safetensors) into the params tree of
     `make_velocity_model(cfg)` (unrolled or scanned). Raises WeightsError naming every problem."""
-    from ng_jax.models.velocity import make_velocity_model
-
     tdir = transformer_dir(weights_dir)
-    raw = _read_config(tdir)
-    bad = config_mismatches(cfg, raw)
-    if bad:
-        raise WeightsError(f"{tdir}/config.json disagrees with the model config: {'; '.join(bad)}")
+    check_config(cfg, tdir)
     reader = SafetensorsDir(tdir)
     model = make_velocity_model(cfg)
     abstract = jax.eval_shape(lambda: model.init(jax.random.key(0)))
-    ignore = (POS_EMBED_BUFFER,)
-    flat_abstract = unstack_blocks(abstract)
-    check_map(sd3_keymap(flat_abstract, cfg), flat_abstract, reader, ignore_unused=ignore)  # names real keys
     check_pos_embed(reader, cfg)
-    keymap = sd3_keymap(abstract, cfg)
-    source = StackedReader(reader, {s.key for s in keymap.values()}) if _run_names(abstract) else reader
-    return load_params(keymap, abstract, source, dtype=dtype, shardings=shardings, ignore_unused=ignore)
+    return stacked.load(lambda tree: _per_layer_keymap(tree, cfg), abstract, runs(abstract), reader, dtype=dtype,
+                        shardings=shardings, ignore_unused=(POS_EMBED_BUFFER,))

@@ -2,7 +2,6 @@
 
     vae, params = load_vae(WEIGHTS_DIR)                      # config from WEIGHTS_DIR/vae/config.json
     vae, params = load_vae(WEIGHTS_DIR, dtype="bfloat16")    # frozen bf16 VAE computing in bf16
-    parity_vae(WEIGHTS_DIR)                                  # diffusers vs ours on random inputs (needs torch)
 
 The key map is written out from the config (the structure diffusers builds), not derived from the
 Flax tree, so a naming slip on either side shows up as an unmapped parameter or an unused tensor.
@@ -13,7 +12,6 @@ Attention projections are Linear `[out, in]` in diffusers-format checkpoints; `[
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Iterable
 
@@ -22,8 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from ng_jax.models.nets.vae import VAE, VAEConfig, make_vae
-from ng_jax.models.weights.safetensors import (Path, SafetensorsDir, Source, WeightsError, check_map, conv2d, flatten_map,
-                                   load_params, norm)
+from ng_jax.models.weights.safetensors import (Path, SafetensorsDir, Source, WeightsError, check_map, conv2d,
+                                               flatten_map, load_params, norm, read_json)
 
 ENCODER_BLOCK = "DownEncoderBlock2D"
 DECODER_BLOCK = "UpDecoderBlock2D"
@@ -33,10 +31,7 @@ _LEGACY_ATTN = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "pr
 def vae_config_from_diffusers(vae_dir: str) -> VAEConfig:
     """VAEConfig from a diffusers `AutoencoderKL` config.json; raises WeightsError on a layout we do not port."""
     path = os.path.join(vae_dir, "config.json")
-    if not os.path.isfile(path):
-        raise WeightsError(f"{vae_dir}: no config.json (expected a diffusers AutoencoderKL directory)")
-    with open(path) as f:
-        raw = json.load(f)
+    raw = read_json(vae_dir, hint=" (expected a diffusers AutoencoderKL directory)")
     cls = raw.get("_class_name", "AutoencoderKL")
     if cls != "AutoencoderKL":
         raise WeightsError(f"{path}: _class_name {cls!r}, expected 'AutoencoderKL'")
@@ -169,40 +164,3 @@ def check_vae_dir(weights_dir: str, cfg: VAEConfig | None = None) -> None:
     cfg = cfg or vae_config_from_diffusers(vae_dir)
     abstract = jax.eval_shape(make_vae(cfg).init, jax.random.PRNGKey(0))
     check_map(vae_keymap(abstract, cfg, reader.keys()), abstract, reader)
-
-
-def parity_vae(weights_dir: str, seed: int = 0, batch: int = 2, image_size: int | None = None) -> dict:
-    """Load WEIGHTS_DIR/vae into diffusers (torch, fp32) and ours (fp32) and compare encode (mean, logvar)
-    on identical random images in [-1, 1] and decode on identical random latents.
-
-    Returns {"family": "vae", "max_abs_err", "params", "encode_mean_err", "encode_logvar_err", "decode_err"}."""
-    import torch
-    from diffusers import AutoencoderKL as TorchAutoencoderKL
-    from diffusers.utils import logging as diffusers_logging
-
-    vae, params = load_vae(weights_dir)
-    cfg = vae.cfg
-    diffusers_logging.set_verbosity_error()  # parity's one-JSON-line contract: no loader chatter
-    ref = TorchAutoencoderKL.from_pretrained(os.path.join(weights_dir, "vae"), torch_dtype=torch.float32).eval()
-
-    f = cfg.downsample_factor
-    size = image_size or max(32, 4 * f)
-    rng = np.random.default_rng(seed)
-    images = rng.uniform(-1.0, 1.0, (batch, size, size, cfg.in_channels)).astype(np.float32)
-    latents = rng.standard_normal((batch, size // f, size // f, cfg.latent_channels)).astype(np.float32)
-
-    def nhwc(t):
-        return t.detach().numpy().transpose(0, 2, 3, 1)
-
-    with torch.no_grad():
-        dist = ref.encode(torch.from_numpy(images.transpose(0, 3, 1, 2))).latent_dist
-        ref_mean, ref_logvar = nhwc(dist.mean), nhwc(dist.logvar)
-        ref_dec = nhwc(ref.decode(torch.from_numpy(latents.transpose(0, 3, 1, 2))).sample)
-
-    ours = jax.jit(vae.encode)(params, images)
-    dec = jax.jit(vae.decode)(params, latents)
-    errs = {"encode_mean_err": float(np.max(np.abs(np.asarray(ours.mean) - ref_mean))),
-            "encode_logvar_err": float(np.max(np.abs(np.asarray(ours.logvar) - ref_logvar))),
-            "decode_err": float(np.max(np.abs(np.asarray(dec) - ref_dec)))}
-    return {"family": "vae", "max_abs_err": max(errs.values()),
-            "params": int(sum(x.size for x in jax.tree_util.tree_leaves(params))), **errs}
