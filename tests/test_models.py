@@ -5,7 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from ng_jax import sharding
 from ng_jax.config import blocks
+from ng_jax.models.nets import layers
 from ng_jax.models.nets.lora import lora_init, lora_merge
 from ng_jax.models.nets.text import EMPTY_PROMPT, TextCond, TokenizeError, make_text_encoder, tokenize
 from ng_jax.models.velocity import make_velocity_model
@@ -199,3 +201,81 @@ def test_lora_on_scanned_kernel_stacks_is_per_layer():
                                    base["blocks"]["attn"]["to_q"]["kernel"][layer] + 2.0 * a[layer] @ b[layer],
                                    rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(merged["proj"]["kernel"], base["proj"]["kernel"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Attention implementations (model.attention)
+
+
+def _qkv(seed=0, b=2, lq=9, lk=13, h=2, d=8):
+    rng = np.random.default_rng(seed)
+    q, k, v = (jnp.asarray(rng.standard_normal((b, n, h, d)), jnp.float32) for n in (lq, lk, lk))
+    mask = jnp.asarray(np.arange(lk)[None, :] < np.array([[lk], [lk - 5]]))  # row 1: 5 padded keys
+    return q, k, v, mask
+
+
+@pytest.mark.parametrize("lq", [13, 9], ids=["self", "cross"])
+@pytest.mark.parametrize("masked", [False, True], ids=["unmasked", "masked"])
+def test_xla_attention_matches_the_reference(lq, masked):
+    q, k, v, mask = _qkv(lq=lq)
+    mask = mask if masked else None
+    ref = layers.attention(q, k, v, mask, "reference")
+    xla = jax.jit(lambda q, k, v: layers.attention(q, k, v, mask, "xla"))(q, k, v)
+    assert xla.shape == ref.shape == q.shape
+    np.testing.assert_allclose(np.asarray(xla), np.asarray(ref), atol=1e-5, rtol=0)
+    if masked:  # the padded keys do not matter
+        v2 = v.at[1, -5:].set(100.0)
+        np.testing.assert_allclose(np.asarray(layers.attention(q, k, v2, mask, "xla"))[1], np.asarray(ref)[1],
+                                   atol=1e-5, rtol=0)
+
+
+def test_auto_attention_on_cpu_is_the_reference_path(perturbed, text, text_params):
+    assert jax.default_backend() == "cpu" and layers.resolve_attention("auto") == "reference"
+    assert layers.resolve_attention("auto", "tpu") == "splash"
+    assert layers.resolve_attention("auto", "gpu", jnp.bfloat16, 64) == "cudnn"
+    assert layers.resolve_attention("auto", "gpu", jnp.float32, 64) == "reference"  # cuDNN takes bf16/fp16 only
+    q, k, v, mask = _qkv()
+    np.testing.assert_array_equal(np.asarray(layers.attention(q, k, v, mask, "auto")),
+                                  np.asarray(layers.attention(q, k, v, mask)))
+    ids, tmask = tokenize(text.tokenizer, ["a red circle", "two blue squares"])
+    cond = text.encode(text_params, ids, tmask)
+    x, sigma = jax.random.normal(jax.random.key(3), (2, 8, 8, 3)), jnp.array([0.3, 0.7])
+    out = {a: np.asarray(jax.jit(make_velocity_model(tiny_model_cfg(attention=a)).apply)(perturbed, x, sigma, cond))
+           for a in ("auto", "reference", "xla")}
+    np.testing.assert_array_equal(out["auto"], out["reference"])  # bit-identical on CPU
+    np.testing.assert_allclose(out["xla"], out["reference"], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("choice, words", [("splash", "needs a TPU"), ("cudnn", "needs an NVIDIA GPU"),
+                                           ("flash", "expected one of")])
+def test_attention_a_cpu_cannot_run_is_a_one_line_error(choice, words):
+    q, k, v, _ = _qkv()
+    for call in (lambda: layers.attention(q, k, v, implementation=choice),
+                 lambda: make_velocity_model(tiny_model_cfg(attention=choice))):
+        with pytest.raises(ValueError) as err:
+            call()
+        assert len(str(err.value).splitlines()) == 1 and words in str(err.value), str(err.value)
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["unmasked", "masked"])
+def test_splash_kernel_matches_the_reference_in_interpret_mode(masked):
+    """The splash path (padding to 128, segment ids for masked keys, q scaling, batch vmap, per-shard under
+    the activation rules) through Pallas' interpreter: the kernel itself runs only on TPUs."""
+    q, k, v, mask = _qkv(lq=9, lk=13, h=2, d=8)
+    mask = mask if masked else None
+    ref = np.asarray(layers.attention(q, k, v, mask))
+    out = jax.jit(lambda q, k, v: layers._splash_attention(q, k, v, mask, interpret=True))(q, k, v)
+    np.testing.assert_allclose(np.asarray(out), ref, atol=1e-5, rtol=0)
+    mesh = sharding.make_mesh((1, 2, 1), jax.devices()[:2])  # batch over fsdp: one example per shard
+    with sharding.axis_rules(mesh):
+        sharded = jax.jit(lambda q, k, v: layers._splash_attention(q, k, v, mask, interpret=True))(q, k, v)
+    np.testing.assert_allclose(np.asarray(sharded), ref, atol=1e-5, rtol=0)
+
+
+def test_plan_standin_has_attentions_shapes_and_no_logits():
+    q, k, v, _ = _qkv(lq=9, lk=13)
+    out = layers.attention(q, k, v, implementation=layers.PLAN_STANDIN)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    text = jax.jit(lambda q, k, v: layers.attention(q, k, v, implementation=layers.PLAN_STANDIN)).lower(
+        q, k, v).as_text()
+    assert "2x2x9x13" not in text and "2x2x9x13" in jax.jit(layers.attention).lower(q, k, v).as_text()

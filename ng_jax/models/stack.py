@@ -20,7 +20,8 @@ Two worlds, chosen by `config.model.family` (no `model` block: the toy world):
 - "sd3" / "sd35" / "flux1_dev": a local diffusers directory `model.weights_dir` (transformer/,
   vae/, text_encoder*/, tokenizer*/; `python -m ng_jax.tools.check_weights` validates one). The
   transformer config comes from transformer/config.json; the latent side is
-  `model.resolution / VAE downsample factor` (512 px -> 64). Dtype policy: the frozen base
+  `model.resolution / VAE downsample factor` (512 px -> 64); `model.attention` picks the attention
+  implementation ("auto": cuDNN flash attention on GPU, splash on TPU, the reference on CPU). Dtype policy: the frozen base
   (the reference, and with LoRA the weights the float32 adapters apply to) is stored in
   `model.param_dtype` (bf16 on accelerators) and computes in `model.dtype`; the trainable tree is
   always float32 (LoRA adapters, or full fine-tuning's master weights: `trainable_init`). Text
@@ -50,6 +51,7 @@ from ng_jax import sharding
 from ng_jax.config.checks import ConfigError, weights_dir_problem
 from ng_jax.models.bundle import load_bundle
 from ng_jax.models.dtypes import dtype_of
+from ng_jax.models.nets.layers import ATTENTION
 from ng_jax.models.nets.lora import lora_init
 from ng_jax.models.nets.text import EMPTY_PROMPT, TextCond, make_text_encoder, tokenize
 from ng_jax.models.nets.vae import make_vae
@@ -156,8 +158,11 @@ def check_weights_dir(mcfg) -> str:
 
 def velocity_config(mcfg, latent: int):
     """The transformer config from WEIGHTS_DIR/transformer/config.json plus the run's overrides."""
+    attention = str(mcfg.get("attention") or "auto")
+    if attention not in ATTENTION:
+        raise ConfigError(f"model.attention={attention!r}: expected one of {', '.join(ATTENTION)}")
     over = dict(family=str(mcfg.family), dtype=str(mcfg.get("dtype", "float32")), remat=bool(mcfg.get("remat", False)),
-                scan_blocks=bool(mcfg.get("scan_blocks", False)))
+                scan_blocks=bool(mcfg.get("scan_blocks", False)), attention=attention)
     if mcfg.family == "flux1_dev":
         over.update(sample_size=latent, max_sequence_length=int(mcfg.text.max_sequence_length))
         if mcfg.get("guidance") is not None:

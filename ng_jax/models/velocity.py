@@ -27,7 +27,9 @@ Families:
   max_sequence_length (T5 tokens of the init inputs) and guidance (None -> 3.5 with
   guidance_embeds). `apply` takes an optional per-call `guidance` (scalar or [B]).
 
-Every family also reads dtype (compute dtype), remat and, for the real ones, scan_blocks.
+Every family also reads dtype (compute dtype), remat, attention (`model.attention`, default "auto":
+which implementation the network's attention calls run, `ng_jax.models.nets.layers.attention`) and,
+for the real ones, scan_blocks.
 `ng_jax.models.weights.transformer.model_config_from_diffusers` builds an sd3/sd35/flux1_dev
 config from a checkpoint's config.json.
 """
@@ -42,6 +44,7 @@ import jax.numpy as jnp
 
 from ng_jax.models.dtypes import dtype_of
 from ng_jax.models.nets.flux import PACK, FluxTransformer, latent_image_ids, pack_latents, text_ids, unpack_latents
+from ng_jax.models.nets.layers import resolve_attention
 from ng_jax.models.nets.mmdit import MMDiT
 from ng_jax.models.nets.text import TextCond
 
@@ -126,6 +129,8 @@ class FluxVelocityModel(VelocityModel):
 def make_velocity_model(cfg) -> VelocityModel:
     """The velocity model of `cfg` (a ConfigDict or dict; `family` defaults to "toy_mmdit")."""
     family = cfg.get("family", "toy_mmdit")
+    # A bad name, or a kernel this backend (or model.dtype) cannot run: one line, here rather than at trace time.
+    resolve_attention(attention_of(cfg), dtype=dtype_of(cfg.get("dtype", "float32")))
     if family in SD3_FAMILIES:
         return _make_sd3(cfg)
     if family == "flux1_dev":
@@ -140,10 +145,15 @@ def make_velocity_model(cfg) -> VelocityModel:
     module = MMDiT(patch_size=patch, in_channels=int(cfg.in_channels), hidden_size=int(cfg.hidden_size),
                    depth=int(cfg.depth), num_heads=int(cfg.num_heads), mlp_ratio=float(cfg.mlp_ratio),
                    qk_norm=cfg.get("qk_norm") or None, dtype=dtype_of(cfg.get("dtype", "float32")),
-                   remat=bool(cfg.get("remat", False)))
+                   remat=bool(cfg.get("remat", False)), attention=attention_of(cfg))
     return VelocityModel(module=module, sample_shape=(size, size, int(cfg.in_channels)),
                          context_shape=(1, int(cfg.context_dim)),  # any length works
                          pooled_dim=int(cfg.pooled_dim))
+
+
+def attention_of(cfg) -> str:
+    """`model.attention` of a model config ("auto" when unset, e.g. in bundles saved before it existed)."""
+    return str(cfg.get("attention") or "auto")
 
 
 def _make_sd3(cfg) -> VelocityModel:
@@ -176,7 +186,7 @@ def _make_sd3(cfg) -> VelocityModel:
                    qk_norm=cfg.get("qk_norm") or None, pos_embed_max_size=max_size, base_size=sample_size // patch,
                    dtype=dtype_of(cfg.get("dtype", "float32")), remat=bool(cfg.get("remat", False)),
                    dual_attention_layers=dual, scan_blocks=bool(cfg.get("scan_blocks", False)),
-                   use_text_mask=False)
+                   use_text_mask=False, attention=attention_of(cfg))
     return VelocityModel(module=module, sample_shape=(latent, latent, in_ch),
                          context_shape=(1, int(cfg.joint_attention_dim)), pooled_dim=int(cfg.pooled_projection_dim))
 
@@ -215,7 +225,7 @@ def _make_flux(cfg) -> FluxVelocityModel:
                              num_single_layers=int(cfg["num_single_layers"]), attention_head_dim=head_dim,
                              num_attention_heads=heads, guidance_embeds=guidance_embeds, axes_dims_rope=axes,
                              dtype=dtype_of(get("dtype", "float32")), remat=bool(get("remat", False)),
-                             scan_blocks=bool(get("scan_blocks", False)))
+                             scan_blocks=bool(get("scan_blocks", False)), attention=attention_of(cfg))
     return FluxVelocityModel(module=module, sample_shape=(hgt, wid, in_ch // (PACK * PACK)),
                              context_shape=(int(get("max_sequence_length", 512)), int(cfg["joint_attention_dim"])),
                              pooled_dim=int(cfg["pooled_projection_dim"]),

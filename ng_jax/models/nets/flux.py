@@ -114,11 +114,12 @@ def _heads(t, heads):
 
 
 class _Width(nn.Module):
-    """The fields every FLUX block and attention shares: model width, heads, compute dtype."""
+    """The fields every FLUX block and attention shares: model width, heads, compute dtype, attention."""
 
     dim: int
     heads: int
     dtype: Dtype = jnp.float32
+    attention: str = "auto"  # layers.ATTENTION (model.attention)
 
 
 class FluxTransformerBlock(_Width):
@@ -132,7 +133,8 @@ class FluxTransformerBlock(_Width):
             self.dim, self.dtype, name="norm1_context")(c, temb)
 
         # Joint attention (diffusers `FluxAttention` + `FluxAttnProcessor`), text tokens first.
-        attn_x, attn_c = _DoubleAttention(self.dim, self.heads, self.dtype, name="attn")(nx, nc, cos, sin)
+        attn = _DoubleAttention(self.dim, self.heads, self.dtype, self.attention, name="attn")
+        attn_x, attn_c = attn(nx, nc, cos, sin)
 
         x = x + gate_msa[:, None] * attn_x
         h = modulate(layer_norm(x), shift_mlp, scale_mlp)
@@ -155,7 +157,7 @@ class _DoubleAttention(_Width):
         cq, ck = RMSNorm(name="norm_added_q")(cq), RMSNorm(name="norm_added_k")(ck)
         q = apply_rope(jnp.concatenate([cq, q], axis=1), cos, sin)
         k = apply_rope(jnp.concatenate([ck, k], axis=1), cos, sin)
-        out = attention(q, k, jnp.concatenate([cv, v], axis=1))
+        out = attention(q, k, jnp.concatenate([cv, v], axis=1), implementation=self.attention)
         out = out.reshape(out.shape[:2] + (self.dim,))
         return dense("to_out_0")(out[:, m:]), dense("to_add_out")(out[:, :m])
 
@@ -171,7 +173,7 @@ class FluxSingleTransformerBlock(_Width):
         nh = modulate(layer_norm(h), shift, scale)
         mlp = nn.gelu(nn.Dense(int(self.dim * self.mlp_ratio), dtype=self.dtype, name="proj_mlp")(nh),
                       approximate=True)
-        attn = _SingleAttention(self.dim, self.heads, self.dtype, name="attn")(nh, cos, sin)
+        attn = _SingleAttention(self.dim, self.heads, self.dtype, self.attention, name="attn")(nh, cos, sin)
         mlp = constrain(mlp, ("batch", "seq", "mlp"))
         out = nn.Dense(self.dim, dtype=self.dtype, name="proj_out")(jnp.concatenate([attn, mlp], axis=-1))
         return constrain(h + gate[:, None] * out, TOKENS), None
@@ -197,7 +199,7 @@ class _SingleAttention(_Width):
         q, k, v = (_heads(dense(nm)(h), self.heads) for nm in ("to_q", "to_k", "to_v"))
         q = apply_rope(RMSNorm(name="norm_q")(q), cos, sin)
         k = apply_rope(RMSNorm(name="norm_k")(k), cos, sin)
-        out = attention(q, k, v)
+        out = attention(q, k, v, implementation=self.attention)
         return out.reshape(out.shape[:2] + (self.dim,))
 
 
@@ -245,6 +247,7 @@ class FluxTransformer(nn.Module):
     dtype: Dtype = jnp.float32
     remat: bool = False
     scan_blocks: bool = False
+    attention: str = "auto"  # layers.ATTENTION: the implementation of every attention call (model.attention)
 
     def _stack(self, block_cls, n: int, name: str, carry, temb, cos, sin, **kw):
         if n == 0:
@@ -274,7 +277,7 @@ class FluxTransformer(nn.Module):
         cat = np if isinstance(txt_ids, np.ndarray) and isinstance(img_ids, np.ndarray) else jnp
         cos, sin = rope_tables(cat.concatenate([txt_ids, img_ids], axis=0), self.axes_dims_rope)
 
-        kw = dict(dim=d, heads=self.num_attention_heads, dtype=self.dtype)
+        kw = dict(dim=d, heads=self.num_attention_heads, dtype=self.dtype, attention=self.attention)
         c, x = self._stack(FluxTransformerBlock, self.num_layers, "transformer_blocks", (c, x), temb, cos, sin, **kw)
         m = c.shape[1]
         h = self._stack(FluxSingleTransformerBlock, self.num_single_layers, "single_transformer_blocks",

@@ -14,8 +14,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
-from ng_jax.sharding import constrain
+from ng_jax import sharding
+from ng_jax.sharding import constrain, logical_to_spec
 
 Dtype = Any
 # Logical names of activations (ng_jax.sharding; constraints are no-ops outside a rules context).
@@ -49,14 +51,66 @@ class Dense(nn.Module):
         return y.reshape(x.shape[:-1] + (self.features,)) + bias
 
 
-def attention(q, k, v, key_mask=None):
+# ------------------------------------------------------------------------------------------ attention
+
+# `model.attention`: which implementation the models' one attention call runs (see `attention`).
+ATTENTION = ("auto", "xla", "cudnn", "splash", "reference")
+# ng_jax.plan only: the memory stand-in for a fused kernel when the plan compiles on CPU (`_plan_standin`).
+PLAN_STANDIN = "plan_standin"
+_SPLASH_BLOCKS = (512, 256, 128)  # splash tile sizes tried, largest first (multiples of the 128 lanes)
+
+
+def resolve_attention(choice: str, backend: str | None = None, dtype=None, head_dim: int | None = None) -> str:
+    """The implementation `choice` runs as on `backend` (default: JAX's default backend): "auto" is
+    cuDNN flash attention on GPU (when cuDNN takes the inputs: bf16/fp16, head dim a multiple of 8 up
+    to 128; else "reference"), splash attention on TPU, "reference" elsewhere. A name outside
+    `ATTENTION`, and a fused kernel the backend lacks, are one-line ValueErrors."""
+    if choice not in ATTENTION and choice != PLAN_STANDIN:
+        raise ValueError(f"model.attention={choice!r}: expected one of {', '.join(ATTENTION)}")
+    backend = backend or jax.default_backend()
+    if choice == "auto":
+        if backend == "tpu":
+            return "splash"
+        cudnn_ok = (dtype is None or jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)) and (
+            head_dim is None or (head_dim % 8 == 0 and head_dim <= 128))
+        return "cudnn" if backend == "gpu" and cudnn_ok else "reference"
+    if choice == "splash" and backend != "tpu":
+        raise ValueError(f"model.attention='splash' is the Pallas TPU kernel and needs a TPU; this backend is "
+                         f"{backend!r} (use 'auto', 'xla' or 'reference')")
+    if choice == "cudnn" and backend != "gpu":
+        raise ValueError(f"model.attention='cudnn' is cuDNN flash attention and needs an NVIDIA GPU; this backend is "
+                         f"{backend!r} (use 'auto', 'xla' or 'reference')")
+    if choice == "cudnn" and dtype is not None and jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
+        raise ValueError(f"model.attention='cudnn' needs bfloat16 / float16 activations (model.dtype), got "
+                         f"{jnp.dtype(dtype).name} (use 'auto', 'xla' or 'reference')")
+    return choice
+
+
+def attention(q, k, v, key_mask=None, implementation: str = "reference"):
     """Scaled dot-product attention. q [B, Lq, H, D], k/v [B, Lk, H, D], key_mask bool [B, Lk] or None.
 
-    Logits and softmax run in float32 whatever the compute dtype (bf16 softmax loses the tail).
-    Heads are moved next to the batch ([B, H, L, D]) so both products are plain batched matmuls, and
-    q is scaled before the product (a [B, L, H, D] multiply instead of a [B, H, Lq, Lk] one): together
-    3-9% off an SD3 forward / train step on XLA:CPU (benchmarks/run.py, docs/PERFORMANCE.md)."""
+    `implementation` (config `model.attention`, resolved by `resolve_attention`):
+    - "reference": the einsum path below, the parity oracle. Logits and softmax run in float32 whatever
+      the compute dtype (bf16 softmax loses the tail). Heads are moved next to the batch
+      ([B, H, L, D]) so both products are plain batched matmuls, and q is scaled before the product
+      (a [B, L, H, D] multiply instead of a [B, H, Lq, Lk] one): together 3-9% off an SD3 forward /
+      train step on XLA:CPU (benchmarks/run.py, docs/PERFORMANCE.md). It materialises the
+      [B, H, Lq, Lk] float32 logits (and their softmax) per call.
+    - "xla" / "cudnn": `jax.nn.dot_product_attention(..., implementation=...)`; "xla" also materialises
+      the logits, "cudnn" is cuDNN's fused flash attention (NVIDIA GPUs, bf16/fp16 inputs) and does not.
+    - "splash": the Pallas TPU splash-attention kernel (fused, blockwise; TPU only).
+    - "auto": cudnn on GPU, splash on TPU, reference on CPU (bit-identical to "reference" there).
+    The VAE and the text encoders keep the default, "reference"; the velocity models pass their config.
+    """
     q, k, v = (constrain(t, HEADS) for t in (q, k, v))
+    impl = resolve_attention(implementation, dtype=q.dtype, head_dim=q.shape[-1])
+    if impl in ("xla", "cudnn"):
+        mask = None if key_mask is None else key_mask.astype(bool)[:, None, None, :]
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
+    if impl == "splash":
+        return _splash_attention(q, k, v, key_mask)
+    if impl == PLAN_STANDIN:
+        return _plan_standin(q, k, v)
     scale = jnp.asarray(1.0 / math.sqrt(q.shape[-1]), q.dtype)
     q, k, v = (t.transpose(0, 2, 1, 3) for t in (q * scale, k, v))
     logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
@@ -64,6 +118,64 @@ def attention(q, k, v, key_mask=None):
         logits = jnp.where(key_mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
     weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     return jnp.einsum("bhqk,bhkd->bhqd", weights, v).transpose(0, 2, 1, 3)
+
+
+def _plan_standin(q, k, v):
+    """NOT attention: what `ng_jax.plan` lowers on CPU in place of a fused kernel (cuDNN / splash), whose
+    memory it stands in for. Same inputs and output, float32 accumulation, no [B, H, Lq, Lk] buffer (a
+    [B, H, D, D] contraction instead), so XLA:CPU's memory analysis sees the fused kernel's footprint:
+    q, k, v, the output and their gradients. Never used to run a model."""
+    kv = jnp.einsum("bkhd,bkhe->bhde", k, v, preferred_element_type=jnp.float32)
+    return jnp.einsum("bqhd,bhde->bqhe", q, kv.astype(q.dtype))
+
+
+def _block(length: int) -> int:
+    return next(b for b in _SPLASH_BLOCKS if length % b == 0)
+
+
+def _splash_attention(q, k, v, key_mask, interpret: bool = False):
+    """Splash attention (Pallas TPU kernel) on [B, L, H, D] inputs: sequences padded to multiples of 128
+    (padded and masked keys get segment id 0, every query id 1, so no query attends to them), the
+    kernel vmapped over the batch. Under the activation rules of `ng_jax.sharding`, it runs per shard
+    (`jax.shard_map`: batch over the batch axes, heads over the heads axes, sequences whole).
+    `interpret=True` runs the kernel in Pallas' interpreter (CPU tests)."""
+    # Deferred: the Pallas TPU kernels are imported only where splash runs (a TPU, or a CPU test).
+    from jax.experimental.pallas.ops.tpu import splash_attention as splash
+
+    b, lq, h, d = q.shape
+    lk = k.shape[1]
+    lq_p, lk_p = -(-lq // 128) * 128, -(-lk // 128) * 128
+    q = q * jnp.asarray(1.0 / math.sqrt(d), q.dtype)  # the kernel does not scale
+    valid = jnp.ones((b, lk), bool) if key_mask is None else key_mask.astype(bool)
+    kv_ids = jnp.pad(valid.astype(jnp.int32), ((0, 0), (0, lk_p - lk)))
+    q, k, v = (jnp.pad(t, ((0, 0), (0, n - t.shape[1]), (0, 0), (0, 0)))
+               for t, n in ((q, lq_p), (k, lk_p), (v, lk_p)))
+
+    def per_shard(q, k, v, kv_ids):
+        bq, bkv = _block(lq_p), _block(lk_p)
+        sizes = splash.BlockSizes(block_q=bq, block_kv=bkv, block_kv_compute=bkv, block_q_dkv=bq, block_kv_dkv=bkv,
+                                  block_kv_dkv_compute=bkv, block_q_dq=bq, block_kv_dq=bkv)
+        heads = q.shape[2]
+        kernel = splash.make_splash_mha(splash.MultiHeadMask([splash.FullMask((lq_p, lk_p))] * heads),
+                                        head_shards=1, q_seq_shards=1, block_sizes=sizes, interpret=interpret)
+        ids = splash.SegmentIds(q=jnp.ones(kv_ids.shape[:1] + (lq_p,), jnp.int32), kv=kv_ids)
+        out = jax.vmap(kernel)(*(t.transpose(0, 2, 1, 3) for t in (q, k, v)), ids)
+        return out.transpose(0, 2, 1, 3)
+
+    ctx = _rules_context()
+    if ctx is None:
+        out = per_shard(q, k, v, kv_ids)
+    else:
+        mesh, spec = ctx[0], logical_to_spec(HEADS, q.shape, *ctx, where="splash attention")
+        qkv = P(spec[0], None, spec[2], None)  # sequences whole on every shard
+        out = jax.shard_map(per_shard, mesh=mesh, in_specs=(qkv, qkv, qkv, P(spec[0], None)), out_specs=qkv,
+                            check_vma=False)(q, k, v, kv_ids)
+    return out[:, :lq]
+
+
+def _rules_context():
+    """(mesh, rules) of the activation rules `ng_jax.sharding.constrain` uses, or None outside them."""
+    return getattr(sharding._CONTEXT, "value", None)  # the context `sharding.axis_rules` sets (no public getter)
 
 
 class MultiHeadAttention(nn.Module):

@@ -49,6 +49,7 @@ class JointAttention(nn.Module):
     context_pre_only: bool = False
     qk_norm: str | None = None  # None or "rms_norm" (SD3.5)
     dtype: Dtype = jnp.float32
+    attention: str = "auto"     # layers.ATTENTION (model.attention)
 
     @nn.compact
     def __call__(self, x, c=None, c_mask=None):
@@ -65,7 +66,7 @@ class JointAttention(nn.Module):
         if self.qk_norm == "rms_norm":
             q, k = RMSNorm(name="norm_q")(q), RMSNorm(name="norm_k")(k)
         if c is None:
-            return dense("to_out_0")(attention(q, k, v).reshape(b, n, self.dim)), None
+            return dense("to_out_0")(attention(q, k, v, implementation=self.attention).reshape(b, n, self.dim)), None
         m = c.shape[1]
         cq, ck, cv = (heads(dense(nm)(c), m) for nm in ("add_q_proj", "add_k_proj", "add_v_proj"))
         if self.qk_norm == "rms_norm":
@@ -74,7 +75,7 @@ class JointAttention(nn.Module):
         if c_mask is not None:
             key_mask = jnp.concatenate([jnp.ones((b, n), bool), c_mask.astype(bool)], axis=1)
         out = attention(jnp.concatenate([q, cq], 1), jnp.concatenate([k, ck], 1), jnp.concatenate([v, cv], 1),
-                        key_mask).reshape(b, n + m, self.dim)
+                        key_mask, self.attention).reshape(b, n + m, self.dim)
         x_out = dense("to_out_0")(out[:, :n])
         c_out = None if self.context_pre_only else dense("to_add_out")(out[:, n:])
         return x_out, c_out
@@ -107,6 +108,7 @@ class JointTransformerBlock(nn.Module):
     qk_norm: str | None = None
     dtype: Dtype = jnp.float32
     use_dual_attention: bool = False
+    attention: str = "auto"
 
     @nn.compact
     def __call__(self, x, c, temb, c_mask=None):
@@ -122,11 +124,11 @@ class JointTransformerBlock(nn.Module):
             nc, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = AdaLayerNormZero(
                 self.dim, self.dtype, name="norm1_context")(c, temb)
         attn_x, attn_c = JointAttention(self.dim, self.heads, self.context_pre_only, self.qk_norm, self.dtype,
-                                        name="attn")(nx, nc, c_mask)
+                                        self.attention, name="attn")(nx, nc, c_mask)
         x = x + gate_msa[:, None] * attn_x
         if self.use_dual_attention:
             attn_x2, _ = JointAttention(self.dim, self.heads, qk_norm=self.qk_norm, dtype=self.dtype,
-                                        name="attn2")(nx2)
+                                        attention=self.attention, name="attn2")(nx2)
             x = x + gate_msa2[:, None] * attn_x2
         h = layer_norm(x) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
         x = x + gate_mlp[:, None] * FeedForward(self.dim, hidden, self.dtype, name="ff")(h)
@@ -263,6 +265,7 @@ class MMDiT(nn.Module):
     dual_attention_layers: tuple[int, ...] = ()
     scan_blocks: bool = False
     use_text_mask: bool = True
+    attention: str = "auto"     # layers.ATTENTION: the implementation of every attention call (model.attention)
 
     @nn.compact
     def __call__(self, x, t, tokens, pooled, mask=None):
@@ -279,7 +282,7 @@ class MMDiT(nn.Module):
         block_cls = nn.remat(JointTransformerBlock, static_argnums=()) if self.remat else JointTransformerBlock
         for start, stop, dual, pre_only in block_runs(self.depth, self.dual_attention_layers, self.scan_blocks):
             kwargs = dict(dim=d, heads=self.num_heads, mlp_ratio=self.mlp_ratio, context_pre_only=pre_only,
-                          qk_norm=self.qk_norm, dtype=self.dtype, use_dual_attention=dual)
+                          qk_norm=self.qk_norm, dtype=self.dtype, use_dual_attention=dual, attention=self.attention)
             if stop - start == 1:
                 h, c = block_cls(**kwargs, name=block_name(start, stop))(h, c, temb, mask)
             else:
