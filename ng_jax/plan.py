@@ -4,6 +4,7 @@
     python -m ng_jax.plan --config=configs/flux1dev_awm_normguard.py --chips=64 --hbm_gib=95 --full --json
     python -m ng_jax.plan --config=configs/flux1dev_awm_normguard.py --topology=v5p-128 \
         --config.mesh.shape='(1,-1,4)' --config.lora.rank=0
+    python -m ng_jax.plan --config=configs/sd35m_awm_normguard.py --topology=v5p-128 --attention=reference
 
 It builds the run's velocity model at full size from its transformer config (`model.weights_dir`'s
 transformer/config.json when there is one, else the built-in copy of the released config.json of
@@ -15,6 +16,12 @@ prints the mesh, the per-device bytes of parameters / optimizer state / referenc
 from the shardings (independent of XLA), XLA's per-device memory analysis (arguments, outputs,
 aliases, temporaries; peak ~ arguments + temporaries + outputs - aliases), whether that fits the
 HBM of one chip, and the compile time.
+
+Attention (`model.attention`, or `--attention`) is resolved for the topology's kind (`auto`: splash
+on TPU, cuDNN on GPU, a fused kernel with `--chips` alone). The reference and "xla" paths materialise
+the [B, heads, Lq, Lk] float32 logits of every call; fused kernels do not, and since XLA:CPU cannot
+compile them the step is lowered with `layers.PLAN_STANDIN` (a fused kernel's footprint: same inputs
+and output, no Lq x Lk buffer). The report gives one reference-path call's logits per device.
 
 The micro-batch is set per device (`--per_device_batch`; default: the config's `rl.micro_batch` over
 the 8 devices the shipped configs are sized for), and `rl.train_batch` keeps the config's number of
@@ -65,6 +72,13 @@ PRESETS = {
 
 class PlanError(UserError, ValueError):
     """A bad plan request (topology, chips, mesh): reported in one line."""
+
+
+def topology_target(name: str | None) -> str | None:
+    """"tpu" or "gpu" for a topology name (what `auto` attention resolves against), None without one."""
+    if not name:
+        return None
+    return "gpu" if re.fullmatch(r"(h100|a100|h200)x\d+", name) else "tpu"
 
 
 def parse_topology(name: str) -> tuple[int, float]:
@@ -124,8 +138,31 @@ def _device_bytes(tree, shardings) -> int:
                    for x, sh in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings))))
 
 
-def plan(config, chips: int, *, per_device_batch: int | None = None, compile: bool = True) -> dict:
-    """The plan as a dict (see module doc). `config` is a real-model RL config; it is modified (batch sizes)."""
+def plan_attention(mcfg, target: str | None) -> dict:
+    """How `model.attention` runs on `target` ("tpu" | "gpu" | None): {"choice", "runs_as", "fused",
+    "compiled_as"} (compiled_as: what the CPU compile of the plan lowers)."""
+    from ng_jax.models.dtypes import dtype_of
+    from ng_jax.models.nets.layers import PLAN_STANDIN, resolve_attention
+
+    choice = str(mcfg.get("attention") or "auto")
+    if choice == PLAN_STANDIN:
+        raise PlanError(f"model.attention={choice!r} is the plan's own stand-in, not a choice")
+    if choice == "auto" and target is None:
+        runs_as = "fused"  # splash (TPU) or cuDNN (GPU): every accelerator target has a fused kernel
+    else:
+        backend = target or ("gpu" if choice == "cudnn" else "tpu")  # no topology: the choice's own platform
+        try:
+            runs_as = resolve_attention(choice, backend, dtype=dtype_of(mcfg.get("dtype", "float32"), "model.dtype"))
+        except ValueError as err:
+            raise PlanError(str(err)) from None
+    fused = runs_as in ("fused", "cudnn", "splash")
+    return {"choice": choice, "runs_as": runs_as, "fused": fused, "compiled_as": PLAN_STANDIN if fused else runs_as}
+
+
+def plan(config, chips: int, *, per_device_batch: int | None = None, compile: bool = True,
+         target: str | None = None) -> dict:
+    """The plan as a dict (see module doc). `config` is a real-model RL config; it is modified (batch sizes).
+    `target` ("tpu" | "gpu" | None: unknown) is what `model.attention="auto"` resolves against."""
     import jax
     import jax.numpy as jnp
 
@@ -151,9 +188,12 @@ def plan(config, chips: int, *, per_device_batch: int | None = None, compile: bo
     pdb = int(per_device_batch or max(1, int(rl.micro_batch) // CONFIG_DEVICES))
     rl.micro_batch = pdb * sharding.batch_size_multiple(mesh)
     rl.train_batch = rl.micro_batch * accum
+    attention = plan_attention(mcfg, target)
     with tempfile.TemporaryDirectory() as tmp:
         mcfg.weights_dir = _weights_dir(mcfg, tmp)
-        model = make_velocity_model(velocity_config(mcfg, int(mcfg.resolution) // VAE_DOWNSAMPLE))
+        vcfg = velocity_config(mcfg, int(mcfg.resolution) // VAE_DOWNSAMPLE)
+        vcfg.attention = attention["compiled_as"]
+        model = make_velocity_model(vcfg)
 
     ref_dtype = dtype_of(mcfg.get("param_dtype"), "model.param_dtype", optional=True)
     ref = jax.eval_shape(model.init, jax.random.key(0))
@@ -179,6 +219,14 @@ def plan(config, chips: int, *, per_device_batch: int | None = None, compile: bo
                   "opt_state": _device_bytes(state.opt_state, state_sh.opt_state), "reference": _device_bytes(ref, ref_sh),
                   "batch": _device_bytes(batch, batch_sh)}
     per_device["total"] = sum(per_device.values())  # (not counted: the step counter and RNG key, 12 bytes)
+    # One joint attention call of a forward, per device: its rows (DPO runs winners and losers together),
+    # the heads on this device (heads go over `tensor` by the default rules), and Lq = Lk = image + text tokens.
+    heads, tensor = int(vcfg.num_attention_heads), int(mesh.shape["tensor"])
+    patch = 2 if flux else int(vcfg.patch_size)  # FLUX packs 2x2 latent patches; SD3 patchifies by patch_size
+    seq = math.prod(model.sample_shape[:2]) // patch ** 2 + length
+    rows = pdb * (2 if rl.method == "dpo" else 1)
+    heads_here = heads // tensor if heads % tensor == 0 else heads
+    attention.update(tokens=seq, logits_per_call=rows * heads_here * seq * seq * 4)
     out = {"config": config.get("name"), "family": str(mcfg.family), "method": str(rl.method),
            "lora_rank": int(config.lora.rank), "chips": chips, "mesh": dict(mesh.shape),
            "logical_rules": [list(r) for r in layout.logical_rules],
@@ -188,7 +236,7 @@ def plan(config, chips: int, *, per_device_batch: int | None = None, compile: bo
            "replicated_fraction": {"trainable": sharding.replicated_fraction(state.params, state_sh.params),
                                    "reference": sharding.replicated_fraction(ref, ref_sh)},
            "max_replicated_fraction": float(config.mesh.get("max_replicated_fraction", 1.0)),
-           "bytes_from_shardings": per_device}
+           "bytes_from_shardings": per_device, "attention": attention}
     if not compile:
         return out
 
@@ -226,6 +274,11 @@ def report(r: dict, hbm_gib: float | None) -> str:
              f"{100 * r['replicated_fraction']['reference']:.2f}% (limit {100 * r['max_replicated_fraction']:.0f}%)",
              "per device, from the shardings:"]
     lines += [f"  {k:<12}{_gib(v)}" for k, v in r["bytes_from_shardings"].items()]
+    a = r["attention"]
+    lines.append(f"attention: model.attention={a['choice']} runs as {a['runs_as']} on this target; "
+                 + ("fused: no [B, heads, Lq, Lk] logits (compiled on CPU as a stand-in with its footprint)"
+                    if a["fused"] else "materialises the [B, heads, Lq, Lk] float32 logits of each call")
+                 + f"; one call's logits per device ({a['tokens']} tokens): {_gib(a['logits_per_call']).strip()}")
     if "xla" in r:
         x = r["xla"]
         lines += ["per device, XLA:CPU memory analysis (an estimate of the TPU/GPU compilers'):"]
@@ -252,6 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     mode.add_argument("--lora", action="store_true", help="LoRA (the config's rank, 32 if it has none)")
     mode.add_argument("--full", action="store_true", help="full fine-tuning (lora.rank=0)")
     ap.add_argument("--per_device_batch", type=int, help="micro-batch samples per data x fsdp device")
+    ap.add_argument("--attention", help="model.attention: auto (default: the config's), xla, cudnn, splash, reference")
     ap.add_argument("--no_compile", action="store_true", help="only the bytes from the shardings")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of the report")
     args, rest = ap.parse_known_args(argv[1:])
@@ -272,7 +326,10 @@ def main(argv: list[str] | None = None) -> int:
             config.lora.rank = 0
         elif args.lora and not config.lora.rank:
             config.lora.rank = 32
-        result = plan(config, chips, per_device_batch=args.per_device_batch, compile=not args.no_compile)
+        if args.attention and "model" in config:
+            config.model.attention = args.attention
+        result = plan(config, chips, per_device_batch=args.per_device_batch, compile=not args.no_compile,
+                      target=topology_target(args.topology))
     except PlanError as err:
         print(f"ng_jax.plan: error: {err}", file=sys.stderr)
         return 2

@@ -61,7 +61,24 @@ def test_topologies_and_bad_inputs(tiny_dir, capsys):
     for args, message in ((["--topology=v9-8"], "unknown topology 'v9-8'"),
                           (["--chips=8", "--config.mesh.shape=(3,-1,1)"], "does not divide 8 devices"),
                           (["--chips=16"], "already initialised with 8 CPU devices"),
+                          (["--chips=8", "--topology=v5p-16", "--attention=cudnn"], "needs an NVIDIA GPU"),
+                          (["--chips=8", "--topology=h100x8", "--attention=splash"], "needs a TPU"),
+                          (["--chips=8", "--attention=flash"], "expected one of"),
                           ([], "give --topology")):
         assert plan.main(["ng_jax.plan", f"--config={CONFIG}", f"--config.model.weights_dir={tiny_dir}", *args]) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and message in err, err
+
+
+def test_fused_attention_drops_the_logits_from_the_plan(tiny_dir, capsys):
+    ref = run(tiny_dir, capsys, "--chips=8", "--topology=v5p-16", "--attention=reference")
+    fused = run(tiny_dir, capsys, "--chips=8", "--topology=v5p-16")  # auto on a TPU topology: splash
+    gpu = run(tiny_dir, capsys, "--chips=8", "--topology=h100x8", "--no_compile")
+    assert ref["attention"]["runs_as"] == "reference" and not ref["attention"]["fused"]
+    assert fused["attention"] == dict(fused["attention"], choice="auto", runs_as="splash", fused=True,
+                                      compiled_as="plan_standin")
+    assert gpu["attention"]["runs_as"] == "cudnn"  # the config computes in bf16
+    # 64 px -> 8x8 latents -> 4x4 patches = 16 image tokens, + 77 CLIP + 8 T5 tokens; 1 row x 2 heads, float32.
+    assert ref["attention"]["tokens"] == 101 and ref["attention"]["logits_per_call"] == 1 * 2 * 101 * 101 * 4
+    assert fused["xla"]["temp"] < ref["xla"]["temp"] and fused["xla"]["argument"] == ref["xla"]["argument"]
+    assert "fused: no [B, heads, Lq, Lk] logits" in plan.report(fused, 95.0)
