@@ -104,7 +104,7 @@ def ensure_devices(n: int) -> None:
         flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
         os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
         os.environ["JAX_PLATFORMS"] = "cpu"
-    import jax
+    import jax  # deferred, as every jax import here: after the XLA_FLAGS above
 
     have = len(jax.devices("cpu"))
     if have < n:
@@ -131,6 +131,7 @@ def _weights_dir(mcfg, tmp: str) -> str:
 
 
 def _device_bytes(tree, shardings) -> int:
+    # Deferred: jax may load only after ensure_devices has set the device count.
     import jax
     import numpy as np
 
@@ -141,6 +142,7 @@ def _device_bytes(tree, shardings) -> int:
 def plan_attention(mcfg, target: str | None) -> dict:
     """How `model.attention` runs on `target` ("tpu" | "gpu" | None): {"choice", "runs_as", "fused",
     "compiled_as"} (compiled_as: what the CPU compile of the plan lowers)."""
+    # Deferred: these import jax, which may load only after ensure_devices has set the device count.
     from ng_jax.models.dtypes import dtype_of
     from ng_jax.models.nets.layers import PLAN_STANDIN, resolve_attention
 
@@ -163,6 +165,7 @@ def plan(config, chips: int, *, per_device_batch: int | None = None, compile: bo
          target: str | None = None) -> dict:
     """The plan as a dict (see module doc). `config` is a real-model RL config; it is modified (batch sizes).
     `target` ("tpu" | "gpu" | None: unknown) is what `model.attention="auto"` resolves against."""
+    # Deferred: jax may load only after ensure_devices has set the device count.
     import jax
     import jax.numpy as jnp
 
@@ -172,8 +175,7 @@ def plan(config, chips: int, *, per_device_batch: int | None = None, compile: bo
     from ng_jax.models.stack import velocity_config
     from ng_jax.models.velocity import make_velocity_model
     from ng_jax.rl.rollout import sampler_sigmas
-    from ng_jax.rl.step import jit_train_step, make_init_state
-    from ng_jax.rl.step import TrainBatch
+    from ng_jax.rl.step import TrainBatch, jit_train_step, make_init_state
     from ng_jax.state import count_params, make_optimizer
 
     if "model" not in config:
@@ -219,10 +221,9 @@ def plan(config, chips: int, *, per_device_batch: int | None = None, compile: bo
                   "opt_state": _device_bytes(state.opt_state, state_sh.opt_state), "reference": _device_bytes(ref, ref_sh),
                   "batch": _device_bytes(batch, batch_sh)}
     per_device["total"] = sum(per_device.values())  # (not counted: the step counter and RNG key, 12 bytes)
-    # One joint attention call of a forward, per device: its rows (DPO runs winners and losers together),
-    # the heads on this device (heads go over `tensor` by the default rules), and Lq = Lk = image + text tokens.
+    # One joint attention call per device: rows (DPO: winners + losers), heads here (over `tensor`), Lq = Lk.
     heads, tensor = int(vcfg.num_attention_heads), int(mesh.shape["tensor"])
-    patch = 2 if flux else int(vcfg.patch_size)  # FLUX packs 2x2 latent patches; SD3 patchifies by patch_size
+    patch = 2 if flux else int(vcfg.patch_size)  # FLUX packs 2x2 latent patches
     seq = math.prod(model.sample_shape[:2]) // patch ** 2 + length
     rows = pdb * (2 if rl.method == "dpo" else 1)
     heads_here = heads // tensor if heads % tensor == 0 else heads
@@ -316,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
         if not chips or chips < 1:
             raise PlanError("give --topology=v5p-512 (or similar) or --chips=N")
         ensure_devices(chips)  # before the config loads: it may touch jax (and so fix the device count)
-        from ng_jax.main import UsageError, parse_args
+        from ng_jax.main import UsageError, parse_args  # deferred: after ensure_devices (above)
 
         try:
             config, _, _ = parse_args([argv[0]] + rest, check=False)
