@@ -7,12 +7,13 @@ T5TokenizerFast), in the diffusers directory layout. The reference prompt embedd
 diffusers' own `StableDiffusion3Pipeline.encode_prompt` / `FluxPipeline.encode_prompt`, built
 with only the tiny text encoders and tokenizers.
 """
-import json
 import os
 import shutil
 
 import numpy as np
 import pytest
+
+from tests.fixtures import write_clip_tokenizer
 
 TOL = 1e-4
 MERGES = [("t", "h"), ("th", "e</w>"), ("r", "e"), ("re", "d</w>"), ("c", "a"), ("ca", "t</w>"), ("d", "o"),
@@ -21,23 +22,6 @@ WORDS = "a the red cat dog on of photo blue".split()
 # The last prompt is truncated by every tokenizer (92 CLIP tokens > 77, 50 T5 words > T5_LEN).
 PROMPTS = ["the red cat on a dog", "a photo of a blue dog", "", "the red cat on a blue photo of a dog " * 5]
 T5_LEN = 16
-
-
-def write_clip_tokenizer(directory, pad_token="<|endoftext|>"):
-    """A CLIPTokenizer over the 256 byte symbols (+ `</w>` forms), MERGES and the two specials (last)."""
-    from transformers import CLIPTokenizer
-    from transformers.models.clip.tokenization_clip import bytes_to_unicode
-
-    os.makedirs(directory, exist_ok=True)
-    chars = list(bytes_to_unicode().values())
-    vocab = chars + [c + "</w>" for c in chars] + ["".join(m) for m in MERGES] + ["<|startoftext|>", "<|endoftext|>"]
-    with open(os.path.join(directory, "vocab.json"), "w") as f:
-        json.dump({t: i for i, t in enumerate(vocab)}, f)
-    with open(os.path.join(directory, "merges.txt"), "w") as f:
-        f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in MERGES))
-    CLIPTokenizer(os.path.join(directory, "vocab.json"), os.path.join(directory, "merges.txt"), pad_token=pad_token,
-                  model_max_length=77).save_pretrained(directory)
-    return len(vocab)
 
 
 def write_t5_tokenizer(directory):
@@ -72,8 +56,8 @@ def tiny(tmp_path_factory):
     torch.manual_seed(0)
     root = tmp_path_factory.mktemp("hf_text")
     sd3, flux = root / "sd3", root / "flux"
-    v = write_clip_tokenizer(sd3 / "tokenizer")
-    write_clip_tokenizer(sd3 / "tokenizer_2", pad_token="!")  # as SD3's bigG tokenizer
+    v = write_clip_tokenizer(sd3 / "tokenizer", merges=MERGES)
+    write_clip_tokenizer(sd3 / "tokenizer_2", merges=MERGES, pad_token="!")  # as SD3's bigG tokenizer
     v5 = write_t5_tokenizer(sd3 / "tokenizer_3")
     shutil.copytree(sd3 / "tokenizer", flux / "tokenizer")
     shutil.copytree(sd3 / "tokenizer_3", flux / "tokenizer_2")
