@@ -1,27 +1,25 @@
-"""PNG figures of the analyses (matplotlib, Agg backend: no display needed)."""
+"""PNG figures of the analyses (matplotlib `Figure` objects written straight to PNG: no display needed, and
+no pyplot, so importing this module leaves the process's backend alone, e.g. a notebook's inline plots)."""
 
 from __future__ import annotations
 
 import os
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import numpy as np
+from matplotlib.figure import Figure
 
 
 def _save(fig, path: str) -> str:
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
 
 
 def norm_curves(path: str, curves: dict[str, dict]) -> str:
     """curves: label -> {"sigma": [...], "mean": [...], "spread": [...]} (norm ratio per step)."""
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
     for label, c in curves.items():
         s, m, sd = (np.asarray(c[k]) for k in ("sigma", "mean", "spread"))
         ax.plot(s, m, marker="o", ms=3, label=label)
@@ -39,7 +37,8 @@ def grouped_bars(path: str, table: dict[str, dict[str, float]], metrics: tuple[s
     """table: label -> variant -> {metric: value}; one panel per metric, bars per variant."""
     labels = list(table)
     variants = list(next(iter(table.values())))
-    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.6))
+    fig = Figure(figsize=(4.2 * len(metrics), 3.6))
+    axes = fig.subplots(1, len(metrics))
     axes = np.atleast_1d(axes)
     width = 0.8 / max(len(variants), 1)
     for ax, metric in zip(axes, metrics):
@@ -58,7 +57,8 @@ def grouped_bars(path: str, table: dict[str, dict[str, float]], metrics: tuple[s
 def lines(path: str, series: dict[str, dict[str, list]], x_key: str, metrics: tuple[str, ...], title: str,
           xlabel: str, logx: bool = False) -> str:
     """series: label -> {x_key: [...], metric: [...]}; one panel per metric."""
-    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.6))
+    fig = Figure(figsize=(4.2 * len(metrics), 3.6))
+    axes = fig.subplots(1, len(metrics))
     axes = np.atleast_1d(axes)
     for ax, metric in zip(axes, metrics):
         for label, s in series.items():
@@ -75,7 +75,8 @@ def lines(path: str, series: dict[str, dict[str, list]], x_key: str, metrics: tu
 
 def adjoint(path: str, results: dict[str, dict]) -> str:
     """results: label -> adjoint.summarize output. Mean +- spread and coherence per step."""
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.6))
+    fig = Figure(figsize=(9, 3.6))
+    a1, a2 = fig.subplots(1, 2)
     for label, r in results.items():
         s, m, sd = (np.asarray(r[k]) for k in ("sigma", "mean", "spread"))
         a1.plot(s, m, marker="o", ms=3, label=label)
