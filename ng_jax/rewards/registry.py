@@ -2,8 +2,11 @@
 
     build_rewards(config.rewards) -> WeightedRewards   # name -> weight, timeout, retries
 
-Built in: the shapes world's `verifier`, JPEG (in)compressibility, the CLIP-family reward models
-from local weights (`clip_score`, `pickscore`, `hpsv2`) and a `remote` reward server. More names
+Built in: the shapes world's `verifier` and `preference` (a Bradley-Terry model of synthetic human
+preferences that, like PickScore / HPSv2, also favours vivid, high-contrast colour), `colourfulness`
+(Hasler-Suesstrunk, for composites such as `{"verifier": 1, "colourfulness": 0.01}`), JPEG
+(in)compressibility, the CLIP-family reward models from local weights (`clip_score`, `pickscore`,
+`hpsv2`) and a `remote` reward server. More names
 can be added with `register_reward(name, factory)`; `registered(name, factory)` does it for a
 `with` block only (tests), restoring the registry afterwards.
 """
@@ -13,8 +16,10 @@ from __future__ import annotations
 import contextlib
 
 from ng_jax.rewards.clip import ClipScore, HPSv2, PickScore
+from ng_jax.rewards.colour import Colourfulness
 from ng_jax.rewards.host import WeightedRewards
 from ng_jax.rewards.jpeg import JpegCompressibility, JpegIncompressibility
+from ng_jax.rewards.preference import PreferenceReward
 from ng_jax.rewards.remote import RemoteReward
 from ng_jax.rewards.verifier import VerifierReward
 
@@ -41,6 +46,8 @@ def _remote(cfg):
 # name -> factory(rewards_cfg) -> Reward (a callable `(uint8 images [B, H, W, 3], prompts) -> float32 [B]`)
 BUILT_IN = {
     "verifier": lambda cfg: VerifierReward(),
+    "preference": lambda cfg: PreferenceReward(),
+    "colourfulness": lambda cfg: Colourfulness(),
     "jpeg_compressibility": lambda cfg: JpegCompressibility(),
     "jpeg_incompressibility": lambda cfg: JpegIncompressibility(),
     "remote": _remote,
