@@ -154,13 +154,37 @@ def test_stratified_slot_timesteps():
 # sampling: guidance helpers and conversions
 
 
+def np_cfg_rescale(v_cfg, v_c, phi):
+    """ALGORITHMS.md sec 6 item 7, written out: phi * v_cfg * std(v_c) / max(std(v_cfg), 1e-12) + (1 - phi) * v_cfg,
+    with per-sample population standard deviations over every non-batch axis."""
+    v_cfg, v_c = np.asarray(v_cfg, np.float64), np.asarray(v_c, np.float64)
+    out = np.empty_like(v_cfg)
+    for b in range(len(v_cfg)):
+        std_c = np.sqrt(np.mean((v_c[b] - v_c[b].mean()) ** 2))
+        std_cfg = np.sqrt(np.mean((v_cfg[b] - v_cfg[b].mean()) ** 2))
+        out[b] = phi * v_cfg[b] * std_c / max(std_cfg, 1e-12) + (1 - phi) * v_cfg[b]
+    return out
+
+
 def test_cfg_rescale_formula():
-    vc = np.asarray(NOISE) * 0.5 + 0.1
-    vcfg = np.asarray(NOISE) * 2.0 - 0.3
-    out = np.asarray(sampling.cfg_rescale(jnp.asarray(vcfg), jnp.asarray(vc), 0.7))
-    ratio = vc.std((1, 2, 3), keepdims=True) / vcfg.std((1, 2, 3), keepdims=True)
-    np.testing.assert_allclose(out, 0.7 * vcfg * ratio + 0.3 * vcfg, rtol=1e-5)
+    # Independent velocities whose per-sample spreads differ from sample to sample and, within a sample, from
+    # channel to channel and row to row: any other reduction (per channel, per row, over the batch) differs.
+    rng = np.random.default_rng(4)
+    scale_c = rng.uniform(0.2, 3.0, (B, 1, 1, 1)) * rng.uniform(0.5, 2.0, (1, 1, 1, SHAPE[-1]))
+    scale_cfg = rng.uniform(0.2, 3.0, (B, 1, 1, 1)) * rng.uniform(0.5, 2.0, (1, SHAPE[0], 1, 1))
+    vc = (rng.standard_normal((B,) + SHAPE) * scale_c + rng.normal(size=(B, 1, 1, 1))).astype(np.float32)
+    vcfg = (rng.standard_normal((B,) + SHAPE) * scale_cfg - 0.3).astype(np.float32)
+    for phi in (0.7, 1.0):
+        out = np.asarray(sampling.cfg_rescale(jnp.asarray(vcfg), jnp.asarray(vc), phi))
+        np.testing.assert_allclose(out, np_cfg_rescale(vcfg, vc, phi), rtol=1e-5, atol=1e-6)
+    # phi = 1 gives every sample exactly the conditional velocity's spread
+    out = np.asarray(sampling.cfg_rescale(jnp.asarray(vcfg), jnp.asarray(vc), 1.0))
+    np.testing.assert_allclose(out.std((1, 2, 3)), vc.std((1, 2, 3)), rtol=1e-5)
     np.testing.assert_allclose(sampling.cfg_rescale(jnp.asarray(vcfg), jnp.asarray(vc), 0.0), vcfg, rtol=1e-6)
+    # a constant guided velocity (std 0) is left as it is rather than divided by zero
+    flat = np.full((1,) + SHAPE, 0.25, np.float32)
+    np.testing.assert_allclose(sampling.cfg_rescale(jnp.asarray(flat), jnp.asarray(vc[:1]), 0.7),
+                               np_cfg_rescale(flat, vc[:1], 0.7), rtol=1e-6)
     np.testing.assert_allclose(sampling.cfg_combine(1.0, 3.0, 2.5), 6.0)
 
 
@@ -211,13 +235,14 @@ def test_cfg_one_batched_call_equals_separate_calls():
     assert batches and set(batches) == {2 * B}
     ref = np_euler(PARAMS, NOISE, COND, np_grid_shift(3, 3.0), uncond=UNCOND, w=4.0)
     np.testing.assert_allclose(out.x0, ref, rtol=1e-5, atol=1e-5)
-    # CFG-rescale on top of the combined velocity
+    # CFG-rescale on top of the combined velocity (one step from sigma 1 to 0: x0 = noise - v)
     resc = sampler(num_steps=1, cfg_scale=4.0, cfg_rescale_phi=0.7, record=("velocities",))(PARAMS, NOISE, COND, UNCOND)
-    s1 = jnp.ones(B)
-    vc, vu = toy_apply(PARAMS, NOISE, s1, COND), toy_apply(PARAMS, NOISE, s1, UNCOND)
-    expect = sampling.cfg_rescale(sampling.cfg_combine(vu, vc, 4.0), vc, 0.7)
-    np.testing.assert_allclose(resc.velocities[0], expect, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(resc.x0, NOISE - expect, rtol=1e-5, atol=1e-6)
+    noise = np.asarray(NOISE, np.float64)
+    vc, vu = np_apply(PARAMS, noise, 1.0, COND), np_apply(PARAMS, noise, 1.0, UNCOND)
+    expect = np_cfg_rescale(vu + 4.0 * (vc - vu), vc, 0.7)
+    assert np.abs(expect - (vu + 4.0 * (vc - vu))).max() > 0.1  # the rescale changes this velocity
+    np.testing.assert_allclose(resc.velocities[0], expect, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(resc.x0, noise - expect, rtol=1e-5, atol=1e-5)
 
 
 def test_renorm_to_ref_and_norm_records():
