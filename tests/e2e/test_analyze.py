@@ -16,6 +16,7 @@ from ng_jax.eval import analyze
 from ng_jax.eval.analysis import adjoint, checkpoints
 from ng_jax.models.bundle import BundleError, ModelBundle, load_bundle, save_bundle
 
+pytestmark = pytest.mark.slow
 SCALE = 1.1
 
 

@@ -41,6 +41,7 @@ from ng_jax.rewards.host import RewardError
 from ng_jax.rewards.jpeg import JpegIncompressibility
 from tests.fixtures import REPO, tiny_rl_config
 
+pytestmark = pytest.mark.slow
 EPOCHS = 8
 TIMING_KEYS = ("time", "train/rollout_s", "train/epoch_s")
 
