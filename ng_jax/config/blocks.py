@@ -111,6 +111,10 @@ def normguard_config(lam: float = 0.0) -> mlc.ConfigDict:
     c.margin = 0.0          # tolerated relative excess of ||v|| over ||v_ref|| before the hinge acts
     c.power = 1             # 1 (hinge) or 2 (squared hinge)
     c.relative = True       # divide by ||v_ref|| ** power (scale-free penalty)
+    # Log the gradient norms of the base loss and of the hinge (per unit lam) separately, w.r.t. v and the
+    # parameters (train/grad_v_base, grad_v_hinge, grad_param_base, grad_param_hinge; also with lam = 0, to
+    # calibrate lam on a base run); one more backward pass per step
+    c.log_term_grads = False
     return c
 
 

@@ -74,6 +74,15 @@ class StepSpec:
     dpo_logit_mean: float = 0.0
     dpo_logit_std: float = 1.0
     dpo_shift: float = 1.0
+    # Log the gradient norms of the base loss and of the hinge separately, at v and at the parameters
+    # (TERM_GRAD_METRICS; for calibrating lam): one more backward pass per micro-step.
+    term_grads: bool = False
+
+
+# Per-term gradient norms (with StepSpec.term_grads): of the base loss and of the mean hinge penalty per unit
+# lam, w.r.t. the policy velocity v (over the micro-batch) and w.r.t. the trainable parameters; means over
+# the step's micro-steps. lam * grad_*_hinge / grad_*_base is the hinge's pull relative to the base loss.
+TERM_GRAD_METRICS = ("grad_v_base", "grad_v_hinge", "grad_param_base", "grad_param_hinge")
 
 
 def _check_spec(spec: StepSpec) -> None:
@@ -166,6 +175,34 @@ def make_micro_grad(apply_fn, spec: StepSpec, policy_params: Callable):
     def noise_like(x0, keys):  # one key per sample: the noise does not depend on the micro-batching
         return jax.vmap(lambda k: jax.random.normal(k, x0.shape[1:], x0.dtype))(keys)
 
+    def value_and_grads(trainable, forward, base_of_v, pairs):
+        """`(total, aux, v, grads)` of `total = base_of_v(v) + hinge` with `v = forward(trainable)`;
+        `pairs(v) -> (v_list, v_ref_list)` says what the hinge compares."""
+        if not spec.term_grads:
+            def loss_fn(tr):
+                v = forward(tr)
+                base, aux = base_of_v(v)
+                total, ng_aux = add_normguard(base, *pairs(v))
+                return total, ({**aux, **ng_aux, "base_loss": base}, v)
+
+            (total, (aux, v)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+            return total, aux, v, grads
+        # The same gradient, split: d(base)/dv and d(hinge)/dv (the mean penalty, per unit lam, so that a base
+        # run tells which lam would balance the two) pulled back through one forward.
+        v, pull_back = jax.vjp(forward, trainable)
+        (base, aux), g_base = jax.value_and_grad(base_of_v, has_aux=True)(v)
+        unit = dict(ng, lam=1.0)
+        hinge_of_v = lambda u: losses.with_normguard(jnp.zeros((), jnp.float32), *pairs(u), **unit)  # noqa: E731
+        (penalty, ng_aux), g_hinge = jax.value_and_grad(hinge_of_v, has_aux=True)(v)
+        (p_base,), (p_hinge,) = pull_back(g_base), pull_back(g_hinge)
+        terms = {"grad_v_base": optax.global_norm(g_base), "grad_v_hinge": optax.global_norm(g_hinge),
+                 "grad_param_base": optax.global_norm(p_base), "grad_param_hinge": optax.global_norm(p_hinge)}
+        if spec.lam == 0:
+            return base, {**aux, **terms, "base_loss": base}, v, p_base
+        grads = jax.tree.map(lambda b, h: b + spec.lam * h, p_base, p_hinge)
+        ng_aux = {k: ng_aux[k] for k in NORMGUARD_METRICS}
+        return base + spec.lam * penalty, {**aux, **ng_aux, **terms, "base_loss": base}, v, grads
+
     def nft_awm(trainable, ref, ema, mb: TrainBatch, sigma, keys):
         noise = noise_like(mb.x0, keys)
         x_t = flow.interpolate(mb.x0, noise, sigma)
@@ -174,16 +211,14 @@ def make_micro_grad(apply_fn, spec: StepSpec, policy_params: Callable):
         v_old = jax.lax.stop_gradient(apply_fn(policy_params(ema, ref), x_t, sigma, mb.cond))
         target = flow.velocity_target(mb.x0, noise)
 
-        def loss_fn(tr):
-            v = apply_fn(policy_params(tr, ref), x_t, sigma, mb.cond)
+        def base_of_v(v):
             if spec.method == "nft":
-                base, aux = losses.nft_loss(v, v_old, v_ref, x_t, mb.x0, sigma, mb.advantages, **spec.loss_kwargs)
-            else:
-                base, aux = losses.awm_loss(v, v_ref, v_old, target, sigma, mb.advantages, **spec.loss_kwargs)
-            total, ng_aux = add_normguard(base, [v], [v_ref])  # NFT: on v_theta, not v_pos / v_neg
-            return total, ({**aux, **ng_aux, "base_loss": base}, v)
+                return losses.nft_loss(v, v_old, v_ref, x_t, mb.x0, sigma, mb.advantages, **spec.loss_kwargs)
+            return losses.awm_loss(v, v_ref, v_old, target, sigma, mb.advantages, **spec.loss_kwargs)
 
-        (loss, (aux, v)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+        forward = lambda tr: apply_fn(policy_params(tr, ref), x_t, sigma, mb.cond)  # noqa: E731
+        # NormGuard on v_theta (NFT: not on its implicit v_pos / v_neg)
+        loss, aux, v, grads = value_and_grads(trainable, forward, base_of_v, lambda v: ([v], [v_ref]))
         return loss, grads, {**aux, "_ratio": _norm_ratio(v, v_ref), "_sigma": sigma}
 
     def dpo(trainable, ref, ema, mb: TrainBatch, sigma, keys):
@@ -196,13 +231,12 @@ def make_micro_grad(apply_fn, spec: StepSpec, policy_params: Callable):
         v_ref = jax.lax.stop_gradient(apply_fn(ref, x, s2, c2))   # winners and losers in one forward
         target_w, target_l = flow.velocity_target(mb.x0, noise), flow.velocity_target(mb.x0_l, noise)
 
-        def loss_fn(tr):
-            v = apply_fn(policy_params(tr, ref), x, s2, c2)
-            base, aux = losses.dpo_loss(v[:n], v[n:], v_ref[:n], v_ref[n:], target_w, target_l, **spec.loss_kwargs)
-            total, ng_aux = add_normguard(base, [v[:n], v[n:]], [v_ref[:n], v_ref[n:]])  # winner and loser
-            return total, ({**aux, **ng_aux, "base_loss": base}, v)
+        def base_of_v(v):
+            return losses.dpo_loss(v[:n], v[n:], v_ref[:n], v_ref[n:], target_w, target_l, **spec.loss_kwargs)
 
-        (loss, (aux, v)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+        forward = lambda tr: apply_fn(policy_params(tr, ref), x, s2, c2)  # noqa: E731
+        pairs = lambda v: ([v[:n], v[n:]], [v_ref[:n], v_ref[n:]])  # noqa: E731  (winners and losers)
+        loss, aux, v, grads = value_and_grads(trainable, forward, base_of_v, pairs)
         return loss, grads, {**aux, "_ratio": _norm_ratio(v, v_ref), "_sigma": s2}
 
     return dpo if spec.method == "dpo" else nft_awm
@@ -286,7 +320,7 @@ def make_step_spec(config, grid: np.ndarray) -> StepSpec:
         grid=tuple(float(s) for s in grid[:-1]), grid_fraction=float(rl.grid_fraction),
         loss_kwargs=dict(config.loss.to_dict()), lam=float(ng.lam), margin=float(ng.margin),
         power=int(ng.power), relative=bool(ng.relative), dpo_logit_mean=float(rl.dpo_logit_mean),
-        dpo_logit_std=float(rl.dpo_logit_std), dpo_shift=float(rl.dpo_shift))
+        dpo_logit_std=float(rl.dpo_logit_std), dpo_shift=float(rl.dpo_shift), term_grads=bool(ng.log_term_grads))
 
 
 def make_init_state(config, optimizer, lora_cfg):
