@@ -142,3 +142,34 @@ def trim_metrics(path: str, step: int) -> None:
         with open(path + ".tmp", "w") as f:
             f.writelines(keep)
         os.replace(path + ".tmp", path)
+
+
+class StepMetrics:
+    """Epoch means of the step metrics; per-sigma-bucket ratios weighted by their sample counts."""
+    def __init__(self):
+        self.sums: dict = {}
+        self.steps = 0
+
+    def add(self, m: dict) -> None:
+        counts = np.asarray(m["bucket_count"], np.float64)
+        for key, val in m.items():
+            if key in ("finite", "bucket_count"):
+                continue
+            val = np.asarray(val, np.float64)
+            if key == "norm_ratio_by_bucket":
+                val = val * counts
+            self.sums[key] = self.sums.get(key, 0.0) + val
+        self.sums["bucket_count"] = self.sums.get("bucket_count", 0.0) + counts
+        self.steps += 1
+
+    def record(self) -> dict:
+        """`{metric: epoch mean}`; per-bucket norm ratios as `norm_ratio_sigma_<centre>`."""
+        sums = dict(self.sums)
+        counts = sums.pop("bucket_count", None)
+        by_bucket = sums.pop("norm_ratio_by_bucket", None)
+        record = {key: float(v) / max(self.steps, 1) for key, v in sums.items()}
+        if by_bucket is not None:
+            for c, total, n in zip(self.centres, by_bucket, counts):
+                if n > 0:
+                    record[f"norm_ratio_sigma_{c:.1f}"] = float(total / n)
+        return record

@@ -53,7 +53,7 @@ from ng_jax.rl.advantages import make_advantage_fn, train_batches
 from ng_jax.rl.export import export_run
 from ng_jax.rl.prompts import load_eval_prompts, load_rl_prompts
 from ng_jax.rl.rollout import make_rollout_fn, rollouts, sampler_sigmas
-from ng_jax.rl.step import StepMetrics, ema_decay, jit_train_step, make_ema_update, make_init_state, policy_params_fn
+from ng_jax.rl.step import bucket_centres, ema_decay, jit_train_step, make_ema_update, make_init_state, policy_params_fn
 from ng_jax.state import make_optimizer
 
 
@@ -188,7 +188,7 @@ def run(config, workdir: str) -> int:
                 t_roll = time.time() - t0
                 # --- advantages -> optimizer steps -> old/EMA update
                 advantages = np.asarray(adv_fn(jnp.asarray(rewards), jnp.asarray(prompt_ids)))
-                metrics = StepMetrics()
+                metrics = logs.StepMetrics(bucket_centres())
                 for batch in train_batches(config, x0, cond, advantages, rewards, k, epoch):
                     state, m = step_fn(state, ref, jax.device_put(batch, batch_sh))
                     m = jax.device_get(m)

@@ -346,34 +346,3 @@ def jit_train_step(config, apply_fn, optimizer, lora_cfg, grid, mesh, state_sh, 
 def ema_decay(config, step: int) -> float:
     """Old/EMA decay after an epoch: min(rate * optimizer_step, max) (DiffusionNFT / AWM schedules)."""
     return float(min(config.rl.ema.rate * step, config.rl.ema.max))
-
-
-class StepMetrics:
-    """Epoch means of the step metrics; per-sigma-bucket ratios weighted by their sample counts."""
-    def __init__(self):
-        self.sums: dict = {}
-        self.steps = 0
-
-    def add(self, m: dict) -> None:
-        counts = np.asarray(m["bucket_count"], np.float64)
-        for key, val in m.items():
-            if key in ("finite", "bucket_count"):
-                continue
-            val = np.asarray(val, np.float64)
-            if key == "norm_ratio_by_bucket":
-                val = val * counts
-            self.sums[key] = self.sums.get(key, 0.0) + val
-        self.sums["bucket_count"] = self.sums.get("bucket_count", 0.0) + counts
-        self.steps += 1
-
-    def record(self) -> dict:
-        """`{metric: epoch mean}`; per-bucket norm ratios as `norm_ratio_sigma_<centre>`."""
-        sums = dict(self.sums)
-        counts = sums.pop("bucket_count", None)
-        by_bucket = sums.pop("norm_ratio_by_bucket", None)
-        record = {key: float(v) / max(self.steps, 1) for key, v in sums.items()}
-        if by_bucket is not None:
-            for c, total, n in zip(bucket_centres(), by_bucket, counts):
-                if n > 0:
-                    record[f"norm_ratio_sigma_{c:.1f}"] = float(total / n)
-        return record
