@@ -132,7 +132,7 @@ class Evaluator:
         images, norm_p, norm_r, sigmas = self.sample(trainable)
         total, parts = self.weighted.score_host(images, self.prompts)
         ratio = np.asarray(flow.norm_ratio(norm_p, norm_r))  # [N_steps, n], as the train step's
-        result = {"step": int(step), "reward": float(np.mean(total)),
+        result = {"step": int(step), "n_images": int(self.n), "reward": float(np.mean(total)),
                   "norm_ratio": float(ratio.mean()),
                   "norm_ratio_by_sigma": [[float(s), float(r)] for s, r in zip(sigmas[:-1], ratio.mean(1))],
                   "norm_ratio_spread_by_sigma": [[float(s), float(r)] for s, r in zip(sigmas[:-1], ratio.std(1))]}

@@ -27,7 +27,7 @@ def export_run(config, workdir: str, stack, state, policy_params, meta) -> dict:
     summary = {"config": config.name, "method": config.rl.method, "normguard": config.normguard.to_dict(),
                "rewards": {str(k): float(v) for k, v in config.rewards.weights.items()}, "seed": int(config.seed),
                "epochs": int(config.rl.epochs), "eval_initial": meta.eval_initial, "eval": meta.eval_last,
-               "history": meta.evals}
+               "history": meta.evals, "wall_s": meta.seconds}
     if stack.is_toy:
         bundle = stack.bundle
         policy = sharding.tree_to_host(jax.jit(policy_params)(state.params, stack.ref))

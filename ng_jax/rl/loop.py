@@ -67,6 +67,7 @@ class RunMeta:
     eval_initial: dict | None = None
     evals: list = dataclasses.field(default_factory=list)  # scalar results of each evaluation, with "epoch"
     eval_last: dict | None = None  # the last full evaluation result
+    seconds: float = 0.0           # wall-clock seconds of the run so far, over every resume
 
     @classmethod
     def restored(cls, meta: dict, step: int, directory: str, method: str) -> "RunMeta":
@@ -80,7 +81,7 @@ class RunMeta:
         if int(meta["epoch"]) != step:
             raise CheckpointError(f"{where} records epoch {meta['epoch']}")
         return cls(method=method, epoch=int(meta["epoch"]), data=meta["data"], eval_initial=meta["eval_initial"],
-                   evals=list(meta["evals"]), eval_last=meta.get("eval_last"))
+                   evals=list(meta["evals"]), eval_last=meta.get("eval_last"), seconds=float(meta.get("seconds", 0.0)))
 
 
 def check_rl_config(config, multiple: int) -> None:
@@ -167,6 +168,7 @@ def run(config, workdir: str) -> int:
         say(logs.eval_line(f"epoch {step}" if step else tag, result))
         return result
 
+    t_start, seconds_before = time.time(), meta.seconds
     with Preemption() as preemption, quiet_reward_error_logs():
         try:
             if meta.eval_initial is None:
@@ -217,6 +219,7 @@ def run(config, workdir: str) -> int:
                     meta.evals.append({"epoch": done, **logs.scalars(meta.eval_last)})
                 stop = preemption.should_stop()  # SIGTERM on any host stops every host at this boundary
                 if done % int(config.ckpt.every) == 0 or done == epochs or stop:
+                    meta.seconds = seconds_before + time.time() - t_start
                     ckpt.save(done, state, dataclasses.asdict(meta))
                 if stop:
                     say(f"SIGTERM: checkpoint saved at epoch {done} in {ckpt.directory}; exiting")
