@@ -202,7 +202,7 @@ def test_awm_normguard_on_sd35(dirs, tmp_path, monkeypatch):
     cfg_file.write_text(
         "import json, sys\n"
         f"sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})\n"
-        "from ng_jax import config_base\n"
+        "from ng_jax.config import methods\n"
         "import test_real_model_rl as t\n\n\n"
         "def get_config(arg=None):\n"
         f"    d = json.load(open({str(tmp_path / 'dirs.json')!r}))\n"

@@ -127,7 +127,7 @@ class FluxVelocityModel(VelocityModel):
 
 
 def make_velocity_model(cfg) -> VelocityModel:
-    """The velocity model of `cfg` (a ConfigDict or dict; `family` defaults to "toy_mmdit")."""
+    """The velocity model of `cfg` (a ConfigDict; FLUX's may be a plain dict; `family` defaults to "toy_mmdit")."""
     family = cfg.get("family", "toy_mmdit")
     # A bad name, or a kernel this backend (or model.dtype) cannot run: one line, here rather than at trace time.
     resolve_attention(attention_of(cfg), dtype=dtype_of(cfg.get("dtype", "float32")))
