@@ -20,9 +20,9 @@ import numpy as np
 from flax import serialization
 
 from ng_jax.errors import UserError
+from ng_jax.models.jsonfile import read_json
 from ng_jax.models.nets.text import make_text_encoder
 from ng_jax.models.velocity import make_velocity_model
-from ng_jax.models.weights.safetensors import read_json
 
 BUNDLE_VERSION = 1
 DEFAULT_REFERENCE = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets", "reference")

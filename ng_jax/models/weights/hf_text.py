@@ -24,8 +24,9 @@ import numpy as np
 from flax.core import unfreeze
 from safetensors import safe_open
 
+from ng_jax.models.jsonfile import read_json
 from ng_jax.models.nets.hf_text import FAMILIES, HFTextEncoders, patch_flax_t5_clip
-from ng_jax.models.weights.safetensors import SafetensorsDir, Source, WeightsError, load_params, read_json
+from ng_jax.models.weights.safetensors import SafetensorsDir, Source, WeightsError, load_params
 
 def hf_keymap(abstract_params, shared_key: str | None = None) -> dict[tuple[str, ...], Source]:
     """{flax path: Source} for a transformers Flax model from its PyTorch checkpoint names.
@@ -88,7 +89,7 @@ def _load_component(directory: str, role: str, dtype, param_dtype, shardings, va
 
     if not os.path.isdir(directory):
         raise WeightsError(f"text encoder directory not found: {directory}")
-    raw = read_json(directory)
+    raw = read_json(directory, error=WeightsError)
     want_type = "t5" if role == "t5" else "clip_text_model"
     if raw.get("model_type") != want_type:
         cls_name = "T5EncoderModel" if role == "t5" else "CLIPTextModel"

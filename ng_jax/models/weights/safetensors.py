@@ -38,21 +38,6 @@ class WeightsError(UserError, RuntimeError):
     """A weights directory that cannot be loaded (missing files, unmapped / missing / mis-shaped keys)."""
 
 
-def read_json(directory: str, name: str = "config.json", *, error: type[Exception] = WeightsError,
-              where: str | None = None, hint: str = "") -> dict:
-    """DIRECTORY/NAME parsed; a missing file or invalid JSON is one `error` naming `where` (default the
-    directory) and the file, plus `hint`."""
-    where = where or directory
-    path = os.path.join(directory, name)
-    if not os.path.isfile(path):
-        raise error(f"{where}: no {name}{hint}")
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except json.JSONDecodeError as err:
-        raise error(f"{where}: {name} is not valid JSON ({err})") from None
-
-
 @dataclasses.dataclass(frozen=True)
 class Source:
     key: str                                                    # tensor name in the checkpoint

@@ -18,7 +18,8 @@ from typing import Any, Mapping
 
 import ml_collections
 
-from ng_jax.models.weights.safetensors import WeightsError, read_json
+from ng_jax.models.jsonfile import read_json
+from ng_jax.models.weights.safetensors import WeightsError
 
 SD3_CLASS, FLUX_CLASS = "SD3Transformer2DModel", "FluxTransformer2DModel"
 # Architecture keys of config.json and their defaults (the classes' __init__ in diffusers 0.39).
@@ -45,7 +46,7 @@ def transformer_dir(weights_dir: str) -> str:
 def read_config(tdir: str) -> dict:
     """config.json of a transformer directory, with `_class_name` set (a save without one is read as
     FLUX when it has FLUX-only keys, else as SD3)."""
-    raw = read_json(tdir)
+    raw = read_json(tdir, error=WeightsError)
     name = raw.get("_class_name") or (FLUX_CLASS if {"num_single_layers", "axes_dims_rope"} & set(raw) else SD3_CLASS)
     if name not in (SD3_CLASS, FLUX_CLASS):
         raise WeightsError(f"{tdir}/config.json: _class_name is {name!r}, expected {SD3_CLASS!r} or {FLUX_CLASS!r}")

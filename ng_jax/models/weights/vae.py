@@ -19,9 +19,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ng_jax.models.jsonfile import read_json
 from ng_jax.models.nets.vae import VAE, VAEConfig, make_vae
 from ng_jax.models.weights.safetensors import (Path, SafetensorsDir, Source, WeightsError, check_map, conv2d,
-                                               flatten_map, load_params, norm, read_json)
+                                               flatten_map, load_params, norm)
 
 ENCODER_BLOCK = "DownEncoderBlock2D"
 DECODER_BLOCK = "UpDecoderBlock2D"
@@ -31,7 +32,7 @@ _LEGACY_ATTN = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "pr
 def vae_config_from_diffusers(vae_dir: str) -> VAEConfig:
     """VAEConfig from a diffusers `AutoencoderKL` config.json; raises WeightsError on a layout we do not port."""
     path = os.path.join(vae_dir, "config.json")
-    raw = read_json(vae_dir, hint=" (expected a diffusers AutoencoderKL directory)")
+    raw = read_json(vae_dir, error=WeightsError, hint=" (expected a diffusers AutoencoderKL directory)")
     cls = raw.get("_class_name", "AutoencoderKL")
     if cls != "AutoencoderKL":
         raise WeightsError(f"{path}: _class_name {cls!r}, expected 'AutoencoderKL'")
