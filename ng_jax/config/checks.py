@@ -43,7 +43,7 @@ RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("normguard.power", lambda v: v in (1, 2), "1 or 2"),
     ("normguard.relative", lambda v: isinstance(v, bool), "true or false"),
     ("lora.rank", *_nonneg),
-    ("render", lambda v: v in ("clip", "soft"), "\"clip\" or \"soft\""),
+    ("render", lambda v: v in ("clip", "soft", "headroom"), "\"clip\", \"soft\" or \"headroom\""),
 ]
 
 

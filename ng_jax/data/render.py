@@ -6,8 +6,12 @@ it there: the clip renders 1.5 as 1.0. SD3 and FLUX sample in a VAE latent space
 overshoots what the data produce still decodes to a valid image: a more saturated, higher-contrast
 one. `render = "soft"` models that: values inside +-KNEE pass unchanged; beyond it the image keeps
 brightening (ever more slowly) as the sample overshoots, `knee + (1 - knee) tanh((|x| - knee) / (1 - knee))`,
-continuous with slope 1 at the knee and never leaving (-1, 1). Rewards and quality judges see the
-rendered image; the norm ratio is measured on the samples.
+continuous with slope 1 at the knee and never leaving (-1, 1). That shoulder leaves little to gain past
+the data range (x = 1 already renders at 0.95). `render = "headroom"` gives the display the headroom a
+VAE's latent space has: the data fill `HEADROOM_GAIN` (70%) of the display range, `soft(gain * x)`, so a
+sample that overshoots the data range by up to 1 / gain renders brighter and more saturated than any
+training image, as over-saturated decodes do. Rewards and quality judges see the rendered image (the
+real renders the judges compare with are rendered the same way); the norm ratio is measured on the samples.
 """
 
 from __future__ import annotations
@@ -18,7 +22,8 @@ import jax
 import jax.numpy as jnp
 
 KNEE = 0.8
-RENDERS = ("clip", "soft")
+HEADROOM_GAIN = 0.7
+RENDERS = ("clip", "soft", "headroom")
 
 
 def soft_saturate(x: jax.Array, knee: float = KNEE) -> jax.Array:
@@ -28,12 +33,22 @@ def soft_saturate(x: jax.Array, knee: float = KNEE) -> jax.Array:
     return jnp.where(a <= knee, x, jnp.sign(x) * shoulder)
 
 
-def with_render(stack, render: str):
-    """`stack` whose `decode_fn` renders samples with `render` ("clip": unchanged, the clip happens at
-    quantisation; "soft": `soft_saturate` after the stack's own decoder)."""
+def render_fn(render: str):
+    """`x -> image` in [-1, 1] for `render` ("clip": the identity, the clip happens at quantisation; "soft":
+    `soft_saturate`; "headroom": `soft_saturate(HEADROOM_GAIN * x)`)."""
     if render not in RENDERS:
         raise ValueError(f"render={render!r}: expected one of {RENDERS}")
     if render == "clip":
+        return lambda x: x
+    gain = HEADROOM_GAIN if render == "headroom" else 1.0
+    return lambda x: soft_saturate(gain * x)
+
+
+def with_render(stack, render: str):
+    """`stack` whose `decode_fn` renders samples with `render` after the stack's own decoder (see render_fn),
+    and whose `render` is that function (the evaluator renders the real images with it too)."""
+    fn = render_fn(render)
+    if render == "clip":
         return stack
     decode = stack.decode_fn
-    return dataclasses.replace(stack, decode_fn=lambda params, x0: soft_saturate(decode(params, x0)))
+    return dataclasses.replace(stack, decode_fn=lambda params, x0: fn(decode(params, x0)), render=render)

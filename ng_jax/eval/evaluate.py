@@ -21,13 +21,13 @@ from ng_jax import flow, logs, sharding
 from ng_jax.config.checks import ConfigError
 from ng_jax.data import world
 from ng_jax.data.prompts import category_of
-from ng_jax.data.render import with_render
+from ng_jax.data.render import render_fn, with_render
 from ng_jax.judges.toy import QualityJudge, reference_renders
 from ng_jax.models.stack import build_model_stack
 from ng_jax.rewards.registry import build_rewards
 from ng_jax.rewards.verifier import VerifierReward
 from ng_jax.rl.prompts import eval_prompts
-from ng_jax.sampling import make_sampler, to_uint8
+from ng_jax.sampling import from_uint8, make_sampler, to_uint8
 
 
 def _category(prompt: str) -> str:
@@ -113,6 +113,8 @@ class Evaluator:
         self._decode = jax.jit(stack.decode_fn)  # samples -> float images (toy: the identity)
         self.judge = QualityJudge() if eval_cfg.get("quality", True) else None
         self.real = reference_renders(self.prompts, seeds[: self.n]) if self.judge else None
+        if self.real is not None and stack.render != "clip":  # the real images go through the same display
+            self.real = np.asarray(to_uint8(render_fn(stack.render)(from_uint8(self.real))))
 
     def sample(self, trainable):
         xs, pol, ref, over = [], [], [], []

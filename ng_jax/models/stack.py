@@ -79,6 +79,7 @@ class ModelStack:
     repeat_on_device: bool = True     # False (toy): encode the repeated prompt list itself
     bundle: Any = None                # toy: the ModelBundle (config/text params, for the policy export)
     info: dict = dataclasses.field(default_factory=dict)
+    render: str = "clip"              # how decoded samples become images (ng_jax.data.render; set by with_render)
 
     @property
     def is_toy(self) -> bool:

@@ -107,3 +107,22 @@ def test_term_gradients_add_up_to_the_step_gradient_and_match_hand_computed_v_gr
     np.testing.assert_allclose(aux_b["grad_param_hinge"], optax.global_norm((g_a["w"] - g_base["w"]) / 0.7),
                                rtol=1e-3)
     assert float(aux_b["grad_v_hinge"]) > 0 and float(aux_b["grad_v_base"]) > 0  # the policy is inflated (1.5x)
+
+
+def test_renders_keep_the_data_range_and_leave_headroom_past_it():
+    from ng_jax.data.render import HEADROOM_GAIN, KNEE, render_fn, soft_saturate
+
+    x = jnp.linspace(-3.0, 3.0, 601)
+    np.testing.assert_array_equal(render_fn("clip")(x), x)  # clip happens at quantisation
+    soft = np.asarray(soft_saturate(x))
+    inside = np.abs(np.asarray(x)) <= KNEE
+    np.testing.assert_allclose(soft[inside], np.asarray(x)[inside])        # identity inside the knee
+    assert np.all(np.abs(soft) <= 1.0) and np.all(np.diff(soft) >= 0)  # bounded, monotone ...
+    near = np.abs(np.asarray(x[:-1])) < 1.5
+    assert np.all(np.diff(soft)[near] > 0)  # ... and strictly increasing where float32 can tell
+    head = np.asarray(render_fn("headroom")(x))
+    np.testing.assert_allclose(head[np.abs(np.asarray(x)) <= 1.0], HEADROOM_GAIN * np.asarray(x)[np.abs(np.asarray(x)) <= 1.0],
+                               rtol=1e-6)  # the data range fills 70% of the display
+    assert float(render_fn("headroom")(jnp.asarray(1.4))) > 0.9  # overshoot renders past any data value
+    with pytest.raises(ValueError, match="render='vivid'"):
+        render_fn("vivid")
