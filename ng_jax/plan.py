@@ -10,7 +10,7 @@ It builds the run's velocity model at full size from its transformer config (`mo
 transformer/config.json when there is one, else the built-in copy of the released config.json of
 SD3.5-Medium / SD3-Medium / FLUX.1-dev: no weights are read), the state and reference shardings of
 the run (`ng_jax.sharding`: `mesh.logical_rules`, `mesh.ref_logical_rules`), and lowers and compiles
-THE train step of `ng_jax.rl.loop` (`train.jit_train_step`: same StepSpec, LoRA / full fine-tuning,
+THE train step of the RL loop (`ng_jax.rl.step.jit_train_step`: same StepSpec, LoRA / full fine-tuning,
 remat, scanned blocks, donation) against `jax.ShapeDtypeStruct`s on `--chips` fake CPU devices. It
 prints the mesh, the per-device bytes of parameters / optimizer state / reference / batch computed
 from the shardings (independent of XLA), XLA's per-device memory analysis (arguments, outputs,
