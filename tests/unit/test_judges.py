@@ -129,7 +129,11 @@ def test_quality_judge_prefers_fresh_renders_over_degraded_ones(judge_features, 
     good = judge.evaluate(b, a)
     noisy = np.clip(b + np.random.default_rng(0).normal(0, 30, b.shape), 0, 255).astype(np.uint8)
     bad = judge.evaluate(noisy, a)
-    assert set(good) == {"fd", "precision", "recall"}
+    assert set(good) == {"fd", "precision", "recall", "kid", "kid_ci_low", "kid_ci_high", "saturation_diff",
+                         "contrast_diff"}
     assert good["precision"] > 0.6 and good["recall"] > 0.6
     assert bad["fd"] > 2 * good["fd"]
     assert bad["precision"] < good["precision"]
+    for r in (good, bad):
+        assert r["kid_ci_low"] <= r["kid"] <= r["kid_ci_high"]
+    assert bad["kid_ci_low"] > good["kid_ci_high"]  # the noise is seen by KID too, beyond its interval
