@@ -71,6 +71,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from ng_jax.judges.frechet import frechet_distance
+
 Z95 = 1.959963984540054  # the 0.975 quantile of the standard normal
 _BLOCK = 2048  # rows per kernel block (keeps memory O(block * N) for large sets)
 
@@ -326,8 +328,6 @@ def fd_noise_floor(source: Source, n: int, draws: int = 10, seed: int = 0) -> No
     paired sampler ``f(rng, n) -> ([n, D], [n, D])`` called once per draw (for paired designs, e.g. the
     same prompts rendered with two seeds, as an evaluation pairs generated and real images). Pools should
     be several times larger than n, or the draws are not independent of each other."""
-    from ng_jax.judges.toy import frechet_distance
-
     values = tuple(frechet_distance(a, b) for a, b in _pairs(source, n, draws, seed))
     return NoiseFloor("fd", int(n), values)
 
@@ -348,8 +348,6 @@ def noise_floors(source: Source, n: int, draws: int = 10, seed: int = 0,
                  paired: bool = False) -> dict[str, NoiseFloor]:
     """``{"fd": ..., "kid": ...}``: both floors measured on the same draws (`source` as for
     `fd_noise_floor`, `paired` as for `kid`), e.g. to print beside an FD and a KID measured at n."""
-    from ng_jax.judges.toy import frechet_distance
-
     fds, results = [], []
     for a, b in _pairs(source, n, draws, seed):
         fds.append(frechet_distance(a, b))
