@@ -145,8 +145,11 @@ def trim_metrics(path: str, step: int) -> None:
 
 
 class StepMetrics:
-    """Epoch means of the step metrics; per-sigma-bucket ratios weighted by their sample counts."""
-    def __init__(self):
+    """Epoch means of an RL train step's metrics; the per-sigma-bucket norm ratios (`norm_ratio_by_bucket`,
+    `bucket_count`) weighted by their sample counts and reported per bucket centre."""
+
+    def __init__(self, bucket_centres: Sequence[float]):
+        self.centres = list(bucket_centres)
         self.sums: dict = {}
         self.steps = 0
 
