@@ -1,7 +1,6 @@
 """Shared test setup: 8 fake CPU devices for sharding tests, deterministic host RNG, and the tiny
 pretrained reference bundle (built once per test session, shared by the xdist workers)."""
 import os
-import sys
 
 # Must be set before jax is imported anywhere in the test session.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -10,12 +9,6 @@ if "xla_force_host_platform_device_count" not in _flags:
     os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=8").strip()
 # XLA's C++ warnings (e.g. SPMD rematerialisation notes on tiny sharded test shapes) flood the log.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-# Test files still directly in tests/ import their sibling test files as top-level modules
-# (`import test_parity_vae`); keep tests/ importable for them until they import from tests.fixtures.
-_TESTS = os.path.dirname(os.path.abspath(__file__))
-if _TESTS not in sys.path:
-    sys.path.append(_TESTS)
 
 import dataclasses  # noqa: E402
 

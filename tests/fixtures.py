@@ -12,6 +12,12 @@ that use them are in tests/conftest.py).
 - `write_prompt_file`, `tiny_rl_config`: an RL run small enough for 2 CPU cores and 8 fake devices.
 - `write_clip_tokenizer`, `save_tiny_clip`: a tiny CLIP BPE tokenizer and a tiny random transformers
   `CLIPModel` saved with `save_pretrained` (torch and transformers, the test extra).
+- `clip_text_config`, `write_t5_tokenizer`: a tiny transformers CLIPTextConfig and a WordLevel T5 tokenizer
+  (the SD3 / FLUX text encoders' parity tests and the real-model RL tests).
+- `VAE_CONFIGS`, `torch_vae`: tiny diffusers AutoencoderKL configs and a randomised torch VAE.
+- `tiny_flux_cfg`, `save_flux_diffusers`: the tiny FLUX.1 transformer config and a randomised diffusers
+  FluxTransformer2DModel saved with `save_pretrained`.
+- `tiny_real_config`: a shipped real-model (SD3.5 / FLUX) RL config shrunk for 2 CPU cores.
 """
 
 from __future__ import annotations
@@ -228,3 +234,137 @@ def save_tiny_clip(directory, act: str, seed: int):
                                    crop_size={"height": CLIP_IMAGE, "width": CLIP_IMAGE})
     processor.save_pretrained(directory)
     return model
+
+
+def clip_text_config(vocab, hidden, eos):
+    """A transformers CLIPTextConfig: 2 layers, `hidden` wide (projection too), EOS id `eos`."""
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(hidden_size=hidden, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                          vocab_size=vocab, max_position_embeddings=77, projection_dim=hidden, eos_token_id=eos,
+                          bos_token_id=vocab - 2, pad_token_id=vocab - 1)
+
+
+# ------------------------------------------------------------------ tiny T5 tokenizer (test extra)
+
+T5_WORDS = "a the red cat dog on of photo blue".split()
+
+
+def write_t5_tokenizer(directory, words=T5_WORDS) -> int:
+    """A WordLevel T5TokenizerFast over `words` (lower-cased, whitespace split, `</s>` appended), saved in
+    `directory`; returns the vocabulary size."""
+    from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
+    from tokenizers.models import WordLevel
+    from transformers import T5TokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["<pad>", "</s>", "<unk>"] + list(words))}
+    tok = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    T5TokenizerFast(tokenizer_object=tok, extra_ids=0, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                    model_max_length=512).save_pretrained(directory)
+    return len(vocab)
+
+
+# ------------------------------------------------------------------ tiny diffusers VAE (test extra)
+
+VAE_CONFIGS = {
+    "sd3": dict(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=32, latent_channels=16,
+                scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False),
+    "sd1": dict(block_out_channels=(16, 32, 32), layers_per_block=1, norm_num_groups=8, latent_channels=16,
+                scaling_factor=0.18215, shift_factor=None, use_quant_conv=True, use_post_quant_conv=True),
+}
+
+
+def torch_vae(seed: int, **kw):
+    """A diffusers AutoencoderKL (`kw`: its config) with random norm scales and biases (torch seed `seed`);
+    skips the test without torch / diffusers."""
+    import pytest
+
+    torch = pytest.importorskip("torch")
+    diffusers = pytest.importorskip("diffusers")
+    n = len(kw["block_out_channels"])
+    torch.manual_seed(seed)
+    model = diffusers.AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * n,
+                                    up_block_types=("UpDecoderBlock2D",) * n, sample_size=32, **kw).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name and name.endswith("weight"):
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+            elif name.endswith("bias"):
+                p.copy_(0.1 * torch.randn_like(p))
+    return model
+
+
+# ------------------------------------------------------------------ tiny FLUX.1 transformer (test extra)
+
+# batch, latent height / width / channels, text length: non-square latents, so that a row/column mix-up in
+# the ids or packing shows
+FLUX_SHAPE = (2, 4, 6, 4, 5)
+
+
+def tiny_flux_cfg(guidance_embeds: bool, **kw) -> dict:
+    """A tiny FLUX.1 model config: 2 double + 2 single blocks, 2 heads of 16 = RoPE axes (4, 6, 6), 4 latent
+    channels packed to 16; `kw` overrides any key."""
+    _, h, w, c, n = FLUX_SHAPE
+    cfg = dict(family="flux1_dev", patch_size=1, in_channels=4 * c, out_channels=None, num_layers=2,
+               num_single_layers=2, attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
+               guidance_embeds=guidance_embeds, axes_dims_rope=(4, 6, 6), sample_size=(h, w),
+               max_sequence_length=n)
+    cfg.update(kw)
+    return cfg
+
+
+def save_flux_diffusers(root, guidance_embeds: bool, seed: int):
+    """A diffusers FluxTransformer2DModel of `tiny_flux_cfg` with every parameter perturbed (torch seed
+    `seed`), saved in ROOT/transformer; returns the torch model."""
+    import torch
+    from diffusers import FluxTransformer2DModel
+
+    cfg = tiny_flux_cfg(guidance_embeds)
+    keys = ("patch_size", "in_channels", "num_layers", "num_single_layers", "attention_head_dim",
+            "num_attention_heads", "joint_attention_dim", "pooled_projection_dim", "guidance_embeds", "axes_dims_rope")
+    torch.manual_seed(seed)
+    ref = FluxTransformer2DModel(**{k: cfg[k] for k in keys}).eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    ref.save_pretrained(os.path.join(root, "transformer"))
+    return ref
+
+
+# ------------------------------------------------------------------ real-model RL configs, shrunk
+
+REAL_T5_LEN = 8  # the T5 sequence length of tiny_real_config
+
+
+def tiny_real_config(config, weights_dir, d, *, epochs=2):
+    """A shipped real-model config shrunk for 2 CPU cores: 16 px images (8x8 latents), 4 prompts x 4
+    rollouts per epoch in two rollout calls of 8, 2 optimizer steps per epoch, float32 except the
+    frozen base (bf16, the shipped policy), on the shipped FSDP mesh (8-way here). `d`: {"prompts": a
+    prompt file, "clip": a tiny CLIP directory (`save_tiny_clip`)}.
+
+    Unrolled blocks without remat: with FSDP-sharded parameters, scanned blocks inside the sampler's
+    and the train step's loops deadlock XLA:CPU's collectives (jaxlib 0.10.2, 8 host devices;
+    tests/parity/test_parity_sd3.py and test_parity_flux.py check scanned == unrolled), and remat only
+    costs compile time here."""
+    m = config.model
+    m.weights_dir = weights_dir
+    m.resolution = 16
+    m.dtype = "float32"
+    m.scan_blocks = False
+    m.remat = False
+    m.text.update(dtype="float32", param_dtype="float32", max_sequence_length=REAL_T5_LEN, batch_size=4)
+    m.vae.dtype = "float32"
+    config.data.prompt_file = d["prompts"]
+    r = config.rl
+    r.update(epochs=epochs, prompts_per_epoch=4, group_size=4, train_batch=8, micro_batch=8, num_timesteps=2)
+    r.rollout.update(num_steps=4, batch_size=8)
+    config.lora.update(rank=4, alpha=8.0)
+    config.rewards.weights = mlc.ConfigDict({"clip_score": 1.0})
+    config.rewards.update(clip_score_dir=d["clip"], clip_backend="numpy", timeout_s=0.0)
+    config.eval.update(prompt_file=d["prompts"], num_prompts=2, samples_per_prompt=4, batch_size=8, num_steps=3,
+                       every=epochs, grid_size=8)
+    config.ckpt.every = epochs
+    return config

@@ -28,6 +28,7 @@ from ng_jax.models.weights.sd3 import load_sd3_transformer  # noqa: E402
 from ng_jax.models.weights.transformer import model_config_from_diffusers  # noqa: E402
 from ng_jax.sampling import make_sampler  # noqa: E402
 from ng_jax.tools import check_weights, parity  # noqa: E402
+from tests.fixtures import REPO  # noqa: E402
 
 pytestmark = pytest.mark.needs_torch
 
@@ -343,7 +344,7 @@ def test_parity_cli(ckpt, tmp_path, capsys):
 def test_parity_cli_as_module(ckpt):
     proc = subprocess.run([sys.executable, "-m", "ng_jax.tools.parity", "--family", "sd3", "--weights_dir",
                            ckpt["sd3"][0]], capture_output=True, text=True, timeout=300,
-                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                          cwd=REPO,
                           env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = proc.stdout.strip().splitlines()

@@ -13,38 +13,15 @@ import shutil
 import numpy as np
 import pytest
 
-from tests.fixtures import write_clip_tokenizer
+from tests.fixtures import clip_text_config as clip_config
+from tests.fixtures import write_clip_tokenizer, write_t5_tokenizer
 
 TOL = 1e-4
 MERGES = [("t", "h"), ("th", "e</w>"), ("r", "e"), ("re", "d</w>"), ("c", "a"), ("ca", "t</w>"), ("d", "o"),
           ("do", "g</w>"), ("o", "n</w>")]
-WORDS = "a the red cat dog on of photo blue".split()
 # The last prompt is truncated by every tokenizer (92 CLIP tokens > 77, 50 T5 words > T5_LEN).
 PROMPTS = ["the red cat on a dog", "a photo of a blue dog", "", "the red cat on a blue photo of a dog " * 5]
 T5_LEN = 16
-
-
-def write_t5_tokenizer(directory):
-    from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
-    from tokenizers.models import WordLevel
-    from transformers import T5TokenizerFast
-
-    vocab = {w: i for i, w in enumerate(["<pad>", "</s>", "<unk>"] + WORDS)}
-    tok = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
-    tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    T5TokenizerFast(tokenizer_object=tok, extra_ids=0, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
-                    model_max_length=512).save_pretrained(directory)
-    return len(vocab)
-
-
-def clip_config(vocab, hidden, eos):
-    from transformers import CLIPTextConfig
-
-    return CLIPTextConfig(hidden_size=hidden, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                          vocab_size=vocab, max_position_embeddings=77, projection_dim=hidden, eos_token_id=eos,
-                          bos_token_id=vocab - 2, pad_token_id=vocab - 1)
 
 
 @pytest.fixture(scope="module")

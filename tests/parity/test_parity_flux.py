@@ -22,18 +22,11 @@ from ng_jax.models.weights import stacked
 from ng_jax.models.weights.flux import load_flux_transformer
 from ng_jax.models.weights.safetensors import WeightsError
 from ng_jax.models.weights.transformer import model_config_from_diffusers
+from tests.fixtures import FLUX_SHAPE, save_flux_diffusers
+from tests.fixtures import tiny_flux_cfg as tiny_cfg
 
-B, H, W, C, L = 2, 4, 6, 4, 5  # non-square latents: a row/column mix-up in the ids or packing shows
+B, H, W, C, L = FLUX_SHAPE  # non-square latents: a row/column mix-up in the ids or packing shows
 TOL = 1e-4
-
-
-def tiny_cfg(guidance_embeds: bool, **kw) -> dict:
-    cfg = dict(family="flux1_dev", patch_size=1, in_channels=4 * C, out_channels=None, num_layers=2,
-               num_single_layers=2, attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
-               guidance_embeds=guidance_embeds, axes_dims_rope=(4, 6, 6), sample_size=(H, W),
-               max_sequence_length=L)
-    cfg.update(kw)
-    return cfg
 
 
 def _inputs(seed=0):
@@ -119,22 +112,6 @@ def test_make_flux_model_rejects_inconsistent_configs():
 # Against diffusers
 
 
-def _save_diffusers(root, guidance_embeds: bool, seed: int):
-    import torch
-    from diffusers import FluxTransformer2DModel
-
-    cfg = tiny_cfg(guidance_embeds)
-    keys = ("patch_size", "in_channels", "num_layers", "num_single_layers", "attention_head_dim",
-            "num_attention_heads", "joint_attention_dim", "pooled_projection_dim", "guidance_embeds", "axes_dims_rope")
-    torch.manual_seed(seed)
-    ref = FluxTransformer2DModel(**{k: cfg[k] for k in keys}).eval()
-    with torch.no_grad():
-        for p in ref.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    ref.save_pretrained(os.path.join(root, "transformer"))
-    return ref
-
-
 def _diffusers_velocity(ref, x, cond, sigma, guidance):
     import torch
     from diffusers.pipelines.flux.pipeline_flux import FluxPipeline
@@ -160,7 +137,7 @@ def build_checkpoint(tmp_path_factory):
         if kind not in cache:
             dev = kind == "dev"
             root = str(tmp_path_factory.mktemp(f"flux_{kind}"))
-            ref = _save_diffusers(root, dev, seed=0 if dev else 1)
+            ref = save_flux_diffusers(root, dev, seed=0 if dev else 1)
             x, cond, sigma, guidance = _inputs()
             guidance = guidance if dev else None
             cache[kind] = dict(root=root, dev=dev, inputs=(x, cond, sigma, guidance),

@@ -6,24 +6,11 @@ import numpy as np
 import pytest
 
 from ng_jax import sharding
-from ng_jax.config import blocks
 from ng_jax.models.nets import layers
 from ng_jax.models.nets.lora import lora_init, lora_merge
 from ng_jax.models.nets.text import EMPTY_PROMPT, TextCond, TokenizeError, make_text_encoder, tokenize
 from ng_jax.models.velocity import make_velocity_model
-
-
-def tiny_model_cfg(**kw):
-    c = blocks.toy_model_config()
-    c.update(dict(image_size=8, patch_size=2, hidden_size=32, depth=2, num_heads=2, context_dim=16, pooled_dim=16))
-    c.update(kw)
-    return c
-
-
-def tiny_text_cfg():
-    c = blocks.toy_text_config()
-    c.update(dict(width=16, depth=1, heads=2, pooled_dim=16))
-    return c
+from tests.fixtures import tiny_model_cfg, tiny_text_cfg
 
 
 @pytest.fixture(scope="module")

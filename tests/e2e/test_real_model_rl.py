@@ -7,8 +7,8 @@ NormGuard and NFT + NormGuard through the shipped configs' builders, shrunk to 2
 rollouts on the 8-device CPU mesh, rewarded by a tiny CLIP score (numpy backend). The shipped
 configs are also parsed by the entry point, with and without `model.weights_dir`.
 
-The model pieces come from the parity tests' helpers (the same tiny checkpoints those tests check
-against diffusers); only the dimensions that must agree across components are chosen here.
+The model pieces come from tests/fixtures.py, shared with the parity tests (the same tiny checkpoints
+those tests check against diffusers); only the dimensions that must agree across components are chosen here.
 """
 
 import json
@@ -19,27 +19,25 @@ import ml_collections
 import numpy as np
 import pytest
 
-import test_clip_rewards
-import test_parity_flux
-import test_parity_vae
-from test_text_encoders import clip_config, write_clip_tokenizer, write_t5_tokenizer
-
 from ng_jax.config import methods
-
-from ng_jax.rl import loop
-from ng_jax.main import main, parse_args
 from ng_jax.logs import read_metrics
+from ng_jax.main import main, parse_args
+from ng_jax.rl import loop
+from tests.fixtures import REAL_T5_LEN as T5_LEN
+from tests.fixtures import REPO as ROOT
+from tests.fixtures import VAE_CONFIGS, save_flux_diffusers, save_tiny_clip, torch_vae, write_clip_tokenizer
+from tests.fixtures import clip_text_config as clip_config
+from tests.fixtures import tiny_real_config as tiny
+from tests.fixtures import write_t5_tokenizer
 
 CONFIGS = ("sd35m_nft_normguard", "sd35m_awm_normguard", "sd35m_dpo_normguard", "flux1dev_nft_normguard",
            "flux1dev_awm_normguard")
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPTS = ["a red cat", "the blue dog", "a photo of a cat", "a dog on the red cat"]
-T5_LEN = 8
 # SD3.5-like transformer: token width = T5 width 48 (>= CLIP-L 16 + bigG 32), pooled = 16 + 32.
 SD35 = dict(sample_size=16, patch_size=2, in_channels=16, out_channels=16, num_layers=3, attention_head_dim=8,
             num_attention_heads=2, joint_attention_dim=48, caption_projection_dim=16, pooled_projection_dim=48,
             pos_embed_max_size=12, qk_norm="rms_norm", dual_attention_layers=(0,))
-VAE16 = test_parity_vae.CONFIGS["sd3"]  # 16 latent channels, downsample 2
+VAE16 = VAE_CONFIGS["sd3"]  # 16 latent channels, downsample 2
 VAE4 = dict(VAE16, block_out_channels=(32, 32), latent_channels=4, scaling_factor=0.3611, shift_factor=0.1159)
 
 
@@ -85,46 +83,16 @@ def dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("real_models")
     sd35, flux = str(root / "sd35"), str(root / "flux")
     _save_sd35_transformer(sd35)
-    test_parity_vae._torch_vae(0, **VAE16).save_pretrained(os.path.join(sd35, "vae"))
+    torch_vae(0, **VAE16).save_pretrained(os.path.join(sd35, "vae"))
     _save_text(sd35, "sd3")
-    test_parity_flux._save_diffusers(flux, True, seed=0)  # 2 double + 2 single blocks, guidance embedding
-    test_parity_vae._torch_vae(1, **VAE4).save_pretrained(os.path.join(flux, "vae"))
+    save_flux_diffusers(flux, True, seed=0)  # 2 double + 2 single blocks, guidance embedding
+    torch_vae(1, **VAE4).save_pretrained(os.path.join(flux, "vae"))
     _save_text(flux, "flux")
     clip = str(root / "clip")
-    test_clip_rewards.save_tiny_clip(clip, "quick_gelu", 0)
+    save_tiny_clip(clip, "quick_gelu", 0)
     prompts = root / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n")
     return {"sd35": sd35, "flux": flux, "clip": clip, "prompts": str(prompts)}
-
-
-def tiny(config, weights_dir, d, *, epochs=2):
-    """A shipped real-model config shrunk for 2 CPU cores: 16 px images (8x8 latents), 4 prompts x 4
-    rollouts per epoch in two rollout calls of 8, 2 optimizer steps per epoch, float32 except the
-    frozen base (bf16, the shipped policy), on the shipped FSDP mesh (8-way here).
-
-    Unrolled blocks without remat: with FSDP-sharded parameters, scanned blocks inside the sampler's
-    and the train step's loops deadlock XLA:CPU's collectives (jaxlib 0.10.2, 8 host devices;
-    tests/test_parity_sd3.py and test_parity_flux.py check scanned == unrolled), and remat only
-    costs compile time here."""
-    m = config.model
-    m.weights_dir = weights_dir
-    m.resolution = 16
-    m.dtype = "float32"
-    m.scan_blocks = False
-    m.remat = False
-    m.text.update(dtype="float32", param_dtype="float32", max_sequence_length=T5_LEN, batch_size=4)
-    m.vae.dtype = "float32"
-    config.data.prompt_file = d["prompts"]
-    r = config.rl
-    r.update(epochs=epochs, prompts_per_epoch=4, group_size=4, train_batch=8, micro_batch=8, num_timesteps=2)
-    r.rollout.update(num_steps=4, batch_size=8)
-    config.lora.update(rank=4, alpha=8.0)
-    config.rewards.weights = ml_collections.ConfigDict({"clip_score": 1.0})
-    config.rewards.update(clip_score_dir=d["clip"], clip_backend="numpy", timeout_s=0.0)
-    config.eval.update(prompt_file=d["prompts"], num_prompts=2, samples_per_prompt=4, batch_size=8, num_steps=3,
-                       every=epochs, grid_size=8)
-    config.ckpt.every = epochs
-    return config
 
 
 def _spy_stack(monkeypatch) -> dict:
@@ -201,12 +169,12 @@ def test_awm_normguard_on_sd35(dirs, tmp_path, monkeypatch):
     cfg_file = tmp_path / "sd35_tiny.py"
     cfg_file.write_text(
         "import json, sys\n"
-        f"sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})\n"
+        f"sys.path.insert(0, {ROOT!r})\n"
         "from ng_jax.config import methods\n"
-        "import test_real_model_rl as t\n\n\n"
+        "from tests.fixtures import tiny_real_config\n\n\n"
         "def get_config(arg=None):\n"
         f"    d = json.load(open({str(tmp_path / 'dirs.json')!r}))\n"
-        "    return t.tiny(methods.sd35_medium_config('awm', normguard_lam=1.0), d['sd35'], d)\n")
+        "    return tiny_real_config(methods.sd35_medium_config('awm', normguard_lam=1.0), d['sd35'], d)\n")
     seen = _spy_stack(monkeypatch)
     workdir = tmp_path / "run"
     assert entry.main(["ng_jax.main", f"--config={cfg_file}", f"--workdir={workdir}"]) == 0

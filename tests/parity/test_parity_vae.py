@@ -20,32 +20,12 @@ from ng_jax.models.nets.vae import VAEConfig, from_model_latents, make_vae, to_m
 from ng_jax.models.weights.safetensors import WeightsError
 from ng_jax.models.weights.vae import check_vae_dir, load_vae, vae_config_from_diffusers, vae_keymap
 from ng_jax.tools.parity import parity_vae
+from tests.fixtures import VAE_CONFIGS, torch_vae
 
 pytestmark = pytest.mark.needs_torch
 
 TOL = 1e-4
-CONFIGS = {
-    "sd3": dict(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=32, latent_channels=16,
-                scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False),
-    "sd1": dict(block_out_channels=(16, 32, 32), layers_per_block=1, norm_num_groups=8, latent_channels=16,
-                scaling_factor=0.18215, shift_factor=None, use_quant_conv=True, use_post_quant_conv=True),
-}
-
-
-def _torch_vae(seed: int, **kw):
-    torch = pytest.importorskip("torch")
-    diffusers = pytest.importorskip("diffusers")
-    n = len(kw["block_out_channels"])
-    torch.manual_seed(seed)
-    model = diffusers.AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * n,
-                                    up_block_types=("UpDecoderBlock2D",) * n, sample_size=32, **kw).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name and name.endswith("weight"):
-                p.copy_(1.0 + 0.2 * torch.randn_like(p))
-            elif name.endswith("bias"):
-                p.copy_(0.1 * torch.randn_like(p))
-    return model
+CONFIGS = VAE_CONFIGS
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +33,7 @@ def saved(tmp_path_factory):
     """{name: (WEIGHTS_DIR, torch model)} for each config, saved as diffusers does."""
     out = {}
     for i, (name, kw) in enumerate(CONFIGS.items()):
-        model = _torch_vae(i, **kw)
+        model = torch_vae(i, **kw)
         root = tmp_path_factory.mktemp(name)
         model.save_pretrained(str(root / "vae"))
         out[name] = (str(root), model)
@@ -184,7 +164,7 @@ def test_legacy_attention_layout_loads_identically(saved, tmp_path):
 
 
 def test_no_mid_attention_layout(tmp_path):
-    model = _torch_vae(3, **{**CONFIGS["sd3"], "mid_block_add_attention": False})
+    model = torch_vae(3, **{**CONFIGS["sd3"], "mid_block_add_attention": False})
     model.save_pretrained(str(tmp_path / "vae"))
     cfg = vae_config_from_diffusers(str(tmp_path / "vae"))
     assert not cfg.mid_block_add_attention
