@@ -2,7 +2,7 @@
 written the way the reference implementations write them with diffusers' `SD3Transformer2DModel`.
 
 - Losses: the maths of `ng_jax.losses` (docs/ALGORITHMS.md secs 3-6) in torch, op for op
-  (tests/test_benchmarks.py checks they equal ng_jax.losses on random inputs).
+  (tests/unit/test_benchmarks.py checks they equal ng_jax.losses on random inputs).
 - Train step (`TorchTrainStep`): NVlabs/DiffusionNFT `train_nft_sd3.py`, scxue/advantage_weighted_matching
   `train_sd3_awm.py`, yifan123/flow_grpo `train_sd3_dpo.py` with full fine-tuning: for each micro-batch
   and training timestep, fresh noise, the reference (and NFT/AWM old/EMA) forward under

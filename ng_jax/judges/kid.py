@@ -71,7 +71,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from ng_jax.judges.frechet import frechet_distance
+from ng_jax.judges.frechet import _check_features, frechet_distance
 
 Z95 = 1.959963984540054  # the 0.975 quantile of the standard normal
 _BLOCK = 2048  # rows per kernel block (keeps memory O(block * N) for large sets)
@@ -101,17 +101,6 @@ class KIDResult:
         form = ", paired" if self.paired else ""
         return (f"KID {self.kid:.4g} [95% CI {self.ci_low:.4g}, {self.ci_high:.4g}] "
                 f"(n_a={self.n_a}, n_b={self.n_b}{form})")
-
-
-def _check_features(feats, name: str, min_rows: int) -> np.ndarray:
-    feats = np.asarray(feats)
-    if feats.ndim != 2:
-        raise ValueError(f"{name} must be a 2-D array [N, D] of features, got shape {feats.shape}")
-    if feats.shape[0] < min_rows:
-        raise ValueError(f"{name} needs at least {min_rows} rows, got {feats.shape[0]}")
-    if not np.all(np.isfinite(feats)):
-        raise ValueError(f"{name} contains NaN or infinite values; expected finite features")
-    return feats.astype(np.float64)
 
 
 def polynomial_kernel(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -45,6 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ng_jax.data import world
+from ng_jax.rewards.verifier import numpy_conv
 
 __all__ = ["PreferenceNet", "PreferenceReward", "prompt_features", "preference_scores", "numpy_preference_forward",
            "init_preference_params", "save_preference_params", "load_preference_params", "DEFAULT_WEIGHTS",
@@ -203,20 +204,6 @@ def init_preference_params(rng: jax.Array):
 # --------------------------------------------------------------------------------- numpy forward
 
 
-def _np_conv(x: np.ndarray, kernel: np.ndarray, bias: np.ndarray, stride: int) -> np.ndarray:
-    """NHWC convolution with flax/XLA "SAME" padding (the odd pixel of padding at the end), as one matmul."""
-    k, _, c, o = kernel.shape
-    h = x.shape[1]
-    out = -(-h // stride)
-    total = max((out - 1) * stride + k - h, 0)
-    lo = total // 2
-    xp = np.pad(x, ((0, 0), (lo, total - lo), (lo, total - lo), (0, 0)))
-    win = np.lib.stride_tricks.sliding_window_view(xp, (k, k), axis=(1, 2))[:, ::stride, ::stride]
-    # win: [B, Ho, Wo, C, kh, kw] -> [B * Ho * Wo, kh * kw * C] in the kernel's (kh, kw, C) order
-    cols = np.ascontiguousarray(win.transpose(0, 1, 2, 4, 5, 3)).reshape(-1, k * k * c)
-    return (cols @ kernel.reshape(k * k * c, o) + bias).reshape(x.shape[0], out, out, o)
-
-
 def numpy_params(params) -> dict:
     """The parameter tree as float32 numpy arrays (what `numpy_preference_forward` takes)."""
     return jax.tree.map(lambda a: np.asarray(a, np.float32), jax.device_get(flax.core.unfreeze(params)))
@@ -227,7 +214,7 @@ def numpy_preference_forward(np_params, images: np.ndarray, prompts: np.ndarray)
     p = np_params
     relu = lambda z: np.maximum(z, 0.0)  # noqa: E731
     dense = lambda z, name: z @ p[name]["kernel"] + p[name]["bias"]  # noqa: E731
-    conv = lambda z, name, s=1: _np_conv(z, p[name]["kernel"], p[name]["bias"], s)  # noqa: E731
+    conv = lambda z, name, s=1: numpy_conv(z, p[name]["kernel"], p[name]["bias"], s)  # noqa: E731
     images = np.asarray(images, np.float32)
     prompts = np.asarray(prompts, np.float32)
     b = images.shape[0]

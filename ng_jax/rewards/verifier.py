@@ -166,7 +166,7 @@ def make_cell_forward():
     return forward
 
 
-def _np_conv(x: np.ndarray, kernel: np.ndarray, bias: np.ndarray, stride: int) -> np.ndarray:
+def numpy_conv(x: np.ndarray, kernel: np.ndarray, bias: np.ndarray, stride: int) -> np.ndarray:
     """NHWC convolution with flax/XLA "SAME" padding (extra padding at the end), in numpy."""
     k = kernel.shape[0]
     h = x.shape[1]
@@ -192,8 +192,8 @@ def numpy_cell_forward(params, images: np.ndarray):
     np_params = {name: {k: np.asarray(v, np.float32) for k, v in layer.items()} for name, layer in params.items()}
     h = np.asarray(images, np.float32)
     for name, stride in _NP_LAYERS:
-        h = np.maximum(_np_conv(h, np_params[name]["kernel"], np_params[name]["bias"], stride), 0.0)
-    logits = _np_conv(h, np_params["head"]["kernel"], np_params["head"]["bias"], 1)
+        h = np.maximum(numpy_conv(h, np_params[name]["kernel"], np_params[name]["bias"], stride), 0.0)
+    logits = numpy_conv(h, np_params["head"]["kernel"], np_params["head"]["bias"], 1)
     sigmoid = lambda z: 1.0 / (1.0 + np.exp(-z))  # noqa: E731
     cols = np.arange(GRID, dtype=np.float32)
     base = np.stack(np.meshgrid(cols, cols, indexing="xy"), axis=-1)
