@@ -182,3 +182,24 @@ def stratified_slot_timesteps(rng: jax.Array, grid: jax.Array, num_slots: int, f
     u = jax.random.uniform(rng, (num_slots,), jnp.float32)
     offset = jnp.minimum(jnp.floor(u * sizes).astype(jnp.int32), sizes - 1)
     return grid[starts + offset]
+
+
+# ----------------------------------------------------------------------------------------------
+# The Flow-SDE step (docs/ALGORITHMS.md sec 1; flow_grpo's SDE sampler)
+
+
+def sde_step(x: jax.Array, v: jax.Array, sigma, dsigma, s):
+    """Mean and std of one Flow-SDE step from sigma to sigma + dsigma (dsigma < 0) with noise level s:
+    `mean = x + (v + s^2 / (2 sigma) (x + (1 - sigma) v)) dsigma`, `std = s sqrt(|dsigma|)`; with s = 0
+    the mean is the Euler step and the std 0."""
+    mean = x + (v + (s ** 2 / (2.0 * sigma)) * (x + (1.0 - sigma) * v)) * dsigma
+    std = s * jnp.sqrt(jnp.abs(dsigma))
+    return mean, std
+
+
+def gaussian_log_prob(x: jax.Array, mean: jax.Array, std) -> jax.Array:
+    """Per-sample log density of `x` under N(mean, std^2 I) (std a scalar or per sample), summed over every
+    non-batch dimension: [B]."""
+    r = (x - mean) / std
+    dim = np.prod(x.shape[1:])
+    return (-0.5 * jnp.sum(jnp.square(r), axis=_reduce_axes(x)) - dim * (jnp.log(std) + 0.5 * np.log(2.0 * np.pi)))

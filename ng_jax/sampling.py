@@ -185,16 +185,11 @@ def make_sampler(apply_fn: Callable, *, num_steps: int, shift: float = 1.0, mu: 
             dsigma = sigma_next - sigma
             ys = {}
             if use_sde:  # s_i = 0 on ODE steps, where this is the Euler step
-                mean = xf + (va + (s_i ** 2 / (2.0 * sigma)) * (xf + (1.0 - sigma) * va)) * dsigma
-                std = s_i * jnp.sqrt(jnp.abs(dsigma))
+                mean, std = flow.sde_step(xf, va, sigma, dsigma, s_i)
                 z = jax.random.normal(key, x.shape, xf.dtype)
                 x_next = jnp.where(active, mean + std * z, mean)
                 if want_lp:
-                    safe_std = jnp.where(active, std, 1.0)
-                    r = (jax.lax.stop_gradient(x_next) - mean) / safe_std
-                    dim = np.prod(x.shape[1:])
-                    lp = (-0.5 * jnp.sum(jnp.square(r), axis=tuple(range(1, x.ndim)))
-                          - dim * (jnp.log(safe_std) + 0.5 * np.log(2.0 * np.pi)))
+                    lp = flow.gaussian_log_prob(jax.lax.stop_gradient(x_next), mean, jnp.where(active, std, 1.0))
                     ys["log_probs"] = jnp.where(active, lp, 0.0)
             else:
                 x_next = xf + va * dsigma

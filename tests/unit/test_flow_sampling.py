@@ -347,3 +347,15 @@ def test_errors():
         sampling.make_sampler(toy_apply, num_steps=2, record=("x0", "latents"))
     with pytest.raises(ValueError, match="step_scales"):
         sampling.make_sampler(toy_apply, num_steps=2)(PARAMS, NOISE, COND, step_scales=jnp.ones(3))
+
+
+def test_sde_step_and_its_log_density_by_hand():
+    x, v = np.array([[1.0, -2.0]], np.float32), np.array([[0.5, 0.25]], np.float32)
+    mean, std = flow.sde_step(x, v, 0.5, -0.1, 0.4)
+    # x + (v + 0.16 / 1.0 * (x + 0.5 v)) * (-0.1)
+    np.testing.assert_allclose(mean, [[1.0 - 0.1 * (0.5 + 0.16 * 1.25), -2.0 - 0.1 * (0.25 + 0.16 * -1.875)]], rtol=1e-6)
+    np.testing.assert_allclose(std, 0.4 * np.sqrt(0.1), rtol=1e-6)
+    m0, s0 = flow.sde_step(x, v, 0.5, -0.1, 0.0)
+    np.testing.assert_allclose(m0, x + v * -0.1, rtol=1e-6) and np.testing.assert_allclose(s0, 0.0)
+    lp = flow.gaussian_log_prob(np.array([[1.0, 1.0]]), np.zeros((1, 2)), 2.0)
+    np.testing.assert_allclose(lp, [-0.5 * 0.5 - 2 * (np.log(2.0) + 0.5 * np.log(2 * np.pi))], rtol=1e-6)
