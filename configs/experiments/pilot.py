@@ -17,8 +17,9 @@ import ml_collections as mlc
 from ng_jax.config import blocks, methods
 
 
-def get_config(arg="soft_free"):
-    parts = (arg or "soft_free").split(",")
+def get_config(arg=None):
+    arg = arg or "soft_free"
+    parts = arg.split(",")
     lr = next((float(p[3:]) for p in parts if p.startswith("lr=")), 1e-4)
     epochs = next((int(p[7:]) for p in parts if p.startswith("epochs=")), 40)
     render, rollout = parts[0].split("_")
