@@ -45,7 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ng_jax.data import world
-from ng_jax.rewards.verifier import numpy_conv
+from ng_jax.rewards.verifier import check_verifier_images, numpy_conv
 
 __all__ = ["PreferenceNet", "PreferenceReward", "prompt_features", "preference_scores", "numpy_preference_forward",
            "init_preference_params", "save_preference_params", "load_preference_params", "DEFAULT_WEIGHTS",
@@ -273,15 +273,6 @@ def load_preference_params(path: str | pathlib.Path = DEFAULT_WEIGHTS):
 # --------------------------------------------------------------------------------------- the reward
 
 
-def check_preference_images(images, who: str) -> None:
-    if not isinstance(images, np.ndarray):
-        raise ValueError(f"{who}: images must be a numpy array, got {type(images).__name__}")
-    if images.dtype != np.uint8:
-        raise ValueError(f"{who}: images must be uint8 in [0, 255], got dtype {images.dtype}")
-    if images.ndim != 4 or images.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE, 3):
-        raise ValueError(f"{who}: images must have shape [B, {IMAGE_SIZE}, {IMAGE_SIZE}, 3], got {images.shape}")
-
-
 class PreferenceReward:
     """The learned preference score on the host: uint8 [B, 32, 32, 3] + prompts -> float32 [B].
 
@@ -301,7 +292,7 @@ class PreferenceReward:
         return self._np_params
 
     def __call__(self, images: np.ndarray, prompts: Sequence[str]) -> np.ndarray:
-        check_preference_images(images, self.name)
+        check_verifier_images(images, self.name)  # the same 32x32 uint8 world images
         if isinstance(prompts, str) or len(prompts) != images.shape[0]:
             got = "a single string" if isinstance(prompts, str) else f"{len(prompts)} prompts"
             raise ValueError(f"{self.name}: got {got} for {images.shape[0]} images; expected one prompt per image")
