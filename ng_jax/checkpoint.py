@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
 import signal
 import threading
 from typing import Any
 
+import flax
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from ng_jax.errors import UserError
+from ng_jax.errors import UserError, one_line
 from ng_jax.sharding import any_process
 
 
@@ -192,3 +195,23 @@ class Preemption:
         if self._prev is not None:
             signal.signal(signal.SIGTERM, self._prev)
             self._prev = None
+
+
+def load_params_file(path: str | pathlib.Path, template, what: str, tool: str):
+    """Restore a parameter pytree from a msgpack file, checking every leaf shape against `template`; a missing,
+    corrupt or mismatched file is a one-line error naming the command that trains it. The shipped
+    networks' weights (verifier, preference reward, judge features) all load through here."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} weights not found at {path}; train them with `python -m {tool} --out {path.parent}`")
+    try:
+        params = flax.serialization.from_bytes(template, path.read_bytes())
+    except Exception as err:  # msgpack / structure errors come in many types
+        raise ValueError(f"{what} weights at {path} are corrupt or do not match the network "
+                         f"({type(err).__name__}: {one_line(err)[:200]}); retrain with `python -m {tool}`") from None
+    want = jax.tree.map(lambda x: tuple(x.shape), template)
+    got = jax.tree.map(lambda x: tuple(np.shape(x)), params)
+    if want != got:
+        raise ValueError(f"{what} weights at {path} have parameter shapes that do not match the network "
+                         f"(world vocabulary changed?); retrain with `python -m {tool}`")
+    return jax.tree.map(jnp.asarray, params)

@@ -10,7 +10,6 @@ stage with the final embedding.
 """
 from __future__ import annotations
 
-import functools
 import pathlib
 
 import flax
@@ -19,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ng_jax.checkpoint import load_params_file
 from ng_jax.data import world
 
 IMAGE_SIZE = world.CANVAS
@@ -72,23 +72,11 @@ def save_judge_params(params, path: str | pathlib.Path) -> None:
 
 
 def load_judge_params(path: str | pathlib.Path = DEFAULT_WEIGHTS):
-    """Restore the judge parameters, with clear errors for a missing, corrupt or mismatched file."""
-    path = pathlib.Path(path)
-    tool = f"python -m ng_jax.tools.train_judge --out {path.parent}"
-    if not path.is_file():
-        raise FileNotFoundError(f"judge feature weights not found at {path}; train them with `{tool}`")
+    """Restore the judge parameters, with one-line errors for a missing, corrupt or mismatched file."""
     template = jax.eval_shape(init_judge_params, jax.random.key(0))
-    try:
-        params = flax.serialization.from_bytes(template, path.read_bytes())
-    except Exception as err:  # msgpack / structure errors come in many types
-        raise ValueError(f"judge feature weights at {path} are corrupt or do not match the network: "
-                         f"{type(err).__name__}: {err}") from None
-    if jax.tree.map(lambda x: tuple(x.shape), template) != jax.tree.map(lambda x: tuple(np.shape(x)), params):
-        raise ValueError(f"judge feature weights at {path} do not match the network's parameter shapes; retrain with `{tool}`")
-    return jax.tree.map(jnp.asarray, params)
+    return load_params_file(path, template, "judge feature", "ng_jax.tools.train_judge")
 
 
-@functools.lru_cache(maxsize=None)
 def make_feature_forward():
     return jax.jit(lambda params, images: judge_outputs(params, images)[0])
 

@@ -44,6 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ng_jax.checkpoint import load_params_file
 from ng_jax.data import world
 from ng_jax.rewards.verifier import check_verifier_images, numpy_conv
 
@@ -245,28 +246,11 @@ def save_preference_params(params, path: str | pathlib.Path) -> None:
     pathlib.Path(path).write_bytes(flax.serialization.to_bytes(jax.device_get(params)))
 
 
-def _one_line(text: str, limit: int = 200) -> str:
-    text = " ".join(str(text).split())
-    return text if len(text) <= limit else text[:limit - 3] + "..."
-
-
 def load_preference_params(path: str | pathlib.Path = DEFAULT_WEIGHTS):
-    """Restore the preference parameters; one-line errors for a missing, corrupt or mismatched file."""
-    path = pathlib.Path(path)
-    retrain = f"`python -m {TRAIN_TOOL} --out {path.parent}`"
-    if not path.is_file():
-        raise FileNotFoundError(f"preference weights not found at {path}; train them with {retrain}")
+    """Restore the preference parameters (float32 numpy, for the host forward); one-line errors for a
+    missing, corrupt or mismatched file."""
     template = jax.eval_shape(init_preference_params, jax.random.key(0))
-    try:
-        params = flax.serialization.from_bytes(template, path.read_bytes())
-    except Exception as err:  # msgpack / structure errors come in many types
-        raise ValueError(f"preference weights at {path} are corrupt or do not match the network "
-                         f"({type(err).__name__}: {_one_line(err)}); retrain with {retrain}") from None
-    want = jax.tree.map(lambda a: tuple(a.shape), template)
-    got = jax.tree.map(lambda a: tuple(np.shape(a)), params)
-    if want != got:
-        raise ValueError(f"preference weights at {path} have parameter shapes that do not match the network "
-                         f"(world vocabulary changed?); retrain with {retrain}")
+    params = load_params_file(path, template, "preference", TRAIN_TOOL)
     return jax.tree.map(lambda a: np.asarray(a, np.float32), params)
 
 

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ng_jax.checkpoint import load_params_file
 from ng_jax.data import world
 
 IMAGE_SIZE = world.CANVAS
@@ -126,23 +127,6 @@ def check_verifier_images(images: np.ndarray, who: str) -> None:
 
 def save_verifier_params(params, path: str | pathlib.Path) -> None:
     pathlib.Path(path).write_bytes(flax.serialization.to_bytes(jax.device_get(params)))
-
-
-def load_params_file(path: str | pathlib.Path, template, what: str, tool: str):
-    """Restore a parameter pytree from a msgpack file, checking every leaf shape against `template`."""
-    path = pathlib.Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} weights not found at {path}; train them with `python -m {tool} --out {path.parent}`")
-    try:
-        params = flax.serialization.from_bytes(template, path.read_bytes())
-    except Exception as err:  # msgpack / structure errors come in many types
-        raise ValueError(f"{what} weights at {path} are corrupt or do not match the network: {type(err).__name__}: {err}") from None
-    want = jax.tree.map(lambda x: tuple(x.shape), template)
-    got = jax.tree.map(lambda x: tuple(np.shape(x)), params)
-    if want != got:
-        raise ValueError(f"{what} weights at {path} have parameter shapes that do not match the network "
-                         f"(world vocabulary changed?); retrain with `python -m {tool}`")
-    return jax.tree.map(jnp.asarray, params)
 
 
 def load_verifier_params(path: str | pathlib.Path = DEFAULT_WEIGHTS):
