@@ -21,6 +21,7 @@ def get_config(arg=None):
     c.workdir = "workdirs/analysis"
     c.reference = ""              # the reference bundle the checkpoints are compared with ("" = shipped)
     c.render = rl.render          # how samples become images: "clip" or "soft" (ng_jax/data/render.py)
+    c.space = rl.space            # "pixel" or "centred" sample space (ng_jax/data/render.py)
     c.mesh = blocks.mesh_config()
     c.rewards = rl.rewards        # the reward(s) reported by every evaluation (verifier by default)
     c.eval = rl.eval              # prompts, samples, steps, CFG of every evaluation (see methods.rl_config)

@@ -20,6 +20,7 @@ def get_config(arg=None):
     c.workdir = "workdirs/eval_reference"
     c.reference = ""
     c.render = rl.render            # "clip" or "soft" (ng_jax/data/render.py)
+    c.space = rl.space            # "pixel" or "centred" sample space (ng_jax/data/render.py)
     c.mesh = blocks.mesh_config()
     c.rewards = rl.rewards
     c.eval = rl.eval

@@ -8,8 +8,9 @@ RENDER: "clip" (samples clipped to [-1, 1], overshoot earns nothing), "soft" (so
 still brightens the image a little) or "headroom" (the data fill 70% of the display range, so overshoot renders
 more saturated than any training image, as latents past the data range decode; ng_jax/data/render.py).
 ROLLOUT: "free" (CFG-free rollouts, the NFT / AWM references) or "guided" (CFG 4.5 rollouts).
-Variants of one run: `:soft_free`, `:soft_guided`, `:clip_free`, `:headroom_free`, ...; add `,lam` for
-AWM + NormGuard at lambda 1, `,lr=3e-5` / `,epochs=30` to change the push (e.g. `:headroom_free,lr=3e-5,epochs=30`). The table and its commands: docs/PILOT.md.
+Variants of one run: `:soft_free`, `:soft_guided`, `:clip_free`, `:headroom_free`, ...; add `,centred` to
+sample in the centred space (images minus the data mean, as SD3 / FLUX centre their latents; the same
+model and images, the norm measured from the data mean), `,lam` for AWM + NormGuard at lambda 1, `,lr=3e-5` / `,epochs=30` to change the push (e.g. `:headroom_free,lr=3e-5,epochs=30`). The table and its commands: docs/PILOT.md.
 """
 
 import ml_collections as mlc
@@ -28,6 +29,7 @@ def get_config(arg=None):
     c.name = "pilot_" + tag
     c.workdir = "workdirs/pilot/" + tag
     c.render = render
+    c.space = "centred" if "centred" in parts else "pixel"
     c.rl.rollout.cfg_scale = {"free": 1.0, "guided": 4.5}[rollout]
     c.rewards = blocks.rewards_config({"preference": 1.0})
     c.rl.epochs = epochs         # `,epochs=N`

@@ -44,6 +44,7 @@ RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("normguard.relative", lambda v: isinstance(v, bool), "true or false"),
     ("lora.rank", *_nonneg),
     ("render", lambda v: v in ("clip", "soft", "headroom"), "\"clip\", \"soft\" or \"headroom\""),
+    ("space", lambda v: v in ("pixel", "centred"), "\"pixel\" or \"centred\""),
 ]
 
 

@@ -67,6 +67,10 @@ def rl_config(method: str, *, normguard_lam: float = 0.0) -> mlc.ConfigDict:
     # How samples become images for the rewards and judges: "clip" to [-1, 1], or "soft" saturation, where
     # overshooting the data range still brightens the image as a VAE decoder would (ng_jax/data/render.py)
     c.render = "clip"
+    # The sample space: "pixel" (samples are the images) or "centred" (samples are the images minus the
+    # data mean, as SD3 / FLUX centre their latents; the same model and images, the norm measured from the
+    # data mean; ng_jax/data/render.py)
+    c.space = "pixel"
     c.data = blocks.data_config()
     c.mesh = blocks.mesh_config()
     # 20 epochs: the evaluation reward peaks early and then drifts (docs/DEFAULTS.md). Two optimizer steps
@@ -124,6 +128,7 @@ def real_rl_config(method: str, family: str, normguard_lam: float = 0.0) -> mlc.
     c.workdir = "workdirs/" + c.name
     c.reference = ""             # unused: the reference is model.weights_dir's transformer
     c.render = "clip"            # the VAE decodes; its images are clipped to [-1, 1]
+    c.space = "pixel"            # samples are the VAE's (centred, scaled) latents
     c.model = blocks.real_model_config(family)
     # Prompts: a .txt/.jsonl file of free-form prompts (the PickScore references train on Pick-a-Pic
     # prompts); "" falls back on the shapes world's TFDS prompts (compositional, GenEval-like).

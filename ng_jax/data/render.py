@@ -12,6 +12,14 @@ VAE's latent space has: the data fill `HEADROOM_GAIN` (70%) of the display range
 sample that overshoots the data range by up to 1 / gain renders brighter and more saturated than any
 training image, as over-saturated decodes do. Rewards and quality judges see the rendered image (the
 real renders the judges compare with are rendered the same way); the norm ratio is measured on the samples.
+
+The sample space (`space`): "pixel" samples are the images themselves. SD3 and FLUX normalise their
+latents to about zero mean (the VAE's shift factor); the shapes world's pixels are not (the dark
+background puts the data mean near -0.71, so the mean carries 80% of an image's energy and an object
+that grows can even lower it). `space = "centred"` samples `z = x - DATA_MEAN` (`with_space`): an exact
+change of coordinates of the same reference (`models.velocity.ShiftedVelocityModel`), the same images
+and the same flow-matching losses; only the origin of `||v||` moves, to the data mean, as in the
+latent spaces the paper measures.
 """
 
 from __future__ import annotations
@@ -21,9 +29,14 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from ng_jax.data.world import DATA_MEAN
+from ng_jax.errors import UserError
+from ng_jax.models.velocity import ShiftedVelocityModel
+
 KNEE = 0.8
 HEADROOM_GAIN = 0.7
 RENDERS = ("clip", "soft", "headroom")
+SPACES = ("pixel", "centred")
 
 
 def soft_saturate(x: jax.Array, knee: float = KNEE) -> jax.Array:
@@ -52,3 +65,24 @@ def with_render(stack, render: str):
         return stack
     decode = stack.decode_fn
     return dataclasses.replace(stack, decode_fn=lambda params, x0: fn(decode(params, x0)), render=render)
+
+
+def with_space(stack, space: str):
+    """`stack` sampling in `space` (see the module docstring): "pixel" returns it unchanged; "centred"
+    (toy world only) wraps its velocity model in `ShiftedVelocityModel(model, DATA_MEAN)`, decodes
+    `z0 + DATA_MEAN`, and records the shift on the stack."""
+    if space not in SPACES:
+        raise UserError(f"space={space!r}: expected one of {SPACES}")
+    if space == "pixel":
+        return stack
+    if not stack.is_toy:
+        raise UserError(f"space={space!r} is the toy world's; real models sample in their VAE's latent space "
+                        "(use space='pixel')")
+    decode, shift = stack.decode_fn, tuple(DATA_MEAN)
+    return dataclasses.replace(stack, model=ShiftedVelocityModel(stack.model, shift), shift=shift,
+                               decode_fn=lambda params, z0: decode(params, z0 + jnp.asarray(shift, z0.dtype)))
+
+
+def world_stack(stack, config):
+    """The run's stack as its config's `space` and `render` say (`with_space`, then `with_render`)."""
+    return with_render(with_space(stack, str(config.get("space", "pixel"))), config.render)

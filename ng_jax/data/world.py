@@ -21,6 +21,9 @@ from ng_jax.errors import UserError
 
 CANVAS = 32
 BACKGROUND = (24, 24, 24)
+# The training renders' mean value per RGB channel in [-1, 1] (6 x 1000 renders, category-balanced as the
+# pretraining data; recomputed by tests/unit/test_space.py): the origin of the "centred" sample space.
+DATA_MEAN = (-0.706, -0.708, -0.719)
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (230, 40, 40),
     "green": (40, 200, 60),

@@ -30,7 +30,7 @@ import numpy as np
 from ng_jax import logs, sharding
 from ng_jax import main as entry
 from ng_jax.config.checks import ConfigError
-from ng_jax.data.render import with_render
+from ng_jax.data.render import world_stack
 from ng_jax.eval.analysis import plots
 from ng_jax.eval.analysis.adjoint import reward_jacobian, summarize, verifier_reward_fn
 from ng_jax.eval.analysis.checkpoints import load_matching, resolve
@@ -57,7 +57,7 @@ class Context:
         self.a = config.analysis
         self.reference = load_bundle(config.reference or None)
         # host-side reference, as the evaluator always had it; samples rendered as the run's config says
-        self.stack = with_render(toy_stack(self.reference), config.render)
+        self.stack = world_stack(toy_stack(self.reference), config)
         self.model = self.stack.model
         self.text = make_text_encoder(self.reference.text_cfg)
         self.mesh = sharding.make_mesh(config.mesh.shape)

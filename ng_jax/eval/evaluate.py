@@ -21,7 +21,7 @@ from ng_jax import flow, logs, sharding
 from ng_jax.config.checks import ConfigError
 from ng_jax.data import world
 from ng_jax.data.prompts import category_of
-from ng_jax.data.render import render_fn, with_render
+from ng_jax.data.render import render_fn, world_stack
 from ng_jax.judges.toy import QualityJudge, reference_renders
 from ng_jax.models.stack import build_model_stack
 from ng_jax.rewards.registry import build_rewards
@@ -84,7 +84,7 @@ class Evaluator:
             raise ValueError(f"eval.batch_size={self.batch} must be divisible by data x fsdp ({multiple})")
         pad = (-len(self.prompts)) % self.batch
         self.n = len(self.prompts)
-        prompts_padded = self.prompts + self.prompts[:pad]
+        prompts_padded = [self.prompts[i % self.n] for i in range(self.n + pad)]  # pad may exceed n
         self.conds = [stack.encode(prompts_padded[i:i + self.batch]) for i in range(0, len(prompts_padded), self.batch)]
         self.uncond = stack.uncond(self.batch)
         seeds = np.arange(len(prompts_padded)) + int(eval_cfg.get("seed", 0)) * 100_003
@@ -121,8 +121,9 @@ class Evaluator:
         for noise, cond in zip(self.noise, self.conds):
             out = self._sample(trainable, self.ref, noise, cond, self.uncond)
             xs.append(sharding.to_host(to_uint8(self._decode(self.stack.decoder_params, out.x0))))
-            if self.stack.is_toy:  # pixel-space samples: the fraction of values past [-1, 1] before rendering
-                over.append(sharding.to_host(_out_of_range(out.x0)))
+            if self.stack.is_toy:  # the fraction of image values past [-1, 1] before rendering
+                shift = 0.0 if self.stack.shift is None else jnp.asarray(self.stack.shift, out.x0.dtype)
+                over.append(sharding.to_host(_out_of_range(out.x0 + shift)))
             pol.append(sharding.to_host(out.norms_policy))
             ref.append(pol[-1] if out.norms_ref is None else sharding.to_host(out.norms_ref))
         sigmas = sharding.to_host(out.sigmas)
@@ -230,7 +231,7 @@ def run(config, workdir: str) -> int:
     mesh = sharding.make_mesh(config.mesh.shape)
     layout, ref_layout = sharding.layouts(config.mesh)
     # The toy reference stays on the host, as this job always had it; real weights are placed by the rules.
-    stack = with_render(build_model_stack(config, None if "model" not in config else mesh, ref_layout), config.render)
+    stack = world_stack(build_model_stack(config, None if "model" not in config else mesh, ref_layout), config)
     evaluator = Evaluator(config.eval, stack, mesh, weighted=build_rewards(config.rewards),
                           policy_params=lambda p, r: p, workdir=workdir, policy_is_ref=True,
                           rules=layout.logical_rules)

@@ -80,6 +80,7 @@ class ModelStack:
     bundle: Any = None                # toy: the ModelBundle (config/text params, for the policy export)
     info: dict = dataclasses.field(default_factory=dict)
     render: str = "clip"              # how decoded samples become images (ng_jax.data.render; set by with_render)
+    shift: tuple | None = None        # "centred" toy space: samples are images minus this (set by with_space)
 
     @property
     def is_toy(self) -> bool:

@@ -230,3 +230,32 @@ def _make_flux(cfg) -> FluxVelocityModel:
                              context_shape=(int(get("max_sequence_length", 512)), int(cfg["joint_attention_dim"])),
                              pooled_dim=int(cfg["pooled_projection_dim"]),
                              guidance=None if guidance is None else float(guidance))
+
+
+@dataclasses.dataclass(frozen=True)
+class ShiftedVelocityModel:
+    """`inner` reparametrised to the sample space `z = x - shift` (per channel): with
+    `x_t = (1 - sigma) x0 + sigma eps` and `z_t = x_t - (1 - sigma) shift`, the velocity is
+    `v_z(z_t) = v_x(z_t + (1 - sigma) shift) + shift` (the target `eps - z0 = eps - x0 + shift`). An
+    exact change of coordinates: Euler and Flow-SDE steps, guidance and every flow-matching loss give
+    the same images and values in both spaces; what moves is the origin of the velocity's norm. Same
+    parameters as `inner`; everything but `apply` is `inner`'s."""
+
+    inner: Any
+    shift: tuple[float, ...]
+
+    def __getattr__(self, name):
+        if name in ("inner", "shift") or name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    def apply(self, params, z_t, sigma, cond: TextCond, *args, **kwargs) -> jax.Array:
+        b = jnp.asarray(self.shift, jnp.float32)
+        s = jnp.asarray(sigma, jnp.float32)
+        s = s.reshape(s.shape + (1,) * (z_t.ndim - s.ndim))
+        v = self.inner.apply(params, z_t + (1.0 - s) * b, sigma, cond, *args, **kwargs)
+        return v + b.astype(v.dtype)
+
+    @property
+    def apply_fn(self) -> Callable:
+        return self.apply

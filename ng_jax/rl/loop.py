@@ -42,7 +42,7 @@ import numpy as np
 from ng_jax import logs, sharding
 from ng_jax.checkpoint import Checkpointer, CheckpointError, Preemption
 from ng_jax.config.checks import ConfigError
-from ng_jax.data.render import with_render
+from ng_jax.data.render import world_stack
 from ng_jax.data.sources import PromptStream
 from ng_jax.errors import TrainingError, one_line
 from ng_jax.eval.evaluate import RunEvaluation
@@ -121,7 +121,7 @@ def run(config, workdir: str) -> int:
     check_rl_config(config, sharding.batch_size_multiple(mesh))
     n_samples, chunk = int(rl.prompts_per_epoch) * k, rollout_chunk(config)
     # velocity model, placed reference, prompt encoder, decoder (+ the toy world's render)
-    stack = with_render(build_model_stack(config, mesh, ref_layout), config.render)
+    stack = world_stack(build_model_stack(config, mesh, ref_layout), config)
     ref, batch_sh = stack.ref, sharding.batch_sharding(mesh)
     lora_cfg = config.lora if config.lora.rank else None
     optimizer = make_optimizer(config.optim)
