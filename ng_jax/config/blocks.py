@@ -208,9 +208,13 @@ def eval_config(*, every: int, num_prompts: int, samples_per_prompt: int, batch_
     c.grid_size = grid_size      # images in WORKDIR/samples/<tag>.png
     # RL runs: samples per prompt of the evaluations before training and after the last epoch (0 = as
     # samples_per_prompt), and evaluation variants run beside each evaluation on the same prompts and noise:
-    # name -> overrides of this block, e.g. {"guided": {"cfg_scale": 4.5}, "steps4": {"num_steps": 4}}
+    # name -> overrides of this block, e.g. {"guided": {"cfg_scale": 4.5}, "steps4": {"num_steps": 4}};
+    # a variant with "final_only": True runs only before training and after the last epoch
     c.final_samples_per_prompt = 0
     c.variants = mlc.ConfigDict()
+    # A directory caching the reference's evaluation (before training) across runs that share the reference,
+    # these settings and the rewards ("" = off; the grid sets it, as its runs all start from the reference)
+    c.initial_cache = ""
     return c
 
 

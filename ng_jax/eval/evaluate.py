@@ -10,6 +10,8 @@ Also the `evaluate` job, which scores a model bundle (default: the shipped refer
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import os
 from collections import Counter, defaultdict
 
@@ -23,6 +25,7 @@ from ng_jax.data import world
 from ng_jax.data.prompts import category_of
 from ng_jax.data.render import render_fn, world_stack
 from ng_jax.judges.toy import QualityJudge, reference_renders
+from ng_jax.models.bundle import bundle_fingerprint
 from ng_jax.models.stack import build_model_stack
 from ng_jax.rewards.registry import build_rewards
 from ng_jax.rewards.verifier import VerifierReward
@@ -181,7 +184,8 @@ class RunEvaluation:
     when it is set (> 0), so that the numbers a run is judged by rest on more images. Each evaluation
     also runs the variants of `eval.variants` (name -> overrides of the eval block, e.g.
     `{"guided": {"cfg_scale": 4.5}, "steps4": {"num_steps": 4}}`) on the same prompts and noise; their
-    results come back under `variants`, and their numbers flattened as `<name>/<key>` for the logs.
+    results come back under `variants`, and their numbers flattened as `<name>/<key>` for the logs. A
+    variant with `final_only: True` runs only in the final evaluations.
     Evaluators are built on first use and reused."""
 
     def __init__(self, eval_cfg, stack, mesh, **evaluator_kwargs):
@@ -196,7 +200,8 @@ class RunEvaluation:
             if key[0]:
                 cfg.samples_per_prompt = n_final
             for k, v in (self.cfg.variants[variant].items() if variant else ()):
-                cfg[k] = v
+                if k != "final_only":
+                    cfg[k] = v
             self._evaluators[key] = Evaluator(cfg, self.stack, self.mesh, **self.kwargs)
         return self._evaluators[key]
 
@@ -205,10 +210,45 @@ class RunEvaluation:
         if self.cfg.variants:
             result["variants"] = {}
             for name in self.cfg.variants:
+                if self.cfg.variants[name].get("final_only", False) and not final:
+                    continue
                 r = self.evaluator(final, name)(params, tag=f"{tag}_{name}", step=step)
                 result["variants"][name] = r
                 result.update({f"{name}/{k}": v for k, v in logs.scalars(r).items() if k != "step"})
         return result
+
+
+def initial_evaluation_cache(config, stack) -> str | None:
+    """The file that caches the reference's evaluation under this run's evaluation settings
+    (`eval.initial_cache`, a directory; "" = no cache), or None. Runs that differ only in what they
+    train (method, NormGuard, seed, optimizer) start from the same reference and evaluate it on the same
+    prompts and noise, so a grid computes that evaluation once. The key covers everything it depends on:
+    the reference's parameter checksum, the eval block, the rewards, the sample space and the render.
+    Toy world only (a real model's weights directory has no checksum)."""
+    directory = str(config.eval.get("initial_cache") or "")
+    if not directory or not stack.is_toy:
+        return None
+    key = json.dumps([bundle_fingerprint(config.get("reference") or None), json.loads(config.eval.to_json_best_effort()),
+                      json.loads(config.rewards.to_json_best_effort()), config.get("space", "pixel"), config.render],
+                     sort_keys=True)
+    return os.path.join(directory, hashlib.sha256(key.encode()).hexdigest()[:20] + ".json")
+
+
+def read_cached_evaluation(path: str | None) -> dict | None:
+    if not path or not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def write_cached_evaluation(path: str | None, result: dict) -> None:
+    if not path:
+        return
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(result, f)
+    os.replace(tmp, path)  # atomic: a concurrent reader sees the whole file or none
 
 
 def constraint_failures(prompts, detections) -> dict[str, dict[str, float]]:

@@ -45,7 +45,8 @@ from ng_jax.config.checks import ConfigError
 from ng_jax.data.render import world_stack
 from ng_jax.data.sources import PromptStream
 from ng_jax.errors import TrainingError, one_line
-from ng_jax.eval.evaluate import RunEvaluation
+from ng_jax.eval.evaluate import (RunEvaluation, initial_evaluation_cache, read_cached_evaluation,
+                                  write_cached_evaluation)
 from ng_jax.models.stack import build_model_stack
 from ng_jax.rewards.host import quiet_reward_error_logs, reward_failures
 from ng_jax.rewards.registry import build_rewards
@@ -161,18 +162,23 @@ def run(config, workdir: str) -> int:
                         initial=min(meta.epoch, epochs), enabled=is_main)
     say = bar.write if is_main else (lambda *_: None)  # one copy of each report line, from process 0
 
-    def evaluate(params, tag: str, step: int) -> dict:
-        with reward_failures(weighted, mesh, f"evaluation ({tag})", _last_good(ckpt)):
-            result = evaluator(params, tag=tag, step=step, final=step in (0, epochs))
+    def evaluate(params, tag: str, step: int, cache: str | None = None) -> dict:
+        result = read_cached_evaluation(cache)
+        cached = result is not None
+        if not cached:
+            with reward_failures(weighted, mesh, f"evaluation ({tag})", _last_good(ckpt)):
+                result = evaluator(params, tag=tag, step=step, final=step in (0, epochs))
+            if is_main:
+                write_cached_evaluation(cache, result)
         writer.write(step, logs.scalars(result), prefix="eval/")
-        say(logs.eval_line(f"epoch {step}" if step else tag, result))
+        say(logs.eval_line(f"epoch {step}" if step else tag, result) + (f" (cached: {cache})" if cached else ""))
         return result
 
     t_start, seconds_before = time.time(), meta.seconds
     with Preemption() as preemption, quiet_reward_error_logs():
         try:
             if meta.eval_initial is None:
-                meta.eval_initial = evaluate(state.params, "initial", 0)
+                meta.eval_initial = evaluate(state.params, "initial", 0, initial_evaluation_cache(config, stack))
             for epoch in range(meta.epoch, epochs):
                 done, t0 = epoch + 1, time.time()
                 # --- prompts -> rollout with rewards (host callbacks inside the jit)

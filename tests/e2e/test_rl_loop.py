@@ -24,6 +24,7 @@ import threading
 import time
 
 import jax
+import ml_collections as mlc
 import numpy as np
 import pytest
 from jax.experimental.compilation_cache import compilation_cache
@@ -440,3 +441,33 @@ def test_evaluation_sampler_places_activations_by_the_rule_table(files):
     marker = "sharding_constraint" if "sdy." in lowered else "@Sharding"
     assert bare.count(marker) == 0
     assert lowered.count(marker) >= 3, lowered.count(marker)  # block boundaries, attention heads, MLP
+
+
+def test_initial_evaluation_is_cached_across_runs_and_final_only_variants(files, tmp_path, monkeypatch):
+    """Two runs of different seeds that share the reference and the evaluation settings evaluate the
+    reference once (eval.initial_cache); a final_only variant runs before training and after the last
+    epoch only."""
+    calls = []
+    real_call = evaluate.Evaluator.__call__
+    monkeypatch.setattr(evaluate.Evaluator, "__call__",
+                        lambda self, p, *, tag, step: calls.append(tag) or real_call(self, p, tag=tag, step=step))
+    summaries = []
+    for seed in (0, 1):
+        config = _config(files, epochs=2)
+        config.seed = seed
+        config.eval.every = 1
+        config.eval.quality = False
+        config.eval.initial_cache = str(tmp_path / "initial")
+        config.eval.variants = mlc.ConfigDict({"steps2": {"num_steps": 2, "final_only": True}})
+        assert loop.run(config, str(tmp_path / f"s{seed}")) == 0
+        with open(tmp_path / f"s{seed}" / "summary.json") as f:
+            summaries.append(json.load(f))
+    assert calls == ["initial", "initial_steps2", "epoch_0001", "epoch_0002", "epoch_0002_steps2",
+                     "epoch_0001", "epoch_0002", "epoch_0002_steps2"]
+    assert summaries[0]["eval_initial"] == summaries[1]["eval_initial"]
+    assert "steps2" in summaries[0]["eval_initial"]["variants"] and "steps2" in summaries[1]["eval"]["variants"]
+    assert len(os.listdir(tmp_path / "initial")) == 1
+    # another reward is another cache entry
+    config.rewards.weights = mlc.ConfigDict({"jpeg_compressibility": 1.0})
+    assert loop.run(config, str(tmp_path / "other_reward")) == 0
+    assert len(os.listdir(tmp_path / "initial")) == 2 and calls.count("initial") == 2
