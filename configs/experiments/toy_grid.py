@@ -1,12 +1,15 @@
-"""The reproduction grid on the toy world: {NFT, AWM, DPO} x {base, +NormGuard} x {verifier, JPEG
-compressibility} x seeds, then every analysis, then docs/RESULTS.md.
+"""The confirmatory grid on the toy world: {NFT, AWM, DPO} x {base, +NormGuard} x {preference reward,
+verifier} x seeds, then the analyses of the most inflating seed, then docs/RESULTS.md with paired
+statistics and a verdict per claim (ng_jax/eval/grid.py, ng_jax/eval/report.py).
 
     python -m ng_jax.main --config=configs/experiments/toy_grid.py
 
-Runs whose `summary.json` exists are reused (an interrupted run resumes from its checkpoint), so
-repeating the command only redoes the analyses and the report. Tiny smoke version (minutes):
-    --config.grid.methods=awm, --config.grid.seeds=0, --config.grid.rewards=verifier, \
-    --config.overrides.rl.epochs=2 --config.results=/tmp/RESULTS.md
+Runs whose `summary.json` exists are reused and an interrupted run resumes from its checkpoint, so the
+command can be stopped and repeated (e.g. in the background: `nohup ... &`); runs trained by other
+code than the checkout are refused. Base and NormGuard runs of a seed share initialisation, prompts,
+rollout noise and evaluation noise. The seeds (100-104) are not those of the pilot (0) or of the
+calibration sweep (0, 1; configs/experiments/calibration.py), which chose the settings confirmed here.
+Tiny smoke version (minutes): tests/e2e/test_grid.py.
 """
 
 import ml_collections as mlc
@@ -17,35 +20,51 @@ def get_config(arg=None):
     c.job = "grid"
     c.name = "toy_grid"
     c.seed = 0
-    c.workdir = "workdirs/toy_grid"   # one sub-directory per run, plus analysis/
-    # The reference bundle of every run ("" = the shipped one). The grid runs from the stage-1 reference
-    # (4-block MMDiT): its 24 runs fit the 2-hour budget on 2 CPU cores, which the 12-block shipped
-    # reference (about 3x the block count) does not; docs/RESULTS.md was measured from it.
-    c.reference = "ng_jax/assets/reference_stage1"
+    c.workdir = "workdirs/toy_grid"   # one sub-directory per run, plus initial_evals/, floors.json, analysis/
+    c.reference = ""                  # the shipped reference (ng_jax/assets/reference)
+    # The world of the pilot (docs/PILOT.md): samples centred on the data mean as SD3 / FLUX centre their
+    # latents, rendered with the display headroom of a VAE decoder (ng_jax/data/render.py).
+    c.space = "centred"
+    c.render = "headroom"
 
     c.grid = mlc.ConfigDict()
-    c.grid.methods = ("nft", "awm", "dpo")        # each run is configs/{method}[_normguard].py
-    c.grid.normguard = (False, True)              # base and +NormGuard (the config file's normguard block)
+    c.grid.methods = ("nft", "awm", "dpo")
+    # arm -> the method's config file without / with `_normguard` (its calibrated lambda and margin), plus
+    # optional settings ("normguard.lam=0.3,normguard.margin=0.02")
+    c.grid.arms = mlc.ConfigDict({"base": {"normguard": False, "set": ""},
+                                  "normguard": {"normguard": True, "set": ""}})
+    c.grid.base_arm = "base"
+    c.grid.normguard_arm = "normguard"
     # one reward per run: a registered name (weight 1) or a name in grid.composites
-    c.grid.rewards = ("verifier", "jpeg_compressibility")
+    c.grid.rewards = ("preference", "verifier")
     c.grid.composites = mlc.ConfigDict({"verifier_colour": {"verifier": 1.0, "colourfulness": 0.01}})
-    c.grid.seeds = (0, 1)
-    c.grid.analysis_reward = "verifier"           # the checkpoint analyses use these runs ...
-    c.grid.analysis_seed = 0                      # ... of this seed (plus the reference)
+    c.grid.seeds = (100, 101, 102, 103, 104)
+    # the preference reward carries the claims; the verifier cells drop to 3 seeds to fit ~6 h on 2 cores
+    c.grid.seeds_by_reward = mlc.ConfigDict({"verifier": (100, 101, 102)})
+    c.grid.allow_mixed_code = False   # True: report runs trained by different commits (the report says so)
+    c.grid.floor_draws = 20           # real-vs-real draws of the KID / FD noise floors (0: not measured)
+    c.grid.margins = mlc.ConfigDict({"inflation": 0.03,     # base ratio above 1.03 counts as inflation
+                                     "reward_kept": 0.2})   # non-inferiority: lose < 20% of the base gain
+    c.grid.analysis_reward = "preference"   # analyses on this reward's most inflating seed ("" = none)
 
-    # Applied to every run's config (dotted keys as on the command line). The grid must fit in 2
-    # hours on 2 CPU cores: 24 runs of 40 epochs (twice the main job's 20), then the analyses.
+    # Applied to every run's config (dotted keys as on the command line).
     c.overrides = mlc.ConfigDict()
-    c.overrides.rl = mlc.ConfigDict({"epochs": 40})
-    c.overrides.eval = mlc.ConfigDict({"every": 20, "num_prompts": 24, "samples_per_prompt": 4})
+    c.overrides.rl = mlc.ConfigDict({"epochs": 20})
+    c.overrides.eval = mlc.ConfigDict({
+        "every": 5, "num_prompts": 0, "samples_per_prompt": 12,   # 17 evaluation prompts x 12 = 204 images
+        "final_samples_per_prompt": 24, "batch_size": 102,        # before and after training: 408 images
+        "variants": {"guided": {"cfg_scale": 4.5, "final_only": True},
+                     "steps4": {"num_steps": 4, "final_only": True},
+                     "steps6": {"num_steps": 6, "final_only": True}},
+    })
 
-    c.analysis = mlc.ConfigDict()                 # settings of the analyses (see configs/analyze.py)
-    c.analysis.samples_per_prompt = 4
+    c.analysis = mlc.ConfigDict()     # settings of the analyses (see configs/analyze.py)
+    c.analysis.samples_per_prompt = 8
     c.analysis.few_steps = (4, 6, 10, 20, 40)
     c.analysis.cfg_rescale_phi = 0.7
     c.analysis.guided_cfg_scale = 4.5
-    c.analysis.adjoint_prompts = 8
-    c.analysis.adjoint_samples = 2
+    c.analysis.adjoint_prompts = 16
+    c.analysis.adjoint_samples = 4    # 64 samples
 
-    c.results = "docs/RESULTS.md"                 # the report (figures go to docs/results/)
+    c.results = "docs/RESULTS.md"     # the report; its JSON and figures go to docs/results/
     return c

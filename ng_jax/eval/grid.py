@@ -1,29 +1,57 @@
-"""The reproduction grid (`config.job = "grid"`, configs/experiments/toy_grid.py).
+"""The reproduction grid (`config.job = "grid"`, configs/experiments/toy_grid.py and calibration.py).
 
-1. Every RL run of {methods} x {base, +NormGuard} x {rewards} x {seeds}, in this process, one
-   after the other, each in WORKDIR/<method>[_normguard]_<reward>_s<seed>. A run with a
-   summary.json is reused; an interrupted one resumes from its checkpoint (ng_jax.rl.loop).
-2. The analyses (ng_jax.eval.analyze) on the reference and the runs of `grid.analysis_reward` and
-   `grid.analysis_seed`, and the matched-reward control over all runs, into WORKDIR/analysis.
-3. The report (`config.results`, figures next to it in results/), with the command and commit
-   at its top, built from those JSON files by `ng_jax.eval.report`.
+1. Every RL run of {methods} x {arms} x {rewards} x {seeds}, in this process, one after the other, each
+   in WORKDIR/<method>_<arm>_<reward>_s<seed>. An arm is the base method or NormGuard (the method's
+   config file without or with `_normguard`) plus optional settings (`set`: "normguard.lam=0.3,
+   normguard.margin=0.02"). A run with a summary.json is reused; an interrupted one resumes from its
+   checkpoint (ng_jax.rl.loop). The reference's evaluation is computed once (`eval.initial_cache`).
+2. Every run records the commit of the code that trained it; runs trained by other code than this
+   checkout are refused (`grid.allow_mixed_code=True` overrides, and the report then says so), as are
+   runs started with another config or reference.
+3. The noise floors of the quality measures at the final evaluation's size (real renders against real
+   renders of the same prompts), measured once.
+4. Optionally (`grid.analysis_reward`), the analyses (ng_jax.eval.analyze) on the checkpoints of the seed
+   whose base run inflates the norm most under guidance.
+5. The report (`config.results`, its JSON and figures in results/ next to it; ng_jax.eval.report).
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import time
 
 import ml_collections as mlc
+import numpy as np
 
 from ng_jax.config.checks import ConfigError, check_config
 from ng_jax.config.methods import load_config_file
+from ng_jax.data.render import render_fn
 from ng_jax.eval import analyze, report
+from ng_jax.eval.evaluate import repeat_prompts
+from ng_jax.judges.features import JudgeFeatures
+from ng_jax.judges.kid import noise_floors
+from ng_jax.judges.toy import reference_renders
 from ng_jax.models.bundle import bundle_fingerprint
 from ng_jax.rewards.registry import EXTRA_REWARDS, REWARD_NAMES
 from ng_jax.rl import loop
+from ng_jax.rl.prompts import load_eval_prompts
+from ng_jax.sampling import from_uint8, to_uint8
+
+RUN_CONFIG = "grid_run_config.json"
+RUN_REFERENCE = "grid_run_reference.txt"  # params sha256 of the reference bundle the run started from
+FLOORS = "floors.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+    config: mlc.ConfigDict
+    method: str
+    arm: str
+    reward: str
+    seed: int
 
 
 def _apply(config: mlc.ConfigDict, overrides: mlc.ConfigDict, prefix: str = "") -> None:
@@ -31,15 +59,35 @@ def _apply(config: mlc.ConfigDict, overrides: mlc.ConfigDict, prefix: str = "") 
         if isinstance(value, mlc.ConfigDict):
             if key not in config:
                 raise KeyError(f"grid override {prefix}{key}: no such block in the RL config")
-            _apply(config[key], value, f"{prefix}{key}.")
+            if isinstance(config[key], mlc.ConfigDict) and not config[key].keys():  # a free-form mapping
+                config[key] = copy.deepcopy(value)                                  # (eval.variants): replaced
+            else:
+                _apply(config[key], value, f"{prefix}{key}.")
         else:
             if key not in config:
                 raise KeyError(f"grid override {prefix}{key}: no such key in the RL config")
             config[key] = value
 
 
-def run_name(method: str, normguard: bool, reward: str, seed: int) -> str:
-    return f"{method}{'_normguard' if normguard else ''}_{reward}_s{seed}"
+def _set(config: mlc.ConfigDict, text: str, arm: str) -> None:
+    """Apply an arm's `set` string ("a.b=1,c=x") to `config`, each value parsed as the type of the value
+    it replaces."""
+    for item in filter(None, (t.strip() for t in str(text or "").split(","))):
+        key, sep, raw = item.partition("=")
+        node, *path = key.strip().split(".")[::-1]
+        parent = config
+        for part in reversed(path):
+            if part not in parent:
+                raise KeyError(f"grid arm {arm!r}: set {key.strip()}: no such block in the RL config")
+            parent = parent[part]
+        if not sep or node not in parent:
+            raise KeyError(f"grid arm {arm!r}: set {item!r}: expected KEY=VALUE with an existing key")
+        old = parent[node]
+        parent[node] = (raw.strip().lower() in ("1", "true", "yes")) if isinstance(old, bool) else type(old)(raw.strip())
+
+
+def run_name(method: str, arm: str, reward: str, seed: int) -> str:
+    return f"{method}_{arm}_{reward}_s{seed}"
 
 
 def reward_weights(grid_cfg, reward: str) -> dict[str, float]:
@@ -55,30 +103,35 @@ def reward_weights(grid_cfg, reward: str) -> dict[str, float]:
     return {str(k): float(v) for k, v in weights.items()}
 
 
-def run_configs(config) -> dict[str, mlc.ConfigDict]:
-    """name -> the RL config of every run of the grid (validated, so a typo fails before any training)."""
+def seeds_of(grid_cfg, reward: str) -> tuple[int, ...]:
+    by = grid_cfg.get("seeds_by_reward") or {}
+    return tuple(int(s) for s in (by[reward] if reward in by else grid_cfg.seeds))
+
+
+def run_specs(config) -> dict[str, RunSpec]:
+    """name -> RunSpec of every run of the grid (configs validated, so a typo fails before any training)."""
     g = config.grid
     out = {}
     for method in g.methods:
-        for ng in g.normguard:
+        for arm, spec in g.arms.items():
             for reward in g.rewards:
                 weights = reward_weights(g, reward)
-                for seed in g.seeds:
-                    c = load_config_file(f"{method}{'_normguard' if ng else ''}.py")
-                    c.seed = int(seed)
+                for seed in seeds_of(g, reward):
+                    c = load_config_file(f"{method}{'_normguard' if spec.normguard else ''}.py")
+                    c.seed = seed
                     c.reference = config.reference
+                    c.space = config.get("space", "pixel")
+                    c.render = config.get("render", "clip")
                     c.rewards.weights = mlc.ConfigDict(weights)
                     _apply(c, config.overrides)
-                    name = run_name(method, bool(ng), reward, int(seed))
+                    _set(c, spec.get("set", ""), arm)
+                    name = run_name(method, arm, reward, seed)
                     c.name = name
                     c.workdir = os.path.join(config.workdir, name)
+                    c.eval.initial_cache = os.path.join(config.workdir, "initial_evals")
                     check_config(c)
-                    out[name] = c
+                    out[name] = RunSpec(c, str(method), str(arm), str(reward), seed)
     return out
-
-
-RUN_CONFIG = "grid_run_config.json"
-RUN_REFERENCE = "grid_run_reference.txt"  # params sha256 of the reference bundle the run started from
 
 
 def _flatten(tree, prefix=""):
@@ -116,12 +169,49 @@ def _check_recorded_config(c: mlc.ConfigDict, run_dir: str, reference_sha: str) 
                           f"now {reference_sha[:12]}); delete it to retrain that run")
 
 
+def check_code(workdir: str, names, current: str, allow: bool) -> dict | None:
+    """None when every started run was trained by `current` code; else commit -> runs, or (without
+    `allow`) a ConfigError naming the runs trained by other code."""
+    commits = report.run_commits(workdir, names)
+    others = {c: ns for c, ns in commits.items() if c != current}
+    if not others:
+        return None
+    if not allow:
+        shown = "; ".join(f"{c}: {', '.join(ns[:3])}{', ...' if len(ns) > 3 else ''} ({len(ns)} runs)"
+                          for c, ns in sorted(others.items()))
+        raise ConfigError(f"{workdir}: runs trained by other code than this checkout ({current}): {shown}; delete "
+                          "them to retrain, or pass --config.grid.allow_mixed_code=True (the report then says so)")
+    return commits
+
+
+def measure_floors(first: mlc.ConfigDict, draws: int, seed: int = 0) -> dict:
+    """KID and FD between two sets of real renders of the final evaluation's prompts (the same prompts,
+    other scene seeds; rendered as the runs render), `draws` times, at the final evaluation's size."""
+    k = int(first.eval.final_samples_per_prompt or first.eval.samples_per_prompt)
+    prompts = repeat_prompts(load_eval_prompts(first), k, int(first.eval.get("min_samples_per_category", 0) or 0))
+    render = render_fn(first.get("render", "clip"))
+    features = JudgeFeatures()
+
+    def sampler(rng, n):
+        seeds = rng.integers(0, 2 ** 31, size=(2, len(prompts)))
+        sets = [features.features(np.asarray(to_uint8(render(from_uint8(reference_renders(prompts, s))))))
+                for s in seeds]
+        return sets[0], sets[1]
+
+    fl = noise_floors(sampler, len(prompts), draws=draws, seed=seed, paired=True)
+    return {"n": len(prompts), "draws": draws, "kid_mean": fl["kid"].mean, "kid_std": fl["kid"].std,
+            "fd_mean": fl["fd"].mean, "fd_std": fl["fd"].std}
+
+
 def analysis_config(config, checkpoints: list[str], runs: list[str]) -> mlc.ConfigDict:
     a = load_config_file("analyze.py")
     a.reference = config.reference
-    first = next(iter(run_configs(config).values()))
+    a.space = config.get("space", "pixel")
+    a.render = config.get("render", "clip")
+    first = next(iter(run_specs(config).values())).config
     a.eval = copy.deepcopy(first.eval)
     a.eval.cfg_rescale = 0.0
+    a.eval.variants = mlc.ConfigDict()
     a.eval.samples_per_prompt = int(config.analysis.samples_per_prompt)
     for key in ("few_steps", "cfg_rescale_phi", "guided_cfg_scale", "adjoint_prompts", "adjoint_samples"):
         a.analysis[key] = config.analysis[key]
@@ -131,60 +221,92 @@ def analysis_config(config, checkpoints: list[str], runs: list[str]) -> mlc.Conf
     return a
 
 
-def run(config, workdir: str) -> int:
+def inflating_seed(workdir: str, runs: dict[str, RunSpec], reward: str, base_arm: str) -> int | None:
+    """The seed whose base runs (of `reward`) have the largest mean guided norm ratio at sigma >= 0.5."""
+    by_seed: dict = {}
+    for n, s in runs.items():
+        summary = report._read(os.path.join(workdir, n, "summary.json"))
+        if s.reward == reward and s.arm == base_arm and summary:
+            r = report.endpoint(summary, "ratio_guided")
+            if r is not None:
+                by_seed.setdefault(s.seed, []).append(r)
+    return max(by_seed, key=lambda s: np.mean(by_seed[s])) if by_seed else None
 
+
+def _analyses(config, workdir: str, runs: dict[str, RunSpec], retrained: bool, timings: dict) -> None:
+    g = config.grid
+    seed = inflating_seed(workdir, runs, str(g.analysis_reward), str(g.base_arm))
+    if seed is None:
+        return
+    chosen = [f"{n}={os.path.join(workdir, n)}" for n, s in runs.items()
+              if s.reward == g.analysis_reward and s.seed == seed and s.arm in (g.base_arm, g.normguard_arm)]
+    a_cfg = analysis_config(config, ["reference"] + chosen, [os.path.join(workdir, n) for n in runs])
+    a_dir = os.path.join(workdir, "analysis")
+    record = os.path.join(a_dir, RUN_CONFIG)
+    a_json = a_cfg.to_json_best_effort(indent=1, sort_keys=True)
+    done = os.path.isfile(record) and all(
+        os.path.isfile(os.path.join(a_dir, f"{k}.json")) for k in ("norms", "renorm", "few_step", "adjoint"))
+    if done:
+        with open(record) as f:
+            done = f.read() == a_json
+    if done and not retrained:
+        print("analyses: finished earlier with these runs and settings, reused")
+        return
+    if os.path.isfile(record):
+        os.remove(record)  # an interrupted analysis must not be mistaken for a finished one
+    t0 = time.time()
+    analyze.run(a_cfg, a_dir)
+    timings["analysis"] = time.time() - t0
+    with open(record, "w") as f:
+        f.write(a_json)
+
+
+def run(config, workdir: str) -> int:
     t_start = time.time()
     try:
-        runs = run_configs(config)
+        runs = run_specs(config)
     except (KeyError, ValueError) as err:
         raise ConfigError(str(err).strip("'\"")) from None
     os.makedirs(workdir, exist_ok=True)
     timings = {}
     started_at = report.commit()  # the code this process loaded (later commits to the checkout do not change it)
+    mixed = check_code(workdir, runs, started_at, bool(config.grid.allow_mixed_code))
     reference_sha = bundle_fingerprint(config.reference or None)
-    for i, (name, c) in enumerate(runs.items(), 1):
+    for i, (name, spec) in enumerate(runs.items(), 1):
         run_dir = os.path.join(workdir, name)
-        _check_recorded_config(c, run_dir, reference_sha)
+        _check_recorded_config(spec.config, run_dir, reference_sha)
         if os.path.isfile(os.path.join(run_dir, "summary.json")):
             print(f"[{i}/{len(runs)}] {name}: finished earlier, reused")
             continue
         print(f"[{i}/{len(runs)}] {name}: training")
         os.makedirs(run_dir, exist_ok=True)
         with open(os.path.join(run_dir, RUN_CONFIG), "w") as f:
-            f.write(c.to_json_best_effort(indent=1, sort_keys=True))
-        with open(os.path.join(run_dir, report.RUN_COMMIT), "w") as f:
-            f.write(started_at + "\n")  # the code that trains it (the report lists these)
+            f.write(spec.config.to_json_best_effort(indent=1, sort_keys=True))
+        if not os.path.isfile(os.path.join(run_dir, report.RUN_COMMIT)):  # kept when an interrupted run resumes
+            with open(os.path.join(run_dir, report.RUN_COMMIT), "w") as f:
+                f.write(started_at + "\n")
         with open(os.path.join(run_dir, RUN_REFERENCE), "w") as f:
             f.write(reference_sha + "\n")
         t0 = time.time()
-        code = loop.run(c, run_dir)
+        code = loop.run(spec.config, run_dir)
         if code != 0 or not os.path.isfile(os.path.join(run_dir, "summary.json")):
             print(f"{name}: stopped before the end (exit {code}); rerun the command to resume it")
             return code or 1
         timings[name] = time.time() - t0
-    g = config.grid
-    analysed = [f"{n}={os.path.join(workdir, n)}" for n, c in runs.items()
-                if c.rewards.weights.get(g.analysis_reward) and c.seed == int(g.analysis_seed)]
-    a_cfg = analysis_config(config, ["reference"] + analysed, [os.path.join(workdir, n) for n in runs])
-    a_dir = os.path.join(workdir, "analysis")
-    record = os.path.join(a_dir, RUN_CONFIG)
-    a_json = a_cfg.to_json_best_effort(indent=1, sort_keys=True)
-    done = os.path.isfile(record) and all(
-        os.path.isfile(os.path.join(a_dir, f"{k}.json")) for k in ("norms", "renorm", "few_step", "adjoint", "matched"))
-    if done:
-        with open(record) as f:
-            done = f.read() == a_json
-    if done and not timings:
-        # Nothing was retrained and the analyses' settings are unchanged: only the report is rewritten.
-        print("analyses: finished earlier with these runs and settings, reused")
-    else:
-        if os.path.isfile(record):
-            os.remove(record)  # an interrupted analysis must not be mistaken for a finished one
-        t0 = time.time()
-        analyze.run(a_cfg, a_dir)
-        timings["analysis"] = time.time() - t0
-        with open(record, "w") as f:
-            f.write(a_json)
-    path = report.write_results(config, workdir, runs, timings, total_s=time.time() - t_start)
+    floors_path = os.path.join(workdir, FLOORS)
+    floors = report._read(floors_path)
+    first = next(iter(runs.values())).config
+    want_n = len(repeat_prompts(load_eval_prompts(first), int(first.eval.final_samples_per_prompt or
+                                                              first.eval.samples_per_prompt),
+                                int(first.eval.get("min_samples_per_category", 0) or 0)))
+    if int(config.grid.floor_draws) > 0 and (floors is None or floors.get("n") != want_n
+                                             or floors.get("draws") != int(config.grid.floor_draws)):
+        floors = measure_floors(first, int(config.grid.floor_draws))
+        with open(floors_path, "w") as f:
+            json.dump(floors, f, indent=1)
+    if config.grid.get("analysis_reward"):
+        _analyses(config, workdir, runs, bool(timings), timings)
+    path = report.write_results(config, workdir, runs, timings, total_s=time.time() - t_start, floors=floors,
+                                mixed_code=mixed)
     print(f"report: {path}")
     return 0

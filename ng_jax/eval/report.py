@@ -1,7 +1,11 @@
-"""docs/RESULTS.md from the grid's run summaries and analysis JSON files (ng_jax.eval.grid).
+"""docs/RESULTS.md from the grid's run summaries (ng_jax.eval.grid): paired statistics over seeds and a
+three-way verdict per claim of the paper.
 
-Every number in the report is read from those files; every verdict is computed from the numbers
-(a claim that does not hold on the toy world is reported as not holding).
+Every number in the report is read from the runs' `summary.json` files, the grid's measured noise
+floors and its analyses; every verdict is computed from those numbers by `ng_jax.eval.stats`. A run
+contributes one value per endpoint (its final evaluation); NormGuard and base runs of one seed are
+paired (same initialisation, prompts, rollout noise and evaluation noise), so effects are paired
+differences `NormGuard - base` over seeds, with 95% t and bootstrap intervals.
 """
 
 from __future__ import annotations
@@ -11,16 +15,17 @@ import json
 import os
 import platform
 import shlex
-import shutil
 import subprocess
 import sys
 from collections import defaultdict
 
 import numpy as np
 
+from ng_jax.eval import stats
 from ng_jax.models.bundle import bundle_fingerprint
 
-FIGURES = ("norms.png", "renorm.png", "few_step.png", "adjoint.png")
+RUN_COMMIT = "grid_run_commit.txt"  # in each grid run directory: the code commit that trained it
+HIGH_SIGMA = 0.5                    # the norm ratio endpoints average the sampling steps at sigma >= this
 
 
 def _read(path):
@@ -30,10 +35,8 @@ def _read(path):
         return json.load(f)
 
 
-RUN_COMMIT = "grid_run_commit.txt"  # in each grid run directory: the code commit that trained it
-
-
 def commit() -> str:
+    """The checkout's short commit hash, "-dirty" when tracked files differ from it; "unknown" outside git."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
@@ -45,20 +48,18 @@ def commit() -> str:
         return "unknown"
 
 
-def _run_commits(workdir: str, runs) -> list[str]:
-    found = set()
-    for n in runs:
+def run_commits(workdir: str, names) -> dict[str, list[str]]:
+    """commit -> the runs (of `names` that have started) it trained."""
+    found = defaultdict(list)
+    for n in names:
         path = os.path.join(workdir, n, RUN_COMMIT)
         if os.path.isfile(path):
             with open(path) as f:
-                found.add(f.read().strip())
-        else:
-            found.add("unknown")
-    return sorted(found)
+                found[f.read().strip()].append(n)
+    return dict(found)
 
 
 def _command() -> str:
-    """The command line of this process when it is the entry point, else the grid's plain command."""
     argv = [a for a in sys.argv[1:] if a.startswith("--")]
     if sys.argv and sys.argv[0].endswith(("ng_jax/main.py", "-m")) and argv:
         return " ".join(["python -m ng_jax.main"] + [shlex.quote(a) for a in argv])
@@ -69,237 +70,377 @@ def _f(x, digits=3):
     return "n/a" if x is None or (isinstance(x, float) and not np.isfinite(x)) else f"{x:.{digits}f}"
 
 
-def _mean(xs):
-    xs = [x for x in xs if x is not None]
-    return float(np.mean(xs)) if xs else None
-
-
 def _table(header, rows):
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
     return "\n".join(lines)
 
 
-def _count(pairs, pred) -> str:
-    hits = sum(1 for p in pairs if pred(*p))
-    return f"{hits} of {len(pairs)}"
+# ------------------------------------------------------------------------------------------ endpoints
 
 
-def write_results(config, workdir: str, runs: dict, timings: dict, total_s: float) -> str:
+def high_sigma_ratio(result: dict | None) -> float | None:
+    """Mean of an evaluation's per-step norm ratio over the steps at sigma >= HIGH_SIGMA."""
+    by = (result or {}).get("norm_ratio_by_sigma")
+    if not by:
+        return None
+    vals = [r for s, r in by if s >= HIGH_SIGMA - 1e-9]
+    return float(np.mean(vals)) if vals else None
+
+
+def variant(result: dict | None, name: str) -> dict | None:
+    return ((result or {}).get("variants") or {}).get(name) if name else result
+
+
+# name -> (label, variant, function of an evaluation result, lower is better)
+ENDPOINTS = {
+    "reward": ("reward", "", lambda r: r.get("reward"), False),
+    "ratio": ("norm ratio, sigma >= 0.5, CFG-free", "", high_sigma_ratio, True),
+    "ratio_guided": ("norm ratio, sigma >= 0.5, CFG 4.5", "guided", high_sigma_ratio, True),
+    "kid": ("KID, CFG-free", "", lambda r: r.get("kid"), True),
+    "kid_guided": ("KID, CFG 4.5", "guided", lambda r: r.get("kid"), True),
+    "fd": ("FD, CFG-free", "", lambda r: r.get("fd"), True),
+    "saturation": ("saturation - real", "", lambda r: r.get("saturation_diff"), True),
+    "accuracy": ("verifier accuracy (overall)", "", lambda r: r.get("accuracy_overall"), False),
+    "kid_steps4": ("KID, 4 steps", "steps4", lambda r: r.get("kid"), True),
+    "kid_steps6": ("KID, 6 steps", "steps6", lambda r: r.get("kid"), True),
+}
+
+
+def endpoint(summary: dict, name: str, which: str = "eval"):
+    _, var, fn, _ = ENDPOINTS[name]
+    r = variant(summary.get(which), var)
+    return None if r is None else fn(r)
+
+
+def reward_gain(summary: dict) -> float | None:
+    a, b = endpoint(summary, "reward"), endpoint(summary, "reward", "eval_initial")
+    return None if a is None or b is None else a - b
+
+
+def cells(runs: dict, summaries: dict) -> dict:
+    """(reward, method) -> arm -> seed -> summary, over the runs (name -> grid.RunSpec) that finished."""
+    out: dict = defaultdict(lambda: defaultdict(dict))
+    for name, spec in runs.items():
+        if summaries.get(name) is not None:
+            out[(spec.reward, spec.method)][spec.arm][int(spec.seed)] = summaries[name]
+    return out
+
+
+def values(arm_runs: dict, fn) -> dict:
+    """seed -> fn(summary), leaving out None."""
+    return {s: v for s, v in ((s, fn(x)) for s, x in arm_runs.items()) if v is not None}
+
+
+def matched_kid(base_runs: dict, ng_runs: dict, key: str = "kid") -> dict:
+    """seed -> NormGuard's final KID - its own seed's base KID interpolated at NormGuard's final reward along
+    the base run's evaluation trajectory (the reference's evaluation, then every periodic one); seeds whose
+    reward lies outside that trajectory are left out (not matchable)."""
+    out = {}
+    for seed, ng in ng_runs.items():
+        base = base_runs.get(seed)
+        if base is None or ng["eval"].get(key) is None:
+            continue
+        traj = [(base["eval_initial"].get("reward"), base["eval_initial"].get(key))]
+        traj += [(h.get("reward"), h.get(key)) for h in base.get("history", [])]
+        at = stats.value_at_reward(traj, float(ng["eval"]["reward"]))
+        if at is not None:
+            out[seed] = float(ng["eval"][key]) - at
+    return out
+
+
+def claims_for(base: dict, ng: dict, margins: dict) -> tuple[list[stats.Claim], dict]:
+    """The paper's claims for one (reward, method) cell and the values each is judged on."""
+    gains = values(base, reward_gain)
+    base_gain = float(np.mean(list(gains.values()))) if gains else 0.0
+    delta = float(margins["reward_kept"]) * max(base_gain, 0.0)
+    infl = 1.0 + float(margins["inflation"])
+    cl = [stats.Claim("base RL inflates the norm (CFG-free)", "base_ratio", "above", infl,
+                      f"base ratio above {infl:.2f}"),
+          stats.Claim("base RL inflates the norm (CFG 4.5)", "base_ratio_guided", "above", infl,
+                      f"base ratio above {infl:.2f}"),
+          stats.Claim("NormGuard lowers the norm (CFG 4.5)", "d_ratio_guided", "below", 0.0, "difference below 0"),
+          stats.Claim("NormGuard keeps the reward", "d_gain", "above", -delta,
+                      f"gain difference above -{margins['reward_kept']:.0%} of the base gain (-{delta:.3g})"),
+          stats.Claim("NormGuard restores quality (KID, CFG-free)", "d_kid", "below", 0.0, "difference below 0"),
+          stats.Claim("NormGuard restores quality (KID, CFG 4.5)", "d_kid_guided", "below", 0.0, "difference below 0")]
+    vals = {"base_ratio": values(base, lambda s: endpoint(s, "ratio")),
+            "base_ratio_guided": values(base, lambda s: endpoint(s, "ratio_guided")),
+            "d_ratio_guided": stats.paired(values(base, lambda s: endpoint(s, "ratio_guided")),
+                                           values(ng, lambda s: endpoint(s, "ratio_guided"))),
+            "d_gain": stats.paired(gains, values(ng, reward_gain)) if base_gain > 0 else {},
+            "d_kid": stats.paired(values(base, lambda s: endpoint(s, "kid")), values(ng, lambda s: endpoint(s, "kid"))),
+            "d_kid_guided": stats.paired(values(base, lambda s: endpoint(s, "kid_guided")),
+                                         values(ng, lambda s: endpoint(s, "kid_guided")))}
+    return cl, vals
+
+
+def verdict_rows(grouped: dict, base_arm: str, ng_arm: str, margins: dict) -> dict:
+    """reward -> rows of stats.judge_claims, Holm-corrected across every claim of that reward's cells."""
+    out = {}
+    for reward in sorted({r for r, _ in grouped}):
+        claims, vals = [], {}
+        for (r, method), arms in sorted(grouped.items()):
+            if r != reward or base_arm not in arms or ng_arm not in arms:
+                continue
+            cl, v = claims_for(arms[base_arm], arms[ng_arm], margins)
+            for c in cl:
+                key = f"{method}:{c.endpoint}"
+                claims.append(stats.Claim(f"{method}: {c.name}", key, c.direction, c.threshold, c.margin_text))
+                vals[key] = v[c.endpoint]
+        rows = stats.judge_claims(claims, vals)
+        missing = [c for c in claims if not vals.get(c.endpoint)]
+        rows += [{"claim": c.name, "endpoint": c.endpoint, "margin": c.margin_text, "verdict": "not measured",
+                  "n": 0} for c in missing]
+        out[reward] = rows
+    return out
+
+
+def _ci(iv: stats.Interval, digits=3) -> str:
+    if iv.n == 0:
+        return "n/a"
+    if iv.n < 2:
+        return f"{iv.mean:.{digits}f} (1 seed)"
+    return f"{iv.mean:.{digits}f} [{iv.t_low:.{digits}f}, {iv.t_high:.{digits}f}]"
+
+
+def _digits(name: str) -> int:
+    return 1 if name.startswith(("kid", "fd")) else 3
+
+
+# ------------------------------------------------------------------------------------------- plots
+
+
+def plot_norms(grouped: dict, reward: str, base_arm: str, ng_arm: str, path: str) -> bool:
+    """Norm ratio against sigma (final evaluation, CFG-free and CFG 4.5), mean and 95% t band over seeds,
+    base vs NormGuard, one panel per method and guidance."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = sorted(m for r, m in grouped if r == reward)
+    if not methods:
+        return False
+    fig, axes = plt.subplots(2, len(methods), figsize=(4 * len(methods), 6.4), squeeze=False, sharey="row")
+    for j, m in enumerate(methods):
+        for i, var in enumerate(("", "guided")):
+            ax = axes[i][j]
+            for arm, colour in ((base_arm, "tab:red"), (ng_arm, "tab:blue")):
+                curves = [np.asarray(variant(s["eval"], var)["norm_ratio_by_sigma"])
+                          for s in grouped[(reward, m)].get(arm, {}).values() if variant(s["eval"], var)]
+                if not curves:
+                    continue
+                sig, ys = curves[0][:, 0], np.stack([c[:, 1] for c in curves])
+                ivs = [stats.interval(ys[:, k], n_boot=10) for k in range(ys.shape[1])]
+                ax.plot(sig, [iv.mean for iv in ivs], color=colour, label=f"{arm} ({len(curves)} seeds)")
+                if len(curves) > 1:
+                    ax.fill_between(sig, [iv.t_low for iv in ivs], [iv.t_high for iv in ivs], color=colour, alpha=0.2)
+            ax.axhline(1.0, color="grey", lw=0.8)
+            ax.set_title(f"{m}, {'CFG 4.5' if var else 'CFG-free'}")
+            ax.set_xlabel("sigma")
+            ax.invert_xaxis()
+            if j == 0:
+                ax.set_ylabel("||v_theta|| / ||v_ref||")
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return True
+
+
+def plot_trajectories(grouped: dict, reward: str, base_arm: str, ng_arm: str, path: str) -> bool:
+    """Evaluation reward and KID against epoch, mean and 95% t band over seeds, per method."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = sorted(m for r, m in grouped if r == reward)
+    if not methods:
+        return False
+    fig, axes = plt.subplots(2, len(methods), figsize=(4 * len(methods), 6.4), squeeze=False)
+    for j, m in enumerate(methods):
+        for i, key in enumerate(("reward", "kid")):
+            ax = axes[i][j]
+            for arm, colour in ((base_arm, "tab:red"), (ng_arm, "tab:blue")):
+                runs = list(grouped[(reward, m)].get(arm, {}).values())
+                if not runs:
+                    continue
+                series = [[(0, s["eval_initial"].get(key))] + [(h["epoch"], h.get(key)) for h in s.get("history", [])]
+                          for s in runs]
+                epochs = [e for e, _ in series[0]]
+                ys = np.asarray([[np.nan if v is None else v for _, v in ser] for ser in series if len(ser) == len(epochs)],
+                                np.float64)
+                ivs = [stats.interval(ys[:, k], n_boot=10) for k in range(ys.shape[1])]
+                ax.plot(epochs, [iv.mean for iv in ivs], "o-", ms=3, color=colour, label=f"{arm} ({len(ys)} seeds)")
+                if len(ys) > 1:
+                    ax.fill_between(epochs, [iv.t_low for iv in ivs], [iv.t_high for iv in ivs], color=colour, alpha=0.2)
+            ax.set_title(f"{m}: evaluation {key}")
+            ax.set_xlabel("epoch")
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return True
+
+
+def plot_few_step(grouped: dict, reward: str, base_arm: str, ng_arm: str, path: str) -> bool:
+    """KID at 4, 6 and 20 sampling steps (final evaluation), mean and 95% t interval over seeds."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = sorted(m for r, m in grouped if r == reward)
+    steps = (("kid_steps4", 4), ("kid_steps6", 6), ("kid", 20))
+    if not methods:
+        return False
+    fig, axes = plt.subplots(1, len(methods), figsize=(4 * len(methods), 3.4), squeeze=False)
+    for j, m in enumerate(methods):
+        ax = axes[0][j]
+        for arm, colour in ((base_arm, "tab:red"), (ng_arm, "tab:blue")):
+            pts = []
+            for key, n in steps:
+                iv = stats.interval(values(grouped[(reward, m)].get(arm, {}), lambda s: endpoint(s, key)), n_boot=10)
+                if iv.n:
+                    pts.append((n, iv))
+            if pts:
+                ax.errorbar([n for n, _ in pts], [iv.mean for _, iv in pts], fmt="o-", color=colour, label=arm, capsize=3,
+                            yerr=[[iv.mean - iv.t_low if iv.n > 1 else 0 for _, iv in pts],
+                                  [iv.t_high - iv.mean if iv.n > 1 else 0 for _, iv in pts]])
+        ax.set_xscale("log")
+        ax.set_xticks([4, 6, 20], ["4", "6", "20"])
+        ax.set_title(f"{m}: KID against sampling steps")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return True
+
+
+# ------------------------------------------------------------------------------------------ report
+
+
+def write_results(config, workdir: str, runs: dict, timings: dict, total_s: float, floors: dict | None = None,
+                  mixed_code: dict | None = None) -> str:
+    """Write `config.results` (Markdown) and its JSON beside it (`<stem>.json`, every number the report
+    shows) and its figures in `results/` next to it; returns the Markdown path."""
     summaries = {n: _read(os.path.join(workdir, n, "summary.json")) for n in runs}
-    analysis_dir = os.path.join(workdir, "analysis")
-    an = {k: _read(os.path.join(analysis_dir, f"{k}.json")) for k in ("norms", "renorm", "few_step", "adjoint",
-                                                                     "matched")}
-    out_path = config.results
+    g = config.grid
+    base_arm, ng_arm = str(g.base_arm), str(g.normguard_arm)
+    margins = {"inflation": float(g.margins.inflation), "reward_kept": float(g.margins.reward_kept)}
+    grouped = cells(runs, summaries)
+    out_path = str(config.results)
     fig_dir = os.path.join(os.path.dirname(out_path) or ".", "results")
     os.makedirs(fig_dir, exist_ok=True)
-    figs = []
-    for name in FIGURES:
-        src = os.path.join(analysis_dir, name)
-        if os.path.isfile(src):
-            shutil.copyfile(src, os.path.join(fig_dir, name))
-            figs.append(name)
+    verdicts = verdict_rows(grouped, base_arm, ng_arm, margins)
+    commits = run_commits(workdir, runs)
+    compute_s = sum(float(s.get("wall_s") or 0.0) for s in summaries.values() if s) + float(timings.get("analysis", 0.0))
+    first = next(iter(runs.values())).config
+    rewards = [r for r in g.rewards if any(rr == r for rr, _ in grouped)]
 
-    first = next(iter(runs.values()))
-    g = config.grid
     md = ["# NormGuard on the toy world: measured results", "",
-          f"Produced by `{_command()}` at commit `{commit()}` "
-          f"on {datetime.date.today().isoformat()} ({platform.machine()}, {os.cpu_count()} CPU threads). "
-          f"This invocation took {total_s / 60:.1f} min (runs trained now: {len([k for k in timings if k != 'analysis'])}, "
-          f"the others reused; analyses {'run now' if 'analysis' in timings else 'reused'}). "
-          f"The runs were trained at commit(s) {', '.join(f'`{c}`' for c in _run_commits(workdir, runs))}, "
-          f"from the reference bundle `{config.reference or 'ng_jax/assets/reference'}` (params sha256 "
-          f"`{bundle_fingerprint(config.reference or None)[:12]}`).", "",
-          f"Grid: methods {list(g.methods)} x NormGuard {list(g.normguard)} x rewards {list(g.rewards)} x seeds "
-          f"{list(g.seeds)}; each run {first.rl.epochs} epochs of {first.rl.prompts_per_epoch} prompts x "
-          f"{first.rl.group_size} samples, evaluated on {first.eval.num_prompts} held-out prompts x "
-          f"{first.eval.samples_per_prompt} samples ({first.eval.num_steps} Euler steps, CFG {first.eval.cfg_scale}). "
-          "Reward gain = final evaluation reward - the reference's. Norm ratio = mean over eval samples and "
-          "sampling steps of ||v_theta|| / ||v_ref||.", ""]
-
-    # 1. every run
-    rows = []
-    for n, s in summaries.items():
-        if s is None:
-            rows.append([n] + ["missing"] * 7)
-            continue
-        e, e0 = s["eval"], s["eval_initial"]
-        rows.append([n, f"{_f(e0['reward'], 4)} -> {_f(e['reward'], 4)}", _f(e["reward"] - e0["reward"], 4),
-                     _f(e["norm_ratio"], 4), _f(e.get("fd"), 1), _f(e.get("precision")), _f(e.get("recall")),
-                     _f(e.get("accuracy"))])
-    md += ["## 1. Every run", "", _table(["run", "eval reward", "gain", "norm ratio", "FD", "precision", "recall",
-                                          "verifier accuracy"], rows), ""]
-
-    # aggregate over seeds: (method, reward, ng) -> list of summaries
-    groups = defaultdict(list)
-    for n, c in runs.items():
-        if summaries[n] is not None:
-            ng = float(c.normguard.lam) > 0
-            groups[(c.rl.method, next(iter(c.rewards.weights.keys())), ng)].append(summaries[n])
-
-    def agg(key, fn):
-        return _mean([fn(s) for s in groups.get(key, [])])
-
-    # 2. norm ratio per sigma
-    sig_rows, sig_header = [], None
-    for (method, reward, ng), ss in sorted(groups.items()):
-        by = np.mean([np.asarray(s["eval"]["norm_ratio_by_sigma"])[:, 1] for s in ss], 0)
-        sig = np.asarray(ss[0]["eval"]["norm_ratio_by_sigma"])[:, 0]
-        pick = np.unique(np.linspace(0, len(sig) - 1, 6).round().astype(int))
-        sig_header = sig_header or ["method", "reward", "NormGuard"] + [f"sigma {sig[i]:.2f}" for i in pick] + ["max", "mean"]
-        sig_rows.append([method, reward, "yes" if ng else "no"] + [_f(by[i], 3) for i in pick] +
-                        [_f(by.max(), 3), _f(by.mean(), 3)])
-    md += ["## 2. Norm inflation per sigma (final evaluation, mean over seeds)", "",
-           "||v_theta|| / ||v_ref|| along the evaluation sampling trajectories, at a subset of the grid's sigmas.", "",
-           _table(sig_header or ["-"], sig_rows), ""]
-    if "norms.png" in figs:
-        md += ["![norm ratio against sigma](results/norms.png)", ""]
-
-    # 3. NormGuard against base
-    pairs_ratio, pairs_fd, pairs_prec, keep_rows, kept_cells = [], [], [], [], []
-    for method in g.methods:
-        for reward in g.rewards:
-            b, n = (method, reward, False), (method, reward, True)
-            if b not in groups or n not in groups:
-                continue
-            gain = lambda s: s["eval"]["reward"] - s["eval_initial"]["reward"]  # noqa: E731
-            gb, gn = agg(b, gain), agg(n, gain)
-            kept = gn / gb if gb is not None and gb > 1e-6 else None
-            rb, rn = agg(b, lambda s: s["eval"]["norm_ratio"]), agg(n, lambda s: s["eval"]["norm_ratio"])
-            fb, fn_ = agg(b, lambda s: s["eval"].get("fd")), agg(n, lambda s: s["eval"].get("fd"))
-            pb, pn = agg(b, lambda s: s["eval"].get("precision")), agg(n, lambda s: s["eval"].get("precision"))
-            pairs_ratio.append((rb, rn))
-            pairs_fd.append((fb, fn_))
-            pairs_prec.append((pb, pn))
-            kept_cells.append((method, reward, kept))
-            keep_rows.append([method, reward, _f(gb, 4), _f(gn, 4), "n/a (no base gain)" if kept is None else
-                              f"{100 * kept:.0f}%", _f(rb, 4), _f(rn, 4), _f(fb, 1), _f(fn_, 1), _f(pb), _f(pn)])
-    md += ["## 3. NormGuard against the base method (mean over seeds)", "",
-           _table(["method", "reward", "base gain", "+NG gain", "reward kept", "base ratio", "+NG ratio", "base FD",
-                   "+NG FD", "base precision", "+NG precision"], keep_rows), ""]
-
-    # 4. renormalisation
-    if an["renorm"]:
+          f"Produced by `{_command()}` at commit `{commit()}` on {datetime.date.today().isoformat()} "
+          f"({platform.machine()}, {os.cpu_count()} CPU threads). The runs were trained at "
+          + ", ".join(f"`{c}` ({len(ns)} runs)" for c, ns in sorted(commits.items()))
+          + f"; their compute: {compute_s / 3600:.2f} h in all (training and evaluation, summed over runs"
+          + (", plus the analyses" if "analysis" in timings else "") + f"). This invocation took {total_s / 60:.1f} min.",
+          ""]
+    if mixed_code:
+        md += [f"**Warning: these runs come from {len(mixed_code)} different code versions** "
+               "(`grid.allow_mixed_code=True`); their differences may be code, not NormGuard.", ""]
+    md += [f"Reference bundle `{config.reference or 'ng_jax/assets/reference'}` (params sha256 "
+           f"`{bundle_fingerprint(config.reference or None)[:12]}`), sample space `{config.get('space', 'pixel')}`, "
+           f"render `{config.get('render', 'clip')}`. Methods {list(g.methods)} x arms {list(g.arms)} x rewards "
+           f"{list(g.rewards)}; seeds " + "; ".join(f"{r}: {list(_seeds(g, r))}" for r in g.rewards)
+           + f". Each run: {first.rl.epochs} epochs of {first.rl.prompts_per_epoch} prompts x {first.rl.group_size} "
+           f"samples; evaluated every {first.eval.every} epochs and at the end on the evaluation prompts "
+           f"(final evaluation: {_final_n(summaries)} images; {first.eval.num_steps} Euler steps CFG-free, and the "
+           f"variants {list(first.eval.variants)} on the same prompts and noise).", "",
+           "Each endpoint is a run's final evaluation. NormGuard and base runs of one seed share initialisation, "
+           "prompts, rollout noise and evaluation noise: effects are the per-seed differences NormGuard - base, "
+           "with their mean, 95% t interval [in brackets] and percentile-bootstrap interval over seeds. A claim "
+           "**reproduces** when its one-sided t test, Holm-corrected across all claims of the same reward, has "
+           "p < 0.05; it is **contradicted** when the t interval lies entirely on the other side of its margin; "
+           "otherwise it is **inconclusive**. Margins: inflation means a base norm ratio above "
+           f"{1 + margins['inflation']:.2f} (the paper reports 5-15%); the reward is kept when the gain lost to "
+           f"NormGuard is under {margins['reward_kept']:.0%} of the base gain (non-inferiority); quality is restored "
+           "when the KID difference is below 0.", ""]
+    if floors:
+        md += ["Noise floors of the quality measures at the final evaluation's size (real renders against real "
+               f"renders of the same prompts, {floors['draws']} draws, N = {floors['n']}): KID {floors['kid_mean']:.1f} "
+               f"+- {floors['kid_std']:.1f}, FD {floors['fd_mean']:.1f} +- {floors['fd_std']:.1f}. KID is in the "
+               "judge's kernel units (not x 1e3).", ""]
+    data = {"commit": commit(), "run_commits": commits, "compute_s": compute_s, "floors": floors, "margins": margins,
+            "verdicts": verdicts, "cells": {}}
+    for reward in rewards:
+        md += [f"## Reward `{reward}`", "", "### Verdicts", "",
+               _table(["claim", "margin", "seeds", "mean [95% t]", "bootstrap 95%", "p (one-sided)", "p (Holm)",
+                       "verdict"],
+                      [[r["claim"], r.get("margin", ""), r.get("n", 0),
+                        _ci(stats.Interval(r["n"], r.get("mean", np.nan), r.get("sd", np.nan), r.get("t_low", np.nan),
+                                           r.get("t_high", np.nan), r.get("boot_low", np.nan), r.get("boot_high", np.nan)), 4)
+                        if r.get("n") else "n/a",
+                        f"[{_f(r.get('boot_low'), 4)}, {_f(r.get('boot_high'), 4)}]" if r.get("n", 0) > 1 else "n/a",
+                        _f(r.get("p"), 4), _f(r.get("p_holm"), 4), f"**{r['verdict']}**"]
+                       for r in verdicts.get(reward, [])]), ""]
         rows = []
-        for label, v in an["renorm"].items():
-            variants = list(v)
-            rows.append([label] + [f"{_f(v[x]['reward'], 4)} / {_f(v[x]['fd'], 1)} / {_f(v[x]['precision'])}"
-                                   for x in variants])
-        md += ["## 4. Inference-time renormalisation and CFG-rescale", "",
-               "Reward / FD / precision of each checkpoint sampled plainly, with every step's velocity rescaled "
-               "to the reference's norm, and with CFG-rescale.", "",
-               _table(["checkpoint"] + variants, rows), ""]
-        if "renorm.png" in figs:
-            md += ["![renormalisation](results/renorm.png)", ""]
-
-    # 5. few steps
-    if an["few_step"]:
-        steps = next(iter(an["few_step"].values()))["num_steps"]
-        rows = [[label] + [f"{_f(r, 4)} / {_f(f, 1)}" for r, f in zip(v["reward"], v["fd"])]
-                for label, v in an["few_step"].items()]
-        md += ["## 5. Few-step sampling", "", "Reward / FD at each number of Euler steps.", "",
-               _table(["checkpoint"] + [f"{n} steps" for n in steps], rows), ""]
-        if "few_step.png" in figs:
-            md += ["![few-step](results/few_step.png)", ""]
-
-    # 6. matched reward
-    if an["matched"]:
-        rows = [[r["normguard_run"], _f(r["reward"], 4), _f(r["fd"], 1), _f(r["precision"]),
-                 f"{r['baseline_run']} (epoch {r['baseline_epoch']})", _f(r["baseline_reward"], 4),
-                 _f(r["baseline_fd"], 1), _f(r["baseline_precision"])] for r in an["matched"]["rows"]]
-        md += ["## 6. Matched-reward control", "",
-               "Each NormGuard run against the baseline evaluation (any epoch, same method and reward, or the "
-               "reference) with the closest reward.", "",
-               _table(["NormGuard run", "reward", "FD", "precision", "matched baseline", "its reward", "its FD",
-                       "its precision"], rows), ""]
-
-    # 7. adjoint
-    if an["adjoint"]:
-        rows = [[label, _f(r["mean_coherence"]), _f(min(r["sign_agreement"]), 2), _f(max(r["sign_agreement"]), 2),
-                 f"{max(np.abs(r['mean'])):.2e}"] for label, r in an["adjoint"].items()]
-        md += ["## 7. Adjoint sensitivity of the reward to per-step velocity scales", "",
-               _table(["checkpoint", "mean coherence (\\|mean\\| / spread)", "min sign agreement", "max sign agreement",
-                       "largest \\|dR/d alpha_k\\|"], rows), ""]
-        if "adjoint.png" in figs:
-            md += ["![adjoint](results/adjoint.png)", ""]
-
-    # verdicts, computed
-    valid = lambda ps: [p for p in ps if None not in p]  # noqa: E731
-    base_ratios = [agg(k, lambda s: s["eval"]["norm_ratio"]) for k in groups if not k[2]]
-    ng_ratios = [agg(k, lambda s: s["eval"]["norm_ratio"]) for k in groups if k[2]]
-    renorm_fd = valid([(x["plain"]["fd"], x["renorm"]["fd"]) for lbl, x in (an["renorm"] or {}).items()
-                       if lbl != "reference"])
-    matched_fd = valid([(r["fd"], r["baseline_fd"]) for r in (an["matched"] or {}).get("rows", [])])
-    v = ["## Verdicts (computed from the tables above)", "",
-         f"- Norm inflation without NormGuard (final mean ratio > 1): "
-         f"{sum(1 for r in base_ratios if r is not None and r > 1)} of {len(base_ratios)} method x reward cells.",
-         f"- NormGuard lowers the norm ratio: {_count(valid(pairs_ratio), lambda b, n: n < b)} cells.",
-         f"- NormGuard improves FD (lower): {_count(valid(pairs_fd), lambda b, n: n < b)} cells; "
-         f"precision (higher): {_count(valid(pairs_prec), lambda b, n: n > b)} cells."]
-    if an["renorm"]:
-        v.append(f"- Inference-time renormalisation improves FD of a post-trained checkpoint: "
-                 f"{_count(renorm_fd, lambda p, r: r < p)} checkpoints.")
-    if an["matched"]:
-        v.append(f"- At matched reward, NormGuard has the lower FD in {_count(matched_fd, lambda a, b: a < b)} pairs.")
-    md += v + [""] + _claims(
-        [r for r in base_ratios if r is not None], [r for r in ng_ratios if r is not None], kept_cells,
-        valid(pairs_fd), valid(pairs_prec), renorm_fd if an["renorm"] else None,
-        matched_fd if an["matched"] else None, an.get("few_step") or {}, g)
+        for (r, method), arms in sorted(grouped.items()):
+            if r != reward:
+                continue
+            cell = data["cells"].setdefault(f"{reward}/{method}", {})
+            base, ng = arms.get(base_arm, {}), arms.get(ng_arm, {})
+            for name, (label, _, _, _) in ENDPOINTS.items():
+                fn = (lambda s, n=name: endpoint(s, n))
+                b, n_ = values(base, fn), values(ng, fn)
+                if not b and not n_:
+                    continue
+                d = stats.paired(b, n_)
+                ib, in_, idd = stats.interval(b), stats.interval(n_), stats.interval(d)
+                cell[name] = {"base": ib.as_dict(), "normguard": in_.as_dict(), "difference": idd.as_dict(),
+                              "base_by_seed": b, "normguard_by_seed": n_}
+                k = _digits(name)
+                floor = ""
+                if floors and name.startswith("kid"):
+                    floor = f" (floor +-{floors['kid_std']:.1f})"
+                elif floors and name == "fd":
+                    floor = f" (floor {floors['fd_mean']:.1f})"
+                rows.append([method, label + floor, _ci(ib, k), _ci(in_, k), _ci(idd, k)])
+            gains = stats.paired(values(base, reward_gain), values(ng, reward_gain))
+            rows.append([method, "reward gain", _ci(stats.interval(values(base, reward_gain)), 3),
+                         _ci(stats.interval(values(ng, reward_gain)), 3), _ci(stats.interval(gains), 3)])
+            m = matched_kid(base, ng)
+            cell["matched_kid"] = {"by_seed": m, **stats.interval(m).as_dict()}
+            rows.append([method, f"KID at matched reward ({len(m)} of {len(ng)} seeds matchable)", "", "",
+                         _ci(stats.interval(m), 1)])
+        md += ["### Endpoints (final evaluation; mean [95% t interval] over seeds)", "",
+               _table(["method", "endpoint", base_arm, ng_arm, f"{ng_arm} - {base_arm} (paired)"], rows), "",
+               "KID at matched reward: each NormGuard run against its own seed's base run, whose evaluation "
+               "trajectory (KID against reward) is interpolated at NormGuard's final reward; a seed whose reward "
+               "lies outside that trajectory is not matchable.", ""]
+        for kind, fn in (("norms", plot_norms), ("trajectories", plot_trajectories), ("few_step", plot_few_step)):
+            name = f"{kind}_{reward}.png"
+            if fn(grouped, reward, base_arm, ng_arm, os.path.join(fig_dir, name)):
+                md += [f"![{kind}, {reward}](results/{name})", ""]
+    md += ["## Every run", "", _table(
+        ["run", "commit", "reward (initial -> final)", "ratio sigma>=0.5", "guided ratio", "KID", "FD", "accuracy",
+         "minutes"],
+        [[n, next((c for c, ns in commits.items() if n in ns), "?"),
+          f"{_f(endpoint(s, 'reward', 'eval_initial'), 3)} -> {_f(endpoint(s, 'reward'), 3)}",
+          _f(endpoint(s, "ratio"), 4), _f(endpoint(s, "ratio_guided"), 4), _f(endpoint(s, "kid"), 1),
+          _f(endpoint(s, "fd"), 1), _f(endpoint(s, "accuracy"), 3), _f((s.get("wall_s") or 0) / 60, 1)]
+         if s else [n, "", "not finished", "", "", "", "", "", ""] for n, s in summaries.items()]), ""]
     os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
     with open(out_path, "w") as f:
         f.write("\n".join(md))
+    with open(os.path.join(fig_dir, os.path.splitext(os.path.basename(out_path))[0] + ".json"), "w") as f:
+        json.dump(data, f, indent=1, default=float)
     return out_path
 
 
-def _verdict(hits: int, total: int) -> str:
-    if total == 0:
-        return "not measured"
-    return "reproduces" if hits == total else "does not reproduce" if hits == 0 else f"partly ({hits} of {total})"
+def _seeds(g, reward: str):
+    by = g.get("seeds_by_reward") or {}
+    return tuple(by[reward]) if reward in by else tuple(g.seeds)
 
 
-def _claims(base, guarded, kept_cells, fd, prec, renorm_fd, matched_fd, fs, g) -> list[str]:
-    """The paper's claims, each with a verdict computed from the numbers of the sections above: norm
-    ratios of the base and NormGuard cells, (method, reward, kept fraction or None) per cell, (base,
-    NormGuard) FD and precision pairs, (plain, renorm) and (NormGuard, matched baseline) FD pairs (None
-    when not analysed), the few-step analysis."""
-    out = ["## The paper's claims, measured here", "",
-           "Each verdict is computed from the tables above (\"reproduces\" only where every cell agrees).", ""]
-    if base:
-        out.append(f"- RL post-training inflates ||v_theta|| over the reference (the paper: by 5-15%): "
-                   f"**{_verdict(sum(r > 1.0 for r in base), len(base))}**. Final mean ratio of the base runs: "
-                   f"{min(base):.3f} to {max(base):.3f} across the method x reward cells.")
-    if guarded:
-        out.append(f"- NormGuard keeps the norm at or below the reference's (ratio <= 1.01): "
-                   f"**{_verdict(sum(r <= 1.01 for r in guarded), len(guarded))}**. With NormGuard: "
-                   f"{min(guarded):.3f} to {max(guarded):.3f}.")
-    kept = [(m, r, k) for m, r, k in kept_cells if k is not None]
-    if kept_cells:
-        out.append(f"- NormGuard keeps the reward (at least 80% of the base method's gain): "
-                   f"**{_verdict(sum(k >= 0.8 for _, _, k in kept), len(kept))}** where the base method gained at all "
-                   f"({len(kept_cells) - len(kept)} of {len(kept_cells)} cells had no base gain). Kept: "
-                   + (", ".join(f"{m}/{r} {100 * k:.0f}%" for m, r, k in kept) or "none") + ".")
-    if fd:
-        out.append(f"- NormGuard restores quality: FD lower with NormGuard **{_verdict(sum(n < b for b, n in fd), len(fd))}**"
-                   f"; precision higher **{_verdict(sum(n > b for b, n in prec), len(prec))}**.")
-    if renorm_fd is not None:
-        out.append(f"- Inference-time renormalisation to the reference norm does not repair quality (FD not "
-                   f"lower): **{_verdict(sum(r >= p for p, r in renorm_fd), len(renorm_fd))}**.")
-    gaps = []
-    for method in g.methods:
-        for label in fs:
-            if label.startswith(f"{method}_{g.analysis_reward}_"):
-                twin = label.replace(f"{method}_", f"{method}_normguard_", 1)
-                if twin in fs:
-                    b, n = fs[label], fs[twin]
-                    if None not in (b["fd"][0], n["fd"][0], b["fd"][-1], n["fd"][-1]):
-                        gaps.append((method, b["num_steps"][0], b["fd"][0] - n["fd"][0],
-                                     b["num_steps"][-1], b["fd"][-1] - n["fd"][-1]))
-    if gaps:
-        out.append(f"- NormGuard's quality gain is larger at few steps (FD gain base - NormGuard at the fewest "
-                   f"steps above that at the most): **{_verdict(sum(few > many for _, _, few, _, many in gaps), len(gaps))}**"
-                   ". " + "; ".join(f"{m}: {few:+.1f} at {s0} steps, {many:+.1f} at {s1}" for m, s0, few, s1, many in gaps)
-                   + ".")
-    if matched_fd is not None:
-        out.append(f"- At matched reward NormGuard has the better FD: "
-                   f"**{_verdict(sum(a < b for a, b in matched_fd), len(matched_fd))}**.")
-    return out + [""]
+def _final_n(summaries: dict):
+    ns = {s["eval"].get("n_images") for s in summaries.values() if s}
+    return ", ".join(str(n) for n in sorted(n for n in ns if n is not None)) or "n/a"

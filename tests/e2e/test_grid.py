@@ -1,5 +1,6 @@
-"""The reproduction grid end to end at a tiny size: runs, analyses, the report, and reuse (the report's
-verdicts from hand-made summaries and the grid's config errors: tests/unit/test_grid_report.py)."""
+"""The reproduction grid end to end at a tiny size: paired runs, noise floors, analyses, the report with its
+statistics and verdicts, reuse, and the refusals (the report's statistics on hand-made summaries:
+tests/unit/test_grid_report.py)."""
 
 from __future__ import annotations
 
@@ -7,12 +8,10 @@ import json
 import os
 
 import ml_collections as mlc
-import numpy as np
 import pytest
 
 from ng_jax.config.checks import ConfigError
-from ng_jax.eval import grid
-from ng_jax.eval import report
+from ng_jax.eval import grid, report
 from tests.fixtures import tiny_rl_config
 
 pytestmark = pytest.mark.slow
@@ -24,7 +23,9 @@ def _tiny_grid(root, bundle, prompts):
     c.reference = bundle
     c.grid.methods = ("awm",)
     c.grid.rewards = ("jpeg_incompressibility",)
-    c.grid.seeds = (0,)
+    c.grid.seeds = (0, 1)
+    c.grid.seeds_by_reward = mlc.ConfigDict()
+    c.grid.floor_draws = 3
     c.grid.analysis_reward = "jpeg_incompressibility"
     tiny = tiny_rl_config(bundle, prompts, epochs=2)
     c.overrides = mlc.ConfigDict({
@@ -34,7 +35,10 @@ def _tiny_grid(root, bundle, prompts):
         "optim": {"lr": tiny.optim.lr},
         "loss": {"adv_clip": 1.0},
         "eval": {k: tiny.eval[k] for k in ("prompt_file", "num_prompts", "samples_per_prompt", "batch_size",
-                                           "num_steps", "cfg_scale", "every")},
+                                           "num_steps", "every")}
+        | {"final_samples_per_prompt": 4, "quality": True,
+           "variants": {"guided": {"cfg_scale": 2.0, "final_only": True},
+                        "steps4": {"num_steps": 4, "final_only": True}}},
     })
     c.analysis.samples_per_prompt = 2
     c.analysis.few_steps = (2, 4)
@@ -44,53 +48,54 @@ def _tiny_grid(root, bundle, prompts):
     return c
 
 
-def test_tiny_grid_runs_analyses_reports_and_reuses(tmp_path, capsys, tiny_reference):
-    bundle = tiny_reference.bundle
-    config = _tiny_grid(tmp_path, bundle, tiny_reference.prompts)
+def test_tiny_grid_runs_pairs_reports_reuses_and_refuses(tmp_path, capsys, tiny_reference):
+    config = _tiny_grid(tmp_path, tiny_reference.bundle, tiny_reference.prompts)
     assert grid.run(config, config.workdir) == 0
-    names = ["awm_jpeg_incompressibility_s0", "awm_normguard_jpeg_incompressibility_s0"]
-    for n in names:
-        assert os.path.isfile(os.path.join(config.workdir, n, "policy", "params.msgpack"))
-    for a in ("norms", "renorm", "few_step", "adjoint", "matched"):
+    names = [f"awm_{arm}_jpeg_incompressibility_s{s}" for arm in ("base", "normguard") for s in (0, 1)]
+    summaries = {n: json.load(open(os.path.join(config.workdir, n, "summary.json"))) for n in names}
+    # paired: every run starts from the one cached evaluation of the reference
+    assert len(os.listdir(os.path.join(config.workdir, "initial_evals"))) == 1
+    assert len({json.dumps(s["eval_initial"], sort_keys=True) for s in summaries.values()}) == 1
+    assert {"guided", "steps4"} <= set(summaries[names[0]]["eval"]["variants"])
+    floors = json.load(open(os.path.join(config.workdir, grid.FLOORS)))
+    assert floors["n"] == 4 * 4 and floors["draws"] == 3 and floors["fd_mean"] > 0
+    for a in ("norms", "renorm", "few_step", "adjoint"):
         assert os.path.isfile(os.path.join(config.workdir, "analysis", f"{a}.json")), a
-    text = open(config.results).read()
-    assert text.startswith("# NormGuard on the toy world") and "commit `" in text
-    sha = json.load(open(os.path.join(bundle, "config.json")))["params_sha256"]
-    assert f"trained at commit(s) `{report.commit()}`, from the reference bundle `{bundle}` (params sha256 `{sha[:12]}`)" in text
-    for section in ("## 1. Every run", "## 2. Norm inflation", "## 3. NormGuard against", "## 4. Inference-time",
-                    "## 5. Few-step", "## 6. Matched-reward", "## 7. Adjoint", "## Verdicts"):
-        assert section in text, section
-    assert os.path.isfile(tmp_path / "docs" / "results" / "norms.png")
-    # The report's numbers are the summaries' numbers.
-    s = json.load(open(os.path.join(config.workdir, names[0], "summary.json")))
-    gain = s["eval"]["reward"] - s["eval_initial"]["reward"]
-    assert f"| {names[0]} | {s['eval_initial']['reward']:.4f} -> {s['eval']['reward']:.4f} | {gain:.4f} |" in text
-    # The claims section reads the same summaries (its verdict rules: tests/unit/test_grid_report.py).
-    assert "## The paper's claims, measured here" in text
-    ratio = f"{s['eval']['norm_ratio']:.3f}"
-    assert f"Final mean ratio of the base runs: {ratio} to {ratio} across the method x reward cells." in text
-    norms = json.load(open(os.path.join(config.workdir, "analysis", "norms.json")))
-    assert set(norms) == {"reference", *names}
-    np.testing.assert_allclose(norms["reference"]["mean"], 1.0, rtol=1e-5)
 
-    # Repeating the command reuses both runs (nothing retrained) and rewrites the report.
+    # the report: commit, floors, a verdict per claim, and the paired differences of the summaries' numbers
+    text = open(config.results).read()
+    assert text.startswith("# NormGuard on the toy world") and f"trained at `{report.commit()}` (4 runs)" in text
+    assert f"KID {floors['kid_mean']:.1f} +- {floors['kid_std']:.1f}" in text
+    data = json.load(open(tmp_path / "docs" / "results" / "RESULTS.json"))
+    rows = data["verdicts"]["jpeg_incompressibility"]
+    assert len(rows) == 6 and all(r["verdict"] in ("reproduces", "contradicts", "inconclusive", "not measured")
+                                  for r in rows)
+    kid = data["cells"]["jpeg_incompressibility/awm"]["kid"]
+    for s in (0, 1):
+        b = summaries[f"awm_base_jpeg_incompressibility_s{s}"]["eval"]["kid"]
+        n = summaries[f"awm_normguard_jpeg_incompressibility_s{s}"]["eval"]["kid"]
+        assert kid["base_by_seed"][str(s)] == pytest.approx(b) and kid["normguard_by_seed"][str(s)] == pytest.approx(n)
+    assert os.path.getsize(tmp_path / "docs" / "results" / "norms_jpeg_incompressibility.png") > 1000
+
+    # repeating the command reuses every run and the analyses
     stamps = [os.path.getmtime(os.path.join(config.workdir, n, "summary.json")) for n in names]
     capsys.readouterr()
     assert grid.run(config, config.workdir) == 0
     out = capsys.readouterr().out
-    assert out.count("finished earlier, reused") == 2
-    assert "analyses: finished earlier with these runs and settings, reused" in out
+    assert out.count("finished earlier, reused") == 4 and "analyses: finished earlier" in out
     assert stamps == [os.path.getmtime(os.path.join(config.workdir, n, "summary.json")) for n in names]
 
-    # A changed setting is never silently reused: the error names the run and the key.
+    # a changed setting is never silently reused
     config.overrides.optim.lr = 2 * config.overrides.optim.lr
-    with pytest.raises(ConfigError, match=r"awm_jpeg_incompressibility_s0 was started with another config "
+    with pytest.raises(ConfigError, match=r"awm_base_jpeg_incompressibility_s0 was started with another config "
                                           r"\(optim.lr"):
         grid.run(config, config.workdir)
-    # ... nor is a run started from other reference weights.
     config.overrides.optim.lr = config.overrides.optim.lr / 2
-    with open(os.path.join(config.workdir, names[0], grid.RUN_REFERENCE), "w") as f:
-        f.write("0" * 64 + "\n")
-    with pytest.raises(ConfigError, match=r"awm_jpeg_incompressibility_s0 was started from another reference "
-                                          r"bundle \(params sha256 000000000000, now " + sha[:12]):
+    # ... nor a run trained by other code, unless asked; then the report says so
+    with open(os.path.join(config.workdir, names[1], report.RUN_COMMIT), "w") as f:
+        f.write("0123abc\n")
+    with pytest.raises(ConfigError, match=r"other code than this checkout .*0123abc: " + names[1]):
         grid.run(config, config.workdir)
+    config.grid.allow_mixed_code = True
+    assert grid.run(config, config.workdir) == 0
+    assert "**Warning: these runs come from 2 different code versions**" in open(config.results).read()
