@@ -109,28 +109,33 @@ def seeds_of(grid_cfg, reward: str) -> tuple[int, ...]:
 
 
 def run_specs(config) -> dict[str, RunSpec]:
-    """name -> RunSpec of every run of the grid (configs validated, so a typo fails before any training)."""
+    """name -> RunSpec of every run of the grid (configs validated, so a typo fails before any training),
+    seed by seed: the first seed of every cell trains before any cell's second, so that an interrupted grid
+    already holds complete pairs across methods and rewards."""
     g = config.grid
-    out = {}
+    order = []
     for method in g.methods:
         for arm, spec in g.arms.items():
             for reward in g.rewards:
-                weights = reward_weights(g, reward)
-                for seed in seeds_of(g, reward):
-                    c = load_config_file(f"{method}{'_normguard' if spec.normguard else ''}.py")
-                    c.seed = seed
-                    c.reference = config.reference
-                    c.space = config.get("space", "pixel")
-                    c.render = config.get("render", "clip")
-                    c.rewards.weights = mlc.ConfigDict(weights)
-                    _apply(c, config.overrides)
-                    _set(c, spec.get("set", ""), arm)
-                    name = run_name(method, arm, reward, seed)
-                    c.name = name
-                    c.workdir = os.path.join(config.workdir, name)
-                    c.eval.initial_cache = os.path.join(config.workdir, "initial_evals")
-                    check_config(c)
-                    out[name] = RunSpec(c, str(method), str(arm), str(reward), seed)
+                for i, seed in enumerate(seeds_of(g, reward)):
+                    order.append((i, method, arm, spec, reward, seed))
+    out = {}
+    for _, method, arm, spec, reward, seed in sorted(order, key=lambda t: t[0]):  # stable: cells keep their order
+        weights = reward_weights(g, reward)
+        c = load_config_file(f"{method}{'_normguard' if spec.normguard else ''}.py")
+        c.seed = seed
+        c.reference = config.reference
+        c.space = config.get("space", "pixel")
+        c.render = config.get("render", "clip")
+        c.rewards.weights = mlc.ConfigDict(weights)
+        _apply(c, config.overrides)
+        _set(c, spec.get("set", ""), arm)
+        name = run_name(method, arm, reward, seed)
+        c.name = name
+        c.workdir = os.path.join(config.workdir, name)
+        c.eval.initial_cache = os.path.join(config.workdir, "initial_evals")
+        check_config(c)
+        out[name] = RunSpec(c, str(method), str(arm), str(reward), seed)
     return out
 
 

@@ -416,6 +416,8 @@ def write_results(config, workdir: str, runs: dict, timings: dict, total_s: floa
                "KID at matched reward: each NormGuard run against its own seed's base run, whose evaluation "
                "trajectory (KID against reward) is interpolated at NormGuard's final reward; a seed whose reward "
                "lies outside that trajectory is not matchable.", ""]
+        if len(g.arms) > 2:
+            md += arms_table(grouped, reward, base_arm, list(g.arms))
         for kind, fn in (("norms", plot_norms), ("trajectories", plot_trajectories), ("few_step", plot_few_step)):
             name = f"{kind}_{reward}.png"
             if fn(grouped, reward, base_arm, ng_arm, os.path.join(fig_dir, name)):
@@ -434,6 +436,33 @@ def write_results(config, workdir: str, runs: dict, timings: dict, total_s: floa
     with open(os.path.join(fig_dir, os.path.splitext(os.path.basename(out_path))[0] + ".json"), "w") as f:
         json.dump(data, f, indent=1, default=float)
     return out_path
+
+
+def arms_table(grouped: dict, reward: str, base_arm: str, arms: list[str]) -> list[str]:
+    """Every arm against the base arm, paired by seed: the calibration sweep's table."""
+    keys = (("gain", "reward gain", reward_gain), ("ratio", "ratio CFG-free", lambda s: endpoint(s, "ratio")),
+            ("ratio_guided", "ratio CFG 4.5", lambda s: endpoint(s, "ratio_guided")),
+            ("kid", "KID", lambda s: endpoint(s, "kid")), ("kid_guided", "KID CFG 4.5", lambda s: endpoint(s, "kid_guided")))
+    rows = []
+    for (r, method), by_arm in sorted(grouped.items()):
+        if r != reward:
+            continue
+        base = by_arm.get(base_arm, {})
+        for arm in arms:
+            if arm not in by_arm:
+                continue
+            row = [method, arm, len(by_arm[arm])]
+            for key, _, fn in keys:
+                v = values(by_arm[arm], fn)
+                iv = stats.interval(v, n_boot=10)
+                cell = _f(iv.mean, _digits(key)) if iv.n else "n/a"
+                if arm != base_arm:
+                    d = stats.interval(stats.paired(values(base, fn), v), n_boot=10)
+                    cell += f" ({d.mean:+.{_digits(key)}f})" if d.n else ""
+                row.append(cell)
+            rows.append(row)
+    return ["### Every arm (mean over seeds; in brackets: the mean paired difference to the base arm)", "",
+            _table(["method", "arm", "seeds"] + [label for _, label, _ in keys], rows), ""]
 
 
 def _seeds(g, reward: str):
