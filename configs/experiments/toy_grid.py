@@ -35,6 +35,7 @@ def get_config(arg=None):
                                   "normguard": {"normguard": True, "set": ""}})
     c.grid.base_arm = "base"
     c.grid.normguard_arm = "normguard"
+    c.grid.controls = ()              # arms NormGuard is also compared with, paired by seed (e.g. a KL control)
     # one reward per run: a registered name (weight 1) or a name in grid.composites
     c.grid.rewards = ("preference", "verifier")
     c.grid.composites = mlc.ConfigDict({"verifier_colour": {"verifier": 1.0, "colourfulness": 0.01}})

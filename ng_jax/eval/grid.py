@@ -3,7 +3,8 @@
 1. Every RL run of {methods} x {arms} x {rewards} x {seeds}, in this process, one after the other, each
    in WORKDIR/<method>_<arm>_<reward>_s<seed>. An arm is the base method or NormGuard (the method's
    config file without or with `_normguard`) plus optional settings (`set`: "normguard.lam=0.3,
-   normguard.margin=0.02"). A run with a summary.json is reused; an interrupted one resumes from its
+   normguard.margin=0.02"; `set_by_method`: method -> such a string), optionally limited to some
+   `methods` and `rewards`. A run with a summary.json is reused; an interrupted one resumes from its
    checkpoint (ng_jax.rl.loop). The reference's evaluation is computed once (`eval.initial_cache`).
 2. Every run records the commit of the code that trained it; runs trained by other code than this
    checkout are refused (`grid.allow_mixed_code=True` overrides, and the report then says so), as are
@@ -116,7 +117,11 @@ def run_specs(config) -> dict[str, RunSpec]:
     order = []
     for method in g.methods:
         for arm, spec in g.arms.items():
+            if spec.get("methods") and method not in spec.methods:  # an arm may be limited to some cells
+                continue
             for reward in g.rewards:
+                if spec.get("rewards") and reward not in spec.rewards:
+                    continue
                 for i, seed in enumerate(seeds_of(g, reward)):
                     order.append((i, method, arm, spec, reward, seed))
     out = {}
@@ -130,6 +135,7 @@ def run_specs(config) -> dict[str, RunSpec]:
         c.rewards.weights = mlc.ConfigDict(weights)
         _apply(c, config.overrides)
         _set(c, spec.get("set", ""), arm)
+        _set(c, (spec.get("set_by_method") or {}).get(method, ""), arm)
         name = run_name(method, arm, reward, seed)
         c.name = name
         c.workdir = os.path.join(config.workdir, name)

@@ -316,6 +316,71 @@ def plot_few_step(grouped: dict, reward: str, base_arm: str, ng_arm: str, path: 
     return True
 
 
+def plot_frontier(grouped: dict, reward: str, base_arm: str, path: str) -> bool:
+    """Final KID against reward gain, one point per arm (mean over seeds, 95% t bars when there are several),
+    the arms of one family joined in name order: NormGuard ("lam...") against the KL control ("kl...")."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = sorted(m for r, m in grouped if r == reward)
+    families = (("lam", "NormGuard (lambda)", "tab:blue"), ("kl", "KL to the reference (weight)", "tab:green"))
+    if not methods or not any(a.startswith(f) for r, m in grouped for a in grouped[(r, m)] for f, _, _ in families):
+        return False
+    fig, axes = plt.subplots(1, len(methods), figsize=(4.6 * len(methods), 4), squeeze=False)
+    for j, m in enumerate(methods):
+        ax, by_arm = axes[0][j], grouped[(reward, m)]
+        for prefix, label, colour in ((base_arm, "base", "tab:red"),) + families:
+            arms = sorted(a for a in by_arm if (a == base_arm if prefix == base_arm else a.startswith(prefix)))
+            pts = []
+            for a in arms:
+                g_, k_ = (stats.interval(values(by_arm[a], fn), n_boot=10)
+                          for fn in (reward_gain, lambda s: endpoint(s, "kid")))
+                if g_.n and k_.n:
+                    pts.append((a, g_, k_))
+            if not pts:
+                continue
+            err = lambda ivs: [[iv.mean - iv.t_low if iv.n > 1 else 0 for iv in ivs],  # noqa: E731
+                               [iv.t_high - iv.mean if iv.n > 1 else 0 for iv in ivs]]
+            ax.errorbar([g.mean for _, g, _ in pts], [k.mean for _, _, k in pts], xerr=err([g for _, g, _ in pts]),
+                        yerr=err([k for _, _, k in pts]), fmt="o-" if len(pts) > 1 else "s", color=colour,
+                        label=label, capsize=2, lw=1)
+            for a, g, k in pts:
+                ax.annotate(a, (g.mean, k.mean), fontsize=6, xytext=(2, 2), textcoords="offset points")
+        ax.set_xlabel("reward gain")
+        ax.set_ylabel("KID (final, CFG-free)")
+        ax.set_title(f"{m}: reward against quality")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return True
+
+
+def controls_table(grouped: dict, reward: str, ng_arm: str, controls) -> list[str]:
+    """NormGuard against each control arm (e.g. the base method with a stronger KL term), paired by seed."""
+    rows = []
+    for (r, method), by_arm in sorted(grouped.items()):
+        if r != reward or ng_arm not in by_arm:
+            continue
+        for ctrl in controls:
+            if ctrl not in by_arm:
+                continue
+            for name, label, fn in (("gain", "reward gain", reward_gain),
+                                    ("kid", "KID, CFG-free", lambda s: endpoint(s, "kid")),
+                                    ("kid_guided", "KID, CFG 4.5", lambda s: endpoint(s, "kid_guided")),
+                                    ("ratio", "norm ratio, CFG-free", lambda s: endpoint(s, "ratio")),
+                                    ("ratio_guided", "norm ratio, CFG 4.5", lambda s: endpoint(s, "ratio_guided"))):
+                c_, n_ = values(by_arm[ctrl], fn), values(by_arm[ng_arm], fn)
+                k = _digits(name)
+                rows.append([method, ctrl, label, _ci(stats.interval(c_), k), _ci(stats.interval(n_), k),
+                             _ci(stats.interval(stats.paired(c_, n_)), k)])
+    if not rows:
+        return []
+    return ["### NormGuard against the controls (mean [95% t interval] over seeds)", "",
+            _table(["method", "control", "endpoint", "control", ng_arm, f"{ng_arm} - control (paired)"], rows), ""]
+
+
 # ------------------------------------------------------------------------------------------ report
 
 
@@ -418,6 +483,9 @@ def write_results(config, workdir: str, runs: dict, timings: dict, total_s: floa
                "lies outside that trajectory is not matchable.", ""]
         if len(g.arms) > 2:
             md += arms_table(grouped, reward, base_arm, list(g.arms))
+        md += controls_table(grouped, reward, ng_arm, tuple(g.get("controls") or ()))
+        if plot_frontier(grouped, reward, base_arm, os.path.join(fig_dir, f"frontier_{reward}.png")):
+            md += [f"![frontier, {reward}](results/frontier_{reward}.png)", ""]
         for kind, fn in (("norms", plot_norms), ("trajectories", plot_trajectories), ("few_step", plot_few_step)):
             name = f"{kind}_{reward}.png"
             if fn(grouped, reward, base_arm, ng_arm, os.path.join(fig_dir, name)):

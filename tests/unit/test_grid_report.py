@@ -154,3 +154,32 @@ def test_runs_from_other_code_are_refused_unless_allowed(tmp_path):
     text = open(report.write_results(c, c.workdir, runs, {}, 60.0, mixed_code=mixed)).read()
     assert "**Warning: these runs come from 2 different code versions**" in text
     assert grid.check_code(c.workdir, [n for n in runs if not n.endswith("s101")], report.commit(), False) is None
+
+
+def test_frontier_and_the_kl_control(tmp_path):
+    # NormGuard (lam1) and the KL control (kl1) gain the same reward; NormGuard's KID is 15 lower on every seed
+    kid = {"base": 80.0, "lam0p3": 70.0, "lam1": 50.0, "kl1": 65.0}
+    gain = {"base": 0.6, "lam0p3": 0.55, "lam1": 0.5, "kl1": 0.5}
+
+    def make(method, arm, seed):
+        return _summary(1.0, 1.0, gain[arm], kid[arm] + (seed - 100), 50.0)
+
+    c = grid.load_config_file("experiments/toy_grid.py")
+    c.workdir, c.results = str(tmp_path / "grid"), str(tmp_path / "RESULTS.md")
+    c.reference = os.path.join(REPO, "ng_jax", "assets", "reference_stage1")
+    c.grid.methods, c.grid.rewards, c.grid.seeds = ("awm",), ("preference",), SEEDS
+    c.grid.arms = {"base": {"normguard": False, "set": ""}, "lam0p3": {"normguard": True, "set": "normguard.lam=0.3"},
+                   "lam1": {"normguard": True, "set": "normguard.lam=1.0"},
+                   "kl1": {"normguard": False, "set": "", "set_by_method": {"awm": "loss.beta=1.0"}}}
+    c.grid.normguard_arm, c.grid.controls = "lam1", ("kl1",)
+    runs = grid.run_specs(c)
+    assert runs["awm_kl1_preference_s100"].config.loss.beta == 1.0
+    for name, spec in runs.items():
+        os.makedirs(os.path.join(c.workdir, name))
+        with open(os.path.join(c.workdir, name, "summary.json"), "w") as f:
+            json.dump(make(spec.method, spec.arm, spec.seed), f)
+    text = open(report.write_results(c, c.workdir, runs, {}, 60.0)).read()
+    assert "| awm | kl1 | KID, CFG-free | 67.0 [65.0, 69.0] | 52.0 [50.0, 54.0] | -15.0 [-15.0, -15.0] |" in text
+    assert "| awm | kl1 | reward gain | 0.500 [0.500, 0.500] | 0.500 [0.500, 0.500] | 0.000 [0.000, 0.000] |" in text
+    assert "| awm | lam0p3 | 5 | 0.550 (-0.050) |" in text   # every arm against base
+    assert os.path.getsize(tmp_path / "results" / "frontier_preference.png") > 1000
