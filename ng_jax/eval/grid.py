@@ -233,15 +233,9 @@ def analysis_config(config, checkpoints: list[str], runs: list[str]) -> mlc.Conf
 
 
 def inflating_seed(workdir: str, runs: dict[str, RunSpec], reward: str, base_arm: str) -> int | None:
-    """The seed whose base runs (of `reward`) have the largest mean guided norm ratio at sigma >= 0.5."""
-    by_seed: dict = {}
-    for n, s in runs.items():
-        summary = report._read(os.path.join(workdir, n, "summary.json"))
-        if s.reward == reward and s.arm == base_arm and summary:
-            r = report.endpoint(summary, "ratio_guided")
-            if r is not None:
-                by_seed.setdefault(s.seed, []).append(r)
-    return max(by_seed, key=lambda s: np.mean(by_seed[s])) if by_seed else None
+    """The seed whose base runs (of `reward`) inflate the norm most (report.most_inflating_seed)."""
+    summaries = {n: report._read(os.path.join(workdir, n, "summary.json")) for n in runs}
+    return report.most_inflating_seed(report.cells(runs, summaries), reward, base_arm)
 
 
 def _analyses(config, workdir: str, runs: dict[str, RunSpec], retrained: bool, timings: dict) -> None:

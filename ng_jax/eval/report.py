@@ -357,6 +357,34 @@ def plot_frontier(grouped: dict, reward: str, base_arm: str, path: str) -> bool:
     return True
 
 
+def sample_comparison(workdir: str, runs: dict, reward: str, seed: int, arms: tuple[str, str], path: str) -> bool:
+    """The final sample grids (CFG-free, and CFG 4.5 when evaluated) of the base and NormGuard runs of one
+    seed, per method, stacked top to bottom under a caption: the same prompts and evaluation noise."""
+    from PIL import Image, ImageDraw
+
+    panels = []
+    for name, spec in sorted(runs.items(), key=lambda kv: (kv[1].method, arms.index(kv[1].arm)
+                                                          if kv[1].arm in arms else 9)):
+        if spec.reward != reward or spec.seed != seed or spec.arm not in arms:
+            continue
+        epochs = int(spec.config.rl.epochs)
+        for suffix, label in (("", "CFG-free"), ("_guided", "CFG 4.5")):
+            png = os.path.join(workdir, name, "samples", f"epoch_{epochs:04d}{suffix}.png")
+            if os.path.isfile(png):
+                panels.append((f"{spec.method} {spec.arm}, seed {seed}, epoch {epochs}, {label}", Image.open(png)))
+    if not panels:
+        return False
+    width = max(im.width for _, im in panels)
+    out = Image.new("RGB", (width, sum(im.height + 14 for _, im in panels)), "white")
+    y = 0
+    for caption, im in panels:
+        ImageDraw.Draw(out).text((2, y + 1), caption, fill="black")
+        out.paste(im.convert("RGB"), (0, y + 14))
+        y += im.height + 14
+    out.save(path)
+    return True
+
+
 def controls_table(grouped: dict, reward: str, ng_arm: str, controls) -> list[str]:
     """NormGuard against each control arm (e.g. the base method with a stronger KL term), paired by seed."""
     rows = []
@@ -486,6 +514,12 @@ def write_results(config, workdir: str, runs: dict, timings: dict, total_s: floa
         md += controls_table(grouped, reward, ng_arm, tuple(g.get("controls") or ()))
         if plot_frontier(grouped, reward, base_arm, os.path.join(fig_dir, f"frontier_{reward}.png")):
             md += [f"![frontier, {reward}](results/frontier_{reward}.png)", ""]
+        seed = most_inflating_seed(grouped, reward, base_arm)
+        if seed is not None and sample_comparison(workdir, runs, reward, seed, (base_arm, ng_arm),
+                                                  os.path.join(fig_dir, f"samples_{reward}.png")):
+            md += [f"Final samples of the base and NormGuard runs of seed {seed} (the seed whose base runs inflate "
+                   "most under guidance), on the same prompts and noise:", "",
+                   f"![samples, {reward}](results/samples_{reward}.png)", ""]
         for kind, fn in (("norms", plot_norms), ("trajectories", plot_trajectories), ("few_step", plot_few_step)):
             name = f"{kind}_{reward}.png"
             if fn(grouped, reward, base_arm, ng_arm, os.path.join(fig_dir, name)):
@@ -531,6 +565,18 @@ def arms_table(grouped: dict, reward: str, base_arm: str, arms: list[str]) -> li
             rows.append(row)
     return ["### Every arm (mean over seeds; in brackets: the mean paired difference to the base arm)", "",
             _table(["method", "arm", "seeds"] + [label for _, label, _ in keys], rows), ""]
+
+
+def most_inflating_seed(grouped: dict, reward: str, base_arm: str):
+    """The seed whose base runs (of `reward`, over methods) have the largest mean guided norm ratio at
+    sigma >= 0.5 (the CFG-free one where no guided evaluation exists); None without finished base runs."""
+    by_seed = defaultdict(list)
+    for (r, _), arms in grouped.items():
+        for seed, s in (arms.get(base_arm, {}) if r == reward else {}).items():
+            v = endpoint(s, "ratio_guided") or endpoint(s, "ratio")
+            if v is not None:
+                by_seed[seed].append(v)
+    return max(by_seed, key=lambda k: np.mean(by_seed[k])) if by_seed else None
 
 
 def _seeds(g, reward: str):

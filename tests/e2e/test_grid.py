@@ -76,6 +76,7 @@ def test_tiny_grid_runs_pairs_reports_reuses_and_refuses(tmp_path, capsys, tiny_
         n = summaries[f"awm_normguard_jpeg_incompressibility_s{s}"]["eval"]["kid"]
         assert kid["base_by_seed"][str(s)] == pytest.approx(b) and kid["normguard_by_seed"][str(s)] == pytest.approx(n)
     assert os.path.getsize(tmp_path / "docs" / "results" / "norms_jpeg_incompressibility.png") > 1000
+    assert os.path.getsize(tmp_path / "docs" / "results" / "samples_jpeg_incompressibility.png") > 1000
 
     # repeating the command reuses every run and the analyses
     stamps = [os.path.getmtime(os.path.join(config.workdir, n, "summary.json")) for n in names]
