@@ -85,7 +85,8 @@ class Context:
 
 
 def _quality(r: dict) -> dict:
-    return {k: r.get(k) for k in ("reward", "accuracy", "fd", "precision", "recall", "norm_ratio")}
+    return {k: r.get(k) for k in ("reward", "accuracy", "fd", "precision", "recall", "norm_ratio", "kid", "kid_ci_low",
+                                  "kid_ci_high", "saturation_diff")}
 
 
 def _fmt(x, digits=3) -> str:
@@ -119,7 +120,7 @@ def analyze_renorm(ctx: Context) -> dict:
                 f"cfg_rescale_{phi:g}{guided}": {"cfg_scale": w, "cfg_rescale": phi}}
     out = {label: {name: _quality(ctx.evaluate(label, f"renorm_{name}", **ov)) for name, ov in variants.items()}
            for label in ctx.checkpoints}
-    plots.grouped_bars(os.path.join(ctx.out, "renorm.png"), out, ("reward", "fd", "precision"),
+    plots.grouped_bars(os.path.join(ctx.out, "renorm.png"), out, ("reward", "kid", "fd"),
                        "inference-time renormalisation and CFG-rescale")
     print("| checkpoint | variant | reward | accuracy | FD | precision | recall |\n|---|---|---|---|---|---|---|")
     for label, rows in out.items():
@@ -136,7 +137,7 @@ def analyze_few_step(ctx: Context) -> dict:
     for label in ctx.checkpoints:
         rows = [_quality(ctx.evaluate(label, f"steps{n}", num_steps=n)) for n in steps]
         out[label] = {"num_steps": steps, **{k: [r[k] for r in rows] for k in rows[0]}}
-    plots.lines(os.path.join(ctx.out, "few_step.png"), out, "num_steps", ("reward", "fd", "precision"),
+    plots.lines(os.path.join(ctx.out, "few_step.png"), out, "num_steps", ("reward", "kid", "fd"),
                 "few-step sampling", "Euler steps", logx=True)
     print("| checkpoint | " + " | ".join(f"{n} steps: reward / FD" for n in steps) + " |")
     print("|---|" + "---|" * len(steps))

@@ -15,6 +15,7 @@ import json
 import os
 import platform
 import shlex
+import shutil
 import subprocess
 import sys
 from collections import defaultdict
@@ -524,6 +525,7 @@ def write_results(config, workdir: str, runs: dict, timings: dict, total_s: floa
             name = f"{kind}_{reward}.png"
             if fn(grouped, reward, base_arm, ng_arm, os.path.join(fig_dir, name)):
                 md += [f"![{kind}, {reward}](results/{name})", ""]
+    md += analyses_section(workdir, fig_dir)
     md += ["## Every run", "", _table(
         ["run", "commit", "reward (initial -> final)", "ratio sigma>=0.5", "guided ratio", "KID", "FD", "accuracy",
          "minutes"],
@@ -565,6 +567,40 @@ def arms_table(grouped: dict, reward: str, base_arm: str, arms: list[str]) -> li
             rows.append(row)
     return ["### Every arm (mean over seeds; in brackets: the mean paired difference to the base arm)", "",
             _table(["method", "arm", "seeds"] + [label for _, label, _ in keys], rows), ""]
+
+
+def analyses_section(workdir: str, fig_dir: str) -> list[str]:
+    """The analyses of the grid's most inflating seed (WORKDIR/analysis/*.json and their figures)."""
+    a_dir = os.path.join(workdir, "analysis")
+    an = {k: _read(os.path.join(a_dir, f"{k}.json")) for k in ("renorm", "few_step", "adjoint")}
+    if not any(an.values()):
+        return []
+    md = ["## Analyses of the most inflating seed's checkpoints", "",
+          "Reward / KID of each checkpoint sampled plainly, with every step's velocity rescaled to the reference's "
+          "norm (renorm), and with CFG-rescale, CFG-free and at CFG 4.5; KID at 4 to 40 Euler steps; the "
+          "adjoint sensitivity of the differentiable verifier to per-step velocity scales, with the number of "
+          "steps whose mean derivative differs from 0 (t test, Holm-corrected across steps).", ""]
+    if an["renorm"]:
+        variants = list(next(iter(an["renorm"].values())))
+        md += [_table(["checkpoint"] + variants,
+                      [[label] + [f"{_f(v[x].get('reward'), 3)} / {_f(v[x].get('kid'), 1)}" for x in variants]
+                       for label, v in an["renorm"].items()]), ""]
+    if an["few_step"]:
+        steps = next(iter(an["few_step"].values()))["num_steps"]
+        md += [_table(["checkpoint"] + [f"KID, {n} steps" for n in steps],
+                      [[label] + [_f(k, 1) for k in v.get("kid") or [None] * len(steps)]
+                       for label, v in an["few_step"].items()]), ""]
+    if an["adjoint"]:
+        md += [_table(["checkpoint", "samples", "mean coherence (\\|mean\\| / spread)", "steps with a significant mean"],
+                      [[label, r.get("samples"), _f(r.get("mean_coherence")),
+                        f"{r.get('significant_steps', 'n/a')} of {len(r.get('sigma', []))}"]
+                       for label, r in an["adjoint"].items()]), ""]
+    for name in ("renorm.png", "few_step.png", "adjoint.png"):
+        src = os.path.join(a_dir, name)
+        if os.path.isfile(src):
+            shutil.copyfile(src, os.path.join(fig_dir, f"analysis_{name}"))
+            md += [f"![{name[:-4]}](results/analysis_{name})", ""]
+    return md
 
 
 def most_inflating_seed(grouped: dict, reward: str, base_arm: str):

@@ -77,6 +77,9 @@ def test_tiny_grid_runs_pairs_reports_reuses_and_refuses(tmp_path, capsys, tiny_
         assert kid["base_by_seed"][str(s)] == pytest.approx(b) and kid["normguard_by_seed"][str(s)] == pytest.approx(n)
     assert os.path.getsize(tmp_path / "docs" / "results" / "norms_jpeg_incompressibility.png") > 1000
     assert os.path.getsize(tmp_path / "docs" / "results" / "samples_jpeg_incompressibility.png") > 1000
+    adjoint = json.load(open(os.path.join(config.workdir, "analysis", "adjoint.json")))
+    label = next(k for k in adjoint if k != "reference")
+    assert f"| {label} | 2 | {adjoint[label]['mean_coherence']:.3f} | {adjoint[label]['significant_steps']} of" in text
 
     # repeating the command reuses every run and the analyses
     stamps = [os.path.getmtime(os.path.join(config.workdir, n, "summary.json")) for n in names]

@@ -10,9 +10,11 @@ import os
 import threading
 
 import numpy as np
+from scipy import stats
 import pytest
 
 from ng_jax.eval.analysis import adjoint, matched
+from ng_jax.eval.stats import holm
 from ng_jax.judges import mllm
 
 # ------------------------------------------------------------------ adjoint
@@ -25,6 +27,20 @@ def test_adjoint_summary_statistics():
     np.testing.assert_allclose(s["spread"], [np.sqrt(2 / 3), np.sqrt(8 / 3), 0.0])
     np.testing.assert_allclose(s["sign_agreement"], [1.0, 2 / 3, 0.0])
     np.testing.assert_allclose(s["coherence"][:2], [2.0 / np.sqrt(2 / 3), 1.0 / np.sqrt(8 / 3)])
+    # significance: scipy's one-sample t test per step, Holm-corrected over the 3 steps
+    raw = [stats.ttest_1samp(jac[:, k], 0.0).pvalue for k in range(2)] + [1.0]
+    np.testing.assert_allclose(s["p_holm"], holm(raw))
+    assert s["significant_steps"] == 0  # 3 samples: even step 0's coherence 2.4 is not significant
+
+
+def test_adjoint_coherence_is_significant_only_with_enough_samples():
+    rng = np.random.default_rng(0)
+    # steps 0 and 1: mean 1, spread 2 (coherence 0.5); steps 2 and 3: mean 0
+    coherent = rng.normal(np.array([1.0, 1.0, 0.0, 0.0]), 2.0, (64, 4))
+    s = adjoint.summarize(coherent, np.linspace(1, 0.25, 4))
+    assert s["significant_steps"] == 2 and max(s["p_holm"][2:]) > 0.05
+    few = adjoint.summarize(coherent[:4], np.linspace(1, 0.25, 4))
+    assert few["significant_steps"] < 2
 
 
 # ------------------------------------------------------------------ matched reward

@@ -11,6 +11,10 @@ sampling scan (`jax.jacrev`). Per step the analysis reports
 - `coherence`: |mean| / spread. A coherent step (>> 1) would be fixable by one global scale;
   an incoherent one (<< 1) needs a per-sample, content-dependent correction, which is why
   inference-time renormalisation cannot undo norm inflation.
+- its significance: `p_holm`, per step the two-sided p-value of the t test that the mean derivative is 0
+  (t = coherence * sqrt(B - 1) with the population spread), Holm-corrected across the steps, and
+  `significant_steps`, how many steps have p_holm < 0.05. A coherence that is not significant at this
+  many samples is indistinguishable from none.
 """
 
 from __future__ import annotations
@@ -21,6 +25,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from scipy import stats as st
+
+from ng_jax.eval.stats import holm
 from ng_jax.rewards.verifier import encode_prompts, soft_alignment
 
 _TINY = 1e-12
@@ -52,6 +59,13 @@ def summarize(jac: np.ndarray, sigmas: np.ndarray) -> dict:
     sign = np.sign(mean)
     agree = np.where(sign == 0, 0.0, (np.sign(jac) == sign[None]).mean(0))
     coherence = np.abs(mean) / np.maximum(spread, _TINY)
+    n = jac.shape[0]
+    if n > 1:
+        p = 2.0 * st.t.sf(coherence * np.sqrt(n - 1), n - 1)  # spread is the ddof=0 std
+        p_holm = holm(p.tolist())
+    else:
+        p_holm = [1.0] * jac.shape[1]
     return {"sigma": [float(s) for s in sigmas], "mean": mean.tolist(), "spread": spread.tolist(),
             "sign_agreement": agree.tolist(), "coherence": coherence.tolist(),
-            "mean_coherence": float(coherence.mean()), "samples": int(jac.shape[0])}
+            "mean_coherence": float(coherence.mean()), "samples": int(n), "p_holm": list(p_holm),
+            "significant_steps": int(sum(q < 0.05 for q in p_holm))}
