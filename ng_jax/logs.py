@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -28,19 +29,32 @@ def _to_py(x: Any):
 
 
 class MetricWriter:
-    """Appends `{"step": s, **metrics}` lines to `workdir/metrics.jsonl`, scalars to TensorBoard."""
+    """Appends `{"step": s, **metrics}` lines to `workdir/metrics.jsonl`; scalars and images to TensorBoard
+    (`workdir/tensorboard`) and, with a `logging` config whose `wandb` is on, to Weights & Biases.
 
-    def __init__(self, workdir: str, *, tensorboard: bool = True, enabled: bool = True):
+    `logging` (the run config's `logging` block, or None for the defaults): `tensorboard`,
+    `tensorboard_images`, `wandb`, `wandb_project`, `wandb_entity`, `wandb_mode` ("offline": the run is
+    written to `workdir/wandb` for `wandb sync` later; "online" needs `wandb login`), `wandb_run_id` ("" =
+    one derived from the workdir, so that a resumed run appends to the same W&B run). `run_config` is
+    recorded as the W&B run's config."""
+
+    def __init__(self, workdir: str, *, tensorboard: bool = True, enabled: bool = True, logging=None,
+                 run_config: Mapping | None = None, name: str = ""):
         self.enabled = enabled
         self.path = os.path.join(workdir, "metrics.jsonl")
         self._tb = None
+        self._wandb = None
+        get = (lambda k, d: logging.get(k, d)) if logging is not None else (lambda k, d: d)
+        self.images = bool(get("tensorboard_images", True))
         if not enabled:
             return
         os.makedirs(workdir, exist_ok=True)
-        if tensorboard:
+        if tensorboard and get("tensorboard", True):
             from tensorboardX import SummaryWriter
 
             self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        if get("wandb", False):
+            self._wandb = _start_wandb(workdir, get, run_config, name)
 
     def write(self, step: int, metrics: Mapping[str, Any], *, prefix: str = "") -> None:
         if not self.enabled:
@@ -49,15 +63,86 @@ class MetricWriter:
         record.update({f"{prefix}{k}": _to_py(v) for k, v in metrics.items()})
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
+        numbers = {k: v for k, v in record.items()
+                   if k not in ("step", "time") and isinstance(v, (int, float)) and not isinstance(v, bool)
+                   and math.isfinite(v)}
         if self._tb is not None:
-            for k, v in record.items():
-                if k not in ("step", "time") and isinstance(v, (int, float)) and math.isfinite(v):
-                    self._tb.add_scalar(k, v, int(step))
+            for k, v in numbers.items():
+                self._tb.add_scalar(k, v, int(step))
+        if self._wandb is not None and numbers:
+            self._wandb.log(numbers, step=int(step))
+
+    @property
+    def wants_images(self) -> bool:
+        return self.enabled and ((self._tb is not None and self.images) or self._wandb is not None)
+
+    def write_image(self, step: int, tag: str, image) -> None:
+        """An image (uint8 [H, W, 3], a PIL image or a PNG path) to TensorBoard (`tensorboard_images`) and W&B."""
+        if not self.wants_images:
+            return
+        if isinstance(image, (str, os.PathLike)):
+            with Image.open(image) as im:
+                image = np.asarray(im.convert("RGB"))
+        image = np.asarray(image, np.uint8)
+        if self._tb is not None and self.images:
+            self._tb.add_image(tag, image, int(step), dataformats="HWC")
+        if self._wandb is not None:
+            import wandb
+
+            self._wandb.log({tag: wandb.Image(image)}, step=int(step))
 
     def close(self) -> None:
         if self._tb is not None:
             self._tb.flush()
             self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
+
+
+def _start_wandb(workdir: str, get, run_config, name: str):
+    try:
+        import wandb
+    except ImportError:
+        from ng_jax.errors import UserError
+
+        raise UserError("logging.wandb=True needs Weights & Biases: pip install wandb==0.30.0 "
+                        "(or set logging.wandb=False)") from None
+    mode = str(get("wandb_mode", "offline"))
+    if mode not in ("offline", "online", "disabled"):
+        from ng_jax.errors import UserError
+
+        raise UserError(f"logging.wandb_mode={mode!r}: expected 'offline', 'online' or 'disabled'")
+    run_id = str(get("wandb_run_id", "") or "") or "ngjax-" + hashlib.sha1(
+        os.path.abspath(workdir).encode()).hexdigest()[:12]
+    return wandb.init(project=str(get("wandb_project", "ng_jax")), entity=str(get("wandb_entity", "")) or None,
+                      mode=mode, dir=workdir, id=run_id, resume="allow", name=name or None,
+                      config=_to_py(dict(run_config or {})))
+
+
+def norm_ratio_figure(result: Mapping, title: str = "") -> np.ndarray:
+    """uint8 [H, W, 3]: an evaluation's norm ratio against sigma, CFG-free and for each of its variants."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4.2, 3.0), dpi=80)
+    curves = {"": result, **{k: v for k, v in (result.get("variants") or {}).items()}}
+    for name, r in curves.items():
+        by = np.asarray(r.get("norm_ratio_by_sigma") or [], np.float64)
+        if by.size:
+            ax.plot(by[:, 0], by[:, 1], "o-", ms=2, label=name or "plain")
+    ax.axhline(1.0, color="grey", lw=0.8)
+    ax.invert_xaxis()
+    ax.set_xlabel("sigma")
+    ax.set_ylabel("||v_theta|| / ||v_ref||")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.canvas.draw()
+    image = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+    plt.close(fig)
+    return image
 
 
 def read_metrics(path: str) -> list[dict]:

@@ -218,6 +218,19 @@ def eval_config(*, every: int, num_prompts: int, samples_per_prompt: int, batch_
     return c
 
 
+def logging_config() -> mlc.ConfigDict:
+    """Where a run's metrics, sample grids and plots go besides WORKDIR/metrics.jsonl (ng_jax.logs.MetricWriter)."""
+    c = mlc.ConfigDict()
+    c.tensorboard = True         # scalars in WORKDIR/tensorboard
+    c.tensorboard_images = True  # and every evaluation's sample grids and norm-ratio plot
+    c.wandb = False              # Weights & Biases (pip install wandb==0.30.0): the same scalars and images
+    c.wandb_project = "ng_jax"
+    c.wandb_entity = ""          # "" = your default entity
+    c.wandb_mode = "offline"     # "offline": written to WORKDIR/wandb, `wandb sync` uploads it; "online": live
+    c.wandb_run_id = ""          # "" = derived from the workdir, so a resumed run continues the same W&B run
+    return c
+
+
 def real_model_config(family: str) -> mlc.ConfigDict:
     """The `model` block of a real-model run (ng_jax.models.stack). The architecture comes from
     WEIGHTS_DIR/transformer/config.json; validate a directory first with

@@ -89,6 +89,7 @@ def rl_config(method: str, *, normguard_lam: float = 0.0) -> mlc.ConfigDict:
     c.eval = blocks.eval_config(every=5, num_prompts=24, samples_per_prompt=4, batch_size=48, num_steps=20,
                                 shift=1.0, cfg_scale=1.0, quality=True, grid_size=32)
     c.ckpt = blocks.ckpt_config(every=10, max_to_keep=2)
+    c.logging = blocks.logging_config()
     return c
 
 
@@ -174,6 +175,7 @@ def real_rl_config(method: str, family: str, normguard_lam: float = 0.0) -> mlc.
     else:
         c.eval.s_min = ro.s_min
     c.ckpt = blocks.ckpt_config(every=10, max_to_keep=2)
+    c.logging = blocks.logging_config()
     return c
 
 

@@ -32,6 +32,7 @@ checkpoints every host at the next epoch boundary and returns 0.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import time
 
@@ -156,7 +157,8 @@ def run(config, workdir: str) -> int:
     except BaseException:
         ckpt.close()
         raise
-    writer = logs.MetricWriter(workdir, enabled=is_main)
+    writer = logs.MetricWriter(workdir, enabled=is_main, logging=config.get("logging"), name=str(config.get("name", "")),
+                               run_config=json.loads(config.to_json_best_effort()))
     epochs = int(rl.epochs)
     bar = logs.progress(epochs, desc=f"{rl.method}{'+normguard' if config.normguard.lam else ''}",
                         initial=min(meta.epoch, epochs), enabled=is_main)
@@ -171,6 +173,8 @@ def run(config, workdir: str) -> int:
             if is_main:
                 write_cached_evaluation(cache, result)
         writer.write(step, logs.scalars(result), prefix="eval/")
+        if not cached and writer.wants_images:
+            _log_eval_images(writer, workdir, tag, step, result)
         say(logs.eval_line(f"epoch {step}" if step else tag, result) + (f" (cached: {cache})" if cached else ""))
         return result
 
@@ -236,6 +240,15 @@ def run(config, workdir: str) -> int:
             writer.close()
     export_run(config, workdir, stack, state, policy_params, meta)
     return 0
+
+
+def _log_eval_images(writer, workdir: str, tag: str, step: int, result: dict) -> None:
+    """An evaluation's sample grids (as the evaluator saved them) and its norm-ratio plot, as images."""
+    for suffix in [""] + [f"_{name}" for name in (result.get("variants") or {})]:
+        path = os.path.join(workdir, "samples", f"{tag}{suffix}.png")
+        if os.path.isfile(path):
+            writer.write_image(step, f"samples{suffix or '_plain'}", path)
+    writer.write_image(step, "norm_ratio", logs.norm_ratio_figure(result, f"{tag}: norm ratio"))
 
 
 def _restore_or_init(ckpt, init_state, state_abstract, state_sh, stack, stream, method: str, workdir: str):

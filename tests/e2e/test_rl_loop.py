@@ -471,3 +471,58 @@ def test_initial_evaluation_is_cached_across_runs_and_final_only_variants(files,
     config.rewards.weights = mlc.ConfigDict({"jpeg_compressibility": 1.0})
     assert loop.run(config, str(tmp_path / "other_reward")) == 0
     assert len(os.listdir(tmp_path / "initial")) == 2 and calls.count("initial") == 2
+
+
+def _tensorboard_images(directory) -> dict[str, list[int]]:
+    """tag -> steps of the image summaries in the TensorBoard event files under `directory` (TFRecord framing:
+    u64 length, u32 crc, payload, u32 crc)."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    found: dict[str, list[int]] = {}
+    for name in os.listdir(directory):
+        data = open(os.path.join(directory, name), "rb").read()
+        i = 0
+        while i < len(data):
+            (n,) = struct.unpack("<Q", data[i:i + 8])
+            event = event_pb2.Event.FromString(data[i + 12:i + 12 + n])
+            i += 12 + n + 4
+            for v in event.summary.value:
+                if v.HasField("image"):
+                    found.setdefault(v.tag, []).append(event.step)
+    return found
+
+
+def test_wandb_offline_and_tensorboard_images(files, tmp_path, monkeypatch):
+    """logging.wandb=True (offline) logs the same scalars as metrics.jsonl plus sample grids and norm-ratio plots,
+    which TensorBoard gets too."""
+    wandb = pytest.importorskip("wandb")
+    logged = []
+    real_log = wandb.sdk.wandb_run.Run.log
+    monkeypatch.setattr(wandb.sdk.wandb_run.Run, "log",
+                        lambda self, data, step=None, **kw: logged.append((step, dict(data))) or real_log(
+                            self, data, step=step, **kw))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    config = _config(files, epochs=2)
+    config.eval.every = 1
+    config.eval.quality = False
+    config.eval.variants = mlc.ConfigDict({"guided": {"cfg_scale": 3.0, "final_only": True}})
+    config.logging.wandb = True
+    workdir = str(tmp_path / "run")
+    assert loop.run(config, workdir) == 0
+    summary = json.load(open(os.path.join(workdir, "summary.json")))
+    scalars = {(s, k): v for s, d in logged for k, v in d.items() if isinstance(v, float)}
+    assert scalars[(2, "eval/reward")] == pytest.approx(summary["eval"]["reward"])
+    assert scalars[(2, "eval/guided/reward")] == pytest.approx(summary["eval"]["variants"]["guided"]["reward"])
+    train = [m for m in read_metrics(os.path.join(workdir, "metrics.jsonl")) if "train/reward" in m]
+    assert [scalars[(m["step"], "train/reward")] for m in train] == pytest.approx([m["train/reward"] for m in train])
+    images = {(s, k) for s, d in logged for k, v in d.items() if isinstance(v, wandb.Image)}
+    assert {(0, "samples_plain"), (0, "samples_guided"), (1, "samples_plain"), (2, "samples_guided"),
+            (0, "norm_ratio"), (2, "norm_ratio")} <= images and (1, "samples_guided") not in images
+    runs = [d for d in os.listdir(os.path.join(workdir, "wandb")) if d.startswith("offline-run-")]
+    assert len(runs) == 1
+    assert len(os.listdir(os.path.join(workdir, "wandb", runs[0], "files", "media", "images"))) >= 6
+    tb = _tensorboard_images(os.path.join(workdir, "tensorboard"))
+    assert sorted(tb["samples_plain"]) == [0, 1, 2] and sorted(tb["norm_ratio"]) == [0, 1, 2]
+    assert sorted(tb["samples_guided"]) == [0, 2]
