@@ -167,6 +167,11 @@ def rewards_config(weights: dict) -> mlc.ConfigDict:
     c.timeout_s = 120.0          # a reward call slower than this stops the run (0 = no limit)
     c.retries = 0                # retries of a failing reward call before giving up
     c.remote_url = ""            # for the "remote" reward: http://host:port/ of a reward server
+    # its wire format: "ng_jax" (JSON, ng_jax.rewards.remote), "flow_factory" (JSON) or "flow_grpo" (pickle)
+    c.remote_protocol = "ng_jax"
+    c.remote_allow_pickle = False  # flow_grpo's servers reply in pickle, which runs the server's code: opt in
+    c.remote_score_key = ""      # the reply's list of scores ("" = scores / rewards / scores by protocol)
+    c.remote_options = mlc.ConfigDict()  # extra request fields, e.g. {"only_strict": True} for flow_grpo GenEval
     # Real reward models from local weights (ng_jax.rewards.clip): transformers CLIPModel directories.
     c.clip_score_dir = ""         # e.g. openai/clip-vit-large-patch14 saved locally
     c.pickscore_dir = ""          # yuvalkirstain/PickScore_v1 saved locally

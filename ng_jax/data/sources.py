@@ -78,6 +78,30 @@ def read_prompt_file(path: str | os.PathLike, *, shapes_grammar: bool = True) ->
     return prompts
 
 
+def read_prompt_metadata(path: str | os.PathLike) -> dict[str, dict]:
+    """prompt -> the other fields of its line, for a JSONL prompt file (GenEval's
+    `evaluation_metadata.jsonl` layout: {"tag", "include", "exclude", "prompt"}); {} for a text file or
+    lines without other fields. Rewards that use metadata (e.g. a GenEval reward server) receive it with
+    each image. Two lines with the same prompt and different metadata are a ValueError."""
+    path = os.fspath(path)
+    with open(path, encoding="utf-8") as f:
+        entries = [(n, line.strip()) for n, line in enumerate(f, start=1)]
+    entries = [(n, line) for n, line in entries if line and not line.startswith("#")]
+    if not entries or not (path.lower().endswith(_JSONL_SUFFIXES) or entries[0][1].startswith("{")):
+        return {}
+    out: dict[str, dict] = {}
+    for n, line in entries:
+        record = json.loads(line)  # read_prompt_file has validated the file
+        prompt = str(record.pop("prompt")).strip()
+        if not record:
+            continue
+        if prompt in out and out[prompt] != record:
+            raise ValueError(f"{path}:{n}: prompt {prompt!r} appears again with other metadata; one prompt, one "
+                             "metadata record")
+        out[prompt] = record
+    return out
+
+
 class EpochShuffler:
     """Endless, resumable index order over `num_items`: a fresh seeded permutation each epoch."""
 

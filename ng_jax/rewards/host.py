@@ -127,6 +127,9 @@ class WeightedRewards:
         self.names = tuple(self.rewards)
         self.timeout_s = float(timeout_s) if timeout_s else None
         self.retries = retries
+        # prompt -> metadata (e.g. GenEval's tag / include / exclude) from a JSONL prompt file; rewards whose
+        # `uses_metadata` is true are called with `metadata=[one dict or None per image]`
+        self.metadata: dict[str, dict] = {}
         self._lock = threading.Lock()
         self.last_error: BaseException | None = None
 
@@ -144,8 +147,12 @@ class WeightedRewards:
     # -- one reward --------------------------------------------------------------------------------
 
     def _call_once(self, name: str, images: np.ndarray, prompts: list[str]) -> np.ndarray:
+        reward = self.rewards[name]
         try:
-            scores = self.rewards[name](images, prompts)
+            if getattr(reward, "uses_metadata", False):
+                scores = reward(images, prompts, metadata=[self.metadata.get(p) for p in prompts])
+            else:
+                scores = reward(images, prompts)
         except RewardError:
             raise  # already names the reward and the problem (e.g. a RemoteReward)
         except Exception as err:

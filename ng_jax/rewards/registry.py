@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 
+from ng_jax.config.checks import ConfigError
 from ng_jax.rewards.clip import ClipScore, HPSv2, PickScore
 from ng_jax.rewards.colour import Colourfulness
 from ng_jax.rewards.host import WeightedRewards
@@ -40,7 +41,14 @@ def _clip(name: str):
 def _remote(cfg):
     if cfg is None or not cfg.get("remote_url"):
         raise ValueError("reward 'remote' needs rewards.remote_url")
-    return RemoteReward(cfg.remote_url, name="remote", timeout_s=float(cfg.get("timeout_s") or 60))
+    try:
+        return RemoteReward(cfg.remote_url, name="remote", timeout_s=float(cfg.get("timeout_s") or 60),
+                            protocol=str(cfg.get("remote_protocol", "ng_jax")),
+                            allow_pickle=bool(cfg.get("remote_allow_pickle", False)),
+                            score_key=str(cfg.get("remote_score_key", "") or ""),
+                            options=dict(cfg.get("remote_options") or {}))
+    except ValueError as err:
+        raise ConfigError(f"reward 'remote': {err}") from None
 
 
 # name -> factory(rewards_cfg) -> Reward (a callable `(uint8 images [B, H, W, 3], prompts) -> float32 [B]`)

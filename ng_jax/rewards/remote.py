@@ -14,6 +14,23 @@ Wire format (one request scores one batch):
 
 Errors from the server are a non-200 status with `{"error": "<message>"}` (400: malformed
 request; 500: the reward failed). `GET <url>` answers `{"name": <reward name>}` (a health check).
+Prompts read from a JSONL prompt file carry their other fields as metadata (GenEval's
+`evaluation_metadata.jsonl` layout: tag, include, exclude): the request then also holds
+`"metadata": [{...} or null, ...]`, one per image, and `serve_reward` hands it to a reward whose
+`uses_metadata` is true.
+
+The client also speaks the wire formats of two public code bases' reward servers (`protocol`):
+
+- "flow_factory" (Flow-Factory's `reward_server`): `POST <url>/compute` with JSON `{"prompt": [...],
+  "image": [base64 PNG, ...], "video": null, "condition_images": null, "condition_videos": null}`,
+  reply `{"rewards": [...]}`; `GET <url>/health` answers `{"status": "ok"}`.
+- "flow_grpo" (the reward servers of flow_grpo, e.g. its GenEval and DeQA servers): `POST <url>` with a
+  **pickled** dict `{"images": [JPEG bytes, ...], "prompts": [...], "meta_datas": [...]}` plus
+  `options` (GenEval: `{"only_strict": true}`); the reply is a pickled dict whose `score_key` list holds
+  the scores ("scores" for GenEval's partial credit, "strict_rewards" for its strict score, "outputs"
+  for DeQA). **Unpickling a reply runs whatever code the server sends**: this protocol is refused unless
+  `allow_pickle=True` (`rewards.remote_allow_pickle`), for servers you control. The default protocol
+  never unpickles anything.
 """
 
 from __future__ import annotations
@@ -24,6 +41,7 @@ import http.client
 import http.server
 import io
 import json
+import pickle
 import socket
 import sys
 import threading
@@ -37,6 +55,7 @@ from PIL import Image
 from ng_jax.rewards.host import Reward, RewardError, check_reward_output
 
 IMAGE_FORMATS = ("png", "jpeg")
+PROTOCOLS = ("ng_jax", "flow_factory", "flow_grpo")
 # Refuse request bodies above this size (bytes) on the server.
 MAX_REQUEST_BYTES = 256 * 1024 * 1024
 # How much of an HTTP error body is quoted in a RewardError.
@@ -79,8 +98,11 @@ class RemoteReward:
     Requests go through urllib and honour the usual http_proxy / no_proxy environment variables.
     """
 
+    uses_metadata = True  # WeightedRewards passes the prompts' metadata (None where a prompt has none)
+
     def __init__(self, url: str, name: str, timeout_s: float = 30, batch_size: int | None = None,
-                 image_format: str = "png"):
+                 image_format: str = "png", protocol: str = "ng_jax", allow_pickle: bool = False,
+                 score_key: str = "", options: dict | None = None):
         if not isinstance(url, str) or not url.startswith(("http://", "https://")):
             raise ValueError(f"RemoteReward url must start with http:// or https://, got {url!r}")
         if not isinstance(name, str) or not name:
@@ -92,29 +114,67 @@ class RemoteReward:
             raise ValueError(f"RemoteReward batch_size must be None or a positive integer, got {batch_size!r}")
         if image_format not in IMAGE_FORMATS:
             raise ValueError(f"RemoteReward image_format must be one of {IMAGE_FORMATS}, got {image_format!r}")
-        self.url, self.name = url, name
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"RemoteReward protocol must be one of {PROTOCOLS}, got {protocol!r}")
+        if protocol == "flow_grpo" and not allow_pickle:
+            raise ValueError("the flow_grpo reward-server protocol replies in Python pickle, and unpickling a reply "
+                             "runs whatever code the server sends; set rewards.remote_allow_pickle=True only for a "
+                             "server you control")
+        self.url, self.name, self.protocol = url, name, protocol
         self.timeout_s, self.batch_size, self.image_format = float(timeout_s), batch_size, image_format
+        self.score_key = score_key or {"ng_jax": "scores", "flow_factory": "rewards", "flow_grpo": "scores"}[protocol]
+        self.options = dict(options or {})
 
-    def __call__(self, images: np.ndarray, prompts: Sequence[str]) -> np.ndarray:
+    def __call__(self, images: np.ndarray, prompts: Sequence[str], metadata: Sequence | None = None) -> np.ndarray:
         if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
             raise ValueError(f"{self.name}: images must be a numpy uint8 array [B, H, W, 3], got "
                              f"{getattr(images, 'dtype', type(images).__name__)} {getattr(images, 'shape', '')}")
         if len(prompts) != images.shape[0]:
             raise ValueError(f"{self.name}: got {len(prompts)} prompts for {images.shape[0]} images; expected one "
                              "per image")
+        if metadata is not None and len(metadata) != len(prompts):
+            raise ValueError(f"{self.name}: got {len(metadata)} metadata entries for {len(prompts)} prompts")
+        meta = list(metadata) if metadata is not None and any(m is not None for m in metadata) else None
         step = self.batch_size or max(1, images.shape[0])
-        chunks = [self._score_chunk(images[i:i + step], [str(p) for p in prompts[i:i + step]])
+        chunks = [self._score_chunk(images[i:i + step], [str(p) for p in prompts[i:i + step]],
+                                    None if meta is None else meta[i:i + step])
                   for i in range(0, images.shape[0], step)]
         return np.concatenate(chunks) if chunks else np.zeros((0,), np.float32)
 
     def _fail(self, what: str) -> RewardError:
         return RewardError(f"remote reward {self.name!r} at {self.url}: {what}")
 
-    def _score_chunk(self, images: np.ndarray, prompts: list[str]) -> np.ndarray:
-        body = json.dumps({"prompts": prompts,
-                           "images": [encode_image(im, self.image_format) for im in images]}).encode("utf-8")
-        request = urllib.request.Request(self.url, data=body, method="POST",
-                                         headers={"Content-Type": "application/json"})
+    def _request(self, images: np.ndarray, prompts: list[str], metadata: list | None) -> urllib.request.Request:
+        """The HTTP request of one chunk in this client's protocol."""
+        if self.protocol == "flow_grpo":
+            body = {"images": [base64.b64decode(encode_image(im, "jpeg")) for im in images], "prompts": prompts,
+                    **({"meta_datas": metadata} if metadata is not None else {}), **self.options}
+            return urllib.request.Request(self.url, data=pickle.dumps(body), method="POST",
+                                          headers={"Content-Type": "application/octet-stream"})
+        encoded = [encode_image(im, self.image_format) for im in images]
+        if self.protocol == "flow_factory":
+            body, url = {"prompt": prompts, "image": encoded, "video": None, "condition_images": None,
+                         "condition_videos": None}, self.url.rstrip("/") + "/compute"
+        else:
+            body, url = {"prompts": prompts, "images": encoded}, self.url
+            if metadata is not None:
+                body["metadata"] = metadata
+        return urllib.request.Request(url, data=json.dumps({**body, **self.options}).encode("utf-8"), method="POST",
+                                      headers={"Content-Type": "application/json"})
+
+    def _reply(self, payload: bytes):
+        if self.protocol == "flow_grpo":  # allowed only with allow_pickle (see __init__)
+            try:
+                return pickle.loads(payload)  # noqa: S301 - opt-in, documented
+            except Exception as err:  # noqa: BLE001 - any unpickling failure
+                raise self._fail(f"malformed pickle in the reply ({type(err).__name__}: {err})") from err
+        try:
+            return json.loads(payload)
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise self._fail(f"malformed JSON in the reply ({err}); got {payload[:_QUOTED_BODY_CHARS]!r}") from err
+
+    def _score_chunk(self, images: np.ndarray, prompts: list[str], metadata: list | None = None) -> np.ndarray:
+        request = self._request(images, prompts, metadata)
         try:
             with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
                 payload = response.read()
@@ -132,13 +192,11 @@ class RemoteReward:
             raise self._fail(f"timed out after {self.timeout_s:g} s") from err
         except (ConnectionError, http.client.HTTPException) as err:
             raise self._fail(f"connection failed ({type(err).__name__}: {err})") from err
-        try:
-            reply = json.loads(payload)
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise self._fail(f"malformed JSON in the reply ({err}); got {payload[:_QUOTED_BODY_CHARS]!r}") from err
-        if not isinstance(reply, dict) or not isinstance(reply.get("scores"), list):
-            raise self._fail(f'the reply must be a JSON object {{"scores": [...]}}, got {str(reply)[:_QUOTED_BODY_CHARS]}')
-        scores = reply["scores"]
+        reply = self._reply(payload)
+        key = self.score_key
+        if not isinstance(reply, dict) or not isinstance(reply.get(key), (list, tuple, np.ndarray)):
+            raise self._fail(f'the reply must be an object {{"{key}": [...]}}, got {str(reply)[:_QUOTED_BODY_CHARS]}')
+        scores = [float(x) if isinstance(x, np.generic) else x for x in list(reply[key])]
         if len(scores) != len(prompts):
             raise self._fail(f"got {len(scores)} scores for {len(prompts)} images; expected one per image")
         if not all(isinstance(s, (int, float)) and not isinstance(s, bool) for s in scores):
@@ -172,11 +230,15 @@ class _RewardHandler(http.server.BaseHTTPRequestHandler):
         if not 0 <= length <= MAX_REQUEST_BYTES:
             return self._reply(413, {"error": f"request body of {length} bytes exceeds {MAX_REQUEST_BYTES}"})
         try:
-            images, prompts = _parse_request(self.rfile.read(length))
+            images, prompts, metadata = _parse_request(self.rfile.read(length))
         except ValueError as err:
             return self._reply(400, {"error": str(err)})
         try:
-            scores = check_reward_output(self.reward.name, self.reward(images, prompts), len(prompts))
+            if getattr(self.reward, "uses_metadata", False):
+                out = self.reward(images, prompts, metadata=metadata or [None] * len(prompts))
+            else:
+                out = self.reward(images, prompts)
+            scores = check_reward_output(self.reward.name, out, len(prompts))
         except RewardError as err:
             return self._reply(500, {"error": str(err)})
         except Exception as err:  # noqa: BLE001 - reported to the client
@@ -184,7 +246,7 @@ class _RewardHandler(http.server.BaseHTTPRequestHandler):
         self._reply(200, {"scores": [float(s) for s in scores]})
 
 
-def _parse_request(body: bytes) -> tuple[np.ndarray, list[str]]:
+def _parse_request(body: bytes) -> tuple[np.ndarray, list[str], list | None]:
     try:
         request = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -200,6 +262,10 @@ def _parse_request(body: bytes) -> tuple[np.ndarray, list[str]]:
         raise ValueError(f"got {len(images)} images and {len(prompts)} prompts; expected one prompt per image")
     if not images:
         raise ValueError("the request holds no images")
+    metadata = request.get("metadata")
+    if metadata is not None and (not isinstance(metadata, list) or len(metadata) != len(prompts)
+                                 or not all(m is None or isinstance(m, dict) for m in metadata)):
+        raise ValueError('"metadata" must be a list of objects (or null), one per prompt')
     decoded = []
     for i, data in enumerate(images):
         try:
@@ -209,7 +275,7 @@ def _parse_request(body: bytes) -> tuple[np.ndarray, list[str]]:
     shapes = {im.shape for im in decoded}
     if len(shapes) != 1:
         raise ValueError(f"all images must have one size, got shapes {sorted(shapes)}")
-    return np.stack(decoded), prompts
+    return np.stack(decoded), prompts, metadata
 
 
 class RewardServer(http.server.ThreadingHTTPServer):

@@ -53,7 +53,7 @@ from ng_jax.rewards.host import quiet_reward_error_logs, reward_failures
 from ng_jax.rewards.registry import build_rewards
 from ng_jax.rl.advantages import make_advantage_fn, train_batches
 from ng_jax.rl.export import export_run
-from ng_jax.rl.prompts import load_eval_prompts, load_rl_prompts
+from ng_jax.rl.prompts import load_eval_prompts, load_prompt_metadata, load_rl_prompts
 from ng_jax.rl.rollout import make_rollout_fn, rollouts, sampler_sigmas
 from ng_jax.rl.step import bucket_centres, ema_decay, jit_train_step, make_ema_update, make_init_state, policy_params_fn
 from ng_jax.state import make_optimizer
@@ -117,7 +117,7 @@ def run(config, workdir: str) -> int:
     # --- set-up: cheap checks first, so a bad prompt file or batch setting fails before anything compiles
     os.makedirs(workdir, exist_ok=True)
     rl, k = config.rl, int(config.rl.group_size)
-    prompts, eval_base = load_rl_prompts(config), load_eval_prompts(config)
+    prompts, eval_base, metadata = load_rl_prompts(config), load_eval_prompts(config), load_prompt_metadata(config)
     mesh = sharding.make_mesh(config.mesh.shape)
     layout, ref_layout = sharding.layouts(config.mesh)
     check_rl_config(config, sharding.batch_size_multiple(mesh))
@@ -139,6 +139,7 @@ def run(config, workdir: str) -> int:
         raise ConfigError(str(err)) from None
     policy_params = policy_params_fn(lora_cfg)
     weighted, prompt_table = build_rewards(config.rewards), []
+    weighted.metadata = metadata  # per-prompt metadata of JSONL prompt files, for the rewards that use it
     rollout_fn = make_rollout_fn(config, stack, mesh, layout.logical_rules, state_sh, weighted, prompt_table,
                                  policy_params)
     step_fn = jit_train_step(config, stack.model.apply, optimizer, lora_cfg,

@@ -4,7 +4,7 @@ category-balanced), the evaluation prompts, and the one-line PromptFileError the
 from __future__ import annotations
 
 from ng_jax.data.prompts import category_of
-from ng_jax.data.sources import as_text, read_prompt_file
+from ng_jax.data.sources import as_text, read_prompt_file, read_prompt_metadata
 from ng_jax.data.tfds_shapes import load_prompts
 from ng_jax.errors import UserError, one_line
 from ng_jax.models.stack import TOY, model_family
@@ -62,3 +62,18 @@ def load_eval_prompts(config) -> list[str]:
     what = (f"eval.prompt_file={config.eval.prompt_file!r}" if config.eval.get("prompt_file")
             else f"evaluation prompts in eval.data_dir={config.eval.data_dir!r}")
     return read_prompts(what, lambda: eval_prompts(config.eval, shapes_grammar=model_family(config) == TOY))
+
+
+def load_prompt_metadata(config) -> dict[str, dict]:
+    """prompt -> metadata of the run's JSONL prompt files (`data.prompt_file`, `eval.prompt_file`), for rewards
+    that use it (`WeightedRewards.metadata`); {} without JSONL files."""
+    out: dict[str, dict] = {}
+    for what, path in (("data.prompt_file", config.data.get("prompt_file")),
+                       ("eval.prompt_file", config.eval.get("prompt_file"))):
+        if path:
+            for prompt, meta in read_prompts(f"{what}={path!r}", lambda p=path: read_prompt_metadata(p)).items():
+                if out.get(prompt, meta) != meta:
+                    raise PromptFileError(f"{what}={path!r}: prompt {prompt!r} has other metadata than in the "
+                                          "other prompt file")
+                out[prompt] = meta
+    return out

@@ -526,3 +526,27 @@ def test_wandb_offline_and_tensorboard_images(files, tmp_path, monkeypatch):
     tb = _tensorboard_images(os.path.join(workdir, "tensorboard"))
     assert sorted(tb["samples_plain"]) == [0, 1, 2] and sorted(tb["norm_ratio"]) == [0, 1, 2]
     assert sorted(tb["samples_guided"]) == [0, 2]
+
+
+def test_prompt_metadata_from_a_jsonl_file_reaches_the_rewards(files, tmp_path):
+    """A JSONL prompt file's other fields travel with each prompt to the rewards that use metadata, in the
+    rollouts and the evaluations."""
+    from tests.fixtures import PROMPTS
+
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("\n".join(json.dumps({"prompt": p, "tag": f"t{i}", "n": i}) for i, p in enumerate(PROMPTS)) + "\n")
+    seen = []
+
+    class UsesMetadata:
+        name, uses_metadata = "uses_metadata", True
+
+        def __call__(self, images, prompts, metadata):
+            seen.extend(zip(prompts, metadata))
+            return np.asarray([m["n"] for m in metadata], np.float32)
+
+    with registry.registered("uses_metadata", lambda cfg: UsesMetadata()):
+        config = _config(files, epochs=1, rewards={"uses_metadata": 1.0})
+        config.data.prompt_file = config.eval.prompt_file = str(path)
+        config.eval.quality = False
+        assert loop.run(config, str(tmp_path / "run")) == 0
+    assert len(seen) >= 16 and all(m == {"tag": f"t{PROMPTS.index(p)}", "n": PROMPTS.index(p)} for p, m in seen)

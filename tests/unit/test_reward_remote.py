@@ -139,7 +139,7 @@ def scripted_server():
 @pytest.mark.parametrize("path, match", [
     ("/badjson", r"malformed JSON in the reply"),
     ("/short", r"got 2 scores for 8 images; expected one per image"),
-    ("/noscores", r'must be a JSON object \{"scores": \[...\]\}'),
+    ("/noscores", r'must be an object \{"scores": \[...\]\}'),
     ("/nan", r"1 non-finite value\(s\) .* at batch indices \[2\]"),
     ("/error", r"HTTP 503 .*overloaded"),
 ])
