@@ -99,34 +99,71 @@ class Checkpointer:
     def wait(self) -> None:
         self._manager.wait_until_finished()
 
-    def restore(self, target_state, step: int | None = None):
-        """Restore into the structure, shapes, dtypes and shardings of `target_state`.
+    def _restore_step(self, target_state, step: int):
+        return self._manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(_abstract(target_state)),
+                                          meta=ocp.args.JsonRestore()))
 
-        Returns `(state, meta, step)`. Raises CheckpointError if no checkpoint exists, or if it is
-        corrupt or does not match the target.
+    def newest_intact_step(self, target_state, below: int) -> int | None:
+        """The newest step before `below` that restores into `target_state` (each one is read to know)."""
+        for step in sorted((s for s in self.all_steps() if s < below), reverse=True):
+            try:
+                self._restore_step(target_state, step)
+                return step
+            except Exception:  # noqa: BLE001 - not intact either; try the one before
+                continue
+        return None
+
+    def restore(self, target_state, step: int | None = None):
+        """Restore into the structure, shapes, dtypes and shardings of `target_state`: the latest step, or
+        `step` (`ckpt.restore_step`; the steps after it are moved aside to `<directory>.abandoned/`, so that
+        the run continues from it and nothing is lost).
+
+        Returns `(state, meta, step)`. Raises CheckpointError if no checkpoint exists, if `step` is not one,
+        or if the checkpoint is corrupt or does not match the target; a corrupt one's error names the
+        newest intact earlier step and how to resume from it.
         """
         self.wait()
-        step = self.latest_step() if step is None else step
+        latest = self.latest_step()
+        if step is not None and step not in self.all_steps():
+            raise CheckpointError(f"ckpt.restore_step={step}: no such checkpoint in {self.directory} "
+                                  f"(saved steps: {self.all_steps() or 'none'})")
+        step = latest if step is None else int(step)
         if step is None:
             raise CheckpointError(f"no checkpoint found in {self.directory}")
         try:
-            restored = self._manager.restore(
-                step,
-                args=ocp.args.Composite(state=ocp.args.StandardRestore(_abstract(target_state)),
-                                        meta=ocp.args.JsonRestore()),
-            )
+            restored = self._restore_step(target_state, step)
         except Exception as err:  # orbax raises many types; all mean "cannot use this checkpoint"
             detail = ""
             try:
                 found = self._saved_shapes(step)
-                detail = _describe_mismatch(target_state, found)
+                detail = _describe_mismatch(target_state, found) if found else ""  # nothing listed: corrupt
             except Exception:  # metadata unreadable too: the checkpoint is corrupt
                 pass
             msg = f"cannot restore checkpoint step {step} from {self.directory}: "
             msg += detail if detail else f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"
+            if not detail:  # corrupt, not mismatched: say which earlier checkpoint still works
+                intact = self.newest_intact_step(target_state, step)
+                msg += (f"; the newest intact checkpoint is step {intact}: resume from it with "
+                        f"--config.ckpt.restore_step={intact}" if intact is not None else
+                        "; no earlier checkpoint is intact either (remove the directory to start afresh)")
             raise CheckpointError(msg) from err
         self._check_shapes(target_state, restored.state, step)
+        if latest is not None and step < latest:
+            self._abandon_after(step)
         return restored.state, dict(restored.meta), step
+
+    def _abandon_after(self, step: int) -> None:
+        """Move the checkpoints after `step` to `<directory>.abandoned/` (process 0), so that training on from
+        `step` saves its own; they are kept, not deleted."""
+        later = [s for s in self.all_steps() if s > step]
+        if jax.process_index() == 0:
+            aside = self.directory.rstrip("/") + ".abandoned"
+            os.makedirs(aside, exist_ok=True)
+            for s in later:
+                os.replace(os.path.join(self.directory, str(s)), os.path.join(aside, str(s)))
+            print(f"resuming from checkpoint step {step}: the later steps {later} were moved to {aside}")
+        self._manager.reload()
 
     def _saved_shapes(self, step: int) -> dict[str, tuple]:
         meta = self._manager.item_metadata(step)

@@ -151,7 +151,8 @@ def run(config, workdir: str) -> int:
     stream = make_image_text_stream(config.data, batch_size, seed=config.seed)
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=int(config.ckpt.max_to_keep))
     if ckpt.latest_step() is not None:
-        state, meta, _ = ckpt.restore(state)
+        restore_step = int(config.ckpt.get("restore_step", -1))
+        state, meta, _ = ckpt.restore(state, None if restore_step < 0 else restore_step)
         stream.restore(meta["data"])
         print(f"resumed from step {int(state.step)}")
     writer = logs.MetricWriter(workdir, enabled=jax.process_index() == 0)

@@ -86,6 +86,10 @@ def ckpt_config(every: int, max_to_keep: int) -> mlc.ConfigDict:
     c = mlc.ConfigDict()
     c.every = every              # epochs (RL) / steps (pretraining) between checkpoints, and always after the last
     c.max_to_keep = max_to_keep  # older checkpoints are deleted
+    # -1 = resume from the latest checkpoint; N = from step N (e.g. the newest intact one that the error about
+    # a corrupt latest checkpoint names); the later steps are moved to <checkpoints>.abandoned/. Saves are
+    # asynchronous (orbax): training goes on while a checkpoint is written, which is committed atomically.
+    c.restore_step = -1
     return c
 
 

@@ -151,7 +151,9 @@ def run(config, workdir: str) -> int:
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=int(config.ckpt.max_to_keep))
     is_main = jax.process_index() == 0
     try:
-        state, meta = _restore_or_init(ckpt, init_state, state_abstract, state_sh, stack, stream, rl.method, workdir)
+        restore_step = config.ckpt.get("restore_step")
+        state, meta = _restore_or_init(ckpt, init_state, state_abstract, state_sh, stack, stream, rl.method, workdir,
+                                       None if restore_step is None or int(restore_step) < 0 else int(restore_step))
         evaluator = RunEvaluation(config.eval, stack, mesh, weighted=weighted, policy_params=policy_params,
                                   workdir=workdir, prompts=eval_base, rules=layout.logical_rules)
         uncond = jax.device_put(stack.uncond(chunk), batch_sh)
@@ -252,14 +254,15 @@ def _log_eval_images(writer, workdir: str, tag: str, step: int, result: dict) ->
     writer.write_image(step, "norm_ratio", logs.norm_ratio_figure(result, f"{tag}: norm ratio"))
 
 
-def _restore_or_init(ckpt, init_state, state_abstract, state_sh, stack, stream, method: str, workdir: str):
-    """The train state and RunMeta: restored from the latest checkpoint (never a silent fresh start when
-    one exists but cannot be used), else initialised."""
+def _restore_or_init(ckpt, init_state, state_abstract, state_sh, stack, stream, method: str, workdir: str,
+                     restore_step: int | None = None):
+    """The train state and RunMeta: restored from the latest checkpoint, or `restore_step` (never a silent fresh
+    start when one exists but cannot be used), else initialised."""
     if ckpt.resume_step() is None:
         state = jax.jit(init_state, in_shardings=(stack.ref_shardings,), out_shardings=state_sh)(stack.ref)
         return state, RunMeta(method=method, data=stream.state())
     target = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), state_abstract, state_sh)
-    state, raw, step = ckpt.restore(target)
+    state, raw, step = ckpt.restore(target, restore_step)
     meta = RunMeta.restored(raw, step, ckpt.directory, method)
     try:
         stream.restore(meta.data)

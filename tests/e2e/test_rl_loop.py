@@ -364,7 +364,8 @@ def _truncate_data_files(step_dir):
 
 
 @pytest.mark.parametrize("damage, message", [
-    ("corrupt", r"cannot restore checkpoint step 8"),
+    ("corrupt", r"cannot restore checkpoint step 8 .*newest intact checkpoint is step 6: resume from it with "
+                r"--config.ckpt.restore_step=6"),
     ("leftovers_only", r"holds no complete checkpoint but is not empty \(8.orbax-checkpoint-tmp-1\)"),
     ("lora_mismatch", r"cannot restore checkpoint step 8 .*(missing|unexpected)"),
 ])
@@ -383,6 +384,18 @@ def test_bad_checkpoints_are_checkpoint_errors_not_fresh_starts(files, baseline,
     with pytest.raises(CheckpointError, match=message):
         loop.run(config, workdir)
     assert len(_metrics(workdir)) == lines_before  # nothing was trained or logged
+
+
+def test_restore_step_resumes_from_the_named_intact_checkpoint(files, baseline, tmp_path):
+    """After a corrupt latest checkpoint, --config.ckpt.restore_step=N resumes from N, retrains the epochs after
+    it exactly (same prompts, noise and optimizer state) and keeps the corrupt step aside."""
+    workdir = _copy(baseline, tmp_path)
+    _truncate_data_files(os.path.join(workdir, "checkpoints", "8"))
+    config = _config(files, epochs=EPOCHS)
+    config.ckpt.restore_step = 6
+    assert loop.run(config, workdir) == 0
+    assert os.listdir(os.path.join(workdir, "checkpoints.abandoned")) == ["8"]
+    assert _metrics(workdir) == _metrics(baseline)  # epochs 7 and 8 retrained bit-identically
 
 
 def test_evaluate_job_scores_the_reference_without_a_second_pass(files, tmp_path, capsys):
