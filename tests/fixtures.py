@@ -334,6 +334,26 @@ def save_flux_diffusers(root, guidance_embeds: bool, seed: int):
     return ref
 
 
+# SD3.5-like transformer: token width = T5 width 48 (>= CLIP-L 16 + bigG 32), pooled = 16 + 32.
+SD35 = dict(sample_size=16, patch_size=2, in_channels=16, out_channels=16, num_layers=3, attention_head_dim=8,
+            num_attention_heads=2, joint_attention_dim=48, caption_projection_dim=16, pooled_projection_dim=48,
+            pos_embed_max_size=12, qk_norm="rms_norm", dual_attention_layers=(0,))
+
+
+def save_sd35_transformer(directory, seed=0):
+    """A diffusers SD3Transformer2DModel of `SD35` (qk RMS-norm, one MMDiT-X block) with every parameter
+    perturbed, saved in DIRECTORY/transformer."""
+    import diffusers
+    import torch
+
+    torch.manual_seed(seed)
+    tm = diffusers.SD3Transformer2DModel(**SD35).eval()
+    with torch.no_grad():  # random norms and zero-initialised projections too, so the velocity is not 0
+        for p in tm.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    tm.save_pretrained(os.path.join(directory, "transformer"))
+
+
 # ------------------------------------------------------------------ real-model RL configs, shrunk
 
 REAL_T5_LEN = 8  # the T5 sequence length of tiny_real_config

@@ -25,7 +25,8 @@ from ng_jax.main import main, parse_args
 from ng_jax.rl import loop
 from tests.fixtures import REAL_T5_LEN as T5_LEN
 from tests.fixtures import REPO as ROOT
-from tests.fixtures import VAE_CONFIGS, save_flux_diffusers, save_tiny_clip, torch_vae, write_clip_tokenizer
+from tests.fixtures import (VAE_CONFIGS, save_flux_diffusers, save_sd35_transformer, save_tiny_clip, torch_vae,
+                            write_clip_tokenizer)
 from tests.fixtures import clip_text_config as clip_config
 from tests.fixtures import tiny_real_config as tiny
 from tests.fixtures import write_t5_tokenizer
@@ -33,24 +34,8 @@ from tests.fixtures import write_t5_tokenizer
 CONFIGS = ("sd35m_nft_normguard", "sd35m_awm_normguard", "sd35m_dpo_normguard", "flux1dev_nft_normguard",
            "flux1dev_awm_normguard")
 PROMPTS = ["a red cat", "the blue dog", "a photo of a cat", "a dog on the red cat"]
-# SD3.5-like transformer: token width = T5 width 48 (>= CLIP-L 16 + bigG 32), pooled = 16 + 32.
-SD35 = dict(sample_size=16, patch_size=2, in_channels=16, out_channels=16, num_layers=3, attention_head_dim=8,
-            num_attention_heads=2, joint_attention_dim=48, caption_projection_dim=16, pooled_projection_dim=48,
-            pos_embed_max_size=12, qk_norm="rms_norm", dual_attention_layers=(0,))
 VAE16 = VAE_CONFIGS["sd3"]  # 16 latent channels, downsample 2
 VAE4 = dict(VAE16, block_out_channels=(32, 32), latent_channels=4, scaling_factor=0.3611, shift_factor=0.1159)
-
-
-def _save_sd35_transformer(directory, seed=0):
-    import diffusers
-    import torch
-
-    torch.manual_seed(seed)
-    tm = diffusers.SD3Transformer2DModel(**SD35).eval()
-    with torch.no_grad():  # random norms and zero-initialised projections too, so the velocity is not 0
-        for p in tm.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    tm.save_pretrained(os.path.join(directory, "transformer"))
 
 
 def _save_text(directory, family):
@@ -82,7 +67,7 @@ def dirs(tmp_path_factory):
     pytest.importorskip("diffusers", reason="needs the test extra (torch 2.13.0 + diffusers)")
     root = tmp_path_factory.mktemp("real_models")
     sd35, flux = str(root / "sd35"), str(root / "flux")
-    _save_sd35_transformer(sd35)
+    save_sd35_transformer(sd35)
     torch_vae(0, **VAE16).save_pretrained(os.path.join(sd35, "vae"))
     _save_text(sd35, "sd3")
     save_flux_diffusers(flux, True, seed=0)  # 2 double + 2 single blocks, guidance embedding

@@ -43,18 +43,19 @@ class Source:
     key: str                                                    # tensor name in the checkpoint
     transform: Callable[[np.ndarray], np.ndarray] | None = None  # applied after reading (numpy)
     shape_fn: Callable[[tuple], tuple] | None = None             # the transformed shape, from the stored one
+    inverse: Callable[[np.ndarray], np.ndarray] | None = None    # transform's inverse (exports back to the layout)
 
 
 def linear(key_prefix: str) -> dict[str, Source]:
     """torch Linear `{prefix}.weight [out, in]`, `.bias` -> Dense `kernel [in, out]`, `bias`."""
-    return {"kernel": Source(f"{key_prefix}.weight", lambda w: w.T, lambda s: s[::-1]),
+    return {"kernel": Source(f"{key_prefix}.weight", lambda w: w.T, lambda s: s[::-1], lambda k: k.T),
             "bias": Source(f"{key_prefix}.bias")}
 
 
 def conv2d(key_prefix: str) -> dict[str, Source]:
     """torch Conv2d `weight [out, in, kh, kw]` -> Flax Conv `kernel [kh, kw, in, out]`."""
     return {"kernel": Source(f"{key_prefix}.weight", lambda w: w.transpose(2, 3, 1, 0),
-                             lambda s: (s[2], s[3], s[1], s[0])),
+                             lambda s: (s[2], s[3], s[1], s[0]), lambda k: k.transpose(3, 2, 0, 1)),
             "bias": Source(f"{key_prefix}.bias")}
 
 
