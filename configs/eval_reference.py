@@ -3,7 +3,8 @@
     python -m ng_jax.main --config=configs/eval_reference.py --workdir=workdirs/eval_reference
 
 Prints the per-category verifier accuracy table of the README (20 Euler steps, the bundle's CFG).
-Another bundle: --config.reference=DIR.
+Another bundle: --config.reference=DIR. A trained policy against its reference: --config.policy=WORKDIR
+(a finished RL run; for real models add the run's model block, e.g. --config=configs/sd35m_awm_normguard.py's).
 """
 
 import ml_collections as mlc
@@ -19,6 +20,7 @@ def get_config(arg=None):
     c.seed = 0
     c.workdir = "workdirs/eval_reference"
     c.reference = ""
+    c.policy = ""                   # a finished RL workdir: score its final policy against the reference
     c.render = rl.render            # "clip" or "soft" (ng_jax/data/render.py)
     c.space = rl.space            # "pixel" or "centred" sample space (ng_jax/data/render.py)
     c.mesh = blocks.mesh_config()

@@ -17,6 +17,7 @@ from collections import Counter, defaultdict
 
 import jax
 import jax.numpy as jnp
+import ml_collections as mlc
 import numpy as np
 
 from ng_jax import flow, logs, sharding
@@ -25,11 +26,14 @@ from ng_jax.data import world
 from ng_jax.data.prompts import category_of
 from ng_jax.data.render import render_fn, world_stack
 from ng_jax.judges.toy import QualityJudge, reference_renders
-from ng_jax.models.bundle import bundle_fingerprint
+from ng_jax.eval.analysis.checkpoints import POLICY_DIR
+from ng_jax.models.bundle import bundle_fingerprint, load_bundle
 from ng_jax.models.stack import build_model_stack
 from ng_jax.rewards.registry import build_rewards
 from ng_jax.rewards.verifier import VerifierReward
+from ng_jax.rl.export import read_policy
 from ng_jax.rl.prompts import eval_prompts
+from ng_jax.rl.step import policy_params_fn
 from ng_jax.sampling import from_uint8, make_sampler, to_uint8
 
 
@@ -265,17 +269,44 @@ def constraint_failures(prompts, detections) -> dict[str, dict[str, float]]:
     return {c: {k: fails[c][k] / n for k, n in sorted(seen[c].items())} for c in sorted(seen)}
 
 
+def policy_to_score(config, stack, mesh):
+    """(trainable params, policy_params fn, is the reference) of the evaluate job's `policy`: "" scores the
+    reference itself; a finished RL workdir scores its final policy against the reference (the toy world's
+    policy bundle, or a real model's trainable tree: full weights, or LoRA adapters merged on the fly)."""
+    path = str(config.get("policy") or "")
+    if not path:
+        return stack.ref, (lambda p, r: p), True
+    if stack.is_toy:
+        bundle = load_bundle(os.path.join(path, POLICY_DIR) if os.path.isdir(os.path.join(path, POLICY_DIR)) else path)
+        if dict(bundle.model_cfg) != dict(stack.bundle.model_cfg):
+            ref = config.get("reference") or "the shipped reference"
+            raise ConfigError(f"policy={path!r}: its velocity model differs from the reference's ({ref}); evaluate it "
+                              "against the reference it was trained from")
+        return bundle.params["velocity"], (lambda p, r: p), False
+    note, trainable = read_policy(path)
+    if str(note["model"].get("weights_dir")) != str(config.model.weights_dir):
+        raise ConfigError(f"policy={path!r} was trained from {note['model'].get('weights_dir')!r}, not "
+                          f"model.weights_dir={config.model.weights_dir!r}")
+    lora = note.get("lora")
+    if lora:
+        trainable = jax.device_put(trainable, sharding.replicated(mesh))
+    else:
+        trainable = jax.device_put(trainable, stack.ref_shardings)
+    return trainable, policy_params_fn(mlc.ConfigDict(lora) if lora else None), False
+
+
 def run(config, workdir: str) -> int:
-    """The `evaluate` job: score a bundle (or, with a `model` block, a real model's reference weights)
-    on fixed prompts, print a per-category accuracy table."""
+    """The `evaluate` job: score a bundle, or a finished RL run's policy (`policy`), or with a `model` block a
+    real model's reference weights or trained policy, on fixed prompts; print a per-category accuracy table."""
     mesh = sharding.make_mesh(config.mesh.shape)
     layout, ref_layout = sharding.layouts(config.mesh)
     # The toy reference stays on the host, as this job always had it; real weights are placed by the rules.
     stack = world_stack(build_model_stack(config, None if "model" not in config else mesh, ref_layout), config)
+    trainable, policy_params, is_ref = policy_to_score(config, stack, mesh)
     evaluator = Evaluator(config.eval, stack, mesh, weighted=build_rewards(config.rewards),
-                          policy_params=lambda p, r: p, workdir=workdir, policy_is_ref=True,
+                          policy_params=policy_params, workdir=workdir, policy_is_ref=is_ref,
                           rules=layout.logical_rules)
-    result = evaluator(stack.ref, tag="evaluate", step=0)
+    result = evaluator(trainable, tag="evaluate", step=0)
     if stack.is_toy and evaluator.last_detections is not None:
         result["constraint_failures"] = constraint_failures(evaluator.prompts, evaluator.last_detections)
     logs.write_json(os.path.join(workdir, "eval.json"), result)

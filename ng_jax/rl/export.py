@@ -8,12 +8,16 @@ the base weights stay in `model.weights_dir` (a merged SD3.5 / FLUX copy would d
 
 from __future__ import annotations
 
+import json
 import os
 
 import jax
+import numpy as np
+import orbax.checkpoint as ocp
 
 from ng_jax import logs, sharding
 from ng_jax.checkpoint import export_params
+from ng_jax.errors import UserError, one_line
 from ng_jax.eval.analysis.checkpoints import POLICY_DIR
 from ng_jax.models.bundle import ModelBundle, save_bundle
 
@@ -49,3 +53,26 @@ def export_run(config, workdir: str, stack, state, policy_params, meta) -> dict:
         logs.write_json(os.path.join(workdir, "summary.json"), summary)
         print(f"summary: {os.path.join(workdir, 'summary.json')}")
     return summary
+
+
+class ExportError(UserError, RuntimeError):
+    pass
+
+
+def read_policy(workdir: str) -> tuple[dict, dict]:
+    """(policy_params.json, the trainable tree as numpy) of a finished real-model run."""
+    directory = os.path.join(workdir, POLICY_PARAMS_DIR)
+    note_path = os.path.join(directory, POLICY_PARAMS_DIR + ".json")
+    if not os.path.isfile(note_path):
+        if os.path.isdir(os.path.join(workdir, POLICY_DIR)):
+            raise ExportError(f"{workdir} is a toy-world run: its policy is the model bundle {workdir}/{POLICY_DIR} "
+                              "already (load it with ng_jax.models.bundle.load_bundle); nothing to convert")
+        raise ExportError(f"{workdir}: no {POLICY_PARAMS_DIR}/{POLICY_PARAMS_DIR}.json (not a finished RL run on a "
+                          "real model)")
+    with open(note_path) as f:
+        note = json.load(f)
+    try:
+        tree = ocp.StandardCheckpointer().restore(os.path.join(directory, "params"))
+    except Exception as err:  # noqa: BLE001 - orbax raises many types
+        raise ExportError(f"{directory}/params: cannot read the trained parameters ({one_line(err)})") from None
+    return note, jax.tree.map(np.asarray, tree)

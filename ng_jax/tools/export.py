@@ -22,7 +22,6 @@ Exit status: 0 written, 1 a problem with the workdir or the weights (one line), 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from typing import Sequence
@@ -35,35 +34,10 @@ from ng_jax.models.nets.lora import lora_merge
 from ng_jax.models.stack import load_transformer, velocity_config
 from ng_jax.models.weights.export import DTYPES, host_tree, write_peft_lora, write_transformer
 from ng_jax.models.weights.vae import vae_config_from_diffusers
-from ng_jax.rl.export import POLICY_DIR, POLICY_PARAMS_DIR
+from ng_jax.rl.export import ExportError, read_policy
 
 FORMATS = ("diffusers", "peft")
 PEFT_FILE = "pytorch_lora_weights.safetensors"
-
-
-class ExportError(UserError, RuntimeError):
-    pass
-
-
-def read_policy(workdir: str) -> tuple[dict, dict]:
-    """(policy_params.json, the trainable tree as numpy) of a finished real-model run."""
-    directory = os.path.join(workdir, POLICY_PARAMS_DIR)
-    note_path = os.path.join(directory, POLICY_PARAMS_DIR + ".json")
-    if not os.path.isfile(note_path):
-        if os.path.isdir(os.path.join(workdir, POLICY_DIR)):
-            raise ExportError(f"{workdir} is a toy-world run: its policy is the model bundle {workdir}/{POLICY_DIR} "
-                              "already (load it with ng_jax.models.bundle.load_bundle); nothing to convert")
-        raise ExportError(f"{workdir}: no {POLICY_PARAMS_DIR}/{POLICY_PARAMS_DIR}.json (not a finished RL run on a "
-                          "real model)")
-    with open(note_path) as f:
-        note = json.load(f)
-    import orbax.checkpoint as ocp
-
-    try:
-        tree = ocp.StandardCheckpointer().restore(os.path.join(directory, "params"))
-    except Exception as err:  # noqa: BLE001 - orbax raises many types
-        raise ExportError(f"{directory}/params: cannot read the trained parameters ({one_line(err)})") from None
-    return note, host_tree(tree)
 
 
 def export(workdir: str, out: str, fmt: str = "diffusers", dtype: str = "original") -> str:

@@ -195,6 +195,18 @@ def test_nft_normguard_on_flux(dirs, tmp_path, monkeypatch):
     assert {"transformer_blocks_0/attn/add_q_proj", "transformer_blocks_0/ff_context/net_2",
             "single_transformer_blocks_1/attn/to_q"} <= adapted  # FLUX_LORA_TARGETS
     assert not any("proj_mlp" in p or "single_transformer_blocks_0/proj_out" in p for p in adapted)
+    # the evaluate job scores the trained policy (LoRA merged on the base) as the run's final evaluation did
+    from ng_jax.eval import evaluate
+    from ng_jax.eval.grid import load_config_file
+
+    ev = load_config_file("eval_reference.py")
+    ev.model, ev.rewards, ev.eval, ev.mesh, ev.policy = config.model, config.rewards, config.eval, config.mesh, str(tmp_path)
+    assert evaluate.run(ev, str(tmp_path / "evaluate")) == 0
+    got = json.load(open(tmp_path / "evaluate" / "eval.json"))
+    want = json.load(open(tmp_path / "summary.json"))["eval"]
+    assert got["norm_ratio"] != 1.0
+    for key in ("reward", "norm_ratio"):
+        assert got[key] == pytest.approx(want[key], rel=1e-3), key
 
 
 @pytest.mark.needs_torch

@@ -563,3 +563,20 @@ def test_prompt_metadata_from_a_jsonl_file_reaches_the_rewards(files, tmp_path):
         config.eval.quality = False
         assert loop.run(config, str(tmp_path / "run")) == 0
     assert len(seen) >= 16 and all(m == {"tag": f"t{PROMPTS.index(p)}", "n": PROMPTS.index(p)} for p, m in seen)
+
+
+def test_evaluate_job_scores_a_trained_policy_against_its_reference(files, baseline, tmp_path):
+    """--config.policy=WORKDIR: the evaluate job scores the run's final policy with the run's evaluation settings
+    and gets the run's own final evaluation (same prompts, noise, reward and norm ratio)."""
+    c = _eval_job_config(files)
+    run = _config(files, epochs=EPOCHS)
+    c.eval, c.rewards, c.policy = run.eval, run.rewards, baseline
+    assert evaluate.run(c, str(tmp_path)) == 0
+    got = json.load(open(tmp_path / "eval.json"))
+    want = json.load(open(os.path.join(baseline, "summary.json")))["eval"]
+    assert got["norm_ratio"] != 1.0
+    for key in ("reward", "norm_ratio", "fd", "kid"):
+        assert got[key] == pytest.approx(want[key], rel=2e-3), key
+    c.policy = str(tmp_path / "nowhere")
+    with pytest.raises(Exception, match="nowhere"):
+        evaluate.run(c, str(tmp_path / "x"))
