@@ -122,11 +122,14 @@ def _start_wandb(workdir: str, get, run_config, name: str):
 
 def norm_ratio_figure(result: Mapping, title: str = "") -> np.ndarray:
     """uint8 [H, W, 3]: an evaluation's norm ratio against sigma, CFG-free and for each of its variants."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # A Figure on its own Agg canvas, not pyplot: a training loop inside a notebook must not switch the
+    # notebook's matplotlib backend (pyplot's global state) and hide its plots.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    fig, ax = plt.subplots(figsize=(4.2, 3.0), dpi=80)
+    fig = Figure(figsize=(4.2, 3.0), dpi=80)
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
     curves = {"": result, **{k: v for k, v in (result.get("variants") or {}).items()}}
     for name, r in curves.items():
         by = np.asarray(r.get("norm_ratio_by_sigma") or [], np.float64)
@@ -140,9 +143,7 @@ def norm_ratio_figure(result: Mapping, title: str = "") -> np.ndarray:
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.canvas.draw()
-    image = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
-    plt.close(fig)
-    return image
+    return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
 
 
 def read_metrics(path: str) -> list[dict]:

@@ -16,6 +16,7 @@ import re
 import sys
 
 from ng_jax.config.checks import check_config
+from ng_jax.config.methods import CONFIG_DIR
 from ng_jax.errors import UserError
 
 
@@ -31,6 +32,21 @@ JOBS = {
 }
 
 
+def resolve_config(arg: str) -> str:
+    """`--config=PATH[:ARG]` with PATH made absolute when it is not a file here but a shipped config is:
+    `configs/awm.py`, `awm.py` or `awm` (and `experiments/...`) name ng_jax/configs/ of the installed package."""
+    m = re.match(r"--config=([^:]+)(.*)$", arg)
+    if not m or os.path.isfile(m.group(1)):
+        return arg
+    name = m.group(1)
+    name = name[len("configs/"):] if name.startswith("configs/") else name
+    for candidate in (name, name + ".py"):
+        path = os.path.join(CONFIG_DIR, candidate)
+        if os.path.isfile(path):
+            return f"--config={path}{m.group(2)}"
+    return arg
+
+
 def parse_args(argv: list[str], check: bool = True):
     """Parse flags into (config, workdir, distributed). Raises UsageError with a one-line message.
     check=False skips the checks of paths the job would read (ng_jax.plan needs no weights)."""
@@ -44,10 +60,11 @@ def parse_args(argv: list[str], check: bool = True):
     flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() first (multi-host).",
                       flag_values=fv)
 
+    argv = [argv[0]] + [resolve_config(a) for a in argv[1:]]
     for arg in argv[1:]:
         m = re.match(r"--config=([^:]+)", arg)
         if m and not os.path.isfile(m.group(1)):
-            raise UsageError(f"config file not found: {m.group(1)}")
+            raise UsageError(f"config file not found: {m.group(1)} (nor among the shipped configs in {CONFIG_DIR})")
     if not any(a.startswith("--config=") for a in argv[1:]):
         raise UsageError("missing --config=configs/NAME.py")
     try:

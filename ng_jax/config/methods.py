@@ -18,7 +18,9 @@ from ng_jax import flow
 from ng_jax.config import blocks
 from ng_jax.models.nets.flux import FLUX_LORA_TARGETS
 
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs")
+# The job configs ship inside the package (ng_jax/configs; the repository's configs/ links to it), so an
+# installed ng_jax finds them too (`ng-jax --config=awm_normguard.py` resolves there; main.resolve_config).
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 DEFAULT_DATA_DIR = blocks.DEFAULT_DATA_DIR
 
 

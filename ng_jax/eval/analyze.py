@@ -30,6 +30,7 @@ import numpy as np
 from ng_jax import logs, sharding
 from ng_jax import main as entry
 from ng_jax.config.checks import ConfigError
+from ng_jax.config.methods import CONFIG_DIR
 from ng_jax.data.render import world_stack
 from ng_jax.eval.analysis import plots
 from ng_jax.eval.analysis.adjoint import reward_jacobian, summarize, verifier_reward_fn
@@ -46,7 +47,7 @@ from ng_jax.rl.prompts import eval_prompts
 from ng_jax.sampling import make_sampler
 
 ANALYSES = ("norms", "renorm", "few_step", "adjoint", "matched", "judge")
-DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs", "analyze.py")
+DEFAULT_CONFIG = os.path.join(CONFIG_DIR, "analyze.py")
 
 
 class Context:

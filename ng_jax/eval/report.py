@@ -212,17 +212,24 @@ def _digits(name: str) -> int:
 # ------------------------------------------------------------------------------------------- plots
 
 
+def _figure(figsize, nrows: int, ncols: int, **kw):
+    """(Figure, axes [nrows][ncols]) on an Agg canvas of its own: pyplot's global backend is left alone, so
+    a report written from a notebook does not hide the notebook's plots."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=figsize)
+    FigureCanvasAgg(fig)
+    return fig, fig.subplots(nrows, ncols, squeeze=False, **kw)
+
+
 def plot_norms(grouped: dict, reward: str, base_arm: str, ng_arm: str, path: str) -> bool:
     """Norm ratio against sigma (final evaluation, CFG-free and CFG 4.5), mean and 95% t band over seeds,
     base vs NormGuard, one panel per method and guidance."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     methods = sorted(m for r, m in grouped if r == reward)
     if not methods:
         return False
-    fig, axes = plt.subplots(2, len(methods), figsize=(4 * len(methods), 6.4), squeeze=False, sharey="row")
+    fig, axes = _figure((4 * len(methods), 6.4), 2, len(methods), sharey="row")
     for j, m in enumerate(methods):
         for i, var in enumerate(("", "guided")):
             ax = axes[i][j]
@@ -245,20 +252,15 @@ def plot_norms(grouped: dict, reward: str, base_arm: str, ng_arm: str, path: str
             ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
-    plt.close(fig)
     return True
 
 
 def plot_trajectories(grouped: dict, reward: str, base_arm: str, ng_arm: str, path: str) -> bool:
     """Evaluation reward and KID against epoch, mean and 95% t band over seeds, per method."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     methods = sorted(m for r, m in grouped if r == reward)
     if not methods:
         return False
-    fig, axes = plt.subplots(2, len(methods), figsize=(4 * len(methods), 6.4), squeeze=False)
+    fig, axes = _figure((4 * len(methods), 6.4), 2, len(methods))
     for j, m in enumerate(methods):
         for i, key in enumerate(("reward", "kid")):
             ax = axes[i][j]
@@ -280,21 +282,16 @@ def plot_trajectories(grouped: dict, reward: str, base_arm: str, ng_arm: str, pa
             ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
-    plt.close(fig)
     return True
 
 
 def plot_few_step(grouped: dict, reward: str, base_arm: str, ng_arm: str, path: str) -> bool:
     """KID at 4, 6 and 20 sampling steps (final evaluation), mean and 95% t interval over seeds."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     methods = sorted(m for r, m in grouped if r == reward)
     steps = (("kid_steps4", 4), ("kid_steps6", 6), ("kid", 20))
     if not methods:
         return False
-    fig, axes = plt.subplots(1, len(methods), figsize=(4 * len(methods), 3.4), squeeze=False)
+    fig, axes = _figure((4 * len(methods), 3.4), 1, len(methods))
     for j, m in enumerate(methods):
         ax = axes[0][j]
         for arm, colour in ((base_arm, "tab:red"), (ng_arm, "tab:blue")):
@@ -313,22 +310,17 @@ def plot_few_step(grouped: dict, reward: str, base_arm: str, ng_arm: str, path: 
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
-    plt.close(fig)
     return True
 
 
 def plot_frontier(grouped: dict, reward: str, base_arm: str, path: str) -> bool:
     """Final KID against reward gain, one point per arm (mean over seeds, 95% t bars when there are several),
     the arms of one family joined in name order: NormGuard ("lam...") against the KL control ("kl...")."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     methods = sorted(m for r, m in grouped if r == reward)
     families = (("lam", "NormGuard (lambda)", "tab:blue"), ("kl", "KL to the reference (weight)", "tab:green"))
     if not methods or not any(a.startswith(f) for r, m in grouped for a in grouped[(r, m)] for f, _, _ in families):
         return False
-    fig, axes = plt.subplots(1, len(methods), figsize=(4.6 * len(methods), 4), squeeze=False)
+    fig, axes = _figure((4.6 * len(methods), 4), 1, len(methods))
     for j, m in enumerate(methods):
         ax, by_arm = axes[0][j], grouped[(reward, m)]
         for prefix, label, colour in ((base_arm, "base", "tab:red"),) + families:
@@ -354,7 +346,6 @@ def plot_frontier(grouped: dict, reward: str, base_arm: str, path: str) -> bool:
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
-    plt.close(fig)
     return True
 
 
