@@ -80,10 +80,10 @@ def preprocess_images(images: np.ndarray, size: int, mean=CLIP_MEAN, std=CLIP_ST
 # ------------------------------------------------------------------------------------ numpy forward
 
 
-def _layer_norm(x, w, b, eps):
+def _layer_norm(x, w, b, eps, xp=np):
     mu = x.mean(-1, keepdims=True)
-    var = np.square(x - mu).mean(-1, keepdims=True)
-    return (x - mu) / np.sqrt(var + eps) * w + b
+    var = xp.square(x - mu).mean(-1, keepdims=True)
+    return (x - mu) / xp.sqrt(var + eps) * w + b
 
 
 def _linear(x, kernel, bias):
@@ -91,9 +91,12 @@ def _linear(x, kernel, bias):
     return (x.reshape(-1, x.shape[-1]) @ kernel).reshape(*x.shape[:-1], kernel.shape[1]) + bias
 
 
-def _activation(name: str):
-    from scipy.special import erf, expit
-
+def _activation(name: str, xp=np):
+    if xp is np:
+        from scipy.special import erf, expit
+    else:  # jax.numpy: the same functions, traceable
+        from jax.nn import sigmoid as expit
+        from jax.scipy.special import erf
     if name == "quick_gelu":
         return lambda x: x * expit(np.float32(1.702) * x)
     if name == "gelu":
@@ -101,23 +104,23 @@ def _activation(name: str):
     raise ClipWeightsError(f"CLIP hidden_act {name!r} is not supported by the numpy forward (quick_gelu, gelu)")
 
 
-def _encoder(x, w, tower: str, c, causal: bool):
-    """transformers CLIPEncoder (pre-LN blocks) in numpy; w holds Linear weights as [in, out]."""
+def _encoder(x, w, tower: str, c, causal: bool, xp=np):
+    """transformers CLIPEncoder (pre-LN blocks) in numpy (or jax.numpy); w holds Linear weights as [in, out]."""
     b, n, d = x.shape
-    heads, act = c.num_attention_heads, _activation(c.hidden_act)
+    heads, act = c.num_attention_heads, _activation(c.hidden_act, xp)
     dh = d // heads
-    mask = np.triu(np.full((n, n), -np.inf, np.float32), 1) if causal else 0.0
+    mask = np.triu(np.full((n, n), -np.inf, np.float32), 1) if causal else np.float32(0.0)
     for i in range(c.num_hidden_layers):
         p = f"{tower}.encoder.layers.{i}."
         lin = lambda h, name: _linear(h, w[f"{p}{name}.weight"], w[f"{p}{name}.bias"])  # noqa: E731
-        h = _layer_norm(x, w[p + "layer_norm1.weight"], w[p + "layer_norm1.bias"], c.layer_norm_eps)
+        h = _layer_norm(x, w[p + "layer_norm1.weight"], w[p + "layer_norm1.bias"], c.layer_norm_eps, xp)
         q, k, v = (lin(h, f"self_attn.{m}").reshape(b, n, heads, dh).transpose(0, 2, 1, 3)
                    for m in ("q_proj", "k_proj", "v_proj"))
         s = (q * np.float32(dh ** -0.5)) @ k.transpose(0, 1, 3, 2) + mask
-        s = np.exp(s - s.max(-1, keepdims=True))
+        s = xp.exp(s - s.max(-1, keepdims=True))
         o = ((s / s.sum(-1, keepdims=True)) @ v).transpose(0, 2, 1, 3).reshape(b, n, d)
         x = x + lin(o, "self_attn.out_proj")
-        h = _layer_norm(x, w[p + "layer_norm2.weight"], w[p + "layer_norm2.bias"], c.layer_norm_eps)
+        h = _layer_norm(x, w[p + "layer_norm2.weight"], w[p + "layer_norm2.bias"], c.layer_norm_eps, xp)
         x = x + lin(act(lin(h, "mlp.fc1")), "mlp.fc2")
     return x
 
@@ -135,18 +138,21 @@ def numpy_weights(tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     return out
 
 
-def numpy_image_embeds(w, config, pixels: np.ndarray) -> np.ndarray:
-    """CLIPModel.get_image_features in numpy: pixels float32 [B, S, S, 3] -> [B, projection_dim]."""
+def numpy_image_embeds(w, config, pixels, xp=np):
+    """CLIPModel.get_image_features in numpy (`xp=jax.numpy`: traceable, for the device placement): pixels
+    float32 [B, S, S, 3] -> [B, projection_dim]."""
     c = config.vision_config
     b, s, p = pixels.shape[0], c.image_size, c.patch_size
     g = s // p
     patches = pixels.reshape(b, g, p, g, p, 3).transpose(0, 1, 3, 5, 2, 4).reshape(b * g * g, 3 * p * p)
     x = (patches @ w["vision_model.embeddings.patch_embedding.weight"]).reshape(b, g * g, c.hidden_size)
-    cls = np.broadcast_to(w["vision_model.embeddings.class_embedding"], (b, 1, c.hidden_size))
-    x = np.concatenate([cls, x], axis=1) + w["vision_model.embeddings.position_embedding.weight"]
-    x = _layer_norm(x, w["vision_model.pre_layrnorm.weight"], w["vision_model.pre_layrnorm.bias"], c.layer_norm_eps)
-    x = _encoder(x, w, "vision_model", c, causal=False)[:, 0]
-    x = _layer_norm(x, w["vision_model.post_layernorm.weight"], w["vision_model.post_layernorm.bias"], c.layer_norm_eps)
+    cls = xp.broadcast_to(w["vision_model.embeddings.class_embedding"], (b, 1, c.hidden_size))
+    x = xp.concatenate([cls, x], axis=1) + w["vision_model.embeddings.position_embedding.weight"]
+    x = _layer_norm(x, w["vision_model.pre_layrnorm.weight"], w["vision_model.pre_layrnorm.bias"], c.layer_norm_eps,
+                    xp)
+    x = _encoder(x, w, "vision_model", c, causal=False, xp=xp)[:, 0]
+    x = _layer_norm(x, w["vision_model.post_layernorm.weight"], w["vision_model.post_layernorm.bias"],
+                    c.layer_norm_eps, xp)
     return x @ w["visual_projection.weight"]
 
 
@@ -161,6 +167,20 @@ def numpy_text_embeds(w, config, ids: np.ndarray) -> np.ndarray:
     # transformers: eos_token_id == 2 is the legacy config (pool at the highest id, the EOS of CLIP's vocabulary)
     eos = ids.argmax(-1) if c.eos_token_id == 2 else (ids == c.eos_token_id).argmax(-1)
     return x[np.arange(ids.shape[0]), eos] @ w["text_projection.weight"]
+
+
+def device_pixels(images, size: int, mean=CLIP_MEAN, std=CLIP_STD):
+    """Traceable CLIP preprocessing of float images in [-1, 1] [B, H, W, 3] already at the model's size
+    (the toy world's and any run whose decoder output matches the CLIP input): quantised to the uint8
+    levels the host path sees (`sampling.to_uint8`), then /255 and CLIP mean/std. Other sizes need the
+    host path's PIL resize, which this does not reproduce (a ValueError)."""
+    import jax.numpy as jnp
+
+    if images.shape[1:3] != (size, size):
+        raise ValueError(f"device CLIP preprocessing needs {size}x{size} images, got {tuple(images.shape[1:3])}; "
+                         "place this reward on the host (its PIL resize)")
+    levels = jnp.clip(jnp.round((images.astype(jnp.float32) + 1.0) * 127.5), 0.0, 255.0)
+    return (levels / 255.0 - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
 
 
 # ------------------------------------------------------------------------------------------ rewards
@@ -188,7 +208,7 @@ class ClipSimilarityReward:
             raise ValueError(f"backend must be 'auto', 'torch' or 'numpy', got {backend!r}")
         self.name = name or self.name
         self.backend, self.batch_size, self.crop_rounding = backend, int(batch_size), crop_rounding
-        self.config = read_clip_config(weights_dir)
+        self.config, self._weights_dir = read_clip_config(weights_dir), weights_dir
         check_clip_tensors(clip_tensor_shapes(weights_dir), self.config, weights_dir)
         self.logit_scale = float(np.exp(read_clip_tensors(weights_dir, ["logit_scale"])["logit_scale"]))
         self.scale = self.logit_scale if scale == "logit_scale" else float(scale)
@@ -265,6 +285,24 @@ class ClipSimilarityReward:
                     self._text_cache.clear()  # bounded memory; RL prompt sets are usually far smaller
                 self._text_cache.update((p, feats[p]) for p in todo)
         return np.stack([feats[p] for p in prompts])
+
+    def device_fn(self):
+        """`(images float [B, S, S, 3] in [-1, 1], text features [B, D]) -> rewards [B]`, a jittable JAX
+        function of the image tower (weights captured as constants of the jit), for rewards computed on the
+        devices: equal to this reward's host path on the same images (see `device_pixels`); the text
+        features come from `text_features` on the host."""
+        import jax.numpy as jnp
+
+        if not hasattr(self, "_w"):
+            self._w = numpy_weights(read_clip_tensors(self._weights_dir))
+        w = {k: jnp.asarray(v) for k, v in self._w.items() if k.startswith(("vision_model.", "visual_projection."))}
+        config, size, mean, std, scale = self.config, self.image_size, self.mean, self.std, self.scale
+
+        def rewards(images, text_feats):
+            f = numpy_image_embeds(w, config, device_pixels(images, size, mean, std), xp=jnp)
+            f = f / jnp.linalg.norm(f, axis=-1, keepdims=True)
+            return scale * jnp.sum(f * text_feats, axis=-1)
+        return rewards
 
     def __call__(self, images: np.ndarray, prompts: Sequence[str]) -> np.ndarray:
         if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:

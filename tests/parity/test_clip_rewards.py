@@ -359,3 +359,25 @@ def test_clip_rewards_by_name_from_the_rl_config(tiny, images):
     prompts = ["a red circle"] * len(images)
     total, parts = weighted.score_host(images, prompts)
     np.testing.assert_allclose(total, ClipScore(cfg.clip_score_dir, backend="numpy")(images, prompts), rtol=1e-6)
+
+
+@pytest.mark.needs_torch
+@pytest.mark.parametrize("act, cls", [("quick", "ClipScore"), ("gelu", "PickScore")])
+def test_the_device_path_equals_the_host_path(tiny, act, cls):
+    """`device_fn`: the image tower jitted on the devices, on float samples in [-1, 1], scores as the host path
+    scores the same samples after their conversion to uint8 (to 1e-4); sizes other than the model's are
+    refused (the host path's PIL resize is not reproduced)."""
+    import jax
+    import jax.numpy as jnp
+
+    from ng_jax.rewards import clip
+    from ng_jax.sampling import to_uint8
+
+    reward = getattr(clip, cls)(tiny[act], backend="numpy")
+    x = jax.random.uniform(jax.random.key(0), (4, IMAGE, IMAGE, 3), minval=-1.1, maxval=1.1)
+    host = reward(np.asarray(to_uint8(x)), PROMPTS)
+    device = jax.jit(reward.device_fn())(x, jnp.asarray(reward.text_features(PROMPTS)))
+    np.testing.assert_allclose(np.asarray(device), host, rtol=1e-4, atol=1e-4 * reward.scale)
+    assert np.ptp(host) > 1e-3 * reward.scale  # distinct images and prompts, distinct scores
+    with pytest.raises(ValueError, match="place this reward on the host"):
+        reward.device_fn()(jnp.zeros((1, IMAGE + 8, IMAGE + 8, 3)), jnp.zeros((1, 8)))
