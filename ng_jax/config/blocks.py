@@ -183,6 +183,10 @@ def rewards_config(weights: dict) -> mlc.ConfigDict:
     c.hpsv2_dir = ""              # `python -m ng_jax.rewards.open_clip_convert HPS_v2_compressed.pt --out DIR` output
     c.clip_backend = "auto"       # "torch" (if installed) or "numpy" (never JAX: host callbacks)
     c.clip_device = "cpu"         # torch device for the CLIP rewards
+    # name -> "host" (default: a host callback) or "device": the CLIP-family rewards (clip_score, pickscore,
+    # hpsv2) jitted on the mesh inside the rollout, batch-sharded, equal to the host path (images at the
+    # CLIP model's input size; evaluations always score on the host)
+    c.placement = mlc.ConfigDict()
     return c
 
 

@@ -130,6 +130,7 @@ class WeightedRewards:
         # prompt -> metadata (e.g. GenEval's tag / include / exclude) from a JSONL prompt file; rewards whose
         # `uses_metadata` is true are called with `metadata=[one dict or None per image]`
         self.metadata: dict[str, dict] = {}
+        self.on_device: dict[str, Callable] = {}  # name -> device_fn of the rewards placed on the devices
         self._lock = threading.Lock()
         self.last_error: BaseException | None = None
 
@@ -204,12 +205,35 @@ class WeightedRewards:
                 errors[name] = err
         return scores, errors
 
-    def score_host(self, images: np.ndarray, prompts: Sequence[str]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """Scores a host batch: uint8 [B, H, W, 3] images and B prompts -> (total [B], parts by name)."""
+    # -- placement -------------------------------------------------------------------------------
+
+    def place_on_device(self, name: str) -> None:
+        """Score reward `name` on the devices inside the rollout's jit (its `device_fn()`, e.g. the CLIP
+        rewards) instead of in the host callback; its text features come from `device_inputs`."""
+        reward = self.rewards.get(name)
+        if reward is None or not callable(getattr(reward, "device_fn", None)):
+            raise ValueError(f"reward {name!r} cannot run on the devices (only rewards with a device_fn: clip_score, "
+                             "pickscore, hpsv2); place it on the host")
+        self.on_device[name] = reward.device_fn()
+
+    @property
+    def host_names(self) -> tuple[str, ...]:
+        return tuple(n for n in self.names if n not in self.on_device)
+
+    def device_inputs(self, prompts: Sequence[str]) -> dict:
+        """name -> text features [len(prompts), D] of each device-placed reward (host-computed, cached per prompt)."""
+        return {name: np.asarray(self.rewards[name].text_features([str(p) for p in prompts]), np.float32)
+                for name in self.on_device}
+
+    def score_host(self, images: np.ndarray, prompts: Sequence[str], names: Sequence[str] | None = None
+                   ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """Scores a host batch: uint8 [B, H, W, 3] images and B prompts -> (total [B], parts by name), over
+        every reward (`names`: these only)."""
         _check_host_batch(images, prompts)
         prompts = [str(p) for p in prompts]
         parts: dict[str, np.ndarray] = {}
-        pending = list(self.names)
+        names = tuple(self.names if names is None else names)
+        pending = list(names)
         errors: dict = {}
         for _ in range(self.retries + 1):
             scores, errors = self._attempt(pending, images, prompts)
@@ -224,16 +248,20 @@ class WeightedRewards:
                 err.__cause__ = errors[pending[0]].__cause__
             raise self._record(err)
         total = np.zeros((images.shape[0],), np.float32)
-        for name in self.names:
+        for name in names:
             total += np.float32(self.weights[name]) * parts[name]
-        return total, {name: parts[name] for name in self.names}
+        return total, {name: parts[name] for name in names}
 
     __call__ = score_host
 
-    def score_stacked(self, images: np.ndarray, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    def score_stacked(self, images: np.ndarray, prompts: Sequence[str], names: Sequence[str] | None = None
+                      ) -> tuple[np.ndarray, np.ndarray]:
         """`score_host` with the parts stacked as float32 [B, len(names)] (columns in `names` order)."""
-        total, parts = self.score_host(images, prompts)
-        return total, np.stack([parts[name] for name in self.names], axis=1).astype(np.float32)
+        names = tuple(self.names if names is None else names)
+        total, parts = self.score_host(images, prompts, names)
+        if not names:
+            return total, np.zeros((images.shape[0], 0), np.float32)
+        return total, np.stack([parts[name] for name in names], axis=1).astype(np.float32)
 
 
 class PromptTable(list):
@@ -316,13 +344,14 @@ def make_reward_fn(weighted: WeightedRewards, prompt_table: Sequence[str], mesh:
     directly with `device_get` can abort the process at exit on the CPU backend), check
     `weighted.last_error` when that raises, and call `reset_callback_tokens(mesh)`.
     """
-    n_rewards = len(weighted.names)
+    host_names = weighted.host_names
+    n_rewards = len(host_names)
 
     def host_score(images_u8, prompt_ids):
         images_u8 = np.asarray(images_u8)
         try:
             prompts = lookup_prompts(prompt_table, prompt_ids)
-            return weighted.score_stacked(images_u8, prompts)
+            return weighted.score_stacked(images_u8, prompts, host_names)
         except BaseException as err:  # noqa: BLE001 - recorded for the caller, then re-raised
             weighted._record(err)
             raise
@@ -335,7 +364,7 @@ def make_reward_fn(weighted: WeightedRewards, prompt_table: Sequence[str], mesh:
     sharded = jax.shard_map(local_score, mesh=mesh, in_specs=(batch_spec, batch_spec),
                             out_specs=(batch_spec, batch_spec), check_vma=False)
 
-    def score_on_device(images, prompt_ids):
+    def score_on_device(images, prompt_ids, device_inputs=None):
         if images.ndim != 4 or images.shape[-1] != 3:
             raise ValueError(f"reward images must have shape [B, H, W, 3], got {images.shape}")
         if prompt_ids.shape != images.shape[:1]:
@@ -343,17 +372,33 @@ def make_reward_fn(weighted: WeightedRewards, prompt_table: Sequence[str], mesh:
                              "per image")
         if not jnp.issubdtype(prompt_ids.dtype, jnp.integer):
             raise ValueError(f"prompt_ids must be integers, got dtype {prompt_ids.dtype}")
-        return sharded(images_to_uint8(images), prompt_ids)
+        if not weighted.on_device:
+            return sharded(images_to_uint8(images), prompt_ids)
+        if n_rewards:
+            total, host_parts = sharded(images_to_uint8(images), prompt_ids)
+        else:  # every reward on the devices: no host callback at all
+            total, host_parts = jnp.zeros(images.shape[:1], jnp.float32), None
+        columns = {}
+        for name, fn in weighted.on_device.items():  # batch-parallel on the mesh, like the images
+            columns[name] = fn(images, jnp.asarray(device_inputs[name])[prompt_ids]).astype(jnp.float32)
+            total = total + jnp.float32(weighted.weights[name]) * columns[name]
+        for i, name in enumerate(host_names):
+            columns[name] = host_parts[:, i]
+        return total, jnp.stack([columns[name] for name in weighted.names], axis=1)
 
     jitted = jax.jit(score_on_device)
 
-    def reward_fn(images, prompt_ids):
+    def reward_fn(images, prompt_ids, device_inputs=None):
+        """`device_inputs`: `weighted.device_inputs(prompt_table)` when rewards are placed on the devices."""
         images, prompt_ids = jnp.asarray(images), jnp.asarray(prompt_ids)
+        if weighted.on_device and device_inputs is None:
+            raise ValueError(f"rewards {sorted(weighted.on_device)} run on the devices: pass device_inputs "
+                             "(weighted.device_inputs(prompt_table))")
         if isinstance(images, jax.core.Tracer) or isinstance(prompt_ids, jax.core.Tracer):
-            return score_on_device(images, prompt_ids)
+            return score_on_device(images, prompt_ids, device_inputs)
         weighted.clear_error()
         try:
-            return jax.block_until_ready(jitted(images, prompt_ids))
+            return jax.block_until_ready(jitted(images, prompt_ids, device_inputs))
         except Exception as err:
             reset_callback_tokens(mesh)
             stored = weighted.last_error

@@ -96,10 +96,22 @@ def make_reward(name: str, cfg=None):
 
 
 def build_rewards(rewards_cfg) -> WeightedRewards:
-    """WeightedRewards from `rewards.weights` (name -> weight), `timeout_s`, `retries`."""
+    """WeightedRewards from `rewards.weights` (name -> weight), `timeout_s`, `retries`, and `placement`
+    (name -> "host" | "device": the CLIP-family rewards can run jitted on the devices in the rollout)."""
     weights = {str(k): float(v) for k, v in rewards_cfg.weights.items()}
     if not weights:
         raise ValueError("rewards.weights is empty: configure at least one reward")
     rewards = {name: make_reward(name, rewards_cfg) for name in weights}
-    return WeightedRewards(rewards, weights, timeout_s=rewards_cfg.get("timeout_s") or None,
-                           retries=int(rewards_cfg.get("retries", 0)))
+    weighted = WeightedRewards(rewards, weights, timeout_s=rewards_cfg.get("timeout_s") or None,
+                               retries=int(rewards_cfg.get("retries", 0)))
+    for name, place in (rewards_cfg.get("placement") or {}).items():
+        if place not in ("host", "device"):
+            raise ConfigError(f"rewards.placement.{name}={place!r}: expected 'host' or 'device'")
+        if name not in weights:
+            raise ConfigError(f"rewards.placement.{name}: no such reward in rewards.weights {sorted(weights)}")
+        if place == "device":
+            try:
+                weighted.place_on_device(name)
+            except ValueError as err:
+                raise ConfigError(f"rewards.placement.{name}='device': {err}") from None
+    return weighted

@@ -197,7 +197,8 @@ def run(config, workdir: str) -> int:
                 noise = jax.random.normal(r_noise, (n_samples,) + tuple(stack.model.sample_shape))
                 with reward_failures(weighted, mesh, f"epoch {done}", _last_good(ckpt)):
                     x0, rewards, parts = rollouts(rollout_fn, chunk, batch_sh, state, ref, stack.decoder_params,
-                                                  noise, cond, uncond, prompt_ids, r_sde)
+                                                  noise, cond, uncond, prompt_ids, r_sde,
+                                                  weighted.device_inputs(epoch_prompts))
                     jax.block_until_ready((x0, rewards, parts))  # a failing callback surfaces here
                 rewards, parts = sharding.to_host(rewards), sharding.to_host(parts)
                 t_roll = time.time() - t0

@@ -41,21 +41,24 @@ def make_rollout_fn(config, stack, mesh, rules, state_sh, weighted, prompt_table
                            sde_window=tuple(ro.sde_window))
     reward_fn = make_reward_fn(weighted, prompt_table, mesh, jax.sharding.PartitionSpec(sharding.BATCH_AXES))
 
-    def rollout(trainable, ema, ref_params, decoder_params, noise, cond, uncond, prompt_ids, rng):
+    def rollout(trainable, ema, ref_params, decoder_params, noise, cond, uncond, prompt_ids, rng, device_inputs):
         source = ema if ro.policy == "old" else trainable
         out = sampler(policy_params(source, ref_params), noise, cond, uncond, rng)
-        # Samples -> images on device (toy: the identity; real: VAE decode), then the host rewards.
-        total, parts = reward_fn(stack.decode_fn(decoder_params, out.x0), prompt_ids)
+        # Samples -> images on device (toy: the identity; real: VAE decode), then the rewards: host callbacks,
+        # and the rewards placed on the devices (`rewards.placement`), fed their text features
+        total, parts = reward_fn(stack.decode_fn(decoder_params, out.x0), prompt_ids,
+                                 device_inputs if weighted.on_device else None)
         return out.x0, total, parts
 
     batch_sh, replicated = sharding.batch_sharding(mesh), sharding.replicated(mesh)
     return jax.jit(sharding.with_rules(rollout, mesh, rules),
                    in_shardings=(state_sh.params, state_sh.ema, stack.ref_shardings, stack.decoder_shardings,
-                                 batch_sh, batch_sh, batch_sh, batch_sh, replicated),
+                                 batch_sh, batch_sh, batch_sh, batch_sh, replicated, replicated),
                    out_shardings=(batch_sh, batch_sh, batch_sh))
 
 
-def rollouts(rollout_fn, chunk: int, batch_sh, state, ref, dec_params, noise, cond, uncond, prompt_ids, r_sde):
+def rollouts(rollout_fn, chunk: int, batch_sh, state, ref, dec_params, noise, cond, uncond, prompt_ids, r_sde,
+             device_inputs=None):
     """The epoch's rollouts in calls of `chunk` samples (one call when chunk is the whole epoch, the toy
     configs' setting; the SDE key is then the epoch's, as before chunking existed)."""
     n = noise.shape[0]
@@ -65,7 +68,7 @@ def rollouts(rollout_fn, chunk: int, batch_sh, state, ref, dec_params, noise, co
         key = r_sde if chunk == n else jax.random.fold_in(r_sde, i)
         c = cond if chunk == n else jax.device_put(jax.tree.map(lambda x: x[part], cond), batch_sh)
         outs.append(rollout_fn(state.params, state.ema, ref, dec_params, jax.device_put(noise[part], batch_sh), c,
-                               uncond, jax.device_put(prompt_ids[part], batch_sh), key))
+                               uncond, jax.device_put(prompt_ids[part], batch_sh), key, device_inputs or {}))
     if len(outs) == 1:
         return outs[0]
     return tuple(jnp.concatenate(xs, axis=0) for xs in zip(*outs))

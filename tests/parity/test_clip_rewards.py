@@ -381,3 +381,42 @@ def test_the_device_path_equals_the_host_path(tiny, act, cls):
     assert np.ptp(host) > 1e-3 * reward.scale  # distinct images and prompts, distinct scores
     with pytest.raises(ValueError, match="place this reward on the host"):
         reward.device_fn()(jnp.zeros((1, IMAGE + 8, IMAGE + 8, 3)), jnp.zeros((1, 8)))
+
+
+@pytest.mark.needs_torch
+@pytest.mark.slow
+def test_rewards_placed_on_the_devices_train_as_the_host_path(tiny, tiny_reference, tmp_path, monkeypatch):
+    """rewards.placement.clip_score=device: the CLIP score runs jitted on the 8-device mesh inside the rollout,
+    beside a host-callback reward; the run's per-epoch rewards and parts equal the all-host run's (same seed,
+    so the same prompts, noise and images as long as the rewards agree)."""
+    import ml_collections as mlc
+
+    from ng_jax.logs import read_metrics
+    from ng_jax.rewards.registry import build_rewards
+    from ng_jax.rl import loop
+    from tests.fixtures import tiny_rl_config
+
+    from ng_jax.rewards.clip import ClipSimilarityReward
+
+    scored = []  # images the host path embeds (rollouts and evaluations on the host; evaluations only on device)
+    host_features = ClipSimilarityReward.image_features
+    monkeypatch.setattr(ClipSimilarityReward, "image_features",
+                        lambda self, images: scored.append(len(images)) or host_features(self, images))
+    runs, counts = {}, {}
+    for place in ("host", "device"):
+        scored.clear()
+        c = tiny_rl_config(tiny_reference.bundle, tiny_reference.prompts, epochs=2, quality=False,
+                           rewards={"clip_score": 1.0, "jpeg_compressibility": 0.01})
+        c.rewards.update(clip_score_dir=tiny["quick"], clip_backend="numpy")
+        c.rewards.placement = mlc.ConfigDict({"clip_score": place})
+        assert loop.run(c, str(tmp_path / place)) == 0
+        runs[place] = [m for m in read_metrics(str(tmp_path / place / "metrics.jsonl")) if "train/reward" in m]
+        counts[place] = sum(scored)
+    assert len(runs["device"]) == 2
+    assert counts["host"] - counts["device"] == 2 * 16  # the two epochs' 16 rollouts left the host path
+    for h, d in zip(runs["host"], runs["device"]):
+        for key in ("train/reward", "train/reward/clip_score", "train/reward/jpeg_compressibility", "train/loss"):
+            assert d[key] == pytest.approx(h[key], rel=1e-4, abs=1e-5), key
+    c.rewards.placement = mlc.ConfigDict({"jpeg_compressibility": "device"})
+    with pytest.raises(Exception, match="cannot run on the devices"):
+        build_rewards(c.rewards)
