@@ -131,6 +131,7 @@ class WeightedRewards:
         # `uses_metadata` is true are called with `metadata=[one dict or None per image]`
         self.metadata: dict[str, dict] = {}
         self.on_device: dict[str, Callable] = {}  # name -> device_fn of the rewards placed on the devices
+        self._timing = (0.0, float("inf"), float("-inf"))  # host-callback seconds: busy sum, first start, last end
         self._lock = threading.Lock()
         self.last_error: BaseException | None = None
 
@@ -216,6 +217,14 @@ class WeightedRewards:
                              "pickscore, hpsv2); place it on the host")
         self.on_device[name] = reward.device_fn()
 
+    def take_timing(self) -> tuple[float, float]:
+        """(seconds spent in host-callback scoring summed over callbacks, seconds from the first callback's start
+        to the last one's end) since the last call; resets both."""
+        with self._lock:
+            busy, first, last = self._timing
+            self._timing = (0.0, float("inf"), float("-inf"))
+        return busy, max(0.0, last - first) if last >= first else 0.0
+
     @property
     def host_names(self) -> tuple[str, ...]:
         return tuple(n for n in self.names if n not in self.on_device)
@@ -258,7 +267,14 @@ class WeightedRewards:
                       ) -> tuple[np.ndarray, np.ndarray]:
         """`score_host` with the parts stacked as float32 [B, len(names)] (columns in `names` order)."""
         names = tuple(self.names if names is None else names)
-        total, parts = self.score_host(images, prompts, names)
+        start = time.perf_counter()
+        try:
+            total, parts = self.score_host(images, prompts, names)
+        finally:
+            end = time.perf_counter()
+            with self._lock:  # callbacks of several devices run in parallel threads
+                busy, first, last = self._timing
+                self._timing = (busy + end - start, min(first, start), max(last, end))
         if not names:
             return total, np.zeros((images.shape[0], 0), np.float32)
         return total, np.stack([parts[name] for name in names], axis=1).astype(np.float32)

@@ -168,6 +168,7 @@ def run(config, workdir: str) -> int:
     say = bar.write if is_main else (lambda *_: None)  # one copy of each report line, from process 0
 
     def evaluate(params, tag: str, step: int, cache: str | None = None) -> dict:
+        t_eval = time.time()
         result = read_cached_evaluation(cache)
         cached = result is not None
         if not cached:
@@ -175,7 +176,7 @@ def run(config, workdir: str) -> int:
                 result = evaluator(params, tag=tag, step=step, final=step in (0, epochs))
             if is_main:
                 write_cached_evaluation(cache, result)
-        writer.write(step, logs.scalars(result), prefix="eval/")
+        writer.write(step, {**logs.scalars(result), "eval_s": time.time() - t_eval}, prefix="eval/")
         if not cached and writer.wants_images:
             _log_eval_images(writer, workdir, tag, step, result)
         say(logs.eval_line(f"epoch {step}" if step else tag, result) + (f" (cached: {cache})" if cached else ""))
@@ -195,13 +196,15 @@ def run(config, workdir: str) -> int:
                 prompt_ids = np.repeat(np.arange(len(epoch_prompts), dtype=np.int32), k)
                 r_noise, r_sde = jax.random.split(jax.random.fold_in(jax.random.key(config.seed + 7), epoch))
                 noise = jax.random.normal(r_noise, (n_samples,) + tuple(stack.model.sample_shape))
+                weighted.take_timing()
                 with reward_failures(weighted, mesh, f"epoch {done}", _last_good(ckpt)):
                     x0, rewards, parts = rollouts(rollout_fn, chunk, batch_sh, state, ref, stack.decoder_params,
                                                   noise, cond, uncond, prompt_ids, r_sde,
                                                   weighted.device_inputs(epoch_prompts))
                     jax.block_until_ready((x0, rewards, parts))  # a failing callback surfaces here
                 rewards, parts = sharding.to_host(rewards), sharding.to_host(parts)
-                t_roll = time.time() - t0
+                t_roll, (reward_busy, reward_span) = time.time() - t0, weighted.take_timing()
+                t_train = time.time()
                 # --- advantages -> optimizer steps -> old/EMA update
                 advantages = np.asarray(adv_fn(jnp.asarray(rewards), jnp.asarray(prompt_ids)))
                 metrics = logs.StepMetrics(bucket_centres())
@@ -221,6 +224,7 @@ def run(config, workdir: str) -> int:
                 record = metrics.record()
                 record.update(reward=float(rewards.mean()), reward_std=float(rewards.std()), epoch=done,
                               rollout_s=t_roll, epoch_s=time.time() - t0, optimizer_steps=int(state.step),
+                              train_s=time.time() - t_train, reward_host_s=reward_busy, reward_host_span_s=reward_span,
                               epoch_optimizer_steps=metrics.steps)
                 record.update({f"reward/{name}": float(parts[:, i].mean()) for i, name in enumerate(weighted.names)})
                 writer.write(done, record, prefix="train/")

@@ -44,7 +44,8 @@ from tests.fixtures import REPO, tiny_rl_config
 
 pytestmark = pytest.mark.slow
 EPOCHS = 8
-TIMING_KEYS = ("time", "train/rollout_s", "train/epoch_s")
+TIMING_KEYS = ("time", "train/rollout_s", "train/epoch_s", "train/train_s", "train/reward_host_s", "train/reward_host_span_s",
+               "eval/eval_s")
 
 
 # ------------------------------------------------------------------ test rewards

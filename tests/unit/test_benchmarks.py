@@ -134,3 +134,21 @@ def test_tiny_run_writes_every_key(tmp_path):
     assert all(r["max_abs_diff"] < 1e-4 for r in res["rollout"].values())
     assert res["scaling"]["rows"] and all(r["step_gflop"] > 0 for r in res["scaling"]["rows"])
     assert len(res["targets"]) == 8
+
+
+@pytest.mark.slow
+@pytest.mark.needs_torch
+def test_epoch_breakdown_smoke(tmp_path, tiny_reference):
+    """benchmarks/epoch.py at tiny size: every part of the breakdown is recorded, and the device-placed CLIP
+    reward leaves nothing for the host callbacks to score."""
+    from benchmarks import epoch
+
+    out = tmp_path / "e.json"
+    res = epoch.run(epochs=2, tiny=True, out=str(out), log=lambda *_: None, reference=tiny_reference.bundle,
+                    prompts=tiny_reference.prompts)
+    assert json.load(open(out)) == json.loads(json.dumps(res))
+    s = res["scenarios"]
+    for name in ("verifier_host", "clip_host", "clip_device"):
+        assert s[name]["epoch_s"] >= s[name]["rollout_s"] > 0 and s[name]["train_s"] > 0 and s[name]["timed_epochs"] == 1
+    assert s["clip_host"]["reward_host_s"] > 0 and s["clip_device"]["reward_host_s"] == 0.0
+    assert "| clip_device |" in epoch.markdown(res) and "cores" in res["device"]

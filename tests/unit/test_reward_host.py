@@ -281,3 +281,29 @@ def test_verifier_reward_in_per_shard_callbacks_does_not_deadlock():
     total, _ = jax.jit(lambda x, i: fn(x, i))(jax.device_put(images, sh), jax.device_put(ids, sh))
     np.testing.assert_allclose(np.asarray(total), verifier(images, [prompts[i] for i in ids]), rtol=1e-6)
     assert np.mean(np.asarray(total)) > 0.9  # renders of the prompts are judged correct
+
+
+def test_take_timing_sums_callbacks_and_measures_their_span():
+    """Host-callback timing: callbacks of two devices in parallel threads are busy twice as long as they span."""
+    import threading as th
+    import time as tm
+
+    from ng_jax.rewards.host import WeightedRewards
+
+    class Sleepy:
+        name = "sleepy"
+
+        def __call__(self, images, prompts):
+            tm.sleep(0.2)
+            return np.zeros(len(prompts), np.float32)
+
+    w = WeightedRewards({"sleepy": Sleepy()}, {"sleepy": 1.0})
+    images = np.zeros((2, 8, 8, 3), np.uint8)
+    threads = [th.Thread(target=w.score_stacked, args=(images, ["a", "b"])) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    busy, span = w.take_timing()
+    assert 0.39 < busy < 0.6 and 0.19 < span < 0.35
+    assert w.take_timing() == (0.0, 0.0)  # reset
