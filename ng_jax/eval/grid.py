@@ -14,6 +14,9 @@
 4. Optionally (`grid.analysis_reward`), the analyses (ng_jax.eval.analyze) on the checkpoints of the seed
    whose base run inflates the norm most under guidance.
 5. The report (`config.results`, its JSON and figures in results/ next to it; ng_jax.eval.report).
+
+`grid.report_only=True` skips 1 and 4: the report of the runs finished so far (the others listed as not
+finished), e.g. while the grid still trains in the background.
 """
 
 from __future__ import annotations
@@ -275,9 +278,14 @@ def run(config, workdir: str) -> int:
     os.makedirs(workdir, exist_ok=True)
     timings = {}
     started_at = report.commit()  # the code this process loaded (later commits to the checkout do not change it)
-    mixed = check_code(workdir, runs, started_at, bool(config.grid.allow_mixed_code))
+    report_only = bool(config.grid.get("report_only", False))
+    if report_only:  # the finished runs as they are, whatever code trained them (the report lists the commits)
+        commits = report.run_commits(workdir, runs)
+        mixed = commits if len(commits) > 1 else None
+    else:
+        mixed = check_code(workdir, runs, started_at, bool(config.grid.allow_mixed_code))
     reference_sha = bundle_fingerprint(config.reference or None)
-    for i, (name, spec) in enumerate(runs.items(), 1):
+    for i, (name, spec) in enumerate(runs.items() if not report_only else (), 1):
         run_dir = os.path.join(workdir, name)
         _check_recorded_config(spec.config, run_dir, reference_sha)
         if os.path.isfile(os.path.join(run_dir, "summary.json")):
@@ -309,7 +317,7 @@ def run(config, workdir: str) -> int:
         floors = measure_floors(first, int(config.grid.floor_draws))
         with open(floors_path, "w") as f:
             json.dump(floors, f, indent=1)
-    if config.grid.get("analysis_reward"):
+    if config.grid.get("analysis_reward") and not report_only:
         _analyses(config, workdir, runs, bool(timings), timings)
     path = report.write_results(config, workdir, runs, timings, total_s=time.time() - t_start, floors=floors,
                                 mixed_code=mixed)

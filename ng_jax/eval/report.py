@@ -417,7 +417,7 @@ def write_results(config, workdir: str, runs: dict, timings: dict, total_s: floa
     fig_dir = os.path.join(os.path.dirname(out_path) or ".", "results")
     os.makedirs(fig_dir, exist_ok=True)
     verdicts = verdict_rows(grouped, base_arm, ng_arm, margins)
-    commits = run_commits(workdir, runs)
+    commits = run_commits(workdir, [n for n in runs if summaries[n] is not None])  # the finished runs
     compute_s = sum(float(s.get("wall_s") or 0.0) for s in summaries.values() if s) + float(timings.get("analysis", 0.0))
     first = next(iter(runs.values())).config
     rewards = [r for r in g.rewards if any(rr == r for rr, _ in grouped)]

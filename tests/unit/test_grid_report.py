@@ -183,3 +183,15 @@ def test_frontier_and_the_kl_control(tmp_path):
     assert "| awm | kl1 | reward gain | 0.500 [0.500, 0.500] | 0.500 [0.500, 0.500] | 0.000 [0.000, 0.000] |" in text
     assert "| awm | lam0p3 | 5 | 0.550 (-0.050) |" in text   # every arm against base
     assert os.path.getsize(tmp_path / "results" / "frontier_preference.png") > 1000
+
+
+def test_report_only_reports_the_finished_runs_without_training(tmp_path, monkeypatch):
+    c, runs = _write(tmp_path, lambda m, a, s: _summary(1.0, 1.05, 0.5, 50.0, 50.0),
+                     commit_of=lambda name: "abc1234")   # trained by other code: reported, not refused
+    missing = "awm_normguard_preference_s104"
+    os.remove(os.path.join(c.workdir, missing, "summary.json"))
+    monkeypatch.setattr(grid.loop, "run", lambda *a: pytest.fail("report_only must not train"))
+    c.grid.report_only, c.grid.floor_draws, c.grid.analysis_reward = True, 0, ""
+    assert grid.run(c, c.workdir) == 0
+    text = open(c.results).read()
+    assert f"| {missing} |  | not finished |" in text and "`abc1234` (9 runs)" in text

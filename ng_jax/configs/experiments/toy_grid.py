@@ -43,6 +43,7 @@ def get_config(arg=None):
     # the preference reward carries the claims; the verifier cells drop to 3 seeds to fit ~6 h on 2 cores
     c.grid.seeds_by_reward = mlc.ConfigDict({"verifier": (100, 101, 102)})
     c.grid.allow_mixed_code = False   # True: report runs trained by different commits (the report says so)
+    c.grid.report_only = False        # True: no training, the report of the runs finished so far
     c.grid.floor_draws = 20           # real-vs-real draws of the KID / FD noise floors (0: not measured)
     c.grid.margins = mlc.ConfigDict({"inflation": 0.03,     # base ratio above 1.03 counts as inflation
                                      "reward_kept": 0.2})   # non-inferiority: lose < 20% of the base gain
