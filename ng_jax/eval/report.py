@@ -223,6 +223,14 @@ def _figure(figsize, nrows: int, ncols: int, **kw):
     return fig, fig.subplots(nrows, ncols, squeeze=False, **kw)
 
 
+def _band(ax, x, ys: np.ndarray, colour: str, label: str, fmt: str = "-", **kw) -> None:
+    """The mean over seeds (rows of `ys`) against `x`, with its 95% t band when there are several seeds."""
+    ivs = [stats.interval(ys[:, k], n_boot=10) for k in range(ys.shape[1])]
+    ax.plot(x, [iv.mean for iv in ivs], fmt, color=colour, label=f"{label} ({len(ys)} seeds)", **kw)
+    if len(ys) > 1:
+        ax.fill_between(x, [iv.t_low for iv in ivs], [iv.t_high for iv in ivs], color=colour, alpha=0.2)
+
+
 def plot_norms(grouped: dict, reward: str, base_arm: str, ng_arm: str, path: str) -> bool:
     """Norm ratio against sigma (final evaluation, CFG-free and CFG 4.5), mean and 95% t band over seeds,
     base vs NormGuard, one panel per method and guidance."""
@@ -238,11 +246,7 @@ def plot_norms(grouped: dict, reward: str, base_arm: str, ng_arm: str, path: str
                           for s in grouped[(reward, m)].get(arm, {}).values() if variant(s["eval"], var)]
                 if not curves:
                     continue
-                sig, ys = curves[0][:, 0], np.stack([c[:, 1] for c in curves])
-                ivs = [stats.interval(ys[:, k], n_boot=10) for k in range(ys.shape[1])]
-                ax.plot(sig, [iv.mean for iv in ivs], color=colour, label=f"{arm} ({len(curves)} seeds)")
-                if len(curves) > 1:
-                    ax.fill_between(sig, [iv.t_low for iv in ivs], [iv.t_high for iv in ivs], color=colour, alpha=0.2)
+                _band(ax, curves[0][:, 0], np.stack([c[:, 1] for c in curves]), colour, arm)
             ax.axhline(1.0, color="grey", lw=0.8)
             ax.set_title(f"{m}, {'CFG 4.5' if var else 'CFG-free'}")
             ax.set_xlabel("sigma")
@@ -273,10 +277,7 @@ def plot_trajectories(grouped: dict, reward: str, base_arm: str, ng_arm: str, pa
                 epochs = [e for e, _ in series[0]]
                 ys = np.asarray([[np.nan if v is None else v for _, v in ser] for ser in series if len(ser) == len(epochs)],
                                 np.float64)
-                ivs = [stats.interval(ys[:, k], n_boot=10) for k in range(ys.shape[1])]
-                ax.plot(epochs, [iv.mean for iv in ivs], "o-", ms=3, color=colour, label=f"{arm} ({len(ys)} seeds)")
-                if len(ys) > 1:
-                    ax.fill_between(epochs, [iv.t_low for iv in ivs], [iv.t_high for iv in ivs], color=colour, alpha=0.2)
+                _band(ax, epochs, ys, colour, arm, "o-", ms=3)
             ax.set_title(f"{m}: evaluation {key}")
             ax.set_xlabel("epoch")
             ax.legend(fontsize=7)
