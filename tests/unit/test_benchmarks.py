@@ -152,3 +152,17 @@ def test_epoch_breakdown_smoke(tmp_path, tiny_reference):
         assert s[name]["epoch_s"] >= s[name]["rollout_s"] > 0 and s[name]["train_s"] > 0 and s[name]["timed_epochs"] == 1
     assert s["clip_host"]["reward_host_s"] > 0 and s["clip_device"]["reward_host_s"] == 0.0
     assert "| clip_device |" in epoch.markdown(res) and "cores" in res["device"]
+
+
+@pytest.mark.slow
+@pytest.mark.needs_torch
+def test_accelerator_script_smoke(tmp_path):
+    """benchmarks/accelerator.py --tiny runs both sides of every row on the CPU (the accelerator run is manual)."""
+    pytest.importorskip("peft")
+    from benchmarks import accelerator
+
+    res = accelerator.run(tiny=True, out=str(tmp_path / "a.json"), log=lambda *_: None)
+    assert set(res["rows"]) == {"train_full", "train_lora", "rollout"}
+    for row in res["rows"].values():
+        assert row["flops"] > 0 and row["ng_jax_xla"]["seconds"] > 0 and row["pytorch_sdpa"]["seconds"] > 0
+    assert res["dims"]["num_layers"] == 2 and json.load(open(tmp_path / "a.json"))["dtype"] == "float32"
