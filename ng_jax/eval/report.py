@@ -432,7 +432,7 @@ def write_results(config, workdir: str, runs: dict, timings: dict, total_s: floa
           ""]
     if mixed_code:
         md += [f"**Warning: these runs come from {len(mixed_code)} different code versions** "
-               "(`grid.allow_mixed_code=True`); their differences may be code, not NormGuard.", ""]
+               "(`grid.allow_mixed_code` or `grid.report_only`); their differences may be code, not NormGuard.", ""]
     md += [f"Reference bundle `{config.reference or 'ng_jax/assets/reference'}` (params sha256 "
            f"`{bundle_fingerprint(config.reference or None)[:12]}`), sample space `{config.get('space', 'pixel')}`, "
            f"render `{config.get('render', 'clip')}`. Methods {list(g.methods)} x arms {list(g.arms)} x rewards "
