@@ -3,7 +3,7 @@
 # joined by jax.distributed through a localhost coordinator. Exercises the multi-host code paths
 # (host-local reward callbacks, collective orbax saves) without a pod.
 #
-#   bash launch/local_multiprocess.sh 2 configs/awm_normguard.py workdirs/mp --config.rl.epochs=2
+#   bash launch/local_multiprocess.sh 2 ng_jax/configs/awm_normguard.py workdirs/mp --config.rl.epochs=2
 #   DRY_RUN=1 bash launch/local_multiprocess.sh 2 ...     # print the N commands
 set -euo pipefail
 # shellcheck source=launch/common.sh

@@ -4,7 +4,7 @@
 #   export TPU_NAME=ng-v5p-64 ZONE=us-east5-a
 #   ACCELERATOR=v5p-64 bash launch/tpu_pod.sh create
 #   REPO_URL=https://github.com/ORG/ng_jax bash launch/tpu_pod.sh setup      # install on all workers
-#   bash launch/tpu_pod.sh run configs/sd35m_awm_normguard.py gs://BUCKET/runs/awm_ng [--config.k=v ...]
+#   bash launch/tpu_pod.sh run ng_jax/configs/sd35m_awm_normguard.py gs://BUCKET/runs/awm_ng [--config.k=v ...]
 #   bash launch/tpu_pod.sh logs                                              # follow worker 0
 #   bash launch/tpu_pod.sh delete
 #

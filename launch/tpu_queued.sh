@@ -5,7 +5,7 @@
 # WORKDIR (shared storage), so a preemption costs at most the steps since that checkpoint.
 #
 #   TPU_NAME=ng-v5e-256 ZONE=us-west4-a ACCELERATOR=v5litepod-256 REPO_URL=https://github.com/ORG/ng_jax \
-#     bash launch/tpu_queued.sh configs/flux1dev_awm_normguard.py gs://BUCKET/runs/flux_awm [overrides]
+#     bash launch/tpu_queued.sh ng_jax/configs/flux1dev_awm_normguard.py gs://BUCKET/runs/flux_awm [overrides]
 #
 # DRY_RUN=1 prints the commands of one attempt instead of running them.
 set -euo pipefail

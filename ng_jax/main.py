@@ -1,6 +1,6 @@
 """The one entry point.
 
-    python -m ng_jax.main --config=configs/awm_normguard.py [--workdir=DIR] [--config.a.b=value ...]
+    python -m ng_jax.main --config=ng_jax/configs/awm_normguard.py [--workdir=DIR] [--config.a.b=value ...]
 
 `config.job` picks what runs: "rl" (post-training, ng_jax.rl.loop), "pretrain" (the reference model,
 ng_jax.pretrain), "evaluate" (score a checkpoint on fixed prompts, ng_jax.eval.evaluate), "analyze"
@@ -34,12 +34,14 @@ JOBS = {
 
 def resolve_config(arg: str) -> str:
     """`--config=PATH[:ARG]` with PATH made absolute when it is not a file here but a shipped config is:
-    `configs/awm.py`, `awm.py` or `awm` (and `experiments/...`) name ng_jax/configs/ of the installed package."""
+    `ng_jax/configs/awm.py`, `configs/awm.py`, `awm.py` or `awm` (and `experiments/...`) name ng_jax/configs/ of the
+    installed package."""
     m = re.match(r"--config=([^:]+)(.*)$", arg)
     if not m or os.path.isfile(m.group(1)):
         return arg
     name = m.group(1)
-    name = name[len("configs/"):] if name.startswith("configs/") else name
+    for prefix in ("ng_jax/configs/", "configs/"):
+        name = name[len(prefix):] if name.startswith(prefix) else name
     for candidate in (name, name + ".py"):
         path = os.path.join(CONFIG_DIR, candidate)
         if os.path.isfile(path):
@@ -66,7 +68,7 @@ def parse_args(argv: list[str], check: bool = True):
         if m and not os.path.isfile(m.group(1)):
             raise UsageError(f"config file not found: {m.group(1)} (nor among the shipped configs in {CONFIG_DIR})")
     if not any(a.startswith("--config=") for a in argv[1:]):
-        raise UsageError("missing --config=configs/NAME.py")
+        raise UsageError("missing --config=ng_jax/configs/NAME.py")
     try:
         fv(argv)
         config = config_flag.value

@@ -1,10 +1,10 @@
 """Ahead-of-time memory plan: compile a run's full-size train step for a target mesh, before any launch.
 
-    python -m ng_jax.plan --config=configs/sd35m_awm_normguard.py --topology=v5p-512
-    python -m ng_jax.plan --config=configs/flux1dev_awm_normguard.py --chips=64 --hbm_gib=95 --full --json
-    python -m ng_jax.plan --config=configs/flux1dev_awm_normguard.py --topology=v5p-128 \
+    python -m ng_jax.plan --config=ng_jax/configs/sd35m_awm_normguard.py --topology=v5p-512
+    python -m ng_jax.plan --config=ng_jax/configs/flux1dev_awm_normguard.py --chips=64 --hbm_gib=95 --full --json
+    python -m ng_jax.plan --config=ng_jax/configs/flux1dev_awm_normguard.py --topology=v5p-128 \
         --config.mesh.shape='(1,-1,4)' --config.lora.rank=0
-    python -m ng_jax.plan --config=configs/sd35m_awm_normguard.py --topology=v5p-128 --attention=reference
+    python -m ng_jax.plan --config=ng_jax/configs/sd35m_awm_normguard.py --topology=v5p-128 --attention=reference
 
 It builds the run's velocity model at full size from its transformer config (`model.weights_dir`'s
 transformer/config.json when there is one, else the built-in copy of the released config.json of
@@ -179,7 +179,7 @@ def plan(config, chips: int, *, per_device_batch: int | None = None, compile: bo
     from ng_jax.state import count_params, make_optimizer
 
     if "model" not in config:
-        raise PlanError("the plan needs a real-model config (a `model` block: configs/sd35m_*.py, flux1dev_*.py)")
+        raise PlanError("the plan needs a real-model config (a `model` block: ng_jax/configs/sd35m_*.py, flux1dev_*.py)")
     try:
         mesh = sharding.make_mesh(config.mesh.shape, jax.devices("cpu")[:chips])
     except ValueError as err:

@@ -1,6 +1,6 @@
 """Pretraining of the reference model: rectified flow on the shapes image-text set.
 
-    python -m ng_jax.main --config=configs/pretrain_shapes.py --workdir=workdirs/pretrain
+    python -m ng_jax.main --config=ng_jax/configs/pretrain_shapes.py --workdir=workdirs/pretrain
 
 The text encoder and the MMDiT train jointly; captions are dropped to the empty prompt with
 probability `train.cfg_dropout` (classifier-free guidance); an EMA of both is what gets exported

@@ -1,7 +1,7 @@
 """The blocks every config is assembled from, each knob documented where it is set.
 
 The job configs (`ng_jax.config.methods`: the toy world's RL runs, the real-model runs) and the files
-in configs/ combine these and change only what differs; nothing here knows about a method or a model
+in ng_jax/configs/ combine these and change only what differs; nothing here knows about a method or a model
 family's run settings. Why the toy world's values are what they are, with the measurements behind
 them: docs/DEFAULTS.md.
 """

@@ -1,9 +1,9 @@
 """The job configs of RL runs, assembled from `ng_jax.config.blocks`: the shapes world's (one per
-method; configs/{nft,awm,dpo}[_normguard].py) and the real models' (SD3.5-Medium, FLUX.1-dev from a
-local diffusers directory; configs/sd35m_*.py, configs/flux1dev_*.py).
+method; ng_jax/configs/{nft,awm,dpo}[_normguard].py) and the real models' (SD3.5-Medium, FLUX.1-dev from a
+local diffusers directory; ng_jax/configs/sd35m_*.py, ng_jax/configs/flux1dev_*.py).
 
-Config files call these builders and change only what differs, so `configs/awm.py` and
-`configs/awm_normguard.py` differ in the `normguard` block alone. Why the toy world's values are
+Config files call these builders and change only what differs, so `ng_jax/configs/awm.py` and
+`ng_jax/configs/awm_normguard.py` differ in the `normguard` block alone. Why the toy world's values are
 what they are, with the measurements: docs/DEFAULTS.md.
 """
 
@@ -18,14 +18,13 @@ from ng_jax import flow
 from ng_jax.config import blocks
 from ng_jax.models.nets.flux import FLUX_LORA_TARGETS
 
-# The job configs ship inside the package (ng_jax/configs; the repository's configs/ links to it), so an
-# installed ng_jax finds them too (`ng-jax --config=awm_normguard.py` resolves there; main.resolve_config).
+# The job configs ship inside the package (ng_jax/configs), so an installed ng_jax finds them too (`ng-jax --config=awm_normguard.py` resolves there; main.resolve_config).
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 DEFAULT_DATA_DIR = blocks.DEFAULT_DATA_DIR
 
 
 def load_config_file(name: str, arg=None) -> mlc.ConfigDict:
-    """`get_config(arg)` of configs/NAME, for config files that build on another one."""
+    """`get_config(arg)` of ng_jax/configs/NAME, for config files that build on another one."""
     path = os.path.join(CONFIG_DIR, name)
     spec = importlib.util.spec_from_file_location(f"ng_config_{os.path.basename(name)[:-3]}", path)
     module = importlib.util.module_from_spec(spec)
@@ -56,7 +55,7 @@ TOY_LORA_TARGETS = ("attn/(to_q|to_k|to_v|to_out_0|add_q_proj|add_k_proj|add_v_p
 
 
 def rl_config(method: str, *, normguard_lam: float = 0.0) -> mlc.ConfigDict:
-    """The shapes world's RL config; `configs/{method}[_normguard].py` call this."""
+    """The shapes world's RL config; `ng_jax/configs/{method}[_normguard].py` call this."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {sorted(METHODS)}")
     m, dpo = METHODS[method], method == "dpo"

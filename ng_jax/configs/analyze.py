@@ -3,7 +3,7 @@
     python -m ng_jax.eval.analyze all --checkpoints=reference,workdirs/awm,workdirs/awm_normguard \
         --runs=workdirs/awm,workdirs/awm_normguard --out=workdirs/analysis
 
-equivalently: python -m ng_jax.main --config=configs/analyze.py --config.analysis.name=all \
+equivalently: python -m ng_jax.main --config=ng_jax/configs/analyze.py --config.analysis.name=all \
         --config.analysis.checkpoints=reference,workdirs/awm --workdir=workdirs/analysis
 """
 

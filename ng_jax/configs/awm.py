@@ -1,6 +1,6 @@
 """AWM post-training of the shipped reference on the shapes world (baseline, no NormGuard).
 
-    python -m ng_jax.main --config=configs/awm.py --workdir=workdirs/awm
+    python -m ng_jax.main --config=ng_jax/configs/awm.py --workdir=workdirs/awm
 """
 
 from ng_jax.config import methods

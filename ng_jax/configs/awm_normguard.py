@@ -1,6 +1,6 @@
-"""AWM + NormGuard on the shapes world: identical to configs/awm.py except the normguard block.
+"""AWM + NormGuard on the shapes world: identical to ng_jax/configs/awm.py except the normguard block.
 
-    python -m ng_jax.main --config=configs/awm_normguard.py --workdir=workdirs/awm_normguard
+    python -m ng_jax.main --config=ng_jax/configs/awm_normguard.py --workdir=workdirs/awm_normguard
 """
 
 from ng_jax.config import methods

@@ -1,6 +1,6 @@
 """DPO post-training of the shipped reference on the shapes world (baseline, no NormGuard).
 
-    python -m ng_jax.main --config=configs/dpo.py --workdir=workdirs/dpo
+    python -m ng_jax.main --config=ng_jax/configs/dpo.py --workdir=workdirs/dpo
 """
 
 from ng_jax.config import methods

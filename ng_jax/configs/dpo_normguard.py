@@ -1,6 +1,6 @@
-"""DPO + NormGuard on the shapes world: identical to configs/dpo.py except the normguard block.
+"""DPO + NormGuard on the shapes world: identical to ng_jax/configs/dpo.py except the normguard block.
 
-    python -m ng_jax.main --config=configs/dpo_normguard.py --workdir=workdirs/dpo_normguard
+    python -m ng_jax.main --config=ng_jax/configs/dpo_normguard.py --workdir=workdirs/dpo_normguard
 """
 
 from ng_jax.config import methods

@@ -1,10 +1,10 @@
 """Score a model bundle (default: the shipped reference) on the held-out TEST prompts.
 
-    python -m ng_jax.main --config=configs/eval_reference.py --workdir=workdirs/eval_reference
+    python -m ng_jax.main --config=ng_jax/configs/eval_reference.py --workdir=workdirs/eval_reference
 
 Prints the per-category verifier accuracy table of the README (20 Euler steps, the bundle's CFG).
 Another bundle: --config.reference=DIR. A trained policy against its reference: --config.policy=WORKDIR
-(a finished RL run; for real models add the run's model block, e.g. --config=configs/sd35m_awm_normguard.py's).
+(a finished RL run; for real models add the run's model block, e.g. --config=ng_jax/configs/sd35m_awm_normguard.py's).
 """
 
 import ml_collections as mlc

@@ -1,6 +1,6 @@
 """DiffusionNFT + NormGuard on FLUX.1-dev at 512 px with the PickScore reward.
 
-    python -m ng_jax.main --config=configs/flux1dev_nft_normguard.py --workdir=workdirs/flux1dev_nft_normguard \
+    python -m ng_jax.main --config=ng_jax/configs/flux1dev_nft_normguard.py --workdir=workdirs/flux1dev_nft_normguard \
         --config.model.weights_dir=/data/FLUX.1-dev --config.rewards.pickscore_dir=/data/PickScore_v1 \
         --config.rewards.pickscore_tokenizer_dir=/data/CLIP-ViT-H-14-laion2B-s32B-b79K \
         --config.data.prompt_file=/data/pickapic_train.txt --config.eval.prompt_file=/data/pickapic_test.txt

@@ -1,6 +1,6 @@
-"""NFT + NormGuard on the shapes world: identical to configs/nft.py except the normguard block.
+"""NFT + NormGuard on the shapes world: identical to ng_jax/configs/nft.py except the normguard block.
 
-    python -m ng_jax.main --config=configs/nft_normguard.py --workdir=workdirs/nft_normguard
+    python -m ng_jax.main --config=ng_jax/configs/nft_normguard.py --workdir=workdirs/nft_normguard
 """
 
 from ng_jax.config import methods

@@ -2,11 +2,11 @@
 
 Stage 1 (this config: 2-layer text encoder, 4-block MMDiT) produced ng_jax/assets/reference_stage1
 (7000 steps at batch 64; 86 min of wall clock on these 2 cores, shared with other jobs for most of it),
-the reference of the reproduction grid (configs/experiments/toy_grid.py) and the starting point of
-stage 2 (configs/pretrain_shapes_deep.py), which in turn starts stage 3 (configs/pretrain_shapes_deeper.py),
+the reference of the reproduction grid (ng_jax/configs/experiments/toy_grid.py) and the starting point of
+stage 2 (ng_jax/configs/pretrain_shapes_deep.py), which in turn starts stage 3 (ng_jax/configs/pretrain_shapes_deeper.py),
 the shipped reference ng_jax/assets/reference. Stage 1 was produced by exactly:
 
-    python -m ng_jax.main --config=configs/pretrain_shapes.py --workdir=workdirs/pretrain_shapes \
+    python -m ng_jax.main --config=ng_jax/configs/pretrain_shapes.py --workdir=workdirs/pretrain_shapes \
         --config.export_dir=ng_jax/assets/reference_stage1
 
 Smoke run (seconds): add --config.train.steps=20 --config.data.images_per_category=64

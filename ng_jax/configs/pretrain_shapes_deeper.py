@@ -1,4 +1,4 @@
-"""Stage 3 of the reference: the stage-2 model (configs/pretrain_shapes_deep.py) grown to an 8-layer text
+"""Stage 3 of the reference: the stage-2 model (ng_jax/configs/pretrain_shapes_deep.py) grown to an 8-layer text
 encoder and a 12-block MMDiT, then trained on.
 
 The growth is function-preserving (ng_jax/models/grow.py): step 0 computes exactly what the stage-2
@@ -7,10 +7,10 @@ parameters, 14.9 MB in float16) was produced by exactly (7000 steps at batch 64,
 cores; the stage-2 bundle was then at ng_jax/assets/reference, the same files as
 ng_jax/assets/reference_stage2 now, so that run named it with --config.init_from=ng_jax/assets/reference):
 
-    python -m ng_jax.main --config=configs/pretrain_shapes_deeper.py --workdir=workdirs/pretrain_shapes_deeper \
+    python -m ng_jax.main --config=ng_jax/configs/pretrain_shapes_deeper.py --workdir=workdirs/pretrain_shapes_deeper \
         --config.export_dir=ng_jax/assets/reference
 
-(To redo the earlier stages as well, see configs/pretrain_shapes.py and configs/pretrain_shapes_deep.py.)
+(To redo the earlier stages as well, see ng_jax/configs/pretrain_shapes.py and ng_jax/configs/pretrain_shapes_deep.py.)
 
 Smoke run (seconds): add --config.train.steps=20 --config.data.images_per_category=64
 """

@@ -14,8 +14,8 @@ ANALYSIS is one of
 - `all`: norms, renorm, few_step, adjoint, plus matched / judge when runs / a judge URL are given.
 
 Checkpoints: see ng_jax.eval.analysis.checkpoints (`reference`, bundle dirs, finished RL workdirs).
-It is also a job of the entry point: `python -m ng_jax.main --config=configs/analyze.py
---config.analysis.name=norms --config.analysis.checkpoints=...`. Every knob is in configs/analyze.py.
+It is also a job of the entry point: `python -m ng_jax.main --config=ng_jax/configs/analyze.py
+--config.analysis.name=norms --config.analysis.checkpoints=...`. Every knob is in ng_jax/configs/analyze.py.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ against real renders of the same prompts, and a PNG grid.
 
 Also the `evaluate` job, which scores a model bundle (default: the shipped reference):
 
-    python -m ng_jax.main --config=configs/eval_reference.py
+    python -m ng_jax.main --config=ng_jax/configs/eval_reference.py
 """
 
 from __future__ import annotations

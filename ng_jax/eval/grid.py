@@ -1,4 +1,4 @@
-"""The reproduction grid (`config.job = "grid"`, configs/experiments/toy_grid.py and calibration.py).
+"""The reproduction grid (`config.job = "grid"`, ng_jax/configs/experiments/toy_grid.py and calibration.py).
 
 1. Every RL run of {methods} x {arms} x {rewards} x {seeds}, in this process, one after the other, each
    in WORKDIR/<method>_<arm>_<reward>_s<seed>. An arm is the base method or NormGuard (the method's

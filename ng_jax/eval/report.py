@@ -64,7 +64,7 @@ def _command() -> str:
     argv = [a for a in sys.argv[1:] if a.startswith("--")]
     if sys.argv and sys.argv[0].endswith(("ng_jax/main.py", "-m")) and argv:
         return " ".join(["python -m ng_jax.main"] + [shlex.quote(a) for a in argv])
-    return "python -m ng_jax.main --config=configs/experiments/toy_grid.py"
+    return "python -m ng_jax.main --config=ng_jax/configs/experiments/toy_grid.py"
 
 
 def _f(x, digits=3):

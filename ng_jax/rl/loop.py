@@ -1,6 +1,6 @@
 """The RL post-training loop (host side).
 
-    python -m ng_jax.main --config=configs/awm_normguard.py --workdir=workdirs/awm_normguard
+    python -m ng_jax.main --config=ng_jax/configs/awm_normguard.py --workdir=workdirs/awm_normguard
 
 `run` reads top to bottom: set-up (prompts, mesh, model stack, state, jitted functions, resume),
 then per epoch prompts -> rollout with the rewards scored inside it (`ng_jax.rl.rollout`) ->
@@ -11,7 +11,7 @@ boundary" for checkpoints and SIGTERM is the end of an epoch.
 
 The model comes from `ng_jax.models.stack.build_model_stack`: the toy world's bundle
 (`config.reference`) or, with `config.model.family` "sd3"/"sd35"/"flux1_dev", a local diffusers
-directory `config.model.weights_dir` (configs/sd35m_*.py, configs/flux1dev_*.py). Real-model
+directory `config.model.weights_dir` (ng_jax/configs/sd35m_*.py, ng_jax/configs/flux1dev_*.py). Real-model
 rollouts are latents; the rollout jit decodes them with the VAE before the reward callbacks, and
 `rl.rollout.batch_size` splits an epoch's rollouts into several calls.
 

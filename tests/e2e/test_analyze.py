@@ -113,7 +113,7 @@ def test_cli_norms_renorm_and_few_step(bundles, tmp_path, capsys):
     assert norms["inflated_run"]["sigma"][0] == pytest.approx(1.0) and len(norms["inflated_run"]["sigma"]) == 4
 
     renorm = json.loads(open(os.path.join(out, "renorm.json")).read())
-    # CFG-free and guided (configs/analyze.py: CFG 4.5), CFG-rescale guided only.
+    # CFG-free and guided (ng_jax/configs/analyze.py: CFG 4.5), CFG-rescale guided only.
     assert set(renorm["reference"]) == {"plain", "renorm", "plain_cfg4.5", "renorm_cfg4.5", "cfg_rescale_0.7_cfg4.5"}
     # Rescaled to the reference norm at every step, the inflated policy IS the reference sampler, guided or not.
     for plain, renormed in (("plain", "renorm"), ("plain_cfg4.5", "renorm_cfg4.5")):

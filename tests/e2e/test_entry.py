@@ -15,13 +15,13 @@ def _run(capsys, *args):
 
 
 @pytest.mark.parametrize("args, expected", [
-    (["--config=configs/does_not_exist.py"], "config file not found: configs/does_not_exist.py"),
-    (["--config=configs/awm.py", "--config.rl.no_such_knob=3"], "unknown config key"),
-    (["--config=configs/awm.py", "--config.rl.epochs=many"], "bad value"),
-    (["--config=configs/awm.py", "--config.rl.method=ppo"], "rl.method='ppo': expected one of nft, awm, dpo"),
-    (["--config=configs/awm.py", "--config.normguard.power=3"], "normguard.power=3: expected 1 or 2"),
-    (["--config=configs/awm.py", "--config.normguard.lam=-1.0"], "normguard.lam=-1.0"),
-    (["--config=configs/awm.py", "--no_such_flag=1"], "unknown flag"),
+    (["--config=ng_jax/configs/does_not_exist.py"], "config file not found: ng_jax/configs/does_not_exist.py"),
+    (["--config=ng_jax/configs/awm.py", "--config.rl.no_such_knob=3"], "unknown config key"),
+    (["--config=ng_jax/configs/awm.py", "--config.rl.epochs=many"], "bad value"),
+    (["--config=ng_jax/configs/awm.py", "--config.rl.method=ppo"], "rl.method='ppo': expected one of nft, awm, dpo"),
+    (["--config=ng_jax/configs/awm.py", "--config.normguard.power=3"], "normguard.power=3: expected 1 or 2"),
+    (["--config=ng_jax/configs/awm.py", "--config.normguard.lam=-1.0"], "normguard.lam=-1.0"),
+    (["--config=ng_jax/configs/awm.py", "--no_such_flag=1"], "unknown flag"),
     ([], "missing --config"),
 ])
 def test_config_errors_are_one_line(capsys, args, expected):
@@ -36,7 +36,7 @@ def test_overrides_reach_the_config():
     from ng_jax.main import parse_args
 
     config, workdir, distributed = parse_args(
-        ["x", "--config=configs/nft_normguard.py", "--config.rl.epochs=3", "--config.normguard.margin=0.05",
+        ["x", "--config=ng_jax/configs/nft_normguard.py", "--config.rl.epochs=3", "--config.normguard.margin=0.05",
          "--workdir=/tmp/somewhere"])
     assert config.rl.epochs == 3 and config.normguard.margin == 0.05
     assert workdir == "/tmp/somewhere" and distributed is False
@@ -46,8 +46,8 @@ def test_normguard_variants_differ_only_in_normguard_block():
     from ng_jax.main import parse_args
 
     for method in ("nft", "awm", "dpo"):
-        base, _, _ = parse_args(["x", f"--config=configs/{method}.py"])
-        ng, _, _ = parse_args(["x", f"--config=configs/{method}_normguard.py"])
+        base, _, _ = parse_args(["x", f"--config=ng_jax/configs/{method}.py"])
+        ng, _, _ = parse_args(["x", f"--config=ng_jax/configs/{method}_normguard.py"])
         b, g = base.to_dict(), ng.to_dict()
         differing = {k for k in set(b) | set(g) if b.get(k) != g.get(k)}
         assert differing == {"normguard", "name", "workdir"}, differing
@@ -73,7 +73,7 @@ def test_bad_prompt_file_is_one_line_exit_1(tmp_path, capsys, content, message):
     path = tmp_path / ("missing.txt" if content is None else "bad.txt")
     if content is not None:
         path.write_text(content)
-    code = main(["ng_jax.main", "--config=configs/awm.py", f"--workdir={tmp_path / 'wd'}",
+    code = main(["ng_jax.main", "--config=ng_jax/configs/awm.py", f"--workdir={tmp_path / 'wd'}",
                  f"--config.data.prompt_file={path}"])
     err = capsys.readouterr().err
     assert code == 1 and "Traceback" not in err

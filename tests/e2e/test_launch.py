@@ -49,11 +49,11 @@ def test_tpu_pod_lifecycle():
     assert "--worker=all" in setup
     script = setup[setup.index("--command") + 1]
     assert "git clone https://example.org/ng_jax.git" in script and "jax[tpu]==0.10.2" in script
-    _, [run] = dry("launch/tpu_pod.sh", "run", "configs/awm.py", "gs://b/runs/x", OVERRIDE, env=TPU_ENV)
+    _, [run] = dry("launch/tpu_pod.sh", "run", "ng_jax/configs/awm.py", "gs://b/runs/x", OVERRIDE, env=TPU_ENV)
     argv = remote(run)
     assert "--worker=all" in run
     assert argv[argv.index("-m") + 1:argv.index("-m") + 6] == [
-        "ng_jax.main", "--distributed", "--config=configs/awm.py", "--workdir=gs://b/runs/x", OVERRIDE]
+        "ng_jax.main", "--distributed", "--config=ng_jax/configs/awm.py", "--workdir=gs://b/runs/x", OVERRIDE]
     _, [logs] = dry("launch/tpu_pod.sh", "logs", env=TPU_ENV)
     assert "--worker=0" in logs and "tail" in remote(logs)
     _, [delete] = dry("launch/tpu_pod.sh", "delete", env=TPU_ENV)
@@ -61,20 +61,20 @@ def test_tpu_pod_lifecycle():
 
 
 def test_tpu_queued_spot_attempt():
-    res, cmds = dry("launch/tpu_queued.sh", "configs/awm.py", "gs://b/runs/x", OVERRIDE, env=TPU_ENV)
+    res, cmds = dry("launch/tpu_queued.sh", "ng_jax/configs/awm.py", "gs://b/runs/x", OVERRIDE, env=TPU_ENV)
     assert res.returncode == 0, res.stderr
     create, setup, run = cmds
     assert create[3:5] == ["queued-resources", "create"] and "--spot" in create
     assert create[create.index("--node-id") + 1] == "ng-v5p-64"
     assert "jax[tpu]==0.10.2" in setup[setup.index("--command") + 1]
-    assert remote(run)[-4:] == ["--distributed", "--config=configs/awm.py", "--workdir=gs://b/runs/x", OVERRIDE]
+    assert remote(run)[-4:] == ["--distributed", "--config=ng_jax/configs/awm.py", "--workdir=gs://b/runs/x", OVERRIDE]
 
 
 def test_slurm_and_local_multiprocess():
-    _, [srun] = dry("launch/slurm_gpu.sbatch", "configs/awm.py", "/shared/x", OVERRIDE)
-    assert srun[0] == "srun" and srun[-4:] == ["--distributed", "--config=configs/awm.py", "--workdir=/shared/x",
+    _, [srun] = dry("launch/slurm_gpu.sbatch", "ng_jax/configs/awm.py", "/shared/x", OVERRIDE)
+    assert srun[0] == "srun" and srun[-4:] == ["--distributed", "--config=ng_jax/configs/awm.py", "--workdir=/shared/x",
                                                OVERRIDE]
-    res, cmds = dry("launch/local_multiprocess.sh", "3", "configs/awm.py", "/tmp/mp", OVERRIDE)
+    res, cmds = dry("launch/local_multiprocess.sh", "3", "ng_jax/configs/awm.py", "/tmp/mp", OVERRIDE)
     assert res.returncode == 0 and len(cmds) == 3
     cmds.sort(key=lambda c: next(a for a in c if a.startswith("NG_PROCESS_ID=")))  # started in the background
     for i, c in enumerate(cmds):

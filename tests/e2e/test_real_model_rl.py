@@ -252,7 +252,7 @@ def test_trainable_tree_is_float32_over_a_bf16_base():
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_shipped_config_needs_weights_dir(name, tmp_path, capsys):
-    path = os.path.join(ROOT, "configs", f"{name}.py")
+    path = os.path.join(ROOT, "ng_jax", "configs", f"{name}.py")
     assert main(["ng_jax.main", f"--config={path}"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "model.weights_dir is required" in err and "check_weights" in err

@@ -9,7 +9,7 @@ import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
-TOP = ("ng_jax", "configs", "docs", "tests", "benchmarks", "launch", "notebooks", ".ci")
+TOP = ("ng_jax", "docs", "tests", "benchmarks", "launch", "notebooks", ".ci")
 LINK = re.compile(r"\]\(([^)\s#]+)(?:#[^)]*)?\)")                       # [text](target)
 PATH = re.compile(r"(?<![\w/.-])((?:%s)/[\w./{},*-]*[\w/}*])" % "|".join(re.escape(t) for t in TOP))
 
@@ -30,7 +30,7 @@ def referenced_paths(text: str, doc: pathlib.Path) -> set[pathlib.Path]:
 
 def test_the_checker_sees_links_and_paths(tmp_path):
     doc = tmp_path / "x.md"
-    text = "see [a](docs/A.md) and `ng_jax/rl/loop.py`, https://x.org/ng_jax/y, configs/NAME.py, configs/{a,b}.py"
+    text = "see [a](docs/A.md) and `ng_jax/rl/loop.py`, https://x.org/ng_jax/y, ng_jax/configs/NAME.py, ng_jax/configs/{a,b}.py"
     found = referenced_paths(text, doc)
     assert (tmp_path / "docs/A.md").resolve() in found
     assert (REPO / "ng_jax/rl/loop.py").resolve() in found

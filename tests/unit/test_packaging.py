@@ -2,6 +2,7 @@
 and `--config=NAME` finds a shipped config from any directory."""
 
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -14,9 +15,9 @@ from tests.fixtures import REPO
 
 
 def test_shipped_configs_resolve_from_anywhere(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # no configs/ here
+    monkeypatch.chdir(tmp_path)  # no checkout here
     want = os.path.join(CONFIG_DIR, "awm_normguard.py")
-    for given in ("configs/awm_normguard.py", "awm_normguard.py", "awm_normguard"):
+    for given in ("ng_jax/configs/awm_normguard.py", "configs/awm_normguard.py", "awm_normguard.py", "awm_normguard"):
         assert resolve_config(f"--config={given}") == f"--config={want}"
     assert resolve_config("--config=experiments/pilot.py:soft_free") == (
         f"--config={os.path.join(CONFIG_DIR, 'experiments', 'pilot.py')}:soft_free")
@@ -27,7 +28,11 @@ def test_shipped_configs_resolve_from_anywhere(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_the_wheel_ships_configs_and_weights(tmp_path):
-    subprocess.run([sys.executable, "-m", "pip", "wheel", REPO, "--no-deps", "--no-build-isolation", "-q",
+    src = tmp_path / "src"  # a copy: setuptools builds in the source tree (build/, *.egg-info)
+    shutil.copytree(os.path.join(REPO, "ng_jax"), src / "ng_jax", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
+        shutil.copy(os.path.join(REPO, name), src / name)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", str(src), "--no-deps", "--no-build-isolation", "-q",
                     "-w", str(tmp_path)], check=True, capture_output=True)
     (wheel,) = [p for p in os.listdir(tmp_path) if p.endswith(".whl")]
     names = set(zipfile.ZipFile(tmp_path / wheel).namelist())

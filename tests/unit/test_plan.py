@@ -5,7 +5,7 @@ import pytest
 
 from ng_jax import plan
 
-CONFIG = "configs/sd35m_awm_normguard.py"
+CONFIG = "ng_jax/configs/sd35m_awm_normguard.py"
 # A tiny SD3.5 (qk-norm, two dual-attention blocks, scanned) as its transformer/config.json.
 TINY = {"_class_name": "SD3Transformer2DModel", "patch_size": 2, "attention_head_dim": 8, "num_attention_heads": 2,
         "joint_attention_dim": 32, "caption_projection_dim": 16, "pooled_projection_dim": 32, "sample_size": 16,

@@ -3,8 +3,8 @@ lambda x margin in {0.1, 0.3, 1, 3} x {0, 0.02, 0.05}, seeds 0 and 1, in the gri
 headroom render); then a check of the chosen setting on NFT and DPO (`:check`). The report is a table of
 every arm against the base, paired by seed (reward gain, norm ratios, KID).
 
-    python -m ng_jax.main --config=configs/experiments/calibration.py          # the AWM sweep
-    python -m ng_jax.main --config=configs/experiments/calibration.py:check    # NFT and DPO
+    python -m ng_jax.main --config=ng_jax/configs/experiments/calibration.py          # the AWM sweep
+    python -m ng_jax.main --config=ng_jax/configs/experiments/calibration.py:check    # NFT and DPO
 
 Runs are reused and resumed as in the grid (ng_jax/eval/grid.py). The seeds here (0, 1) are not the
 confirmatory grid's (100-104).

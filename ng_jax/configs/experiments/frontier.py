@@ -6,7 +6,7 @@ KL-to-reference term (AWM: `loss.beta`, NFT: `loss.kl_beta`, each in {0.01, 0.1,
 plots final KID against reward gain per arm: whichever family lies below the other at equal reward
 dominates. The KL weight whose reward matches NormGuard's is the grid's KL control (`grid.controls`).
 
-    python -m ng_jax.main --config=configs/experiments/frontier.py
+    python -m ng_jax.main --config=ng_jax/configs/experiments/frontier.py
 
 Reused and resumed as the grid (ng_jax/eval/grid.py).
 """

@@ -2,7 +2,7 @@
 SD3.5 / FLUX with preference rewards? One AWM run (no NormGuard) per setting, from the shipped reference,
 with the preference reward (ng_jax/rewards/preference.py), evaluated CFG-free and guided (CFG 4.5).
 
-    python -m ng_jax.main --config=configs/experiments/pilot.py:RENDER_ROLLOUT --workdir=workdirs/pilot/RENDER_ROLLOUT
+    python -m ng_jax.main --config=ng_jax/configs/experiments/pilot.py:RENDER_ROLLOUT --workdir=workdirs/pilot/RENDER_ROLLOUT
 
 RENDER: "clip" (samples clipped to [-1, 1], overshoot earns nothing), "soft" (soft saturation: overshoot
 still brightens the image a little) or "headroom" (the data fill 70% of the display range, so overshoot renders

@@ -2,13 +2,13 @@
 verifier} x seeds, then the analyses of the most inflating seed, then docs/RESULTS.md with paired
 statistics and a verdict per claim (ng_jax/eval/grid.py, ng_jax/eval/report.py).
 
-    python -m ng_jax.main --config=configs/experiments/toy_grid.py
+    python -m ng_jax.main --config=ng_jax/configs/experiments/toy_grid.py
 
 Runs whose `summary.json` exists are reused and an interrupted run resumes from its checkpoint, so the
 command can be stopped and repeated (e.g. in the background: `nohup ... &`); runs trained by other
 code than the checkout are refused. Base and NormGuard runs of a seed share initialisation, prompts,
 rollout noise and evaluation noise. The seeds (100-104) are not those of the pilot (0) or of the
-calibration sweep (0, 1; configs/experiments/calibration.py), which chose the settings confirmed here.
+calibration sweep (0, 1; ng_jax/configs/experiments/calibration.py), which chose the settings confirmed here.
 Tiny smoke version (minutes): tests/e2e/test_grid.py.
 """
 
@@ -60,7 +60,7 @@ def get_config(arg=None):
                      "steps6": {"num_steps": 6, "final_only": True}},
     })
 
-    c.analysis = mlc.ConfigDict()     # settings of the analyses (see configs/analyze.py)
+    c.analysis = mlc.ConfigDict()     # settings of the analyses (see ng_jax/configs/analyze.py)
     c.analysis.samples_per_prompt = 8
     c.analysis.few_steps = (4, 6, 10, 20, 40)
     c.analysis.cfg_rescale_phi = 0.7
