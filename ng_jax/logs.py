@@ -120,15 +120,20 @@ def _start_wandb(workdir: str, get, run_config, name: str):
                       config=_to_py(dict(run_config or {})))
 
 
-def norm_ratio_figure(result: Mapping, title: str = "") -> np.ndarray:
-    """uint8 [H, W, 3]: an evaluation's norm ratio against sigma, CFG-free and for each of its variants."""
-    # A Figure on its own Agg canvas, not pyplot: a training loop inside a notebook must not switch the
-    # notebook's matplotlib backend (pyplot's global state) and hide its plots.
+def agg_figure(figsize, dpi: float | None = None):
+    """A matplotlib Figure on its own Agg canvas. Not pyplot: code that runs inside a notebook (a training
+    loop, a report) must not switch the notebook's backend (pyplot's global state) and hide its plots."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(4.2, 3.0), dpi=80)
+    fig = Figure(figsize=figsize, dpi=dpi)
     FigureCanvasAgg(fig)
+    return fig
+
+
+def norm_ratio_figure(result: Mapping, title: str = "") -> np.ndarray:
+    """uint8 [H, W, 3]: an evaluation's norm ratio against sigma, CFG-free and for each of its variants."""
+    fig = agg_figure((4.2, 3.0), dpi=80)
     ax = fig.subplots()
     curves = {"": result, **{k: v for k, v in (result.get("variants") or {}).items()}}
     for name, r in curves.items():

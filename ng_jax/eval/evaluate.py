@@ -246,13 +246,8 @@ def read_cached_evaluation(path: str | None) -> dict | None:
 
 
 def write_cached_evaluation(path: str | None, result: dict) -> None:
-    if not path:
-        return
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(result, f)
-    os.replace(tmp, path)  # atomic: a concurrent reader sees the whole file or none
+    if path:
+        logs.write_json(path, result)  # atomic: a reader sees the whole file or none
 
 
 def constraint_failures(prompts, detections) -> dict[str, dict[str, float]]:

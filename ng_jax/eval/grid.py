@@ -107,11 +107,6 @@ def reward_weights(grid_cfg, reward: str) -> dict[str, float]:
     return {str(k): float(v) for k, v in weights.items()}
 
 
-def seeds_of(grid_cfg, reward: str) -> tuple[int, ...]:
-    by = grid_cfg.get("seeds_by_reward") or {}
-    return tuple(int(s) for s in (by[reward] if reward in by else grid_cfg.seeds))
-
-
 def run_specs(config) -> dict[str, RunSpec]:
     """name -> RunSpec of every run of the grid (configs validated, so a typo fails before any training),
     seed by seed: the first seed of every cell trains before any cell's second, so that an interrupted grid
@@ -125,7 +120,7 @@ def run_specs(config) -> dict[str, RunSpec]:
             for reward in g.rewards:
                 if spec.get("rewards") and reward not in spec.rewards:
                     continue
-                for i, seed in enumerate(seeds_of(g, reward)):
+                for i, seed in enumerate(report.seeds_of(g, reward)):
                     order.append((i, method, arm, spec, reward, seed))
     out = {}
     for _, method, arm, spec, reward, seed in sorted(order, key=lambda t: t[0]):  # stable: cells keep their order
@@ -198,11 +193,16 @@ def check_code(workdir: str, names, current: str, allow: bool) -> dict | None:
     return commits
 
 
+def final_prompts(first: mlc.ConfigDict) -> list[str]:
+    """The prompts of a run's final evaluation, one per image (as the evaluator repeats them)."""
+    k = int(first.eval.final_samples_per_prompt or first.eval.samples_per_prompt)
+    return repeat_prompts(load_eval_prompts(first), k, int(first.eval.get("min_samples_per_category", 0) or 0))
+
+
 def measure_floors(first: mlc.ConfigDict, draws: int, seed: int = 0) -> dict:
     """KID and FD between two sets of real renders of the final evaluation's prompts (the same prompts,
     other scene seeds; rendered as the runs render), `draws` times, at the final evaluation's size."""
-    k = int(first.eval.final_samples_per_prompt or first.eval.samples_per_prompt)
-    prompts = repeat_prompts(load_eval_prompts(first), k, int(first.eval.get("min_samples_per_category", 0) or 0))
+    prompts = final_prompts(first)
     render = render_fn(first.get("render", "clip"))
     features = JudgeFeatures()
 
@@ -309,9 +309,7 @@ def run(config, workdir: str) -> int:
     floors_path = os.path.join(workdir, FLOORS)
     floors = report._read(floors_path)
     first = next(iter(runs.values())).config
-    want_n = len(repeat_prompts(load_eval_prompts(first), int(first.eval.final_samples_per_prompt or
-                                                              first.eval.samples_per_prompt),
-                                int(first.eval.get("min_samples_per_category", 0) or 0)))
+    want_n = len(final_prompts(first))
     if int(config.grid.floor_draws) > 0 and (floors is None or floors.get("n") != want_n
                                              or floors.get("draws") != int(config.grid.floor_draws)):
         floors = measure_floors(first, int(config.grid.floor_draws))

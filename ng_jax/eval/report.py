@@ -22,6 +22,7 @@ from collections import defaultdict
 
 import numpy as np
 
+from ng_jax import logs
 from ng_jax.eval import stats
 from ng_jax.models.bundle import bundle_fingerprint
 
@@ -213,13 +214,8 @@ def _digits(name: str) -> int:
 
 
 def _figure(figsize, nrows: int, ncols: int, **kw):
-    """(Figure, axes [nrows][ncols]) on an Agg canvas of its own: pyplot's global backend is left alone, so
-    a report written from a notebook does not hide the notebook's plots."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=figsize)
-    FigureCanvasAgg(fig)
+    """(Figure, axes [nrows][ncols]) on an Agg canvas of its own (`logs.agg_figure`)."""
+    fig = logs.agg_figure(figsize)
     return fig, fig.subplots(nrows, ncols, squeeze=False, **kw)
 
 
@@ -436,7 +432,7 @@ def write_results(config, workdir: str, runs: dict, timings: dict, total_s: floa
     md += [f"Reference bundle `{config.reference or 'ng_jax/assets/reference'}` (params sha256 "
            f"`{bundle_fingerprint(config.reference or None)[:12]}`), sample space `{config.get('space', 'pixel')}`, "
            f"render `{config.get('render', 'clip')}`. Methods {list(g.methods)} x arms {list(g.arms)} x rewards "
-           f"{list(g.rewards)}; seeds " + "; ".join(f"{r}: {list(_seeds(g, r))}" for r in g.rewards)
+           f"{list(g.rewards)}; seeds " + "; ".join(f"{r}: {list(seeds_of(g, r))}" for r in g.rewards)
            + f". Each run: {first.rl.epochs} epochs of {first.rl.prompts_per_epoch} prompts x {first.rl.group_size} "
            f"samples; evaluated every {first.eval.every} epochs and at the end on the evaluation prompts "
            f"(final evaluation: {_final_n(summaries)} images; {first.eval.num_steps} Euler steps CFG-free, and the "
@@ -607,9 +603,10 @@ def most_inflating_seed(grouped: dict, reward: str, base_arm: str):
     return max(by_seed, key=lambda k: np.mean(by_seed[k])) if by_seed else None
 
 
-def _seeds(g, reward: str):
-    by = g.get("seeds_by_reward") or {}
-    return tuple(by[reward]) if reward in by else tuple(g.seeds)
+def seeds_of(grid_cfg, reward: str) -> tuple[int, ...]:
+    """The seeds of a grid column: `grid.seeds_by_reward[reward]` if given, else `grid.seeds`."""
+    by = grid_cfg.get("seeds_by_reward") or {}
+    return tuple(int(s) for s in (by[reward] if reward in by else grid_cfg.seeds))
 
 
 def _final_n(summaries: dict):

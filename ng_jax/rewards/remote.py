@@ -62,15 +62,20 @@ MAX_REQUEST_BYTES = 256 * 1024 * 1024
 _QUOTED_BODY_CHARS = 300
 
 
-def encode_image(image: np.ndarray, image_format: str = "png", quality: int = 95) -> str:
-    """uint8 [H, W, 3] -> base64 string of a PNG (lossless) or JPEG (`quality`) file."""
+def image_file_bytes(image: np.ndarray, image_format: str = "png", quality: int = 95) -> bytes:
+    """uint8 [H, W, 3] -> the bytes of a PNG (lossless) or JPEG (`quality`) file."""
     buffer = io.BytesIO()
     pil = Image.fromarray(image, mode="RGB")
     if image_format == "png":
         pil.save(buffer, format="PNG")
     else:
         pil.save(buffer, format="JPEG", quality=quality)
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
+    return buffer.getvalue()
+
+
+def encode_image(image: np.ndarray, image_format: str = "png", quality: int = 95) -> str:
+    """uint8 [H, W, 3] -> base64 string of a PNG (lossless) or JPEG (`quality`) file."""
+    return base64.b64encode(image_file_bytes(image, image_format, quality)).decode("ascii")
 
 
 def decode_image(data: str) -> np.ndarray:
@@ -147,7 +152,7 @@ class RemoteReward:
     def _request(self, images: np.ndarray, prompts: list[str], metadata: list | None) -> urllib.request.Request:
         """The HTTP request of one chunk in this client's protocol."""
         if self.protocol == "flow_grpo":
-            body = {"images": [base64.b64decode(encode_image(im, "jpeg")) for im in images], "prompts": prompts,
+            body = {"images": [image_file_bytes(im, "jpeg") for im in images], "prompts": prompts,
                     **({"meta_datas": metadata} if metadata is not None else {}), **self.options}
             return urllib.request.Request(self.url, data=pickle.dumps(body), method="POST",
                                           headers={"Content-Type": "application/octet-stream"})
