@@ -6,6 +6,12 @@
 ng_jax.pretrain), "evaluate" (score a checkpoint on fixed prompts, ng_jax.eval.evaluate), "analyze"
 (the paper's analyses, ng_jax.eval.analyze) or "grid" (the reproduction grid and docs/RESULTS.md, ng_jax.eval.grid).
 Config problems (missing file, unknown key, wrong type) are reported in one line, exit status 2.
+
+Compiled XLA programs are kept in a persistent cache (`~/.cache/ng_jax/xla`, or `$XDG_CACHE_HOME/ng_jax/xla`),
+so a repeated job, and every run of a grid after the first of its kind, skips most compilation. The cached
+programs are the ones XLA would compile, so results do not change. `NG_JAX_COMPILE_CACHE=DIR` moves the cache
+(a `gs://` path works on TPU VMs), `NG_JAX_COMPILE_CACHE=off` disables it; JAX's own
+`JAX_COMPILATION_CACHE_DIR`, when set, takes precedence.
 """
 
 from __future__ import annotations
@@ -99,6 +105,31 @@ def parse_args(argv: list[str], check: bool = True):
     return config, workdir, fv.distributed
 
 
+def compile_cache_dir(environ=os.environ) -> str | None:
+    """The persistent compilation cache's directory for this process, or None when it is disabled."""
+    if environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return environ["JAX_COMPILATION_CACHE_DIR"]
+    chosen = environ.get("NG_JAX_COMPILE_CACHE", "")
+    if chosen.lower() in ("off", "0", "false", "none"):
+        return None
+    if chosen:
+        return chosen
+    base = environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "ng_jax", "xla")
+
+
+def enable_compile_cache(jax) -> str | None:
+    """Point JAX's persistent compilation cache at `compile_cache_dir()` (once per process; programs that
+    compile in under half a second are not worth a disk round trip)."""
+    directory = compile_cache_dir()
+    if directory is None or jax.config.jax_compilation_cache_dir:
+        return jax.config.jax_compilation_cache_dir
+    jax.config.update("jax_compilation_cache_dir", directory)
+    if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    return directory
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv if argv is None else argv)
     try:
@@ -108,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import jax
 
+    enable_compile_cache(jax)
     if distributed:
         # On TPU pods / SLURM / GKE the cluster is auto-detected; NG_COORDINATOR, NG_NUM_PROCESSES and
         # NG_PROCESS_ID name it explicitly (launch/local_multiprocess.sh: several processes on one machine).

@@ -9,6 +9,8 @@ if "xla_force_host_platform_device_count" not in _flags:
     os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=8").strip()
 # XLA's C++ warnings (e.g. SPMD rematerialisation notes on tiny sharded test shapes) flood the log.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Jobs started by tests compile afresh (no persistent compilation cache in ~/.cache; see ng_jax.main).
+os.environ.setdefault("NG_JAX_COMPILE_CACHE", "off")
 
 import dataclasses  # noqa: E402
 
