@@ -500,6 +500,9 @@ def write_results(config, workdir: str, runs: dict, timings: dict, total_s: floa
                "lies outside that trajectory is not matchable.", ""]
         if len(g.arms) > 2:
             md += arms_table(grouped, reward, base_arm, list(g.arms))
+        if float(g.get("choose_max_gain_loss", 0.0)) > 0:
+            lines, data.setdefault("chosen", {})[reward] = choice_lines(grouped, reward, base_arm, float(g.choose_max_gain_loss))
+            md += lines
         md += controls_table(grouped, reward, ng_arm, tuple(g.get("controls") or ()))
         if plot_frontier(grouped, reward, base_arm, os.path.join(fig_dir, f"frontier_{reward}.png")):
             md += [f"![frontier, {reward}](results/frontier_{reward}.png)", ""]
@@ -555,6 +558,42 @@ def arms_table(grouped: dict, reward: str, base_arm: str, arms: list[str]) -> li
             rows.append(row)
     return ["### Every arm (mean over seeds; in brackets: the mean paired difference to the base arm)", "",
             _table(["method", "arm", "seeds"] + [label for _, label, _ in keys], rows), ""]
+
+
+def choose_arm(by_arm: dict, base_arm: str, max_gain_loss: float) -> dict | None:
+    """The calibration's rule, fixed before its results: among the arms that lose at most `max_gain_loss` of
+    the base arm's reward gain (mean paired loss over seeds, as a fraction of the mean base gain), the one
+    with the largest mean paired KID reduction (CFG-free). None when no arm qualifies."""
+    base = by_arm.get(base_arm, {})
+    base_gain = stats.interval(values(base, reward_gain)).mean
+    best = None
+    for arm, runs in by_arm.items():
+        if arm == base_arm:
+            continue
+        loss = stats.interval(stats.paired(values(base, reward_gain), values(runs, reward_gain)))
+        kid = stats.interval(stats.paired(values(base, lambda s: endpoint(s, "kid")),
+                                          values(runs, lambda s: endpoint(s, "kid"))))
+        if not loss.n or not kid.n or not base_gain > 0:
+            continue
+        fraction = -loss.mean / base_gain
+        if fraction <= max_gain_loss and (best is None or kid.mean < best["kid_difference"]):
+            best = {"arm": arm, "gain_loss_fraction": fraction, "kid_difference": kid.mean, "seeds": kid.n}
+    return best
+
+
+def choice_lines(grouped: dict, reward: str, base_arm: str, max_gain_loss: float) -> tuple[list[str], dict]:
+    """The report's paragraph on the chosen arm per method (`grid.choose_max_gain_loss`), and its JSON."""
+    chosen = {}
+    for (r, method), by_arm in sorted(grouped.items()):
+        if r == reward:
+            chosen[method] = choose_arm(by_arm, base_arm, max_gain_loss)
+    lines = [f"**Chosen setting** (rule fixed before the last seed was seen: the largest mean KID reduction, CFG-free, among "
+             f"the arms that lose at most {max_gain_loss:.0%} of the base arm's reward gain):"]
+    for method, c in chosen.items():
+        lines.append(f"- {method}: " + ("no arm qualifies" if c is None else
+                                        f"`{c['arm']}` (gain lost {c['gain_loss_fraction']:.1%}, KID "
+                                        f"{c['kid_difference']:+.1f}, {c['seeds']} seeds)"))
+    return lines + [""], chosen
 
 
 def analyses_section(workdir: str, fig_dir: str) -> list[str]:

@@ -182,6 +182,17 @@ def test_frontier_and_the_kl_control(tmp_path):
     assert "| awm | kl1 | KID, CFG-free | 67.0 [65.0, 69.0] | 52.0 [50.0, 54.0] | -15.0 [-15.0, -15.0] |" in text
     assert "| awm | kl1 | reward gain | 0.500 [0.500, 0.500] | 0.500 [0.500, 0.500] | 0.000 [0.000, 0.000] |" in text
     assert "| awm | lam0p3 | 5 | 0.550 (-0.050) |" in text   # every arm against base
+    assert "Chosen setting" not in text                       # off unless grid.choose_max_gain_loss > 0
+    # the calibration's rule: lam0p3 loses 8% of the gain (KID -10); lam1 and kl1 lose 17% (KID -30, -15)
+    by_arm = report.cells(runs, {n: report._read(os.path.join(c.workdir, n, "summary.json")) for n in runs})
+    by_arm = by_arm[("preference", "awm")]
+    assert report.choose_arm(by_arm, "base", 0.1)["arm"] == "lam0p3"
+    assert report.choose_arm(by_arm, "base", 0.2) == pytest.approx(
+        {"arm": "lam1", "gain_loss_fraction": 0.1 / 0.6, "kid_difference": -30.0, "seeds": 5})
+    assert report.choose_arm(by_arm, "base", 0.05) is None
+    c.grid.choose_max_gain_loss = 0.1
+    text = open(report.write_results(c, c.workdir, runs, {}, 60.0)).read()
+    assert "- awm: `lam0p3` (gain lost 8.3%, KID -10.0, 5 seeds)" in text
     assert os.path.getsize(tmp_path / "results" / "frontier_preference.png") > 1000
 
 
