@@ -501,7 +501,9 @@ def write_results(config, workdir: str, runs: dict, timings: dict, total_s: floa
         if len(g.arms) > 2:
             md += arms_table(grouped, reward, base_arm, list(g.arms))
         if float(g.get("choose_max_gain_loss", 0.0)) > 0:
-            lines, data.setdefault("chosen", {})[reward] = choice_lines(grouped, reward, base_arm, float(g.choose_max_gain_loss))
+            ng_arms = [a for a in g.arms if g.arms[a].normguard]
+            lines, data.setdefault("chosen", {})[reward] = choice_lines(grouped, reward, base_arm,
+                                                                        float(g.choose_max_gain_loss), ng_arms)
             md += lines
         md += controls_table(grouped, reward, ng_arm, tuple(g.get("controls") or ()))
         if plot_frontier(grouped, reward, base_arm, os.path.join(fig_dir, f"frontier_{reward}.png")):
@@ -560,15 +562,15 @@ def arms_table(grouped: dict, reward: str, base_arm: str, arms: list[str]) -> li
             _table(["method", "arm", "seeds"] + [label for _, label, _ in keys], rows), ""]
 
 
-def choose_arm(by_arm: dict, base_arm: str, max_gain_loss: float) -> dict | None:
-    """The calibration's rule, fixed before its results: among the arms that lose at most `max_gain_loss` of
+def choose_arm(by_arm: dict, base_arm: str, max_gain_loss: float, candidates=None) -> dict | None:
+    """The calibration's rule, fixed before its results: among the arms (`candidates`, default all) that lose at most `max_gain_loss` of
     the base arm's reward gain (mean paired loss over seeds, as a fraction of the mean base gain), the one
     with the largest mean paired KID reduction (CFG-free). None when no arm qualifies."""
     base = by_arm.get(base_arm, {})
     base_gain = stats.interval(values(base, reward_gain)).mean
     best = None
     for arm, runs in by_arm.items():
-        if arm == base_arm:
+        if arm == base_arm or (candidates is not None and arm not in candidates):
             continue
         loss = stats.interval(stats.paired(values(base, reward_gain), values(runs, reward_gain)))
         kid = stats.interval(stats.paired(values(base, lambda s: endpoint(s, "kid")),
@@ -581,14 +583,15 @@ def choose_arm(by_arm: dict, base_arm: str, max_gain_loss: float) -> dict | None
     return best
 
 
-def choice_lines(grouped: dict, reward: str, base_arm: str, max_gain_loss: float) -> tuple[list[str], dict]:
-    """The report's paragraph on the chosen arm per method (`grid.choose_max_gain_loss`), and its JSON."""
+def choice_lines(grouped: dict, reward: str, base_arm: str, max_gain_loss: float,
+                 candidates) -> tuple[list[str], dict]:
+    """The report's paragraph on the chosen NormGuard arm per method (`grid.choose_max_gain_loss`), and its JSON."""
     chosen = {}
     for (r, method), by_arm in sorted(grouped.items()):
         if r == reward:
-            chosen[method] = choose_arm(by_arm, base_arm, max_gain_loss)
+            chosen[method] = choose_arm(by_arm, base_arm, max_gain_loss, candidates)
     lines = [f"**Chosen setting** (rule fixed before the last seed was seen: the largest mean KID reduction, CFG-free, among "
-             f"the arms that lose at most {max_gain_loss:.0%} of the base arm's reward gain):"]
+             f"the NormGuard arms that lose at most {max_gain_loss:.0%} of the base arm's reward gain):"]
     for method, c in chosen.items():
         lines.append(f"- {method}: " + ("no arm qualifies" if c is None else
                                         f"`{c['arm']}` (gain lost {c['gain_loss_fraction']:.1%}, KID "

@@ -1,10 +1,10 @@
 """Calibration of NormGuard's lambda and margin: AWM with the preference reward, base and every
 lambda x margin in {0.1, 0.3, 1, 3} x {0, 0.02, 0.05}, seeds 0 and 1, in the grid's world (centred space,
-headroom render); then a check of the chosen setting on NFT and DPO (`:check`). The report is a table of
-every arm against the base, paired by seed (reward gain, norm ratios, KID).
+headroom render). The report is a table of every arm against the base, paired by seed (reward gain, norm
+ratios, KID), and the arm the rule below chooses. The chosen setting is carried over to NFT and DPO and
+checked there by frontier.py.
 
-    python -m ng_jax.main --config=ng_jax/configs/experiments/calibration.py          # the AWM sweep
-    python -m ng_jax.main --config=ng_jax/configs/experiments/calibration.py:check    # NFT and DPO
+    python -m ng_jax.main --config=ng_jax/configs/experiments/calibration.py
 
 Runs are reused and resumed as in the grid (ng_jax/eval/grid.py). The seeds here (0, 1) are not the
 confirmatory grid's (100-104).
@@ -26,7 +26,7 @@ def _name(lam, margin=None):
 
 def get_config(arg=None):
     c = load_config_file("experiments/toy_grid.py")
-    c.name = "calibration" + ("_check" if arg == "check" else "")
+    c.name = "calibration"
     c.workdir = "workdirs/" + c.name
     c.grid.rewards = ("preference",)
     c.grid.seeds = (0, 1)
@@ -37,21 +37,16 @@ def get_config(arg=None):
     # most 10% of the base gain (half the grid's non-inferiority margin, so the confirmation has room for noise).
     c.grid.choose_max_gain_loss = 0.1
     arms = {"base": {"normguard": False, "set": ""}}
-    if arg == "check":   # the methods' config files carry their calibrated settings
-        c.grid.methods = ("nft", "dpo")
-        arms["normguard"] = {"normguard": True, "set": ""}
-        for lam in (0.3, 3.0):
-            arms[_name(lam)] = {"normguard": True, "set": f"normguard.lam={lam}"}
-    elif arg in (None, ""):
+    if arg in (None, ""):
         c.grid.methods = ("awm",)
         for lam in LAMBDAS:
             for margin in MARGINS:
                 arms[_name(lam, margin)] = {"normguard": True,
                                                    "set": f"normguard.lam={lam},normguard.margin={margin}"}
     else:
-        raise ValueError(f"calibration.py: unknown variant {arg!r}; expected nothing or 'check'")
+        raise ValueError(f"calibration.py: unknown variant {arg!r}; it has none")
     c.grid.arms = mlc.ConfigDict(arms)
-    c.grid.normguard_arm = "normguard" if arg == "check" else _name(1.0, 0.02)
+    c.grid.normguard_arm = _name(1.0, 0.02)
     # cheaper evaluations than the grid's: 204 images at epoch 10, 272 before and after (CFG-free and guided)
     c.overrides.eval.every = 10
     c.overrides.eval.final_samples_per_prompt = 16
