@@ -1,0 +1,47 @@
+"""Every shipped config loads and passes the value checks; the experiment configs expand into runs that do
+(so a typo in an arm's settings fails here, not hours into a background grid)."""
+import os
+
+import pytest
+
+from ng_jax.config.checks import check_config
+from ng_jax.config.methods import CONFIG_DIR, load_config_file
+from ng_jax.eval import grid
+
+REAL = ("sd35m_", "flux1dev_")   # need a weights directory to pass the checks (tests/e2e cover them)
+CONFIGS = sorted(n for n in os.listdir(CONFIG_DIR) if n.endswith(".py") and not n.startswith("__"))
+EXPERIMENTS = sorted(n for n in os.listdir(os.path.join(CONFIG_DIR, "experiments")) if n.endswith(".py"))
+
+
+@pytest.mark.parametrize("name", [n for n in CONFIGS if not n.startswith(REAL)])
+def test_config_loads_and_checks(name):
+    c = load_config_file(name)
+    check_config(c)
+    assert c.job in ("rl", "pretrain", "evaluate", "analyze", "grid")
+
+
+@pytest.mark.parametrize("name", [n for n in EXPERIMENTS if n != "pilot.py"])
+def test_experiment_runs_are_valid(name):
+    c = load_config_file(f"experiments/{name}")
+    runs = grid.run_specs(c)   # runs check_config on every run's config
+    assert runs and len(set(runs)) == len(runs)
+    for spec in runs.values():
+        ng = spec.config.normguard
+        assert (ng.lam > 0) == bool(c.grid.arms[spec.arm].normguard), spec
+
+
+def test_frontier_scales_each_methods_lambda_and_sets_the_kl_weights():
+    runs = grid.run_specs(load_config_file("experiments/frontier.py"))
+    for method in ("nft", "awm", "dpo"):
+        lam = load_config_file(f"{method}_normguard.py").normguard
+        for arm, factor in (("ng_x0p33", 1 / 3), ("ng_x1", 1.0), ("ng_x3", 3.0)):
+            ng = runs[f"{method}_{arm}_preference_s0"].config.normguard
+            assert ng.lam == pytest.approx(lam.lam * factor, rel=1e-3) and ng.margin == lam.margin
+    assert runs["awm_kl10_preference_s1"].config.loss.beta == 10.0
+    assert runs["nft_kl0p1_preference_s0"].config.loss.kl_beta == 0.1
+    assert not any(n.startswith("dpo_kl") for n in runs)
+
+
+@pytest.mark.parametrize("variant", ["soft_free", "headroom_free,centred,lr=3e-5", "clip_guided,lam"])
+def test_pilot_variants(variant):
+    check_config(load_config_file("experiments/pilot.py", variant))
