@@ -3,10 +3,11 @@
 Seeds 0 and 1 (the calibration's, not the grid's), the preference reward, the grid's world; NFT, AWM and DPO:
 
 - `base`: the method as it is;
-- `ng_x0p33`, `ng_x1`, `ng_x3`: NormGuard at 1/3, 1 and 3 times the lambda of the method's `_normguard` config
-  file, at its margin. AWM's lambda and margin come from the calibration sweep (calibration.py); NFT's and
-  DPO's lambda were carried over from AWM's by matching the ratio of the hinge's gradient to the base loss's
-  (docs/DEFAULTS.md), and these arms check that choice with the calibration's rule (`grid.choose_max_gain_loss`);
+- `ng_lam0p1`, `ng_lam0p3`, `ng_lam1`: NormGuard at the margin of the method's `_normguard` config file, with
+  lambda = `LAMBDA_RATE[method]` x {0.1, 0.3, 1}: AWM's lambdas of the calibration sweep (calibration.py), carried
+  over to NFT and DPO at the exchange rate of their base losses' parameter gradients to AWM's (measured with
+  `normguard.log_term_grads`, docs/DEFAULTS.md): a hinge of the same weight relative to the base loss. The
+  calibration's rule (`grid.choose_max_gain_loss`) names the arm each method's config file should carry;
 - `kl0p1`, `kl1`, `kl10` (AWM and NFT): the base method with a stronger KL-to-reference term (AWM `loss.beta`,
   NFT `loss.kl_beta`, both 1e-4 by default; the term is `mean((v - v_ref)^2)`, in the units of the policy loss).
 
@@ -23,7 +24,10 @@ import ml_collections as mlc
 
 from ng_jax.config.methods import load_config_file
 
-LAMBDA_FACTORS = (1 / 3, 1.0, 3.0)
+AWM_LAMBDAS = (0.1, 0.3, 1.0)
+# base-loss parameter-gradient norm relative to AWM's (medians over epochs 2-6 in the grid's world, seed 0,
+# commit 99b2d12: docs/results/calibration/gradient_scales.json)
+LAMBDA_RATE = {"awm": 1.0, "nft": 6.8, "dpo": 33.0}
 KL_WEIGHTS = (0.1, 1.0, 10.0)
 KL_KEY = {"awm": "loss.beta", "nft": "loss.kl_beta"}
 METHODS = ("nft", "awm", "dpo")
@@ -33,20 +37,24 @@ def _tag(x: float) -> str:
     return f"{x:.2g}".replace(".", "p")  # config keys cannot hold dots
 
 
+def method_lambda(method: str, awm_lambda: float) -> float:
+    """The lambda of `method` whose hinge weighs, relative to its base loss, what `awm_lambda` weighs in AWM."""
+    return float(f"{LAMBDA_RATE[method] * awm_lambda:.2g}")
+
+
 def get_config(arg=None):
     c = load_config_file("experiments/calibration.py")
     c.name = "frontier"
     c.workdir = "workdirs/frontier"
     c.grid.methods = METHODS
-    lam = {m: float(load_config_file(f"{m}_normguard.py").normguard.lam) for m in METHODS}
     arms = {"base": {"normguard": False, "set": ""}}
-    for f in LAMBDA_FACTORS:
-        arms[f"ng_x{_tag(f)}"] = {"normguard": True, "set": "",
-                                  "set_by_method": {m: f"normguard.lam={lam[m] * f:.4g}" for m in METHODS}}
+    for lam in AWM_LAMBDAS:
+        arms[f"ng_lam{_tag(lam)}"] = {"normguard": True, "set": "", "set_by_method": {
+            m: f"normguard.lam={method_lambda(m, lam):g}" for m in METHODS}}
     for w in KL_WEIGHTS:
         arms[f"kl{_tag(w)}"] = {"normguard": False, "set": "", "methods": tuple(KL_KEY),
                                 "set_by_method": {m: f"{k}={w}" for m, k in KL_KEY.items()}}
     c.grid.arms = mlc.ConfigDict(arms)
-    c.grid.normguard_arm = "ng_x1"
+    c.grid.normguard_arm = "ng_lam0p3"
     c.results = "docs/results/frontier/RESULTS.md"
     return c
