@@ -55,6 +55,16 @@ SD35M = dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num
              pos_embed_max_size=384, qk_norm="rms_norm", dual_attention_layers=tuple(range(13)))
 TINY = dict(SD35M, sample_size=16, num_layers=2, attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32,
             caption_projection_dim=16, pooled_projection_dim=32, pos_embed_max_size=16, dual_attention_layers=(0,))
+
+
+def kept_blocks(dims: dict, layers: int | None) -> dict:
+    """`dims` cut to its first `layers` blocks (all when None), the dual-attention layers among them kept."""
+    if not layers:
+        return dict(dims)
+    return dict(dims, num_layers=layers, dual_attention_layers=tuple(i for i in dims["dual_attention_layers"]
+                                                                     if i < layers))
+
+
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12}  # dense bf16 FLOP/s
 LORA = {"rank": 32, "alpha": 32.0}
 
@@ -163,9 +173,7 @@ def torch_fns(directory, dtype: str, lora: bool, host_batch, steps: int, prof):
 
 
 def run(tiny: bool = False, layers: int | None = None, resolution: int = 512, out: str | None = None, log=print) -> dict:
-    dims = dict(TINY if tiny else SD35M)
-    if layers:
-        dims.update(num_layers=layers, dual_attention_layers=tuple(i for i in dims["dual_attention_layers"] if i < layers))
+    dims = kept_blocks(TINY if tiny else SD35M, layers)
     res = 128 if tiny else resolution  # tiny: 16 x 16 latents
     dtype = "float32" if tiny else "bfloat16"
     prof = dict(batch=2 if tiny else 8, micro_batch=2 if tiny else 4, timesteps=1 if tiny else 2,

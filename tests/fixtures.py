@@ -13,10 +13,12 @@ that use them are in tests/conftest.py).
 - `write_clip_tokenizer`, `save_tiny_clip`: a tiny CLIP BPE tokenizer and a tiny random transformers
   `CLIPModel` saved with `save_pretrained` (torch and transformers, the test extra).
 - `clip_text_config`, `write_t5_tokenizer`: a tiny transformers CLIPTextConfig and a WordLevel T5 tokenizer
-  (the SD3 / FLUX text encoders' parity tests and the real-model RL tests).
+  (the SD3 / FLUX text encoders' parity tests and the real-model RL tests); `save_text_encoders`: an SD3 or
+  FLUX directory's random text encoders and tokenizers (tiny, or real widths for benchmarks/epoch.py).
 - `VAE_CONFIGS`, `torch_vae`: tiny diffusers AutoencoderKL configs and a randomised torch VAE.
 - `tiny_flux_cfg`, `save_flux_diffusers`: the tiny FLUX.1 transformer config and a randomised diffusers
   FluxTransformer2DModel saved with `save_pretrained`.
+- `save_sd35_diffusers`: a complete random SD3.5 directory (transformer, VAE, text encoders, tokenizers).
 - `tiny_real_config`: a shipped real-model (SD3.5 / FLUX) RL config shrunk for 2 CPU cores.
 """
 
@@ -236,12 +238,15 @@ def save_tiny_clip(directory, act: str, seed: int):
     return model
 
 
-def clip_text_config(vocab, hidden, eos):
-    """A transformers CLIPTextConfig: 2 layers, `hidden` wide (projection too), EOS id `eos`."""
+def clip_text_config(vocab, hidden, eos, layers: int = 2):
+    """A transformers CLIPTextConfig: `layers` layers, `hidden` wide (projection too), EOS id `eos`. Tiny
+    widths (< 64) get 2 heads and a 64-wide MLP; real ones (CLIP-L 768, bigG 1280) 64-wide heads and a 4x MLP."""
     from transformers import CLIPTextConfig
 
-    return CLIPTextConfig(hidden_size=hidden, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                          vocab_size=vocab, max_position_embeddings=77, projection_dim=hidden, eos_token_id=eos,
+    real = hidden >= 64
+    return CLIPTextConfig(hidden_size=hidden, intermediate_size=4 * hidden if real else 64, num_hidden_layers=layers,
+                          num_attention_heads=hidden // 64 if real else 2, vocab_size=vocab,
+                          max_position_embeddings=77, projection_dim=hidden, eos_token_id=eos,
                           bos_token_id=vocab - 2, pad_token_id=vocab - 1)
 
 
@@ -265,6 +270,33 @@ def write_t5_tokenizer(directory, words=T5_WORDS) -> int:
     T5TokenizerFast(tokenizer_object=tok, extra_ids=0, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
                     model_max_length=512).save_pretrained(directory)
     return len(vocab)
+
+
+def save_text_encoders(directory, family, *, clip_widths=None, clip_layers: int = 2, t5=None):
+    """Random text encoders (torch seed 1) and toy tokenizers of a diffusers directory: "sd3" CLIP-L and
+    bigG-style CLIPTextModelWithProjection (text_encoder, _2) + T5 (text_encoder_3), "flux" CLIP-L
+    (CLIPTextModel) + T5 (text_encoder_2). `clip_widths`: the CLIP widths (default (16, 32) / (32,)),
+    `clip_layers` their depth (`clip_text_config`); `t5`: T5Config overrides (default 1 layer of d_model
+    48 / 32 = the tiny transformers' joint_attention_dim, 2 heads of 8, d_ff 32)."""
+    import torch
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    sd3 = family == "sd3"
+    torch.manual_seed(1)
+    v = write_clip_tokenizer(os.path.join(directory, "tokenizer"))
+    t5_cfg = {"d_model": 48 if sd3 else 32, "d_kv": 8, "d_ff": 32, "num_layers": 1, "num_heads": 2, **(t5 or {})}
+    t5_model = T5EncoderModel(T5Config(**t5_cfg, feed_forward_proj="gated-gelu", vocab_size=write_t5_tokenizer(
+        os.path.join(directory, "tokenizer_3" if sd3 else "tokenizer_2")))).eval()
+    if sd3:
+        write_clip_tokenizer(os.path.join(directory, "tokenizer_2"), pad_token="!")
+        for sub, width, eos in zip(("text_encoder", "text_encoder_2"), clip_widths or (16, 32), (v - 1, 2)):
+            CLIPTextModelWithProjection(clip_text_config(v, width, eos, clip_layers)).eval().save_pretrained(
+                os.path.join(directory, sub))
+    else:  # FLUX: pooled = CLIP-L's pooler output (the transformer's pooled_projection_dim)
+        (width,) = clip_widths or (32,)
+        CLIPTextModel(clip_text_config(v, width, v - 1, clip_layers)).eval().save_pretrained(
+            os.path.join(directory, "text_encoder"))
+    t5_model.save_pretrained(os.path.join(directory, "text_encoder_3" if sd3 else "text_encoder_2"))
 
 
 # ------------------------------------------------------------------ tiny diffusers VAE (test extra)
@@ -340,18 +372,28 @@ SD35 = dict(sample_size=16, patch_size=2, in_channels=16, out_channels=16, num_l
             pos_embed_max_size=12, qk_norm="rms_norm", dual_attention_layers=(0,))
 
 
-def save_sd35_transformer(directory, seed=0):
-    """A diffusers SD3Transformer2DModel of `SD35` (qk RMS-norm, one MMDiT-X block) with every parameter
-    perturbed, saved in DIRECTORY/transformer."""
+def save_sd35_transformer(directory, seed=0, dims=SD35, noise: float = 0.05):
+    """A diffusers SD3Transformer2DModel of `dims` (default `SD35`: qk RMS-norm, one MMDiT-X block) with every
+    parameter perturbed by `noise` standard deviations (0: diffusers' initialisation), saved in
+    DIRECTORY/transformer."""
     import diffusers
     import torch
 
     torch.manual_seed(seed)
-    tm = diffusers.SD3Transformer2DModel(**SD35).eval()
+    tm = diffusers.SD3Transformer2DModel(**dims).eval()
     with torch.no_grad():  # random norms and zero-initialised projections too, so the velocity is not 0
-        for p in tm.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+        for p in tm.parameters() if noise else ():
+            p.add_(noise * torch.randn_like(p))
     tm.save_pretrained(os.path.join(directory, "transformer"))
+
+
+def save_sd35_diffusers(directory, *, dims=SD35, noise: float = 0.05, vae=None, **text):
+    """A complete random SD3.5 diffusers directory: transformer (`save_sd35_transformer`), vae (`torch_vae`
+    of `vae`, default VAE_CONFIGS["sd3"]), text encoders and tokenizers (`save_text_encoders(**text)`)."""
+    save_sd35_transformer(directory, dims=dims, noise=noise)
+    torch_vae(0, **(vae or VAE_CONFIGS["sd3"])).save_pretrained(os.path.join(directory, "vae"))
+    save_text_encoders(directory, "sd3", **text)
+    return directory
 
 
 # ------------------------------------------------------------------ real-model RL configs, shrunk

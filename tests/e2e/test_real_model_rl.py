@@ -25,11 +25,9 @@ from ng_jax.main import main, parse_args
 from ng_jax.rl import loop
 from tests.fixtures import REAL_T5_LEN as T5_LEN
 from tests.fixtures import REPO as ROOT
-from tests.fixtures import (VAE_CONFIGS, save_flux_diffusers, save_sd35_transformer, save_tiny_clip, torch_vae,
-                            write_clip_tokenizer)
-from tests.fixtures import clip_text_config as clip_config
+from tests.fixtures import (VAE_CONFIGS, save_flux_diffusers, save_sd35_diffusers, save_text_encoders,
+                            save_tiny_clip, torch_vae)
 from tests.fixtures import tiny_real_config as tiny
-from tests.fixtures import write_t5_tokenizer
 
 CONFIGS = ("sd35m_nft_normguard", "sd35m_awm_normguard", "sd35m_dpo_normguard", "flux1dev_nft_normguard",
            "flux1dev_awm_normguard")
@@ -38,41 +36,16 @@ VAE16 = VAE_CONFIGS["sd3"]  # 16 latent channels, downsample 2
 VAE4 = dict(VAE16, block_out_channels=(32, 32), latent_channels=4, scaling_factor=0.3611, shift_factor=0.1159)
 
 
-def _save_text(directory, family):
-    import torch
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
-
-    torch.manual_seed(1)
-    v = write_clip_tokenizer(os.path.join(directory, "tokenizer"))
-    t5_width = 48 if family == "sd3" else 32  # the transformer's joint_attention_dim
-    t5 = T5EncoderModel(T5Config(d_model=t5_width, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
-                                 vocab_size=write_t5_tokenizer(os.path.join(directory, "tokenizer_3" if family == "sd3"
-                                                                            else "tokenizer_2")),
-                                 feed_forward_proj="gated-gelu")).eval()
-    if family == "sd3":
-        write_clip_tokenizer(os.path.join(directory, "tokenizer_2"), pad_token="!")
-        CLIPTextModelWithProjection(clip_config(v, 16, v - 1)).eval().save_pretrained(
-            os.path.join(directory, "text_encoder"))
-        CLIPTextModelWithProjection(clip_config(v, 32, 2)).eval().save_pretrained(
-            os.path.join(directory, "text_encoder_2"))
-        t5.save_pretrained(os.path.join(directory, "text_encoder_3"))
-    else:  # FLUX: pooled = CLIP-L's pooler output (32 = the transformer's pooled_projection_dim)
-        CLIPTextModel(clip_config(v, 32, v - 1)).eval().save_pretrained(os.path.join(directory, "text_encoder"))
-        t5.save_pretrained(os.path.join(directory, "text_encoder_2"))
-
-
 @pytest.fixture(scope="module")
 def dirs(tmp_path_factory):
     pytest.importorskip("torch", reason="needs the test extra (torch 2.13.0 + diffusers)")
     pytest.importorskip("diffusers", reason="needs the test extra (torch 2.13.0 + diffusers)")
     root = tmp_path_factory.mktemp("real_models")
     sd35, flux = str(root / "sd35"), str(root / "flux")
-    save_sd35_transformer(sd35)
-    torch_vae(0, **VAE16).save_pretrained(os.path.join(sd35, "vae"))
-    _save_text(sd35, "sd3")
+    save_sd35_diffusers(sd35)
     save_flux_diffusers(flux, True, seed=0)  # 2 double + 2 single blocks, guidance embedding
     torch_vae(1, **VAE4).save_pretrained(os.path.join(flux, "vae"))
-    _save_text(flux, "flux")
+    save_text_encoders(flux, "flux")
     clip = str(root / "clip")
     save_tiny_clip(clip, "quick_gelu", 0)
     prompts = root / "prompts.txt"

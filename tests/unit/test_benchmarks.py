@@ -156,6 +156,32 @@ def test_epoch_breakdown_smoke(tmp_path, tiny_reference):
 
 @pytest.mark.slow
 @pytest.mark.needs_torch
+def test_epoch_breakdown_sd35m_smoke(tmp_path):
+    """benchmarks/epoch.py --scale sd35m --tiny: the SD3.5 directory is built once into the cache, both
+    placements run, and each breakdown's parts are present, positive and add up to the epoch."""
+    from benchmarks import epoch
+
+    out = tmp_path / "e.json"
+    argv = ["--scale", "sd35m", "--tiny", "--epochs", "2", "--cache", str(tmp_path / "cache"), "--out", str(out)]
+    assert epoch.main(argv) == 0
+    res = json.load(open(out))
+    assert res["scale"] == "sd35m" and res["shape"]["resolution"] == 16 and "load_average_after" in res
+    assert json.load(open(tmp_path / "cache" / "sd35m_tiny" / "built.json"))["tiny"] is True
+    s = res["scenarios"]
+    assert set(s) == {"clip_host", "clip_device"}
+    for r in s.values():
+        assert r["timed_epochs"] == 1 and r["rollout_s"] > 0 and r["train_s"] > 0 and r["eval_s_final"] > 0
+        assert r["rollout_s"] + r["train_s"] == pytest.approx(r["epoch_s"], rel=0.01)
+        assert r["reward_host_span_s"] <= r["rollout_s"]
+        assert r["reward_fraction"] == pytest.approx((r["reward_host_span_s"] + r["reward_device_s"]) / r["epoch_s"])
+        assert 0 < r["reward_fraction"] < 1
+    assert s["clip_host"]["reward_host_s"] > 0 and s["clip_host"]["reward_device_s"] == 0.0
+    assert s["clip_device"]["reward_host_s"] == 0.0 and s["clip_device"]["reward_device_s"] > 0
+    assert "SD3.5-Medium-shaped" in epoch.markdown(res) and "| clip_device |" in epoch.markdown(res)
+
+
+@pytest.mark.slow
+@pytest.mark.needs_torch
 def test_accelerator_script_smoke(tmp_path):
     """benchmarks/accelerator.py --tiny runs both sides of every row on the CPU (the accelerator run is manual)."""
     pytest.importorskip("peft")
