@@ -30,7 +30,7 @@ AWM_LAMBDAS = (0.1, 0.3, 1.0)
 LAMBDA_RATE = {"awm": 1.0, "nft": 6.8, "dpo": 33.0}
 KL_WEIGHTS = (0.1, 1.0, 10.0)
 KL_KEY = {"awm": "loss.beta", "nft": "loss.kl_beta"}
-METHODS = ("nft", "awm", "dpo")
+METHODS = ("dpo", "nft", "awm")   # DPO and NFT first: their seed-0 arms check the carried-over lambda soonest
 
 
 def _tag(x: float) -> str:
