@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from ng_jax import storage
 from ng_jax.errors import UserError, one_line
 from ng_jax.sharding import any_process
 
@@ -53,10 +54,12 @@ def _describe_mismatch(expected, found: dict[str, tuple]) -> str:
 
 
 class Checkpointer:
-    """Step-numbered checkpoints of `{"state": pytree, "meta": json}` in `directory`."""
+    """Step-numbered checkpoints of `{"state": pytree, "meta": json}` in `directory` (a local path or a bucket,
+    gs://...: orbax writes a step to a temporary name and renames it when complete on a local disk; in a
+    bucket it writes the step in place and marks it complete last, with commit_success.txt)."""
 
     def __init__(self, directory: str, *, max_to_keep: int = 3):
-        self.directory = os.path.abspath(directory)
+        self.directory = storage.canonical(directory)
         try:
             self._manager = ocp.CheckpointManager(
                 self.directory,
@@ -78,7 +81,7 @@ class Checkpointer:
         step = self.latest_step()
         if step is not None:
             return step
-        entries = sorted(e for e in os.listdir(self.directory) if not e.startswith("."))
+        entries = [e for e in storage.listdir(self.directory) if not e.startswith(".")]
         if entries:
             listed = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
             raise CheckpointError(f"{self.directory} holds no complete checkpoint but is not empty ({listed}); "
@@ -159,9 +162,9 @@ class Checkpointer:
         later = [s for s in self.all_steps() if s > step]
         if jax.process_index() == 0:
             aside = self.directory.rstrip("/") + ".abandoned"
-            os.makedirs(aside, exist_ok=True)
+            storage.makedirs(aside)
             for s in later:
-                os.replace(os.path.join(self.directory, str(s)), os.path.join(aside, str(s)))
+                storage.move(os.path.join(self.directory, str(s)), os.path.join(aside, str(s)))
             print(f"resuming from checkpoint step {step}: the later steps {later} were moved to {aside}")
         self._manager.reload()
 
@@ -191,15 +194,12 @@ def export_params(directory: str, params, note: dict) -> str:
     """Save a parameter tree with orbax in `directory/params` (every process must call this; it waits for
     the write) and, from process 0, `note` as `directory/<basename>.json` saying what the tree is and how
     to use it. Restore with `orbax.checkpoint.StandardCheckpointer().restore(directory/params)`."""
-    directory = os.path.abspath(directory)
+    directory = storage.canonical(directory)
     with ocp.StandardCheckpointer() as saver:
         saver.save(os.path.join(directory, "params"), params, force=True)
         saver.wait_until_finished()
     if jax.process_index() == 0:
-        path = os.path.join(directory, os.path.basename(directory) + ".json")
-        with open(path + ".tmp", "w") as f:
-            json.dump(note, f, indent=2)
-        os.replace(path + ".tmp", path)
+        storage.write_text(os.path.join(directory, os.path.basename(directory) + ".json"), json.dumps(note, indent=2))
     return directory
 
 

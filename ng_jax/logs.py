@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 import os
 import sys
+import tempfile
 import time
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from ng_jax import storage
 
 
 def _to_py(x: Any):
@@ -36,7 +40,11 @@ class MetricWriter:
     `tensorboard_images`, `wandb`, `wandb_project`, `wandb_entity`, `wandb_mode` ("offline": the run is
     written to `workdir/wandb` for `wandb sync` later; "online" needs `wandb login`), `wandb_run_id` ("" =
     one derived from the workdir, so that a resumed run appends to the same W&B run). `run_config` is
-    recorded as the W&B run's config."""
+    recorded as the W&B run's config.
+
+    `workdir` may be a bucket (gs://...): metrics.jsonl is rewritten there at each write, TensorBoard's events
+    go there directly (tensorboardX uploads them at each flush and on close), and W&B, which needs a local
+    directory, writes to `<tmp>/ng_jax_wandb/<run id>` instead (printed; `wandb sync` it from there)."""
 
     def __init__(self, workdir: str, *, tensorboard: bool = True, enabled: bool = True, logging=None,
                  run_config: Mapping | None = None, name: str = ""):
@@ -48,7 +56,7 @@ class MetricWriter:
         self.images = bool(get("tensorboard_images", True))
         if not enabled:
             return
-        os.makedirs(workdir, exist_ok=True)
+        storage.makedirs(workdir)
         if tensorboard and get("tensorboard", True):
             from tensorboardX import SummaryWriter
 
@@ -61,8 +69,7 @@ class MetricWriter:
             return
         record = {"step": int(step), "time": round(time.time(), 3)}
         record.update({f"{prefix}{k}": _to_py(v) for k, v in metrics.items()})
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        storage.append_text(self.path, json.dumps(record) + "\n")
         numbers = {k: v for k, v in record.items()
                    if k not in ("step", "time") and isinstance(v, (int, float)) and not isinstance(v, bool)
                    and math.isfinite(v)}
@@ -81,7 +88,7 @@ class MetricWriter:
         if not self.wants_images:
             return
         if isinstance(image, (str, os.PathLike)):
-            with Image.open(image) as im:
+            with Image.open(io.BytesIO(storage.path(image).read_bytes())) as im:
                 image = np.asarray(im.convert("RGB"))
         image = np.asarray(image, np.uint8)
         if self._tb is not None and self.images:
@@ -114,9 +121,14 @@ def _start_wandb(workdir: str, get, run_config, name: str):
 
         raise UserError(f"logging.wandb_mode={mode!r}: expected 'offline', 'online' or 'disabled'")
     run_id = str(get("wandb_run_id", "") or "") or "ngjax-" + hashlib.sha1(
-        os.path.abspath(workdir).encode()).hexdigest()[:12]
+        storage.canonical(workdir).encode()).hexdigest()[:12]
+    directory = workdir
+    if storage.is_remote(workdir):  # W&B writes its files to a local directory only
+        directory = os.path.join(tempfile.gettempdir(), "ng_jax_wandb", run_id)
+        os.makedirs(directory, exist_ok=True)
+        print(f"W&B: the workdir {workdir} is a bucket; the W&B run's files go to {directory}")
     return wandb.init(project=str(get("wandb_project", "ng_jax")), entity=str(get("wandb_entity", "")) or None,
-                      mode=mode, dir=workdir, id=run_id, resume="allow", name=name or None,
+                      mode=mode, dir=directory, id=run_id, resume="allow", name=name or None,
                       config=_to_py(dict(run_config or {})))
 
 
@@ -152,8 +164,7 @@ def norm_ratio_figure(result: Mapping, title: str = "") -> np.ndarray:
 
 
 def read_metrics(path: str) -> list[dict]:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return [json.loads(line) for line in storage.path(path).read_text().splitlines() if line.strip()]
 
 
 def image_grid(images: np.ndarray, *, cols: int | None = None, scale: int = 2,
@@ -179,8 +190,9 @@ def image_grid(images: np.ndarray, *, cols: int | None = None, scale: int = 2,
 
 
 def save_grid(path: str, images: np.ndarray, **kwargs) -> str:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    image_grid(images, **kwargs).save(path)
+    buf = io.BytesIO()
+    image_grid(images, **kwargs).save(buf, format="PNG")
+    storage.write_bytes(path, buf.getvalue())
     return path
 
 
@@ -193,11 +205,8 @@ def progress(total: int, *, desc: str, initial: int = 0, enabled: bool = True):
 
 
 def write_json(path: str, obj: Any) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(_to_py(obj), f, indent=2)
-    os.replace(tmp, path)
+    """Atomic: a reader sees the whole file or the previous one (`storage.write_text`)."""
+    storage.write_text(path, json.dumps(_to_py(obj), indent=2))
 
 
 def scalars(result: dict) -> dict:
@@ -217,10 +226,10 @@ def eval_line(tag: str, r: dict) -> str:
 
 def trim_metrics(path: str, step: int) -> None:
     """On resume, drop metric lines written after the restored step (they are about to be redone)."""
-    if not os.path.isfile(path):
+    target = storage.path(path)
+    if not target.is_file():
         return
-    with open(path) as f:
-        lines = f.readlines()
+    lines = target.read_text().splitlines(keepends=True)
     keep = []
     for line in lines:
         try:
@@ -230,9 +239,7 @@ def trim_metrics(path: str, step: int) -> None:
             pass
         keep.append(line)
     if len(keep) != len(lines):
-        with open(path + ".tmp", "w") as f:
-            f.writelines(keep)
-        os.replace(path + ".tmp", path)
+        storage.write_text(path, "".join(keep))
 
 
 class StepMetrics:

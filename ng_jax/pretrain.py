@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ng_jax import flow, logs, sharding
+from ng_jax import flow, logs, sharding, storage
 from ng_jax.checkpoint import Checkpointer, Preemption
 from ng_jax.config.checks import ConfigError
 from ng_jax.data.prompts import split_prompts
@@ -120,7 +120,7 @@ def _warm_start(config):
 
 
 def run(config, workdir: str) -> int:
-    os.makedirs(workdir, exist_ok=True)
+    storage.makedirs(workdir)
     mesh = sharding.make_mesh(config.mesh.shape)
     batch_size = int(config.data.batch_size)
     if batch_size % sharding.batch_size_multiple(mesh):

@@ -27,7 +27,7 @@ import sys
 import jax
 import numpy as np
 
-from ng_jax import logs, sharding
+from ng_jax import logs, sharding, storage
 from ng_jax import main as entry
 from ng_jax.config.checks import ConfigError
 from ng_jax.config.methods import CONFIG_DIR
@@ -242,7 +242,7 @@ def run(config, workdir: str) -> int:
         names = selected(config)
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    os.makedirs(workdir, exist_ok=True)
+    storage.makedirs(workdir)
     needs_models = [n for n in names if n != "matched"]
     ctx = Context(config, workdir) if needs_models else type("C", (), {"a": config.analysis, "out": workdir})()
     for name in names:

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import ml_collections as mlc
 import numpy as np
 
-from ng_jax import flow, logs, sharding
+from ng_jax import flow, logs, sharding, storage
 from ng_jax.config.checks import ConfigError
 from ng_jax.data import world
 from ng_jax.data.prompts import category_of
@@ -239,10 +239,9 @@ def initial_evaluation_cache(config, stack) -> str | None:
 
 
 def read_cached_evaluation(path: str | None) -> dict | None:
-    if not path or not os.path.isfile(path):
+    if not path or not storage.path(path).is_file():
         return None
-    with open(path) as f:
-        return json.load(f)
+    return json.loads(storage.path(path).read_text())
 
 
 def write_cached_evaluation(path: str | None, result: dict) -> None:
@@ -272,7 +271,8 @@ def policy_to_score(config, stack, mesh):
     if not path:
         return stack.ref, (lambda p, r: p), True
     if stack.is_toy:
-        bundle = load_bundle(os.path.join(path, POLICY_DIR) if os.path.isdir(os.path.join(path, POLICY_DIR)) else path)
+        inner = os.path.join(path, POLICY_DIR)
+        bundle = load_bundle(inner if storage.path(inner).is_dir() else path)
         if dict(bundle.model_cfg) != dict(stack.bundle.model_cfg):
             ref = config.get("reference") or "the shipped reference"
             raise ConfigError(f"policy={path!r}: its velocity model differs from the reference's ({ref}); evaluate it "
@@ -293,6 +293,7 @@ def policy_to_score(config, stack, mesh):
 def run(config, workdir: str) -> int:
     """The `evaluate` job: score a bundle, or a finished RL run's policy (`policy`), or with a `model` block a
     real model's reference weights or trained policy, on fixed prompts; print a per-category accuracy table."""
+    storage.makedirs(workdir)
     mesh = sharding.make_mesh(config.mesh.shape)
     layout, ref_layout = sharding.layouts(config.mesh)
     # The toy reference stays on the host, as this job always had it; real weights are placed by the rules.

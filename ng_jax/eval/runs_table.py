@@ -18,6 +18,8 @@ import sys
 
 import numpy as np
 
+from ng_jax import storage
+
 
 def high_sigma_ratio(result: dict, min_sigma: float) -> float | None:
     """Mean of the per-step norm ratios at sigma >= min_sigma (None when the result has none)."""
@@ -49,18 +51,18 @@ def _minutes(workdir: str, summary: dict) -> float | None:
     metrics.jsonl lines to summary.json (the initial evaluation not included)."""
     if summary.get("wall_s"):
         return summary["wall_s"] / 60
-    path = os.path.join(workdir, "metrics.jsonl")
-    if not os.path.isfile(path):
+    path = storage.path(os.path.join(workdir, "metrics.jsonl"))
+    if not path.is_file():
         return None
-    with open(path) as f:
-        times = [json.loads(line).get("time") for line in f if line.strip()]
+    times = [json.loads(line).get("time") for line in path.read_text().splitlines() if line.strip()]
     times = [t for t in times if t]
-    return (os.path.getmtime(os.path.join(workdir, "summary.json")) - min(times)) / 60 if times else None
+    done = os.path.join(workdir, "summary.json")
+    finished = storage.path(done).stat().mtime if storage.is_remote(done) else os.path.getmtime(done)
+    return (finished - min(times)) / 60 if times else None
 
 
 def run_row(workdir: str, floors: dict | None, min_sigma: float, n_images: int | None = None) -> list[str]:
-    with open(os.path.join(workdir, "summary.json")) as f:
-        s = json.load(f)
+    s = json.loads(storage.path(os.path.join(workdir, "summary.json")).read_text())
     first, last = s.get("eval_initial") or {}, s.get("eval") or {}
     guided = (last.get("variants") or {}).get("guided")
     guided0 = (first.get("variants") or {}).get("guided")
@@ -88,7 +90,7 @@ def table(workdirs, floors: dict | None, min_sigma: float, n_images: int | None 
     head = [h.replace("S", f"{min_sigma:g}") if "sigma" in h else h for h in HEADER]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for w in workdirs:
-        if os.path.isfile(os.path.join(w, "summary.json")):
+        if storage.path(os.path.join(w, "summary.json")).is_file():
             lines.append("| " + " | ".join(run_row(w, floors, min_sigma, n_images)) + " |")
         else:
             lines.append(f"| {os.path.basename(os.path.normpath(w))} | not finished |" + " |" * (len(head) - 2))

@@ -19,6 +19,7 @@ import ml_collections
 import numpy as np
 from flax import serialization
 
+from ng_jax import storage
 from ng_jax.errors import UserError
 from ng_jax.models.jsonfile import read_json
 from ng_jax.models.nets.text import make_text_encoder
@@ -53,7 +54,7 @@ def save_bundle(directory: str, bundle: ModelBundle, storage_dtype: str = "float
     gives float32, so what a bundle computes is what its stored (rounded) weights compute."""
     if storage_dtype not in STORAGE_DTYPES:
         raise BundleError(f"storage dtype {storage_dtype!r}; expected one of {STORAGE_DTYPES}")
-    os.makedirs(directory, exist_ok=True)
+    storage.makedirs(directory)
     params = jax.tree.map(lambda x: np.asarray(jax.device_get(x), np.float32).astype(storage_dtype), bundle.params)
     blob = serialization.to_bytes(params)
     meta = {
@@ -65,10 +66,9 @@ def save_bundle(directory: str, bundle: ModelBundle, storage_dtype: str = "float
         "info": dict(bundle.info),
         "params_sha256": hashlib.sha256(blob).hexdigest(),
     }
-    with open(os.path.join(directory, "params.msgpack"), "wb") as f:
-        f.write(blob)
-    with open(os.path.join(directory, "config.json"), "w") as f:
-        json.dump(meta, f, indent=2, default=lambda o: list(o) if isinstance(o, tuple) else str(o))
+    storage.write_bytes(os.path.join(directory, "params.msgpack"), blob)
+    storage.write_text(os.path.join(directory, "config.json"),
+                       json.dumps(meta, indent=2, default=lambda o: list(o) if isinstance(o, tuple) else str(o)))
     return directory
 
 
@@ -77,8 +77,7 @@ def bundle_fingerprint(directory: str | None = None) -> str:
     weights a run started from, without reading them."""
     path = os.path.join(directory or DEFAULT_REFERENCE, "config.json")
     try:
-        with open(path) as f:
-            sha = json.load(f).get("params_sha256")
+        sha = json.loads(storage.path(path).read_text()).get("params_sha256")
     except (OSError, json.JSONDecodeError) as err:
         raise BundleError(f"model bundle {directory or DEFAULT_REFERENCE}: cannot read config.json ({err})") from None
     if not sha:
@@ -91,13 +90,12 @@ def load_bundle(directory: str | None = None) -> ModelBundle:
     directory = directory or DEFAULT_REFERENCE
     cfg_path, params_path = os.path.join(directory, "config.json"), os.path.join(directory, "params.msgpack")
     for path in (cfg_path, params_path):
-        if not os.path.isfile(path):
+        if not storage.path(path).is_file():
             raise BundleError(f"model bundle {directory}: missing {os.path.basename(path)}")
     meta = read_json(directory, error=BundleError, where=f"model bundle {directory}")
     if meta.get("version") != BUNDLE_VERSION:
         raise BundleError(f"model bundle {directory}: version {meta.get('version')}, expected {BUNDLE_VERSION}")
-    with open(params_path, "rb") as f:
-        blob = f.read()
+    blob = storage.path(params_path).read_bytes()
     if meta.get("params_sha256") and hashlib.sha256(blob).hexdigest() != meta["params_sha256"]:
         raise BundleError(f"model bundle {directory}: params.msgpack checksum mismatch (corrupt or replaced)")
     model_cfg = ml_collections.ConfigDict(meta["model"])

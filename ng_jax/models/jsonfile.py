@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 
+from ng_jax import storage
+
 
 def read_json(directory: str, name: str = "config.json", *, error: type[Exception], where: str | None = None,
               hint: str = "") -> dict:
@@ -12,10 +14,9 @@ def read_json(directory: str, name: str = "config.json", *, error: type[Exceptio
     directory) and the file, plus `hint`."""
     where = where or directory
     path = os.path.join(directory, name)
-    if not os.path.isfile(path):
+    if not storage.path(path).is_file():
         raise error(f"{where}: no {name}{hint}")
     try:
-        with open(path) as f:
-            return json.load(f)
+        return json.loads(storage.path(path).read_text())
     except json.JSONDecodeError as err:
         raise error(f"{where}: {name} is not valid JSON ({err})") from None

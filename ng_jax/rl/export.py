@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from ng_jax import logs, sharding
+from ng_jax import logs, sharding, storage
 from ng_jax.checkpoint import export_params
 from ng_jax.errors import UserError, one_line
 from ng_jax.eval.analysis.checkpoints import POLICY_DIR
@@ -63,16 +63,15 @@ def read_policy(workdir: str) -> tuple[dict, dict]:
     """(policy_params.json, the trainable tree as numpy) of a finished real-model run."""
     directory = os.path.join(workdir, POLICY_PARAMS_DIR)
     note_path = os.path.join(directory, POLICY_PARAMS_DIR + ".json")
-    if not os.path.isfile(note_path):
-        if os.path.isdir(os.path.join(workdir, POLICY_DIR)):
+    if not storage.path(note_path).is_file():
+        if storage.path(os.path.join(workdir, POLICY_DIR)).is_dir():
             raise ExportError(f"{workdir} is a toy-world run: its policy is the model bundle {workdir}/{POLICY_DIR} "
                               "already (load it with ng_jax.models.bundle.load_bundle); nothing to convert")
         raise ExportError(f"{workdir}: no {POLICY_PARAMS_DIR}/{POLICY_PARAMS_DIR}.json (not a finished RL run on a "
                           "real model)")
-    with open(note_path) as f:
-        note = json.load(f)
+    note = json.loads(storage.path(note_path).read_text())
     try:
-        tree = ocp.StandardCheckpointer().restore(os.path.join(directory, "params"))
+        tree = ocp.StandardCheckpointer().restore(storage.canonical(os.path.join(directory, "params")))
     except Exception as err:  # noqa: BLE001 - orbax raises many types
         raise ExportError(f"{directory}/params: cannot read the trained parameters ({one_line(err)})") from None
     return note, jax.tree.map(np.asarray, tree)

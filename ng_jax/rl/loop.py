@@ -20,6 +20,7 @@ samples/<tag>.png grids, checkpoints/<epoch>/ (policy, old/EMA, optimizer, RNG, 
 the `RunMeta`: prompt-stream position and the evaluation history), the final policy and summary.json
 with "eval_initial" and "eval" (reward, norm_ratio, norm_ratio_by_sigma [[sigma, ratio], ...], fd,
 precision, recall, ...). A rerun with the same workdir resumes exactly where the checkpoint left off.
+The workdir may be a bucket (`gs://bucket/run`, `ng_jax.storage`): everything above goes there.
 
 Failures stop the run with a one-line message and leave the last good checkpoint untouched: a
 reward that raises, returns NaN or a wrong shape, or times out (RewardError, after
@@ -40,7 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ng_jax import logs, sharding
+from ng_jax import logs, sharding, storage
 from ng_jax.checkpoint import Checkpointer, CheckpointError, Preemption
 from ng_jax.config.checks import ConfigError
 from ng_jax.data.render import world_stack
@@ -115,7 +116,7 @@ def rollout_chunk(config) -> int:
 
 def run(config, workdir: str) -> int:
     # --- set-up: cheap checks first, so a bad prompt file or batch setting fails before anything compiles
-    os.makedirs(workdir, exist_ok=True)
+    storage.makedirs(workdir)
     rl, k = config.rl, int(config.rl.group_size)
     prompts, eval_base, metadata = load_rl_prompts(config), load_eval_prompts(config), load_prompt_metadata(config)
     mesh = sharding.make_mesh(config.mesh.shape)
@@ -254,7 +255,7 @@ def _log_eval_images(writer, workdir: str, tag: str, step: int, result: dict) ->
     """An evaluation's sample grids (as the evaluator saved them) and its norm-ratio plot, as images."""
     for suffix in [""] + [f"_{name}" for name in (result.get("variants") or {})]:
         path = os.path.join(workdir, "samples", f"{tag}{suffix}.png")
-        if os.path.isfile(path):
+        if storage.path(path).is_file():
             writer.write_image(step, f"samples{suffix or '_plain'}", path)
     writer.write_image(step, "norm_ratio", logs.norm_ratio_figure(result, f"{tag}: norm ratio"))
 

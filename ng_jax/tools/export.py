@@ -5,7 +5,8 @@
     python -m ng_jax.tools.export WORKDIR --out DIR --dtype bfloat16     # stored dtype ("original": the base's)
 
 WORKDIR is a finished RL run on SD3 / SD3.5 / FLUX.1 (`WORKDIR/policy_params`: the trainable tree and
-`policy_params.json`, which names the base weights directory and the LoRA settings).
+`policy_params.json`, which names the base weights directory and the LoRA settings). WORKDIR and DIR may
+be local directories or in a bucket (gs://bucket/path); the base weights directory is read locally.
 
 - `--format diffusers` (default): a full fine-tune, or a LoRA run merged into the base
   (`kernel + alpha / r * a @ b`), written as a diffusers transformer directory (config.json +

@@ -14,13 +14,14 @@ from __future__ import annotations
 import os
 from typing import Sequence
 
+from ng_jax import storage
 from ng_jax.models.bundle import DEFAULT_REFERENCE, BundleError, ModelBundle, load_bundle
 
 POLICY_DIR = "policy"  # where the RL job exports the final policy inside its workdir
 
 
 def _is_bundle(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, "config.json")) and os.path.isfile(os.path.join(path, "params.msgpack"))
+    return all(storage.path(os.path.join(path, name)).is_file() for name in ("config.json", "params.msgpack"))
 
 
 def resolve(spec: str | Sequence[str], reference: str = "") -> list[tuple[str, str]]:

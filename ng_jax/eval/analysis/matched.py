@@ -12,6 +12,7 @@ import json
 import os
 from typing import Sequence
 
+from ng_jax import storage
 from ng_jax.errors import UserError
 
 QUALITY_KEYS = ("fd", "precision", "recall")
@@ -23,13 +24,12 @@ class RunSummaryError(UserError, RuntimeError):
 
 def load_summary(workdir: str) -> dict:
     path = os.path.join(workdir, "summary.json")
-    if not os.path.isfile(path):
+    if not storage.path(path).is_file():
         raise RunSummaryError(f"{workdir}: no summary.json (the RL run has not finished)")
-    with open(path) as f:
-        try:
-            return json.load(f)
-        except json.JSONDecodeError as err:
-            raise RunSummaryError(f"{path}: not valid JSON ({err})") from None
+    try:
+        return json.loads(storage.path(path).read_text())
+    except json.JSONDecodeError as err:
+        raise RunSummaryError(f"{path}: not valid JSON ({err})") from None
 
 
 def run_key(summary: dict) -> tuple:

@@ -3,16 +3,19 @@ no pyplot, so importing this module leaves the process's backend alone, e.g. a n
 
 from __future__ import annotations
 
-import os
+import io
 
 import numpy as np
 from matplotlib.figure import Figure
 
+from ng_jax import storage
+
 
 def _save(fig, path: str) -> str:
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=110, format="png")
+    storage.write_bytes(path, buf.getvalue())  # a local path or a bucket (gs://...)
     return path
 
 

@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ng_jax import storage
 from ng_jax.models.weights import flux, sd3, stacked
 from ng_jax.models.weights.safetensors import SafetensorsDir, Source, WeightsError
 from ng_jax.models.weights.transformer import transformer_dir
@@ -57,8 +57,9 @@ def to_checkpoint(src: Source, value) -> np.ndarray:
 
 def write_transformer(family: str, vcfg, params, base_dir: str, out_dir: str, dtype: str = "original") -> str:
     """A diffusers transformer directory `out_dir/transformer` holding `params` (a Flax tree of `family`,
-    unrolled or scanned) on top of the base checkpoint in `base_dir`. Returns the transformer directory."""
-    from safetensors.flax import save_file
+    unrolled or scanned) on top of the base checkpoint in `base_dir`. Returns the transformer directory.
+    `out_dir` may be a bucket (gs://...): the file is then built in memory and uploaded whole."""
+    from safetensors.flax import save, save_file
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r}: expected one of {DTYPES}")
@@ -81,9 +82,14 @@ def write_transformer(family: str, vcfg, params, base_dir: str, out_dir: str, dt
         target = names.get(stored[k], jnp.float32) if dtype == "original" else jnp.dtype(dtype)
         out[k] = jnp.asarray(np.asarray(v, np.float32)).astype(target)
     tdir = os.path.join(out_dir, "transformer")
-    os.makedirs(tdir, exist_ok=True)
-    save_file(out, os.path.join(tdir, "diffusion_pytorch_model.safetensors"))
-    shutil.copyfile(os.path.join(src_dir, "config.json"), os.path.join(tdir, "config.json"))
+    storage.makedirs(tdir)
+    weights = os.path.join(tdir, "diffusion_pytorch_model.safetensors")
+    if storage.is_remote(weights):
+        storage.write_bytes(weights, save(out))
+    else:
+        save_file(out, weights)
+    storage.write_bytes(os.path.join(tdir, "config.json"),
+                        storage.path(os.path.join(src_dir, "config.json")).read_bytes())
     return tdir
 
 
@@ -98,8 +104,8 @@ def _adapters(tree, prefix=()):
 
 def write_peft_lora(family: str, vcfg, adapters, base_params, alpha: float, rank: int, out_file: str) -> int:
     """The LoRA `adapters` (ng_jax.models.nets.lora layout, over `base_params`' tree) as a PEFT-layout
-    safetensors file for diffusers; returns the number of adapted modules."""
-    from safetensors.numpy import save_file
+    safetensors file for diffusers (a local path or in a bucket, gs://...); returns the number of adapted modules."""
+    from safetensors.numpy import save
 
     base_runs = flux.runs(base_params) if family == "flux1_dev" else sd3.runs(base_params)
     flat_adapters = stacked.unstack(adapters, [r for r in base_runs if r.name in adapters])
@@ -115,9 +121,8 @@ def write_peft_lora(family: str, vcfg, adapters, base_params, alpha: float, rank
         out[f"transformer.{module}.lora_B.weight"] = np.ascontiguousarray(scale * np.asarray(ab["lora_b"], np.float32).T)
     if not out:
         raise WeightsError("the trainable tree holds no LoRA adapters")
-    os.makedirs(os.path.dirname(os.path.abspath(out_file)), exist_ok=True)
-    save_file(out, out_file, metadata={"format": "pt", "ng_jax": json.dumps({"rank": rank, "alpha": alpha,
-                                                                             "scale_folded_into_B": scale})})
+    storage.write_bytes(out_file, save(out, metadata={"format": "pt", "ng_jax": json.dumps(
+        {"rank": rank, "alpha": alpha, "scale_folded_into_B": scale})}))
     return len(out) // 2
 
 
