@@ -16,6 +16,7 @@ writes gs:// itself, through google-cloud-storage.
 
 from __future__ import annotations
 
+import logging
 import os
 import uuid
 
@@ -57,6 +58,9 @@ def makedirs(p) -> None:
     bucket = f"{scheme}://{rest.split('/', 1)[0]}"
     if bucket in _CHECKED:
         return
+    quiet = logging.getLogger("gcsfs")  # its retries log tracebacks; the error below says what failed
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)
     try:
         found = epath.Path(bucket).exists()
     except ImportError as err:
@@ -64,6 +68,8 @@ def makedirs(p) -> None:
                            f"{one_line(err)}") from None
     except Exception as err:  # noqa: BLE001 - network, credentials: many types
         raise StorageError(f"{s}: cannot reach {bucket} ({type(err).__name__}: {one_line(err)[:300]})") from None
+    finally:
+        quiet.setLevel(level)
     if not found:
         raise StorageError(f"{s}: bucket {bucket} does not exist or these credentials cannot read it")
     _CHECKED.add(bucket)
