@@ -29,7 +29,8 @@ Device-placed rewards run fused inside the rollout's jit, so the loop cannot tim
 `reward_device_s` is the same reward function jitted alone on one epoch's images (median of 3 calls
 after a warm-up). `reward_fraction` = (host reward span + device reward seconds) / epoch seconds.
 
-The first epoch (compilation) is dropped; medians over the rest. The CPU model and core count are
+The first epoch (compilation) is dropped; each scenario reports the parts of its median epoch (by epoch
+seconds), with every timed epoch's parts in the JSON (`per_epoch`). The CPU model and core count are
 recorded with the results (`benchmarks.report.device_string`). Docs: docs/PERFORMANCE.md.
 """
 
@@ -201,6 +202,16 @@ def device_reward_s(c, repeats: int = 3) -> float:
     return statistics.median(times)
 
 
+def breakdown(records: list) -> dict:
+    """A run's metrics.jsonl records -> the parts of its median epoch (by epoch seconds; the lower middle of
+    an even count) after the compiling first one, which add up to that epoch as medians per part need not,
+    with every timed epoch's parts (`per_epoch`) and the final evaluation's seconds."""
+    train = [{p: r[f"train/{p}"] for p in PARTS} for r in records if "train/epoch_s" in r][1:]
+    median = sorted(train, key=lambda r: r["epoch_s"])[(len(train) - 1) // 2]
+    evals = [r["eval/eval_s"] for r in records if "eval/eval_s" in r]
+    return {**median, "eval_s_final": evals[-1], "timed_epochs": len(train), "per_epoch": train}
+
+
 def run(epochs: int = 5, tiny: bool = False, out: str | None = None, log=print, reference: str = "",
         prompts: str = "", scale: str = "toy", cache: str | None = None) -> dict:
     results = {"device": device_string(), "commit": git_commit(), "scale": scale, "epochs": epochs,
@@ -219,11 +230,8 @@ def run(epochs: int = 5, tiny: bool = False, out: str | None = None, log=print, 
             workdir, config = os.path.join(tmp, name), make(name)
             t0 = time.time()
             loop.run(config, workdir)
-            records = read_metrics(os.path.join(workdir, "metrics.jsonl"))
-            train = [r for r in records if "train/epoch_s" in r][1:]  # the first epoch compiles
-            evals = [r["eval/eval_s"] for r in records if "eval/eval_s" in r]
-            row = {p: statistics.median(r[f"train/{p}"] for r in train) for p in PARTS}
-            row.update(eval_s_final=evals[-1], timed_epochs=len(train), wall_s=time.time() - t0)
+            row = breakdown(read_metrics(os.path.join(workdir, "metrics.jsonl")))
+            row["wall_s"] = time.time() - t0
             row["reward_device_s"] = device_reward_s(config) if config.rewards.get("placement") else 0.0
             row["reward_fraction"] = (row["reward_host_span_s"] + row["reward_device_s"]) / row["epoch_s"]
             results["scenarios"][name] = row
@@ -240,7 +248,7 @@ def run(epochs: int = 5, tiny: bool = False, out: str | None = None, log=print, 
 
 def markdown(results: dict) -> str:
     shape = results.get("shape")
-    lines = [f"device: {results['device']}; commit {results['commit']}; median over {results['epochs'] - 1} epochs; "
+    lines = [f"device: {results['device']}; commit {results['commit']}; the median of {results['epochs'] - 1} epochs; "
              f"load average {results['load_average'][0]:.1f} -> {results['load_average_after'][0]:.1f}"]
     if shape:
         lines.append("SD3.5-Medium-shaped: " + "; ".join(f"{k}={v}" for k, v in shape.items()))

@@ -154,6 +154,20 @@ def test_epoch_breakdown_smoke(tmp_path, tiny_reference):
     assert "| clip_device |" in epoch.markdown(res) and "cores" in res["device"]
 
 
+def test_epoch_breakdown_is_the_median_epoch():
+    """The compiling first epoch is dropped; the row is the median epoch's own parts (they add up to it), not
+    medians per part (here rollout 4 and train 8)."""
+    from benchmarks import epoch
+
+    parts = ((50.0, 50.0, 5.0), (9.0, 3.0, 1.0), (2.0, 8.0, 0.5), (4.0, 18.0, 2.0))
+    records = [{"eval/eval_s": 9.0}] + [
+        {"train/rollout_s": ro, "train/train_s": tr, "train/epoch_s": ro + tr, "train/reward_host_s": h,
+         "train/reward_host_span_s": h} for ro, tr, h in parts] + [{"eval/eval_s": 7.0}]
+    row = epoch.breakdown(records)
+    assert (row["epoch_s"], row["rollout_s"], row["train_s"], row["reward_host_span_s"]) == (12.0, 9.0, 3.0, 1.0)
+    assert row["timed_epochs"] == len(row["per_epoch"]) == 3 and row["eval_s_final"] == 7.0
+
+
 @pytest.mark.slow
 @pytest.mark.needs_torch
 def test_epoch_breakdown_sd35m_smoke(tmp_path):
