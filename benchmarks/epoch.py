@@ -22,8 +22,8 @@ The run is the shipped `sd35m_awm_normguard.py` (LoRA rank 32 / alpha 64, AWM's 
 steps per epoch, T5 length 256, bf16 frozen base) at 256 px, 2 prompts x 2 samples per epoch, 10 rollout
 steps (shipped: 14), evaluations of 2 images in 10 steps, computing in float32 (XLA:CPU's bf16 matmuls are
 about half as fast). The reward is a CLIP-B/16-shaped CLIP score (12 layers, width 768, patch 16) at the
-generator's resolution, 256 px rather than CLIP's 224: the device placement scores images at the CLIP
-input size and refuses to resize them (`ng_jax.rewards.clip.device_pixels`).
+generator's resolution, 256 px rather than CLIP's 224 (the measurement was made when the device placement
+could not yet resize; `ng_jax.rewards.clip.device_pixels` now resizes as Pillow does).
 
 Device-placed rewards run fused inside the rollout's jit, so the loop cannot time them apart: their
 `reward_device_s` is the same reward function jitted alone on one epoch's images (median of 3 calls

@@ -169,17 +169,68 @@ def numpy_text_embeds(w, config, ids: np.ndarray) -> np.ndarray:
     return x[np.arange(ids.shape[0]), eos] @ w["text_projection.weight"]
 
 
-def device_pixels(images, size: int, mean=CLIP_MEAN, std=CLIP_STD):
-    """Traceable CLIP preprocessing of float images in [-1, 1] [B, H, W, 3] already at the model's size
-    (the toy world's and any run whose decoder output matches the CLIP input): quantised to the uint8
-    levels the host path sees (`sampling.to_uint8`), then /255 and CLIP mean/std. Other sizes need the
-    host path's PIL resize, which this does not reproduce (a ValueError)."""
+PIL_BITS = 22   # Pillow's fixed-point precision for 8-bit resampling (32 - 8 - 2)
+
+
+def _pil_bicubic(x: np.ndarray) -> np.ndarray:
+    """Pillow's bicubic kernel (Keys, a = -0.5), support 2."""
+    x = np.abs(x)
+    a = -0.5
+    return np.where(x < 1.0, ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0,
+                    np.where(x < 2.0, (((x - 5.0) * x + 8.0) * x - 4.0) * a, 0.0))
+
+
+def pil_bicubic_weights(in_size: int, out_size: int) -> np.ndarray:
+    """int64 [out_size, in_size]: the fixed-point taps with which Pillow's `resize(..., BICUBIC)` computes each
+    output pixel of an 8-bit image along one axis (antialiased: the kernel widens by the downscale factor),
+    so that `clip((taps @ row + 2^21) >> 22, 0, 255)` is Pillow's output to the bit."""
+    scale = in_size / out_size
+    filterscale = max(scale, 1.0)
+    support = 2.0 * filterscale
+    taps = np.zeros((out_size, in_size), np.int64)
+    for xx in range(out_size):
+        center = (xx + 0.5) * scale
+        lo = max(int(center - support + 0.5), 0)
+        hi = min(int(center + support + 0.5), in_size)
+        w = _pil_bicubic((np.arange(lo, hi) - center + 0.5) / filterscale)
+        w = w / w.sum() if w.sum() != 0.0 else w
+        taps[xx, lo:hi] = np.where(w < 0, np.trunc(-0.5 + w * (1 << PIL_BITS)), np.trunc(0.5 + w * (1 << PIL_BITS)))
+    return taps
+
+
+def _pil_pass(levels, taps: np.ndarray, axis: int):
+    """One of Pillow's two resampling passes on int32 levels [B, H, W, C] along `axis` (1: rows, 2: columns)."""
     import jax.numpy as jnp
 
-    if images.shape[1:3] != (size, size):
-        raise ValueError(f"device CLIP preprocessing needs {size}x{size} images, got {tuple(images.shape[1:3])}; "
-                         "place this reward on the host (its PIL resize)")
-    levels = jnp.clip(jnp.round((images.astype(jnp.float32) + 1.0) * 127.5), 0.0, 255.0)
+    t = jnp.asarray(taps, jnp.int32)
+    spec = "bhwc,oh->bowc" if axis == 1 else "bhwc,ow->bhoc"
+    acc = jnp.einsum(spec, levels, t, preferred_element_type=jnp.int32) + (1 << (PIL_BITS - 1))
+    return jnp.clip(acc >> PIL_BITS, 0, 255)
+
+
+def device_pixels(images, size: int, mean=CLIP_MEAN, std=CLIP_STD, crop_rounding: str = "floor",
+                  resize: int | None = None):
+    """Traceable CLIP preprocessing of float images in [-1, 1] [B, H, W, 3], the host path's
+    (`preprocess_images`) to the bit: quantised to the uint8 levels the host path sees (`sampling.to_uint8`),
+    the shorter side resized to `resize` (default `size`) as Pillow's bicubic resize does it (fixed-point
+    taps, horizontal pass then vertical, uint8 in between), centre-cropped to `size`, /255, mean/std.
+    Exact for square images (what the generators produce); for some portrait images Pillow 13 runs the
+    vertical pass first, and a few pixels may then differ by one level."""
+    import jax.numpy as jnp
+
+    resize = resize or size
+    h, w = images.shape[1:3]
+    short, long = (h, w) if h <= w else (w, h)
+    new_long = int(resize * long / short)
+    nh, nw = (resize, new_long) if h <= w else (new_long, resize)
+    levels = jnp.clip(jnp.round((images.astype(jnp.float32) + 1.0) * 127.5), 0.0, 255.0).astype(jnp.int32)
+    if nw != w:
+        levels = _pil_pass(levels, pil_bicubic_weights(w, nw), axis=2)
+    if nh != h:
+        levels = _pil_pass(levels, pil_bicubic_weights(h, nh), axis=1)
+    offset = (lambda m: m // 2) if crop_rounding == "floor" else (lambda m: int(round(m / 2.0)))
+    top, left = offset(nh - size), offset(nw - size)
+    levels = levels[:, top:top + size, left:left + size].astype(jnp.float32)
     return (levels / 255.0 - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
 
 
@@ -297,9 +348,11 @@ class ClipSimilarityReward:
             self._w = numpy_weights(read_clip_tensors(self._weights_dir))
         w = {k: jnp.asarray(v) for k, v in self._w.items() if k.startswith(("vision_model.", "visual_projection."))}
         config, size, mean, std, scale = self.config, self.image_size, self.mean, self.std, self.scale
+        crop_rounding, resize = self.crop_rounding, self.resize
 
         def rewards(images, text_feats):
-            f = numpy_image_embeds(w, config, device_pixels(images, size, mean, std), xp=jnp)
+            pixels = device_pixels(images, size, mean, std, crop_rounding, resize)
+            f = numpy_image_embeds(w, config, pixels, xp=jnp)
             f = f / jnp.linalg.norm(f, axis=-1, keepdims=True)
             return scale * jnp.sum(f * text_feats, axis=-1)
         return rewards

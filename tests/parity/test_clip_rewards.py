@@ -362,11 +362,12 @@ def test_clip_rewards_by_name_from_the_rl_config(tiny, images):
 
 
 @pytest.mark.needs_torch
-@pytest.mark.parametrize("act, cls", [("quick", "ClipScore"), ("gelu", "PickScore")])
-def test_the_device_path_equals_the_host_path(tiny, act, cls):
+@pytest.mark.parametrize("act, cls", [("quick", "ClipScore"), ("gelu", "PickScore"), ("quick", "HPSv2")])
+@pytest.mark.parametrize("hw", [(IMAGE, IMAGE), (2 * IMAGE + 5, 2 * IMAGE + 5)])
+def test_the_device_path_equals_the_host_path(tiny, act, cls, hw):
     """`device_fn`: the image tower jitted on the devices, on float samples in [-1, 1], scores as the host path
-    scores the same samples after their conversion to uint8 (to 1e-4); sizes other than the model's are
-    refused (the host path's PIL resize is not reproduced)."""
+    scores the same samples after their conversion to uint8 (to 1e-4), at the model's size and larger (Pillow's
+    bicubic downscale and the centre crop, reproduced on the devices)."""
     import jax
     import jax.numpy as jnp
 
@@ -374,13 +375,11 @@ def test_the_device_path_equals_the_host_path(tiny, act, cls):
     from ng_jax.sampling import to_uint8
 
     reward = getattr(clip, cls)(tiny[act], backend="numpy")
-    x = jax.random.uniform(jax.random.key(0), (4, IMAGE, IMAGE, 3), minval=-1.1, maxval=1.1)
+    x = jax.random.uniform(jax.random.key(0), (4, *hw, 3), minval=-1.1, maxval=1.1)
     host = reward(np.asarray(to_uint8(x)), PROMPTS)
     device = jax.jit(reward.device_fn())(x, jnp.asarray(reward.text_features(PROMPTS)))
     np.testing.assert_allclose(np.asarray(device), host, rtol=1e-4, atol=1e-4 * reward.scale)
     assert np.ptp(host) > 1e-3 * reward.scale  # distinct images and prompts, distinct scores
-    with pytest.raises(ValueError, match="place this reward on the host"):
-        reward.device_fn()(jnp.zeros((1, IMAGE + 8, IMAGE + 8, 3)), jnp.zeros((1, 8)))
 
 
 @pytest.mark.needs_torch
