@@ -189,11 +189,19 @@ def image_grid(images: np.ndarray, *, cols: int | None = None, scale: int = 2,
     return canvas
 
 
-def save_grid(path: str, images: np.ndarray, **kwargs) -> str:
+def write_png(path: str, image, **savefig_kw) -> str:
+    """A PIL image, or a matplotlib Figure (`savefig_kw`: e.g. dpi), as a PNG file: a local path or a bucket."""
     buf = io.BytesIO()
-    image_grid(images, **kwargs).save(buf, format="PNG")
+    if hasattr(image, "savefig"):
+        image.savefig(buf, format="png", **savefig_kw)
+    else:
+        image.save(buf, format="PNG")
     storage.write_bytes(path, buf.getvalue())
     return path
+
+
+def save_grid(path: str, images: np.ndarray, **kwargs) -> str:
+    return write_png(path, image_grid(images, **kwargs))
 
 
 def progress(total: int, *, desc: str, initial: int = 0, enabled: bool = True):

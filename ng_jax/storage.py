@@ -16,6 +16,7 @@ writes gs:// itself, through google-cloud-storage.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import uuid
@@ -107,6 +108,18 @@ def append_text(p, text: str) -> None:
     target = epath.Path(p)
     old = target.read_text() if target.exists() else ""
     target.write_text(old + text)
+
+
+def read_text(p) -> str | None:
+    """A file's text, or None when there is no such file."""
+    target = epath.Path(p)
+    return target.read_text() if target.is_file() else None
+
+
+def read_json(p):
+    """A JSON file parsed, or None when there is no such file."""
+    text = read_text(p)
+    return None if text is None else json.loads(text)
 
 
 def listdir(p) -> list[str]:

@@ -239,9 +239,7 @@ def initial_evaluation_cache(config, stack) -> str | None:
 
 
 def read_cached_evaluation(path: str | None) -> dict | None:
-    if not path or not storage.path(path).is_file():
-        return None
-    return json.loads(storage.path(path).read_text())
+    return storage.read_json(path) if path else None
 
 
 def write_cached_evaluation(path: str | None, result: dict) -> None:

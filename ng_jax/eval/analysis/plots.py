@@ -3,20 +3,15 @@ no pyplot, so importing this module leaves the process's backend alone, e.g. a n
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
 from matplotlib.figure import Figure
 
-from ng_jax import storage
+from ng_jax import logs
 
 
 def _save(fig, path: str) -> str:
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, dpi=110, format="png")
-    storage.write_bytes(path, buf.getvalue())  # a local path or a bucket (gs://...)
-    return path
+    return logs.write_png(path, fig, dpi=110)  # a local path or a bucket (gs://...)
 
 
 def norm_curves(path: str, curves: dict[str, dict]) -> str:
