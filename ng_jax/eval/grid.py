@@ -17,6 +17,8 @@
 
 `grid.report_only=True` skips 1 and 4: the report of the runs finished so far (the others listed as not
 finished), e.g. while the grid still trains in the background.
+
+WORKDIR and `config.results` may be in a bucket (gs://...): every file is read and written through ng_jax.storage.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import time
 import ml_collections as mlc
 import numpy as np
 
+from ng_jax import storage
 from ng_jax.config.checks import ConfigError, check_config
 from ng_jax.config.methods import load_config_file
 from ng_jax.data.render import render_fn
@@ -154,25 +157,21 @@ def _flatten(tree, prefix=""):
 def _check_recorded_config(c: mlc.ConfigDict, run_dir: str, reference_sha: str) -> None:
     """A run directory is reused or resumed only by the config and the reference weights that started it:
     a grid whose settings or reference changed since must not silently mix old runs into its report."""
-    path = os.path.join(run_dir, RUN_CONFIG)
-    if not os.path.isdir(run_dir) or not os.listdir(run_dir):
+    if not storage.listdir(run_dir):
         return
-    if not os.path.isfile(path):
+    recorded_config = storage.read_json(os.path.join(run_dir, RUN_CONFIG))
+    if recorded_config is None:
         raise ConfigError(f"{run_dir} holds a run without {RUN_CONFIG} (not started by this grid); "
                           f"delete it or point grid workdir elsewhere")
-    with open(path) as f:
-        old = dict(_flatten(json.load(f)))
+    old = dict(_flatten(recorded_config))
     new = dict(_flatten(json.loads(c.to_json_best_effort())))
     diff = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
     if diff:
         shown = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff[:4])
         raise ConfigError(f"{run_dir} was started with another config ({shown}{', ...' if len(diff) > 4 else ''}); "
                           f"delete it to retrain that run")
-    ref_path = os.path.join(run_dir, RUN_REFERENCE)
-    recorded = "(not recorded)"
-    if os.path.isfile(ref_path):
-        with open(ref_path) as f:
-            recorded = f.read().strip()
+    recorded = storage.read_text(os.path.join(run_dir, RUN_REFERENCE))
+    recorded = "(not recorded)" if recorded is None else recorded.strip()
     if recorded != reference_sha:
         raise ConfigError(f"{run_dir} was started from another reference bundle (params sha256 {recorded[:12]}, "
                           f"now {reference_sha[:12]}); delete it to retrain that run")
@@ -252,21 +251,18 @@ def _analyses(config, workdir: str, runs: dict[str, RunSpec], retrained: bool, t
     a_dir = os.path.join(workdir, "analysis")
     record = os.path.join(a_dir, RUN_CONFIG)
     a_json = a_cfg.to_json_best_effort(indent=1, sort_keys=True)
-    done = os.path.isfile(record) and all(
-        os.path.isfile(os.path.join(a_dir, f"{k}.json")) for k in ("norms", "renorm", "few_step", "adjoint"))
-    if done:
-        with open(record) as f:
-            done = f.read() == a_json
+    recorded = storage.read_text(record)
+    done = recorded == a_json and all(
+        storage.path(os.path.join(a_dir, f"{k}.json")).is_file() for k in ("norms", "renorm", "few_step", "adjoint"))
     if done and not retrained:
         print("analyses: finished earlier with these runs and settings, reused")
         return
-    if os.path.isfile(record):
-        os.remove(record)  # an interrupted analysis must not be mistaken for a finished one
+    if recorded is not None:
+        storage.path(record).unlink()  # an interrupted analysis must not be mistaken for a finished one
     t0 = time.time()
     analyze.run(a_cfg, a_dir)
     timings["analysis"] = time.time() - t0
-    with open(record, "w") as f:
-        f.write(a_json)
+    storage.write_text(record, a_json)
 
 
 def run(config, workdir: str) -> int:
@@ -275,7 +271,7 @@ def run(config, workdir: str) -> int:
         runs = run_specs(config)
     except (KeyError, ValueError) as err:
         raise ConfigError(str(err).strip("'\"")) from None
-    os.makedirs(workdir, exist_ok=True)
+    storage.makedirs(workdir)
     timings = {}
     started_at = report.commit()  # the code this process loaded (later commits to the checkout do not change it)
     report_only = bool(config.grid.get("report_only", False))
@@ -288,21 +284,19 @@ def run(config, workdir: str) -> int:
     for i, (name, spec) in enumerate(runs.items() if not report_only else (), 1):
         run_dir = os.path.join(workdir, name)
         _check_recorded_config(spec.config, run_dir, reference_sha)
-        if os.path.isfile(os.path.join(run_dir, "summary.json")):
+        if storage.path(os.path.join(run_dir, "summary.json")).is_file():
             print(f"[{i}/{len(runs)}] {name}: finished earlier, reused")
             continue
         print(f"[{i}/{len(runs)}] {name}: training")
-        os.makedirs(run_dir, exist_ok=True)
-        with open(os.path.join(run_dir, RUN_CONFIG), "w") as f:
-            f.write(spec.config.to_json_best_effort(indent=1, sort_keys=True))
-        if not os.path.isfile(os.path.join(run_dir, report.RUN_COMMIT)):  # kept when an interrupted run resumes
-            with open(os.path.join(run_dir, report.RUN_COMMIT), "w") as f:
-                f.write(started_at + "\n")
-        with open(os.path.join(run_dir, RUN_REFERENCE), "w") as f:
-            f.write(reference_sha + "\n")
+        storage.makedirs(run_dir)
+        storage.write_text(os.path.join(run_dir, RUN_CONFIG), spec.config.to_json_best_effort(indent=1, sort_keys=True))
+        commit_path = os.path.join(run_dir, report.RUN_COMMIT)
+        if not storage.path(commit_path).is_file():  # kept when an interrupted run resumes
+            storage.write_text(commit_path, started_at + "\n")
+        storage.write_text(os.path.join(run_dir, RUN_REFERENCE), reference_sha + "\n")
         t0 = time.time()
         code = loop.run(spec.config, run_dir)
-        if code != 0 or not os.path.isfile(os.path.join(run_dir, "summary.json")):
+        if code != 0 or not storage.path(os.path.join(run_dir, "summary.json")).is_file():
             print(f"{name}: stopped before the end (exit {code}); rerun the command to resume it")
             return code or 1
         timings[name] = time.time() - t0
@@ -313,8 +307,7 @@ def run(config, workdir: str) -> int:
     if int(config.grid.floor_draws) > 0 and (floors is None or floors.get("n") != want_n
                                              or floors.get("draws") != int(config.grid.floor_draws)):
         floors = measure_floors(first, int(config.grid.floor_draws))
-        with open(floors_path, "w") as f:
-            json.dump(floors, f, indent=1)
+        storage.write_text(floors_path, json.dumps(floors, indent=1))
     if config.grid.get("analysis_reward") and not report_only:
         _analyses(config, workdir, runs, bool(timings), timings)
     path = report.write_results(config, workdir, runs, timings, total_s=time.time() - t_start, floors=floors,

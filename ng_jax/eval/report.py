@@ -11,18 +11,18 @@ differences `NormGuard - base` over seeds, with 95% t and bootstrap intervals.
 from __future__ import annotations
 
 import datetime
+import io
 import json
 import os
 import platform
 import shlex
-import shutil
 import subprocess
 import sys
 from collections import defaultdict
 
 import numpy as np
 
-from ng_jax import logs
+from ng_jax import logs, storage
 from ng_jax.eval import stats
 from ng_jax.models.bundle import bundle_fingerprint
 
@@ -31,10 +31,7 @@ HIGH_SIGMA = 0.5                    # the norm ratio endpoints average the sampl
 
 
 def _read(path):
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
+    return storage.read_json(path)
 
 
 def commit() -> str:
@@ -54,10 +51,9 @@ def run_commits(workdir: str, names) -> dict[str, list[str]]:
     """commit -> the runs (of `names` that have started) it trained."""
     found = defaultdict(list)
     for n in names:
-        path = os.path.join(workdir, n, RUN_COMMIT)
-        if os.path.isfile(path):
-            with open(path) as f:
-                found[f.read().strip()].append(n)
+        text = storage.read_text(os.path.join(workdir, n, RUN_COMMIT))
+        if text is not None:
+            found[text.strip()].append(n)
     return dict(found)
 
 
@@ -219,6 +215,13 @@ def _figure(figsize, nrows: int, ncols: int, **kw):
     return fig, fig.subplots(nrows, ncols, squeeze=False, **kw)
 
 
+def _save(fig, path: str) -> bool:
+    """Lay out `fig` and write it as a PNG (a local path or a bucket)."""
+    fig.tight_layout()
+    logs.write_png(path, fig, dpi=90)
+    return True
+
+
 def _band(ax, x, ys: np.ndarray, colour: str, label: str, fmt: str = "-", **kw) -> None:
     """The mean over seeds (rows of `ys`) against `x`, with its 95% t band when there are several seeds."""
     ivs = [stats.interval(ys[:, k], n_boot=10) for k in range(ys.shape[1])]
@@ -250,9 +253,7 @@ def plot_norms(grouped: dict, reward: str, base_arm: str, ng_arm: str, path: str
             if j == 0:
                 ax.set_ylabel("||v_theta|| / ||v_ref||")
             ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    return True
+    return _save(fig, path)
 
 
 def plot_trajectories(grouped: dict, reward: str, base_arm: str, ng_arm: str, path: str) -> bool:
@@ -277,9 +278,7 @@ def plot_trajectories(grouped: dict, reward: str, base_arm: str, ng_arm: str, pa
             ax.set_title(f"{m}: evaluation {key}")
             ax.set_xlabel("epoch")
             ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    return True
+    return _save(fig, path)
 
 
 def plot_few_step(grouped: dict, reward: str, base_arm: str, ng_arm: str, path: str) -> bool:
@@ -305,9 +304,7 @@ def plot_few_step(grouped: dict, reward: str, base_arm: str, ng_arm: str, path: 
         ax.set_xticks([4, 6, 20], ["4", "6", "20"])
         ax.set_title(f"{m}: KID against sampling steps")
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    return True
+    return _save(fig, path)
 
 
 def plot_frontier(grouped: dict, reward: str, base_arm: str, path: str) -> bool:
@@ -341,9 +338,7 @@ def plot_frontier(grouped: dict, reward: str, base_arm: str, path: str) -> bool:
         ax.set_ylabel("KID (final, CFG-free)")
         ax.set_title(f"{m}: reward against quality")
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    return True
+    return _save(fig, path)
 
 
 def sample_comparison(workdir: str, runs: dict, reward: str, seed: int, arms: tuple[str, str], path: str) -> bool:
@@ -359,8 +354,9 @@ def sample_comparison(workdir: str, runs: dict, reward: str, seed: int, arms: tu
         epochs = int(spec.config.rl.epochs)
         for suffix, label in (("", "CFG-free"), ("_guided", "CFG 4.5")):
             png = os.path.join(workdir, name, "samples", f"epoch_{epochs:04d}{suffix}.png")
-            if os.path.isfile(png):
-                panels.append((f"{spec.method} {spec.arm}, seed {seed}, epoch {epochs}, {label}", Image.open(png)))
+            if storage.path(png).is_file():
+                panels.append((f"{spec.method} {spec.arm}, seed {seed}, epoch {epochs}, {label}",
+                               Image.open(io.BytesIO(storage.path(png).read_bytes()))))
     if not panels:
         return False
     width = max(im.width for _, im in panels)
@@ -370,7 +366,7 @@ def sample_comparison(workdir: str, runs: dict, reward: str, seed: int, arms: tu
         ImageDraw.Draw(out).text((2, y + 1), caption, fill="black")
         out.paste(im.convert("RGB"), (0, y + 14))
         y += im.height + 14
-    out.save(path)
+    logs.write_png(path, out)
     return True
 
 
@@ -412,7 +408,7 @@ def write_results(config, workdir: str, runs: dict, timings: dict, total_s: floa
     grouped = cells(runs, summaries)
     out_path = str(config.results)
     fig_dir = os.path.join(os.path.dirname(out_path) or ".", "results")
-    os.makedirs(fig_dir, exist_ok=True)
+    storage.makedirs(fig_dir)
     verdicts = verdict_rows(grouped, base_arm, ng_arm, margins)
     commits = run_commits(workdir, [n for n in runs if summaries[n] is not None])  # the finished runs
     compute_s = sum(float(s.get("wall_s") or 0.0) for s in summaries.values() if s) + float(timings.get("analysis", 0.0))
@@ -527,11 +523,9 @@ def write_results(config, workdir: str, runs: dict, timings: dict, total_s: floa
           _f(endpoint(s, "ratio"), 4), _f(endpoint(s, "ratio_guided"), 4), _f(endpoint(s, "kid"), 1),
           _f(endpoint(s, "fd"), 1), _f(endpoint(s, "accuracy"), 3), _f((s.get("wall_s") or 0) / 60, 1)]
          if s else [n, "", "not finished", "", "", "", "", "", ""] for n, s in summaries.items()]), ""]
-    os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
-    with open(out_path, "w") as f:
-        f.write("\n".join(md))
-    with open(os.path.join(fig_dir, os.path.splitext(os.path.basename(out_path))[0] + ".json"), "w") as f:
-        json.dump(data, f, indent=1, default=float)
+    storage.write_text(out_path, "\n".join(md))
+    storage.write_text(os.path.join(fig_dir, os.path.splitext(os.path.basename(out_path))[0] + ".json"),
+                       json.dumps(data, indent=1, default=float))
     return out_path
 
 
@@ -627,8 +621,8 @@ def analyses_section(workdir: str, fig_dir: str) -> list[str]:
                        for label, r in an["adjoint"].items()]), ""]
     for name in ("renorm.png", "few_step.png", "adjoint.png"):
         src = os.path.join(a_dir, name)
-        if os.path.isfile(src):
-            shutil.copyfile(src, os.path.join(fig_dir, f"analysis_{name}"))
+        if storage.path(src).is_file():
+            storage.write_bytes(os.path.join(fig_dir, f"analysis_{name}"), storage.path(src).read_bytes())
             md += [f"![{name[:-4]}](results/analysis_{name})", ""]
     return md
 
