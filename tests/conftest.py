@@ -47,3 +47,15 @@ def tiny_reference(tmp_path_factory) -> TinyReference:
             write_prompt_file(str(root))
             os.replace(build_tiny_bundle(str(root / "bundle.partial")), root / "bundle")
     return TinyReference(bundle=str(root / "bundle"), prompts=str(root / "prompts.txt"))
+
+
+@pytest.fixture(scope="module")
+def gcs(tmp_path_factory):
+    """A GCS emulator for the test module (tests/gcs.py: gs://{tests.gcs.BUCKET}/...), its environment set in
+    this process; yields a gcsfs filesystem on it. Skips the test without gcsfs or the emulator."""
+    from tests.gcs import MISSING, emulator
+
+    if MISSING:
+        pytest.skip(MISSING)
+    with emulator(tmp_path_factory.mktemp("gcs")) as fs:
+        yield fs

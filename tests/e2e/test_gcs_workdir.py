@@ -1,10 +1,9 @@
-"""Workdirs in a bucket (gs://), against a local GCS emulator (gcp-storage-emulator, in memory, on loopback;
-tests/gcs_emulator.py adds the generation header its downloads lack).
+"""Workdirs in a bucket (gs://), against a local GCS emulator (tests/gcs.py; every test takes the `gcs` fixture,
+which skips it without gcsfs or the emulator).
 
 The emulator serves both clients a run uses: gcsfs (etils.epath: metrics.jsonl, summary.json, sample grids,
-the exported policy; google-cloud-storage: TensorBoard's events) through STORAGE_EMULATOR_HOST, and
-tensorstore (orbax's checkpoint arrays) through TENSORSTORE_GCS_HTTP_URL, with a test token for its
-credentials. In a bucket orbax writes a step in place and marks it complete last (commit_success.txt), not
+the exported policy; google-cloud-storage: TensorBoard's events) and tensorstore (orbax's checkpoint arrays).
+In a bucket orbax writes a step in place and marks it complete last (commit_success.txt), not
 by a rename as on a local disk; the tests below check that this still leaves the previous checkpoint usable
 after a kill, and that a run killed with SIGKILL (a preempted VM: no SIGTERM, no final save) resumes from
 the bucket and ends with exactly the numbers of an uninterrupted run.
@@ -12,12 +11,9 @@ the bucket and ends with exactly the numbers of an uninterrupted run.
 
 from __future__ import annotations
 
-import contextlib
-import importlib.util
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,77 +23,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-# Not imported here: gcsfs reads its settings (set by the `gcs` fixture) when first imported.
-if importlib.util.find_spec("gcp_storage_emulator") is None or importlib.util.find_spec("gcsfs") is None:
-    pytest.skip("needs gcsfs (requirements.txt) and gcp-storage-emulator (requirements-test.txt)",
-                allow_module_level=True)
+from ng_jax import sharding, storage
+from ng_jax.checkpoint import CheckpointError, Checkpointer
+from ng_jax.main import main
+from ng_jax.state import TrainState
+from tests.fixtures import REPO
+from tests.gcs import BUCKET
 
-from ng_jax import sharding, storage  # noqa: E402
-from ng_jax.checkpoint import CheckpointError, Checkpointer  # noqa: E402
-from ng_jax.main import main  # noqa: E402
-from ng_jax.state import TrainState  # noqa: E402
-from tests.fixtures import REPO  # noqa: E402
-
-BUCKET = "ngjax-test"
 # What differs between two runs of the same config: wall-clock stamps and durations.
 NOT_REPRODUCIBLE = ("time", "train/rollout_s", "train/epoch_s", "train/train_s", "train/reward_host_s",
                     "train/reward_host_span_s", "eval/eval_s")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def gcs(tmp_path_factory):
-    """The emulator's environment (set in this process, inherited by the jobs it starts); yields a gcsfs
-    filesystem on it. The emulator is stopped, and the environment restored, after the module."""
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    env = {
-        "STORAGE_EMULATOR_HOST": url,          # gcsfs and google-cloud-storage
-        "TENSORSTORE_GCS_HTTP_URL": url,       # tensorstore (orbax)
-        "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator",  # tensorstore: no credentials lookup
-        # gcsfs asks the storage-control gRPC API for the bucket's layout, which the emulator does not serve
-        "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
-    }
-    # Its output goes to a file: it prints a traceback for every connection a client drops early, and an
-    # unread pipe would fill up and stop it.
-    log_path = tmp_path_factory.mktemp("gcs") / "emulator.log"
-    log = open(log_path, "w")
-    proc = subprocess.Popen([sys.executable, "-m", "tests.gcs_emulator", "start", "--host", "127.0.0.1",
-                             "--port", str(port), "--default-bucket", BUCKET, "--in-memory", "-q"],
-                            cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
-                break
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the GCS emulator did not start: {log_path.read_text()[-2000:]}")
-            time.sleep(0.2)
-        saved = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)
-        try:
-            import gcsfs
-
-            yield gcsfs.GCSFileSystem()
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
 
 
 def _state(mesh, scale=1.0):

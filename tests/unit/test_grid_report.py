@@ -11,10 +11,13 @@ import os
 
 import numpy as np
 import pytest
+from PIL import Image
 
+from ng_jax import logs, storage
 from ng_jax.config.checks import ConfigError
 from ng_jax.eval import grid, report, stats
 from tests.fixtures import REPO
+from tests.gcs import BUCKET
 
 
 def test_grid_config_errors_name_the_key():
@@ -63,19 +66,18 @@ def _summary(ratio, guided_ratio, gain, kid, guided_kid, history=()):
             "history": [{"epoch": e, "reward": r, "kid": k} for e, r, k in history]}
 
 
-def _write(tmp_path, make, methods=("awm",), commit_of=lambda name: report.commit()):
+def _write(root, make, methods=("awm",), commit_of=lambda name: report.commit()):
+    """A grid in ROOT/grid (a local directory or gs://...) whose runs finished with the summaries `make` returns,
+    reported to ROOT/RESULTS.md."""
     c = grid.load_config_file("experiments/toy_grid.py")
-    c.workdir = str(tmp_path / "grid")
+    c.workdir = os.path.join(str(root), "grid")
     c.reference = os.path.join(REPO, "ng_jax", "assets", "reference_stage1")
     c.grid.methods, c.grid.rewards, c.grid.seeds = methods, ("preference",), SEEDS
-    c.results = str(tmp_path / "RESULTS.md")
+    c.results = os.path.join(str(root), "RESULTS.md")
     runs = grid.run_specs(c)
     for name, spec in runs.items():
-        os.makedirs(os.path.join(c.workdir, name))
-        with open(os.path.join(c.workdir, name, "summary.json"), "w") as f:
-            json.dump(make(spec.method, spec.arm, spec.seed), f)
-        with open(os.path.join(c.workdir, name, report.RUN_COMMIT), "w") as f:
-            f.write(commit_of(name) + "\n")
+        storage.write_text(os.path.join(c.workdir, name, "summary.json"), json.dumps(make(spec.method, spec.arm, spec.seed)))
+        storage.write_text(os.path.join(c.workdir, name, report.RUN_COMMIT), commit_of(name) + "\n")
     return c, runs
 
 
@@ -85,19 +87,21 @@ def _verdict(text, claim):
     return rows[0].rstrip(" |").rsplit("**", 2)[-2]
 
 
+# base inflates by 8% guided (+-0.01 over seeds) and 1% CFG-free; NormGuard takes 6 points off the guided
+# ratio, keeps 95% of the gain, and lowers KID by 10 +- 2 CFG-free; guided KID differences straddle 0.
+JITTER = dict(zip(SEEDS, (-0.01, 0.0, 0.01, 0.005, -0.005)))
+
+
+def _paired(method, arm, seed):
+    j = JITTER[seed]
+    if arm == "base":
+        return _summary(1.01 + j, 1.08 + j, 0.5 + j, 50.0 + 100 * j, 60.0,
+                        history=[(5, 1.2, 20.0), (10, 1.4, 40.0), (20, 1.5 + j, 50.0 + 100 * j)])
+    return _summary(0.99 + j, 1.02 + j, 0.475 + j, 40.0 + 100 * j + 2 * (seed % 2), 60.0 + 3 * (1 - 2 * (seed % 2)))
+
+
 def test_report_verdicts_from_paired_seeds(tmp_path):
-    # base inflates by 8% guided (+-0.01 over seeds) and 1% CFG-free; NormGuard takes 6 points off the guided
-    # ratio, keeps 95% of the gain, and lowers KID by 10 +- 2 CFG-free; guided KID differences straddle 0.
-    jitter = dict(zip(SEEDS, (-0.01, 0.0, 0.01, 0.005, -0.005)))
-
-    def make(method, arm, seed):
-        j = jitter[seed]
-        if arm == "base":
-            return _summary(1.01 + j, 1.08 + j, 0.5 + j, 50.0 + 100 * j, 60.0,
-                            history=[(5, 1.2, 20.0), (10, 1.4, 40.0), (20, 1.5 + j, 50.0 + 100 * j)])
-        return _summary(0.99 + j, 1.02 + j, 0.475 + j, 40.0 + 100 * j + 2 * (seed % 2), 60.0 + 3 * (1 - 2 * (seed % 2)))
-
-    c, runs = _write(tmp_path, make)
+    c, runs = _write(tmp_path, _paired)
     text = open(report.write_results(c, c.workdir, runs, {}, 60.0)).read()
     assert _verdict(text, "awm: base RL inflates the norm (CFG 4.5)") == "reproduces"
     assert _verdict(text, "awm: base RL inflates the norm (CFG-free)") == "contradicts"   # 1.01 +- 0.01 < 1.03
@@ -114,7 +118,7 @@ def test_report_verdicts_from_paired_seeds(tmp_path):
     # and 20 (1.5 + j, 50 + 100 j); interpolated there, every seed is matchable
     m = data["cells"]["preference/awm"]["matched_kid"]
     assert m["n"] == 5
-    j = jitter[100]
+    j = JITTER[100]
     at = 40.0 + (50.0 + 100 * j - 40.0) * (1.475 + j - 1.4) / (1.5 + j - 1.4)
     assert m["by_seed"]["100"] == pytest.approx(40.0 + 100 * j - at)
     assert "(5 of 5 seeds matchable)" in text
@@ -206,3 +210,44 @@ def test_report_only_reports_the_finished_runs_without_training(tmp_path, monkey
     assert grid.run(c, c.workdir) == 0
     text = open(c.results).read()
     assert f"| {missing} |  | not finished |" in text and "`abc1234` (9 runs)" in text
+
+
+def test_a_grid_in_a_bucket_reports_as_on_the_local_disk(tmp_path, gcs, monkeypatch):
+    """The grid's workdir and its report in gs:// (the emulator): `grid.report_only` reads the runs' summaries,
+    commits and recorded configs, the floors, the final sample grids and an analysis from the bucket, and writes
+    the Markdown, its JSON and its figures there, with the numbers and verdicts of the same grid on the local disk."""
+    monkeypatch.setattr(grid.loop, "run", lambda *a: pytest.fail("report_only must not train"))
+    floors = {"n": 408, "draws": 3, "kid_mean": 1.0, "kid_std": 0.5, "fd_mean": 2.0, "fd_std": 0.1}
+    tile = Image.new("RGB", (32, 16), "red")
+    out = {}
+    for root in (str(tmp_path), f"gs://{BUCKET}/grid_report"):
+        c, runs = _write(root, _paired)
+        for name, spec in runs.items():
+            run_dir = os.path.join(c.workdir, name)
+            logs.write_png(os.path.join(run_dir, "samples", f"epoch_{int(spec.config.rl.epochs):04d}.png"), tile)
+            with pytest.raises(ConfigError, match=f"{run_dir} holds a run without {grid.RUN_CONFIG}"):
+                grid._check_recorded_config(spec.config, run_dir, "sha")
+        storage.write_text(os.path.join(run_dir, grid.RUN_CONFIG), spec.config.to_json_best_effort())
+        storage.write_text(os.path.join(run_dir, grid.RUN_REFERENCE), "sha\n")
+        grid._check_recorded_config(spec.config, run_dir, "sha")  # recorded: the same config and reference
+        storage.write_text(os.path.join(c.workdir, grid.FLOORS), json.dumps(floors))
+        storage.write_text(os.path.join(c.workdir, "analysis", "few_step.json"),
+                           json.dumps({"reference": {"num_steps": [4, 8], "kid": [3.0, 2.0]}}))
+        logs.write_png(os.path.join(c.workdir, "analysis", "few_step.png"), tile)
+        c.grid.report_only, c.grid.floor_draws, c.grid.analysis_reward = True, 0, ""
+        assert grid.run(c, c.workdir) == 0
+        figures = os.path.join(root, "results")
+        out[root] = (storage.read_text(c.results), storage.read_json(os.path.join(figures, "RESULTS.json")),
+                     {n: storage.path(os.path.join(figures, n)).read_bytes() for n in storage.listdir(figures)})
+    (local, local_data, local_figures), (text, data, figures) = out.values()
+    assert text.count("**") == local.count("**") > 12 and data == local_data
+    for claim in ("base RL inflates the norm (CFG 4.5)", "NormGuard keeps the reward",
+                  "NormGuard restores quality (KID, CFG 4.5)"):
+        assert _verdict(text, f"awm: {claim}") == _verdict(local, f"awm: {claim}")
+    assert [line for line in text.splitlines() if "This invocation took" not in line] == \
+        [line for line in local.splitlines() if "This invocation took" not in line]
+    assert figures == local_figures  # byte for byte
+    assert {"RESULTS.json", "samples_preference.png", "analysis_few_step.png"} <= set(figures)
+    assert all(len(figures[f"{k}_preference.png"]) > 1000 for k in ("norms", "trajectories", "few_step"))
+    assert "KID 1.0 +- 0.5" in text and "| reference | 3.0 | 2.0 |" in text
+    assert not os.path.exists("gs:")  # nothing went to a local directory named after the URI
