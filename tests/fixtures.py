@@ -137,6 +137,18 @@ def build_tiny_bundle(directory: str, *, steps: int = BUNDLE_STEPS, batch: int =
     return directory
 
 
+def write_tiny_config_file(directory, bundle: str, prompts: str, settings: dict | None = None, **kw) -> str:
+    """DIRECTORY/tiny_rl_config.py, a config file for the entry point: `tiny_rl_config(bundle, prompts, **kw)`
+    with `settings` ({"eval.every": 2, ...}) assigned after."""
+    lines = "".join(f"    c.{k} = {v!r}\n" for k, v in (settings or {}).items())
+    path = os.path.join(str(directory), "tiny_rl_config.py")
+    with open(path, "w") as f:
+        f.write(f"import sys\nsys.path.insert(0, {REPO!r})\nfrom tests.fixtures import tiny_rl_config\n\n\n"
+                f"def get_config(arg=None):\n    c = tiny_rl_config({bundle!r}, {prompts!r}, **{kw!r})\n{lines}"
+                "    return c\n")
+    return path
+
+
 def write_prompt_file(directory: str, prompts=PROMPTS, name: str = "prompts.txt") -> str:
     path = os.path.join(directory, name)
     with open(path, "w") as f:

@@ -27,7 +27,7 @@ from ng_jax import sharding, storage
 from ng_jax.checkpoint import CheckpointError, Checkpointer
 from ng_jax.main import main
 from ng_jax.state import TrainState
-from tests.fixtures import REPO
+from tests.fixtures import REPO, write_tiny_config_file
 from tests.gcs import BUCKET
 
 # What differs between two runs of the same config: wall-clock stamps and durations.
@@ -124,18 +124,8 @@ EPOCHS = 4
 
 def _write_config(tmp_path, tiny_reference):
     """The tiny RL config (tests.fixtures.tiny_rl_config) with a checkpoint every epoch."""
-    path = tmp_path / "tiny_rl_config.py"
-    path.write_text(
-        "import sys\n"
-        f"sys.path.insert(0, {REPO!r})\n"
-        "from tests.fixtures import tiny_rl_config\n\n\n"
-        "def get_config(arg=None):\n"
-        f"    c = tiny_rl_config({tiny_reference.bundle!r}, {tiny_reference.prompts!r}, epochs={EPOCHS})\n"
-        "    c.eval.quality = False\n"
-        "    c.eval.every = 2\n"
-        "    c.ckpt.every = 1\n"
-        "    return c\n")
-    return str(path)
+    return write_tiny_config_file(tmp_path, tiny_reference.bundle, tiny_reference.prompts,
+                                  {"eval.quality": False, "eval.every": 2, "ckpt.every": 1}, epochs=EPOCHS)
 
 
 def _job(config, workdir, cwd, cache):

@@ -40,7 +40,7 @@ from ng_jax.models.bundle import ModelBundle, load_bundle, save_bundle
 from ng_jax.logs import read_metrics
 from ng_jax.rewards.host import RewardError
 from ng_jax.rewards.jpeg import JpegIncompressibility
-from tests.fixtures import REPO, tiny_rl_config
+from tests.fixtures import tiny_rl_config, write_tiny_config_file
 
 pytestmark = pytest.mark.slow
 EPOCHS = 8
@@ -286,14 +286,7 @@ def test_sigterm_checkpoints_at_the_epoch_boundary_and_resume_is_exact(files, ba
 
 def _write_config(tmp_path, files, **kw):
     """A config file for the entry point that builds the tiny config with `kw`."""
-    path = tmp_path / "tiny_rl_config.py"
-    path.write_text(
-        "import sys\n"
-        f"sys.path.insert(0, {REPO!r})\n"
-        "from tests.fixtures import tiny_rl_config\n\n\n"
-        "def get_config(arg=None):\n"
-        f"    return tiny_rl_config({files['bundle']!r}, {files['prompts']!r}, **{kw!r})\n")
-    return str(path)
+    return write_tiny_config_file(tmp_path, files["bundle"], files["prompts"], **kw)
 
 
 def _error_lines(stderr):
