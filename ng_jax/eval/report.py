@@ -558,17 +558,19 @@ def arms_table(grouped: dict, reward: str, base_arm: str, arms: list[str]) -> li
 
 def choose_arm(by_arm: dict, base_arm: str, max_gain_loss: float, candidates=None) -> dict | None:
     """The calibration's rule, fixed before its results: among the arms (`candidates`, default all) that lose at most `max_gain_loss` of
-    the base arm's reward gain (mean paired loss over seeds, as a fraction of the mean base gain), the one
+    the base arm's reward gain (mean paired loss over seeds, as a fraction of the base gain on those seeds), the one
     with the largest mean paired KID reduction (CFG-free). None when no arm qualifies."""
     base = by_arm.get(base_arm, {})
-    base_gain = stats.interval(values(base, reward_gain)).mean
+    base_gains = values(base, reward_gain)
     best = None
     for arm, runs in by_arm.items():
         if arm == base_arm or (candidates is not None and arm not in candidates):
             continue
-        loss = stats.interval(stats.paired(values(base, reward_gain), values(runs, reward_gain)))
+        gains = stats.paired(base_gains, values(runs, reward_gain))
+        loss = stats.interval(gains)
         kid = stats.interval(stats.paired(values(base, lambda s: endpoint(s, "kid")),
                                           values(runs, lambda s: endpoint(s, "kid"))))
+        base_gain = float(np.mean([base_gains[s] for s in gains])) if gains else float("nan")  # the same seeds
         if not loss.n or not kid.n or not base_gain > 0:
             continue
         fraction = -loss.mean / base_gain
