@@ -236,7 +236,7 @@ def analysis_config(config, checkpoints: list[str], runs: list[str]) -> mlc.Conf
 
 def inflating_seed(workdir: str, runs: dict[str, RunSpec], reward: str, base_arm: str) -> int | None:
     """The seed whose base runs (of `reward`) inflate the norm most (report.most_inflating_seed)."""
-    summaries = {n: report._read(os.path.join(workdir, n, "summary.json")) for n in runs}
+    summaries = {n: storage.read_json(os.path.join(workdir, n, "summary.json")) for n in runs}
     return report.most_inflating_seed(report.cells(runs, summaries), reward, base_arm)
 
 
@@ -301,7 +301,7 @@ def run(config, workdir: str) -> int:
             return code or 1
         timings[name] = time.time() - t0
     floors_path = os.path.join(workdir, FLOORS)
-    floors = report._read(floors_path)
+    floors = storage.read_json(floors_path)
     first = next(iter(runs.values())).config
     want_n = len(final_prompts(first))
     if int(config.grid.floor_draws) > 0 and (floors is None or floors.get("n") != want_n

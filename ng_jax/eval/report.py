@@ -30,10 +30,6 @@ RUN_COMMIT = "grid_run_commit.txt"  # in each grid run directory: the code commi
 HIGH_SIGMA = 0.5                    # the norm ratio endpoints average the sampling steps at sigma >= this
 
 
-def _read(path):
-    return storage.read_json(path)
-
-
 def commit() -> str:
     """The checkout's short commit hash, "-dirty" when tracked files differ from it; "unknown" outside git."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -401,7 +397,7 @@ def write_results(config, workdir: str, runs: dict, timings: dict, total_s: floa
                   mixed_code: dict | None = None) -> str:
     """Write `config.results` (Markdown) and its JSON beside it (`<stem>.json`, every number the report
     shows) and its figures in `results/` next to it; returns the Markdown path."""
-    summaries = {n: _read(os.path.join(workdir, n, "summary.json")) for n in runs}
+    summaries = {n: storage.read_json(os.path.join(workdir, n, "summary.json")) for n in runs}
     g = config.grid
     base_arm, ng_arm = str(g.base_arm), str(g.normguard_arm)
     margins = {"inflation": float(g.margins.inflation), "reward_kept": float(g.margins.reward_kept)}
@@ -562,20 +558,20 @@ def choose_arm(by_arm: dict, base_arm: str, max_gain_loss: float, candidates=Non
     with the largest mean paired KID reduction (CFG-free). None when no arm qualifies."""
     base = by_arm.get(base_arm, {})
     base_gains = values(base, reward_gain)
+    base_kids = values(base, lambda s: endpoint(s, "kid"))
     best = None
     for arm, runs in by_arm.items():
         if arm == base_arm or (candidates is not None and arm not in candidates):
             continue
         gains = stats.paired(base_gains, values(runs, reward_gain))
-        loss = stats.interval(gains)
-        kid = stats.interval(stats.paired(values(base, lambda s: endpoint(s, "kid")),
-                                          values(runs, lambda s: endpoint(s, "kid"))))
+        kids = stats.paired(base_kids, values(runs, lambda s: endpoint(s, "kid")))
         base_gain = float(np.mean([base_gains[s] for s in gains])) if gains else float("nan")  # the same seeds
-        if not loss.n or not kid.n or not base_gain > 0:
+        if not gains or not kids or not base_gain > 0:
             continue
-        fraction = -loss.mean / base_gain
-        if fraction <= max_gain_loss and (best is None or kid.mean < best["kid_difference"]):
-            best = {"arm": arm, "gain_loss_fraction": fraction, "kid_difference": kid.mean, "seeds": kid.n}
+        fraction = -float(np.mean(list(gains.values()))) / base_gain
+        kid = float(np.mean(list(kids.values())))
+        if fraction <= max_gain_loss and (best is None or kid < best["kid_difference"]):
+            best = {"arm": arm, "gain_loss_fraction": fraction, "kid_difference": kid, "seeds": len(kids)}
     return best
 
 
@@ -598,7 +594,7 @@ def choice_lines(grouped: dict, reward: str, base_arm: str, max_gain_loss: float
 def analyses_section(workdir: str, fig_dir: str) -> list[str]:
     """The analyses of the grid's most inflating seed (WORKDIR/analysis/*.json and their figures)."""
     a_dir = os.path.join(workdir, "analysis")
-    an = {k: _read(os.path.join(a_dir, f"{k}.json")) for k in ("renorm", "few_step", "adjoint")}
+    an = {k: storage.read_json(os.path.join(a_dir, f"{k}.json")) for k in ("renorm", "few_step", "adjoint")}
     if not any(an.values()):
         return []
     md = ["## Analyses of the most inflating seed's checkpoints", "",

@@ -188,7 +188,7 @@ def test_frontier_and_the_kl_control(tmp_path):
     assert "| awm | lam0p3 | 5 | 0.550 (-0.050) |" in text   # every arm against base
     assert "Chosen setting" not in text                       # off unless grid.choose_max_gain_loss > 0
     # the calibration's rule: lam0p3 loses 8% of the gain (KID -10); lam1 and kl1 lose 17% (KID -30, -15)
-    by_arm = report.cells(runs, {n: report._read(os.path.join(c.workdir, n, "summary.json")) for n in runs})
+    by_arm = report.cells(runs, {n: storage.read_json(os.path.join(c.workdir, n, "summary.json")) for n in runs})
     by_arm = by_arm[("preference", "awm")]
     assert report.choose_arm(by_arm, "base", 0.1)["arm"] == "lam0p3"
     assert report.choose_arm(by_arm, "base", 0.2) == pytest.approx(
