@@ -39,6 +39,11 @@ def path(p) -> epath.Path:
     return epath.Path(p)
 
 
+def is_file(p, *names) -> bool:
+    """Is `p` (joined with `names`, as os.path.join) an existing file, locally or in a bucket?"""
+    return path(os.path.join(p, *names) if names else p).is_file()
+
+
 def canonical(p) -> str:
     """The string orbax, messages and run ids get: an absolute path locally, the URI as given for a bucket."""
     s = os.fspath(p)

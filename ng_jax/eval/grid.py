@@ -253,7 +253,7 @@ def _analyses(config, workdir: str, runs: dict[str, RunSpec], retrained: bool, t
     a_json = a_cfg.to_json_best_effort(indent=1, sort_keys=True)
     recorded = storage.read_text(record)
     done = recorded == a_json and all(
-        storage.path(os.path.join(a_dir, f"{k}.json")).is_file() for k in ("norms", "renorm", "few_step", "adjoint"))
+        storage.is_file(a_dir, f"{k}.json") for k in ("norms", "renorm", "few_step", "adjoint"))
     if done and not retrained:
         print("analyses: finished earlier with these runs and settings, reused")
         return
@@ -284,19 +284,19 @@ def run(config, workdir: str) -> int:
     for i, (name, spec) in enumerate(runs.items() if not report_only else (), 1):
         run_dir = os.path.join(workdir, name)
         _check_recorded_config(spec.config, run_dir, reference_sha)
-        if storage.path(os.path.join(run_dir, "summary.json")).is_file():
+        if storage.is_file(run_dir, "summary.json"):
             print(f"[{i}/{len(runs)}] {name}: finished earlier, reused")
             continue
         print(f"[{i}/{len(runs)}] {name}: training")
         storage.makedirs(run_dir)
         storage.write_text(os.path.join(run_dir, RUN_CONFIG), spec.config.to_json_best_effort(indent=1, sort_keys=True))
         commit_path = os.path.join(run_dir, report.RUN_COMMIT)
-        if not storage.path(commit_path).is_file():  # kept when an interrupted run resumes
+        if not storage.is_file(commit_path):  # kept when an interrupted run resumes
             storage.write_text(commit_path, started_at + "\n")
         storage.write_text(os.path.join(run_dir, RUN_REFERENCE), reference_sha + "\n")
         t0 = time.time()
         code = loop.run(spec.config, run_dir)
-        if code != 0 or not storage.path(os.path.join(run_dir, "summary.json")).is_file():
+        if code != 0 or not storage.is_file(run_dir, "summary.json"):
             print(f"{name}: stopped before the end (exit {code}); rerun the command to resume it")
             return code or 1
         timings[name] = time.time() - t0

@@ -350,7 +350,7 @@ def sample_comparison(workdir: str, runs: dict, reward: str, seed: int, arms: tu
         epochs = int(spec.config.rl.epochs)
         for suffix, label in (("", "CFG-free"), ("_guided", "CFG 4.5")):
             png = os.path.join(workdir, name, "samples", f"epoch_{epochs:04d}{suffix}.png")
-            if storage.path(png).is_file():
+            if storage.is_file(png):
                 panels.append((f"{spec.method} {spec.arm}, seed {seed}, epoch {epochs}, {label}",
                                Image.open(io.BytesIO(storage.path(png).read_bytes()))))
     if not panels:
@@ -619,7 +619,7 @@ def analyses_section(workdir: str, fig_dir: str) -> list[str]:
                        for label, r in an["adjoint"].items()]), ""]
     for name in ("renorm.png", "few_step.png", "adjoint.png"):
         src = os.path.join(a_dir, name)
-        if storage.path(src).is_file():
+        if storage.is_file(src):
             storage.write_bytes(os.path.join(fig_dir, f"analysis_{name}"), storage.path(src).read_bytes())
             md += [f"![{name[:-4]}](results/analysis_{name})", ""]
     return md

@@ -90,7 +90,7 @@ def table(workdirs, floors: dict | None, min_sigma: float, n_images: int | None 
     head = [h.replace("S", f"{min_sigma:g}") if "sigma" in h else h for h in HEADER]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for w in workdirs:
-        if storage.path(os.path.join(w, "summary.json")).is_file():
+        if storage.is_file(w, "summary.json"):
             lines.append("| " + " | ".join(run_row(w, floors, min_sigma, n_images)) + " |")
         else:
             lines.append(f"| {os.path.basename(os.path.normpath(w))} | not finished |" + " |" * (len(head) - 2))

@@ -90,7 +90,7 @@ def load_bundle(directory: str | None = None) -> ModelBundle:
     directory = directory or DEFAULT_REFERENCE
     cfg_path, params_path = os.path.join(directory, "config.json"), os.path.join(directory, "params.msgpack")
     for path in (cfg_path, params_path):
-        if not storage.path(path).is_file():
+        if not storage.is_file(path):
             raise BundleError(f"model bundle {directory}: missing {os.path.basename(path)}")
     meta = read_json(directory, error=BundleError, where=f"model bundle {directory}")
     if meta.get("version") != BUNDLE_VERSION:

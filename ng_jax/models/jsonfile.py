@@ -14,7 +14,7 @@ def read_json(directory: str, name: str = "config.json", *, error: type[Exceptio
     directory) and the file, plus `hint`."""
     where = where or directory
     path = os.path.join(directory, name)
-    if not storage.path(path).is_file():
+    if not storage.is_file(path):
         raise error(f"{where}: no {name}{hint}")
     try:
         return json.loads(storage.path(path).read_text())

@@ -63,7 +63,7 @@ def read_policy(workdir: str) -> tuple[dict, dict]:
     """(policy_params.json, the trainable tree as numpy) of a finished real-model run."""
     directory = os.path.join(workdir, POLICY_PARAMS_DIR)
     note_path = os.path.join(directory, POLICY_PARAMS_DIR + ".json")
-    if not storage.path(note_path).is_file():
+    if not storage.is_file(note_path):
         if storage.path(os.path.join(workdir, POLICY_DIR)).is_dir():
             raise ExportError(f"{workdir} is a toy-world run: its policy is the model bundle {workdir}/{POLICY_DIR} "
                               "already (load it with ng_jax.models.bundle.load_bundle); nothing to convert")

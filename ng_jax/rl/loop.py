@@ -255,7 +255,7 @@ def _log_eval_images(writer, workdir: str, tag: str, step: int, result: dict) ->
     """An evaluation's sample grids (as the evaluator saved them) and its norm-ratio plot, as images."""
     for suffix in [""] + [f"_{name}" for name in (result.get("variants") or {})]:
         path = os.path.join(workdir, "samples", f"{tag}{suffix}.png")
-        if storage.path(path).is_file():
+        if storage.is_file(path):
             writer.write_image(step, f"samples{suffix or '_plain'}", path)
     writer.write_image(step, "norm_ratio", logs.norm_ratio_figure(result, f"{tag}: norm ratio"))
 

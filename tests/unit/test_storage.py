@@ -25,3 +25,5 @@ def test_local_writes_are_whole_appends_append_and_moves_rename(tmp_path):
     storage.makedirs(tmp_path / "aside")
     storage.move(tmp_path / "a" / "b", tmp_path / "aside" / "b")
     assert storage.listdir(tmp_path / "a") == [] and (tmp_path / "aside" / "b" / "summary.json").read_text() == "two"
+    assert storage.is_file(tmp_path / "aside" / "b" / "summary.json") and storage.is_file(tmp_path, "aside", "b", "summary.json")
+    assert not storage.is_file(tmp_path, "aside", "b") and not storage.is_file(tmp_path, "a", "b", "summary.json")

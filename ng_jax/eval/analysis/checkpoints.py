@@ -21,7 +21,7 @@ POLICY_DIR = "policy"  # where the RL job exports the final policy inside its wo
 
 
 def _is_bundle(path: str) -> bool:
-    return all(storage.path(os.path.join(path, name)).is_file() for name in ("config.json", "params.msgpack"))
+    return all(storage.is_file(path, name) for name in ("config.json", "params.msgpack"))
 
 
 def resolve(spec: str | Sequence[str], reference: str = "") -> list[tuple[str, str]]:

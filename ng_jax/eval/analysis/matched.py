@@ -24,7 +24,7 @@ class RunSummaryError(UserError, RuntimeError):
 
 def load_summary(workdir: str) -> dict:
     path = os.path.join(workdir, "summary.json")
-    if not storage.path(path).is_file():
+    if not storage.is_file(path):
         raise RunSummaryError(f"{workdir}: no summary.json (the RL run has not finished)")
     try:
         return json.loads(storage.path(path).read_text())
