@@ -234,15 +234,10 @@ def analysis_config(config, checkpoints: list[str], runs: list[str]) -> mlc.Conf
     return a
 
 
-def inflating_seed(workdir: str, runs: dict[str, RunSpec], reward: str, base_arm: str) -> int | None:
-    """The seed whose base runs (of `reward`) inflate the norm most (report.most_inflating_seed)."""
-    summaries = {n: storage.read_json(os.path.join(workdir, n, "summary.json")) for n in runs}
-    return report.most_inflating_seed(report.cells(runs, summaries), reward, base_arm)
-
-
-def _analyses(config, workdir: str, runs: dict[str, RunSpec], retrained: bool, timings: dict) -> None:
+def _analyses(config, workdir: str, runs: dict[str, RunSpec], summaries: dict, retrained: bool,
+              timings: dict) -> None:
     g = config.grid
-    seed = inflating_seed(workdir, runs, str(g.analysis_reward), str(g.base_arm))
+    seed = report.most_inflating_seed(report.cells(runs, summaries), str(g.analysis_reward), str(g.base_arm))
     if seed is None:
         return
     chosen = [f"{n}={os.path.join(workdir, n)}" for n, s in runs.items()
@@ -308,9 +303,10 @@ def run(config, workdir: str) -> int:
                                              or floors.get("draws") != int(config.grid.floor_draws)):
         floors = measure_floors(first, int(config.grid.floor_draws))
         storage.write_text(floors_path, json.dumps(floors, indent=1))
+    summaries = report.read_summaries(workdir, runs)
     if config.grid.get("analysis_reward") and not report_only:
-        _analyses(config, workdir, runs, bool(timings), timings)
+        _analyses(config, workdir, runs, summaries, bool(timings), timings)
     path = report.write_results(config, workdir, runs, timings, total_s=time.time() - t_start, floors=floors,
-                                mixed_code=mixed)
+                                mixed_code=mixed, summaries=summaries)
     print(f"report: {path}")
     return 0

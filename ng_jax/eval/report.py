@@ -393,11 +393,17 @@ def controls_table(grouped: dict, reward: str, ng_arm: str, controls) -> list[st
 # ------------------------------------------------------------------------------------------ report
 
 
+def read_summaries(workdir: str, names) -> dict:
+    """run name -> its summary.json (None while the run has not finished)."""
+    return {n: storage.read_json(os.path.join(workdir, n, "summary.json")) for n in names}
+
+
 def write_results(config, workdir: str, runs: dict, timings: dict, total_s: float, floors: dict | None = None,
-                  mixed_code: dict | None = None) -> str:
+                  mixed_code: dict | None = None, summaries: dict | None = None) -> str:
     """Write `config.results` (Markdown) and its JSON beside it (`<stem>.json`, every number the report
-    shows) and its figures in `results/` next to it; returns the Markdown path."""
-    summaries = {n: storage.read_json(os.path.join(workdir, n, "summary.json")) for n in runs}
+    shows) and its figures in `results/` next to it; returns the Markdown path. `summaries`: the runs'
+    (read_summaries), when the caller has read them already."""
+    summaries = read_summaries(workdir, runs) if summaries is None else summaries
     g = config.grid
     base_arm, ng_arm = str(g.base_arm), str(g.normguard_arm)
     margins = {"inflation": float(g.margins.inflation), "reward_kept": float(g.margins.reward_kept)}
