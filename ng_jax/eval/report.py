@@ -398,6 +398,25 @@ def read_summaries(workdir: str, names) -> dict:
     return {n: storage.read_json(os.path.join(workdir, n, "summary.json")) for n in names}
 
 
+def wall_clock_s(summaries) -> float | None:
+    """Seconds during which at least one of the runs was training: the union of their [finished_at - wall_s,
+    finished_at] spans, so that runs trained side by side (`grid.worker`) count once. None when a finished
+    run predates `finished_at`."""
+    spans = []
+    for s in summaries:
+        if s is None:
+            continue
+        if s.get("finished_at") is None:
+            return None
+        spans.append((float(s["finished_at"]) - float(s.get("wall_s") or 0.0), float(s["finished_at"])))
+    total, end = 0.0, float("-inf")
+    for a, b in sorted(spans):
+        if b > end:
+            total += b - max(a, end)
+            end = b
+    return total
+
+
 def write_results(config, workdir: str, runs: dict, timings: dict, total_s: float, floors: dict | None = None,
                   mixed_code: dict | None = None, summaries: dict | None = None) -> str:
     """Write `config.results` (Markdown) and its JSON beside it (`<stem>.json`, every number the report
@@ -414,6 +433,7 @@ def write_results(config, workdir: str, runs: dict, timings: dict, total_s: floa
     verdicts = verdict_rows(grouped, base_arm, ng_arm, margins)
     commits = run_commits(workdir, [n for n in runs if summaries[n] is not None])  # the finished runs
     compute_s = sum(float(s.get("wall_s") or 0.0) for s in summaries.values() if s) + float(timings.get("analysis", 0.0))
+    wall_s = wall_clock_s(summaries.values())
     first = next(iter(runs.values())).config
     rewards = [r for r in g.rewards if any(rr == r for rr, _ in grouped)]
 
@@ -422,7 +442,9 @@ def write_results(config, workdir: str, runs: dict, timings: dict, total_s: floa
           f"({platform.machine()}, {os.cpu_count()} CPU threads). The runs were trained at "
           + ", ".join(f"`{c}` ({len(ns)} runs)" for c, ns in sorted(commits.items()))
           + f"; their compute: {compute_s / 3600:.2f} h in all (training and evaluation, summed over runs"
-          + (", plus the analyses" if "analysis" in timings else "") + f"). This invocation took {total_s / 60:.1f} min.",
+          + (", plus the analyses" if "analysis" in timings else "") + ")"
+          + ("" if wall_s is None else f", {wall_s / 3600:.2f} h of wall clock (runs trained side by side counted once)")
+          + f". This invocation took {total_s / 60:.1f} min.",
           ""]
     if mixed_code:
         md += [f"**Warning: these runs come from {len(mixed_code)} different code versions** "
@@ -449,7 +471,7 @@ def write_results(config, workdir: str, runs: dict, timings: dict, total_s: floa
                f"renders of the same prompts, {floors['draws']} draws, N = {floors['n']}): KID {floors['kid_mean']:.1f} "
                f"+- {floors['kid_std']:.1f}, FD {floors['fd_mean']:.1f} +- {floors['fd_std']:.1f}. KID is in the "
                "judge's kernel units (not x 1e3).", ""]
-    data = {"commit": commit(), "run_commits": commits, "compute_s": compute_s, "floors": floors, "margins": margins,
+    data = {"commit": commit(), "run_commits": commits, "compute_s": compute_s, "wall_clock_s": wall_s, "floors": floors, "margins": margins,
             "verdicts": verdicts, "cells": {}}
     for reward in rewards:
         md += [f"## Reward `{reward}`", "", "### Verdicts", "",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import jax
 import numpy as np
@@ -31,7 +32,8 @@ def export_run(config, workdir: str, stack, state, policy_params, meta) -> dict:
     summary = {"config": config.name, "method": config.rl.method, "normguard": config.normguard.to_dict(),
                "rewards": {str(k): float(v) for k, v in config.rewards.weights.items()}, "seed": int(config.seed),
                "epochs": int(config.rl.epochs), "eval_initial": meta.eval_initial, "eval": meta.eval_last,
-               "history": meta.evals, "wall_s": meta.seconds}
+               "history": meta.evals, "wall_s": meta.seconds,
+               "finished_at": time.time()}  # unix time: with wall_s, when the run trained (the grid's wall clock)
     if stack.is_toy:
         bundle = stack.bundle
         policy = sharding.tree_to_host(jax.jit(policy_params)(state.params, stack.ref))

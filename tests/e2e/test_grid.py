@@ -50,8 +50,20 @@ def _tiny_grid(root, bundle, prompts):
 
 def test_tiny_grid_runs_pairs_reports_reuses_and_refuses(tmp_path, capsys, tiny_reference):
     config = _tiny_grid(tmp_path, tiny_reference.bundle, tiny_reference.prompts)
-    assert grid.run(config, config.workdir) == 0
     names = [f"awm_{arm}_jpeg_incompressibility_s{s}" for arm in ("base", "normguard") for s in (0, 1)]
+    order = list(grid.run_specs(config))
+    assert sorted(order) == sorted(names)
+    # two workers share the runs (here one after the other): each trains its every-other run and stops
+    for w in (0, 1):
+        config.grid.worker = f"{w}/2"
+        assert grid.run(config, config.workdir) == 0
+        done = {n for n in names if os.path.isfile(os.path.join(config.workdir, n, "summary.json"))}
+        assert done == (set(order[0::2]) if w == 0 else set(order))
+        assert not os.path.exists(config.results)  # workers leave the report to the command without grid.worker
+    config.grid.worker = ""
+    capsys.readouterr()
+    assert grid.run(config, config.workdir) == 0
+    assert capsys.readouterr().out.count("finished earlier, reused") == 4
     summaries = {n: json.load(open(os.path.join(config.workdir, n, "summary.json"))) for n in names}
     # paired: every run starts from the one cached evaluation of the reference
     assert len(os.listdir(os.path.join(config.workdir, "initial_evals"))) == 1

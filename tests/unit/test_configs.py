@@ -30,20 +30,25 @@ def test_experiment_runs_are_valid(name):
         assert (ng.lam > 0) == bool(c.grid.arms[spec.arm].normguard), spec
 
 
-def test_frontier_carries_awms_lambdas_to_each_method_and_sets_the_kl_weights():
+def test_frontier_carries_awms_calibrated_lambda_to_each_method_and_sets_the_kl_weights():
     from ng_jax.configs.experiments import frontier
 
     runs = grid.run_specs(load_config_file("experiments/frontier.py"))
+    awm_lam = load_config_file("awm_normguard.py").normguard.lam
     for method in ("nft", "awm", "dpo"):
         shipped = load_config_file(f"{method}_normguard.py").normguard
-        for arm, lam in (("ng_lam0p1", 0.1), ("ng_lam0p3", 0.3), ("ng_lam1", 1.0)):
+        # the shipped lambda is AWM's at the exchange rate, and the frontier's middle arm is the shipped setting
+        assert shipped.lam == frontier.method_lambda(method, awm_lam)
+        assert runs[f"{method}_ng_x1_preference_s0"].config.normguard.lam == shipped.lam
+        for arm, x in (("ng_x0p33", 1 / 3), ("ng_x3", 3.0)):
             ng = runs[f"{method}_{arm}_preference_s0"].config.normguard
-            assert ng.lam == pytest.approx(frontier.LAMBDA_RATE[method] * lam, rel=0.05)
+            assert ng.lam == pytest.approx(frontier.LAMBDA_RATE[method] * awm_lam * x, rel=0.05)
             assert ng.margin == shipped.margin
-    assert runs["dpo_ng_lam0p3_preference_s0"].config.normguard.lam == 9.9
     assert runs["awm_kl10_preference_s1"].config.loss.beta == 10.0
-    assert runs["nft_kl0p1_preference_s0"].config.loss.kl_beta == 0.1
+    assert runs["awm_kl100_preference_s1"].config.loss.beta == 100.0
+    assert runs["nft_kl0p1_preference_s0"].config.loss.kl_beta == pytest.approx(0.68)
     assert not any(n.startswith("dpo_kl") for n in runs)
+    assert len(runs) == 2 * (4 + 8 + 8)
 
 
 @pytest.mark.parametrize("variant", ["soft_free", "headroom_free,centred,lr=3e-5", "clip_guided,lam"])

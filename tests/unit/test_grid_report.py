@@ -251,3 +251,17 @@ def test_a_grid_in_a_bucket_reports_as_on_the_local_disk(tmp_path, gcs, monkeypa
     assert all(len(figures[f"{k}_preference.png"]) > 1000 for k in ("norms", "trajectories", "few_step"))
     assert "KID 1.0 +- 0.5" in text and "| reference | 3.0 | 2.0 |" in text
     assert not os.path.exists("gs:")  # nothing went to a local directory named after the URI
+
+
+def test_grid_worker_parses_and_refuses_bad_shares():
+    assert grid.parse_worker("") == (0, 1) and grid.parse_worker("1/3") == (1, 3)
+    for bad in ("2/2", "1", "a/b", "-1/2", "0/0"):
+        with pytest.raises(ConfigError, match=r"grid.worker=.*'I/N'"):
+            grid.parse_worker(bad)
+
+
+def test_wall_clock_counts_runs_trained_side_by_side_once():
+    side_by_side = [{"finished_at": 100.0, "wall_s": 60.0}, {"finished_at": 130.0, "wall_s": 60.0},
+                    {"finished_at": 300.0, "wall_s": 50.0}, None]  # spans 40-100, 70-130, 250-300; one unfinished
+    assert report.wall_clock_s(side_by_side) == pytest.approx(90.0 + 50.0)
+    assert report.wall_clock_s([{"wall_s": 5.0}]) is None  # a run from before finished_at was recorded

@@ -3,13 +3,15 @@
 Seeds 0 and 1 (the calibration's, not the grid's), the preference reward, the grid's world; NFT, AWM and DPO:
 
 - `base`: the method as it is;
-- `ng_lam0p1`, `ng_lam0p3`, `ng_lam1`: NormGuard at the margin of the method's `_normguard` config file, with
-  lambda = `LAMBDA_RATE[method]` x {0.1, 0.3, 1}: AWM's lambdas of the calibration sweep (calibration.py), carried
-  over to NFT and DPO at the exchange rate of their base losses' parameter gradients to AWM's (measured with
-  `normguard.log_term_grads`, docs/DEFAULTS.md): a hinge of the same weight relative to the base loss. The
-  calibration's rule (`grid.choose_max_gain_loss`) names the arm each method's config file should carry;
-- `kl0p1`, `kl1`, `kl10` (AWM and NFT): the base method with a stronger KL-to-reference term (AWM `loss.beta`,
-  NFT `loss.kl_beta`, both 1e-4 by default; the term is `mean((v - v_ref)^2)`, in the units of the policy loss).
+- `ng_x0p33`, `ng_x1`, `ng_x3`: NormGuard at the margin of the method's `_normguard` config file and 1/3, 1
+  and 3 times its lambda. The method's lambda is AWM's calibrated one (awm_normguard.py, chosen by
+  calibration.py) times `LAMBDA_RATE[method]`, the exchange rate of the base losses' parameter gradients
+  to AWM's (measured with `normguard.log_term_grads`, docs/DEFAULTS.md): a hinge of the same weight
+  relative to the base loss. The calibration's rule (`grid.choose_max_gain_loss`) names the arm each
+  method's config file should carry: `ng_x1` confirms it;
+- `kl0p1`, `kl1`, `kl10`, `kl100` (AWM and NFT): the base method with a stronger KL-to-reference term (AWM
+  `loss.beta`, NFT `loss.kl_beta`, both 1e-4 by default; the term is `mean((v - v_ref)^2)`, in the units
+  of the policy loss), at these weights times the same exchange rate.
 
 The report plots final KID against reward gain per arm: whichever family lies below the other at equal reward
 dominates. The KL weight whose reward matches NormGuard's (interpolated in log weight) becomes the grid's KL
@@ -24,21 +26,22 @@ import ml_collections as mlc
 
 from ng_jax.config.methods import load_config_file
 
-AWM_LAMBDAS = (0.1, 0.3, 1.0)
+LAMBDA_MULTIPLES = (1 / 3, 1.0, 3.0)   # of each method's shipped lambda
 # base-loss parameter-gradient norm relative to AWM's (medians over epochs 2-6 in the grid's world, seed 0,
 # commit 99b2d12: docs/results/calibration/gradient_scales.json)
 LAMBDA_RATE = {"awm": 1.0, "nft": 6.8, "dpo": 33.0}
-KL_WEIGHTS = (0.1, 1.0, 10.0)
+KL_WEIGHTS = (0.1, 1.0, 10.0, 100.0)   # AWM's; NFT's are LAMBDA_RATE["nft"] times these
 KL_KEY = {"awm": "loss.beta", "nft": "loss.kl_beta"}
 METHODS = ("dpo", "nft", "awm")   # DPO and NFT first: their seed-0 arms check the carried-over lambda soonest
 
 
 def _tag(x: float) -> str:
-    return f"{x:.2g}".replace(".", "p")  # config keys cannot hold dots
+    return f"{float(f'{x:.2g}'):g}".replace(".", "p")  # 0p33, 1, 100: config keys cannot hold dots
 
 
 def method_lambda(method: str, awm_lambda: float) -> float:
-    """The lambda of `method` whose hinge weighs, relative to its base loss, what `awm_lambda` weighs in AWM."""
+    """The weight of a term in `method` that weighs, relative to its base loss, what `awm_lambda` weighs in AWM
+    (two significant digits)."""
     return float(f"{LAMBDA_RATE[method] * awm_lambda:.2g}")
 
 
@@ -48,13 +51,14 @@ def get_config(arg=None):
     c.workdir = "workdirs/frontier"
     c.grid.methods = METHODS
     arms = {"base": {"normguard": False, "set": ""}}
-    for lam in AWM_LAMBDAS:
-        arms[f"ng_lam{_tag(lam)}"] = {"normguard": True, "set": "", "set_by_method": {
-            m: f"normguard.lam={method_lambda(m, lam):g}" for m in METHODS}}
+    awm_lam = float(load_config_file("awm_normguard.py").normguard.lam)
+    for x in LAMBDA_MULTIPLES:
+        arms[f"ng_x{_tag(x)}"] = {"normguard": True, "set": "", "set_by_method": {
+            m: f"normguard.lam={method_lambda(m, x * awm_lam):g}" for m in METHODS}}
     for w in KL_WEIGHTS:
         arms[f"kl{_tag(w)}"] = {"normguard": False, "set": "", "methods": tuple(KL_KEY),
-                                "set_by_method": {m: f"{k}={w}" for m, k in KL_KEY.items()}}
+                                "set_by_method": {m: f"{k}={method_lambda(m, w):g}" for m, k in KL_KEY.items()}}
     c.grid.arms = mlc.ConfigDict(arms)
-    c.grid.normguard_arm = "ng_lam0p3"
+    c.grid.normguard_arm = "ng_x1"
     c.results = "docs/results/frontier/RESULTS.md"
     return c

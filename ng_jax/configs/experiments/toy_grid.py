@@ -6,7 +6,9 @@ statistics and a verdict per claim (ng_jax/eval/grid.py, ng_jax/eval/report.py).
 
 Runs whose `summary.json` exists are reused and an interrupted run resumes from its checkpoint, so the
 command can be stopped and repeated (e.g. in the background: `nohup ... &`); runs trained by other
-code than the checkout are refused. Base and NormGuard runs of a seed share initialisation, prompts,
+code than the checkout are refused. Two workers share the runs and finish sooner, on 2 cores too
+(`--config.grid.worker=0/2` and `=1/2` at once, then the command without it for the report).
+Base and NormGuard runs of a seed share initialisation, prompts,
 rollout noise and evaluation noise. The seeds (100-104) are not those of the pilot (0) or of the
 calibration sweep (0, 1; ng_jax/configs/experiments/calibration.py), which chose the settings confirmed here.
 Tiny smoke version (minutes): tests/e2e/test_grid.py.
@@ -46,6 +48,8 @@ def get_config(arg=None):
     c.grid.seeds_by_reward = mlc.ConfigDict({"verifier": (100, 101, 102)})
     c.grid.allow_mixed_code = False   # True: report runs trained by different commits (the report says so)
     c.grid.report_only = False        # True: no training, the report of the runs finished so far
+    c.grid.worker = ""                # "I/N": train only every N-th run from the I-th, then stop (N commands at
+                                      # once share the runs); the command without it then reports
     c.grid.floor_draws = 20           # real-vs-real draws of the KID / FD noise floors (0: not measured)
     c.grid.margins = mlc.ConfigDict({"inflation": 0.03,     # base ratio above 1.03 counts as inflation
                                      "reward_kept": 0.2})   # non-inferiority: lose < 20% of the base gain
