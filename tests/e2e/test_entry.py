@@ -36,9 +36,9 @@ def test_overrides_reach_the_config():
     from ng_jax.main import parse_args
 
     config, workdir, distributed = parse_args(
-        ["x", "--config=ng_jax/configs/nft_normguard.py", "--config.rl.epochs=3", "--config.normguard.margin=0.05",
+        ["x", "--config=ng_jax/configs/nft_normguard.py", "--config.rl.epochs=3", "--config.normguard.margin=0.02",
          "--workdir=/tmp/somewhere"])
-    assert config.rl.epochs == 3 and config.normguard.margin == 0.05
+    assert config.rl.epochs == 3 and config.normguard.margin == 0.02
     assert workdir == "/tmp/somewhere" and distributed is False
 
 

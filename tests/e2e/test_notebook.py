@@ -8,6 +8,7 @@ import os
 
 import pytest
 
+from ng_jax.config.methods import load_config_file
 from tests.fixtures import REPO
 
 pytestmark = pytest.mark.slow
@@ -32,4 +33,5 @@ def test_demo_notebook_runs(tmp_path, monkeypatch, tiny_reference):
     assert "awm_normguard" in text and "norm ratio" in text
     for name in ("awm", "awm_normguard"):
         summary = json.load(open(tmp_path / "demo" / name / "summary.json"))
-        assert summary["epochs"] == 2 and summary["normguard"]["lam"] == (1.0 if name.endswith("guard") else 0.0)
+        assert summary["epochs"] == 2 and summary["normguard"]["lam"] == (
+            load_config_file(f"{name}.py").normguard.lam if name.endswith("guard") else 0.0)
