@@ -303,35 +303,60 @@ def plot_few_step(grouped: dict, reward: str, base_arm: str, ng_arm: str, path: 
     return _save(fig, path)
 
 
-def plot_frontier(grouped: dict, reward: str, base_arm: str, path: str) -> bool:
-    """Final KID against reward gain, one point per arm (mean over seeds, 95% t bars when there are several),
-    the arms of one family joined in name order: NormGuard ("lam...") against the KL control ("kl...")."""
-    methods = sorted(m for r, m in grouped if r == reward)
-    families = (("lam", "NormGuard (lambda)", "tab:blue"), ("kl", "KL to the reference (weight)", "tab:green"))
-    if not methods or not any(a.startswith(f) for r, m in grouped for a in grouped[(r, m)] for f, _, _ in families):
-        return False
-    fig, axes = _figure((4.6 * len(methods), 4), 1, len(methods))
-    for j, m in enumerate(methods):
-        ax, by_arm = axes[0][j], grouped[(reward, m)]
-        for prefix, label, colour in ((base_arm, "base", "tab:red"),) + families:
-            arms = sorted(a for a in by_arm if (a == base_arm if prefix == base_arm else a.startswith(prefix)))
+FRONTIER_OTHER = "base + setting (e.g. KL weight)"
+
+
+def frontier_points(grouped: dict, reward: str, base_arm: str, ng_arms) -> dict:
+    """method -> family ("NormGuard": the `ng_arms`; FRONTIER_OTHER: every other non-base arm) -> [(arm,
+    reward-gain interval, KID interval)], both intervals over the paired differences arm - base of the same
+    seeds, sorted by reward gain."""
+    ng_arms = set(ng_arms)
+    members = {"NormGuard": lambda a: a in ng_arms, FRONTIER_OTHER: lambda a: a != base_arm and a not in ng_arms}
+    kid = lambda s: endpoint(s, "kid")  # noqa: E731
+    out = {}
+    for (r, m), by_arm in sorted(grouped.items()):
+        if r != reward:
+            continue
+        base = by_arm.get(base_arm, {})
+        for family, member in members.items():
             pts = []
-            for a in arms:
-                g_, k_ = (stats.interval(values(by_arm[a], fn), n_boot=10)
-                          for fn in (reward_gain, lambda s: endpoint(s, "kid")))
+            for a in sorted(a for a in by_arm if member(a)):
+                g_, k_ = (stats.interval(stats.paired(values(base, fn), values(by_arm[a], fn)), n_boot=10)
+                          for fn in (reward_gain, kid))
                 if g_.n and k_.n:
                     pts.append((a, g_, k_))
+            out.setdefault(m, {})[family] = sorted(pts, key=lambda p: p[1].mean)
+    return out
+
+
+def plot_frontier(grouped: dict, reward: str, base_arm: str, path: str, ng_arms) -> bool:
+    """Each arm's final KID against its reward gain, both as paired differences to the base arm of the same
+    seeds (`frontier_points`; the base at 0, 0; mean over seeds, 95% paired t bars from 3 seeds on:
+    seed-to-seed differences in the absolute values, which pairing removes, would hide the arms'
+    differences). The arms of a family are joined in the order of their reward: NormGuard against the base
+    method with another setting (e.g. a stronger KL term to the reference). Lower and further right is better."""
+    points = frontier_points(grouped, reward, base_arm, ng_arms)
+    if not points or sum(len(pts) for fams in points.values() for pts in fams.values()) < 2:
+        return False
+    colours = {"NormGuard": "tab:blue", FRONTIER_OTHER: "tab:green"}
+    fig, axes = _figure((4.6 * len(points), 4), 1, len(points))
+    for j, (m, families) in enumerate(points.items()):
+        ax = axes[0][j]
+        ax.plot([0], [0], "s", color="tab:red", label="base")
+        ax.axhline(0, color="0.8", lw=0.5)
+        ax.axvline(0, color="0.8", lw=0.5)
+        for family, pts in families.items():
             if not pts:
                 continue
-            err = lambda ivs: [[iv.mean - iv.t_low if iv.n > 1 else 0 for iv in ivs],  # noqa: E731
-                               [iv.t_high - iv.mean if iv.n > 1 else 0 for iv in ivs]]
+            err = lambda ivs: [[iv.mean - iv.t_low if iv.n > 2 else 0 for iv in ivs],  # noqa: E731
+                               [iv.t_high - iv.mean if iv.n > 2 else 0 for iv in ivs]]
             ax.errorbar([g.mean for _, g, _ in pts], [k.mean for _, _, k in pts], xerr=err([g for _, g, _ in pts]),
-                        yerr=err([k for _, _, k in pts]), fmt="o-" if len(pts) > 1 else "s", color=colour,
-                        label=label, capsize=2, lw=1)
+                        yerr=err([k for _, _, k in pts]), fmt="o-" if len(pts) > 1 else "o", color=colours[family],
+                        label=family, capsize=2, lw=1)
             for a, g, k in pts:
                 ax.annotate(a, (g.mean, k.mean), fontsize=6, xytext=(2, 2), textcoords="offset points")
-        ax.set_xlabel("reward gain")
-        ax.set_ylabel("KID (final, CFG-free)")
+        ax.set_xlabel("reward gain - base (paired)")
+        ax.set_ylabel("KID - base (final, CFG-free, paired)")
         ax.set_title(f"{m}: reward against quality")
         ax.legend(fontsize=7)
     return _save(fig, path)
@@ -526,7 +551,8 @@ def write_results(config, workdir: str, runs: dict, timings: dict, total_s: floa
                                                                         float(g.choose_max_gain_loss), ng_arms)
             md += lines
         md += controls_table(grouped, reward, ng_arm, tuple(g.get("controls") or ()))
-        if plot_frontier(grouped, reward, base_arm, os.path.join(fig_dir, f"frontier_{reward}.png")):
+        if plot_frontier(grouped, reward, base_arm, os.path.join(fig_dir, f"frontier_{reward}.png"),
+                         [a for a in g.arms if g.arms[a].normguard]):
             md += [f"![frontier, {reward}](results/frontier_{reward}.png)", ""]
         seed = most_inflating_seed(grouped, reward, base_arm)
         if seed is not None and sample_comparison(workdir, runs, reward, seed, (base_arm, ng_arm),

@@ -265,3 +265,21 @@ def test_wall_clock_counts_runs_trained_side_by_side_once():
                     {"finished_at": 300.0, "wall_s": 50.0}, None]  # spans 40-100, 70-130, 250-300; one unfinished
     assert report.wall_clock_s(side_by_side) == pytest.approx(90.0 + 50.0)
     assert report.wall_clock_s([{"wall_s": 5.0}]) is None  # a run from before finished_at was recorded
+
+
+def test_frontier_points_are_paired_differences_to_the_base(tmp_path):
+    # seeds differ by a lot in absolute terms (base KID 100 or 900); the arms' differences to the base do not
+    base = {0: _summary(1.0, 1.0, 1.0, 100.0, 0.0), 1: _summary(1.0, 1.0, 1.4, 900.0, 0.0)}
+    ng = {0: _summary(1.0, 1.0, 0.9, 60.0, 0.0), 1: _summary(1.0, 1.0, 1.3, 860.0, 0.0)}
+    ng_strong = {0: _summary(1.0, 1.0, 0.8, 40.0, 0.0), 1: _summary(1.0, 1.0, 1.2, 840.0, 0.0)}
+    kl = {0: _summary(1.0, 1.0, 0.9, 90.0, 0.0), 1: _summary(1.0, 1.0, 1.3, 880.0, 0.0)}
+    grouped = {("preference", "awm"): {"base": base, "ng_x1": ng, "ng_x3": ng_strong, "kl1": kl}}
+    points = report.frontier_points(grouped, "preference", "base", ["ng_x1", "ng_x3"])
+    ngs = [(a, round(g.mean, 6), round(k.mean, 6)) for a, g, k in points["awm"]["NormGuard"]]
+    assert ngs == [("ng_x3", -0.2, -60.0), ("ng_x1", -0.1, -40.0)]   # sorted by reward gain
+    (a, g, k), = points["awm"][report.FRONTIER_OTHER]
+    assert (a, round(g.mean, 6), round(k.mean, 6)) == ("kl1", -0.1, -15.0)
+    assert report.plot_frontier(grouped, "preference", "base", str(tmp_path / "f.png"), ["ng_x1", "ng_x3"])
+    assert os.path.getsize(tmp_path / "f.png") > 1000
+    assert not report.plot_frontier({("preference", "awm"): {"base": base}}, "preference", "base",
+                                    str(tmp_path / "g.png"), [])
