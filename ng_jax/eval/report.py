@@ -550,6 +550,10 @@ def write_results(config, workdir: str, runs: dict, timings: dict, total_s: floa
             lines, data.setdefault("chosen", {})[reward] = choice_lines(grouped, reward, base_arm,
                                                                         float(g.choose_max_gain_loss), ng_arms)
             md += lines
+        if g.get("match_weights"):
+            lines, data.setdefault("matching_weight", {})[reward] = matching_lines(
+                grouped, runs, reward, base_arm, ng_arm, dict(g.match_weights), [a for a in g.arms if g.arms[a].normguard])
+            md += lines
         md += controls_table(grouped, reward, ng_arm, tuple(g.get("controls") or ()))
         if plot_frontier(grouped, reward, base_arm, os.path.join(fig_dir, f"frontier_{reward}.png"),
                          [a for a in g.arms if g.arms[a].normguard]):
@@ -643,6 +647,58 @@ def choice_lines(grouped: dict, reward: str, base_arm: str, max_gain_loss: float
                                         f"`{c['arm']}` (gain lost {c['gain_loss_fraction']:.1%}, KID "
                                         f"{c['kid_difference']:+.1f}, {c['seeds']} seeds)"))
     return lines + [""], chosen
+
+
+def matching_weight(by_arm: dict, base_arm: str, target_arm: str, weights: dict) -> dict | None:
+    """The weight at which a family of arms (`weights`: arm -> its weight, e.g. the KL-to-reference arms)
+    reaches the reward gain of `target_arm` (e.g. NormGuard's): each arm's mean paired gain difference to
+    the base, interpolated linearly in log weight between the two adjacent weights whose differences bracket
+    the target's. None when no two bracket it (the family would need a weight outside those tried)."""
+    base = values(by_arm.get(base_arm, {}), reward_gain)
+    target = stats.paired(base, values(by_arm.get(target_arm, {}), reward_gain))
+    if not target:
+        return None
+    goal = float(np.mean(list(target.values())))
+    pts = []
+    for arm, w in sorted(weights.items(), key=lambda kv: kv[1]):
+        d = stats.paired(base, values(by_arm.get(arm, {}), reward_gain))
+        if d and w > 0:
+            pts.append((arm, float(w), float(np.mean(list(d.values())))))
+    for (a1, w1, g1), (a2, w2, g2) in zip(pts, pts[1:]):
+        if min(g1, g2) <= goal <= max(g1, g2) and g1 != g2:
+            t = (goal - g1) / (g2 - g1)
+            return {"weight": float(np.exp(np.log(w1) + t * (np.log(w2) - np.log(w1)))), "between": [a1, a2],
+                    "target_gain_difference": goal, "seeds": len(target)}
+    return None
+
+
+def matching_lines(grouped: dict, runs: dict, reward: str, base_arm: str, ng_arm: str, keys: dict,
+                   ng_arms) -> tuple[list[str], dict]:
+    """The report's paragraph on the weight of each method's other arms (`grid.match_weights`: method ->
+    the dotted config key they set, e.g. "loss.beta") that matches NormGuard's reward gain, and its JSON."""
+    found = {}
+    for (r, method), by_arm in sorted(grouped.items()):
+        if r != reward or method not in keys:
+            continue
+        weights = {}
+        for spec in runs.values():
+            if spec.method == method and spec.reward == reward and spec.arm in by_arm and spec.arm != base_arm \
+                    and spec.arm not in ng_arms:
+                node = spec.config
+                for part in str(keys[method]).split("."):
+                    node = node[part]
+                weights[spec.arm] = float(node)
+        found[method] = matching_weight(by_arm, base_arm, ng_arm, weights)
+    if not found:
+        return [], {}
+    lines = [f"**Weight matching NormGuard's reward** (`{ng_arm}`; mean paired reward-gain differences to the base, "
+             "interpolated in log weight):"]
+    for method, m in found.items():
+        lines.append(f"- {method} (`{keys[method]}`): " + (
+            "not bracketed by the weights tried" if m is None else
+            f"{m['weight']:.3g} (between `{m['between'][0]}` and `{m['between'][1]}`; NormGuard's gain difference "
+            f"{m['target_gain_difference']:+.3f}, {m['seeds']} seeds)"))
+    return lines + [""], found
 
 
 def analyses_section(workdir: str, fig_dir: str) -> list[str]:

@@ -60,5 +60,6 @@ def get_config(arg=None):
                                 "set_by_method": {m: f"{k}={method_lambda(m, w):g}" for m, k in KL_KEY.items()}}
     c.grid.arms = mlc.ConfigDict(arms)
     c.grid.normguard_arm = "ng_x1"
+    c.grid.match_weights = mlc.ConfigDict(KL_KEY)  # the report interpolates the KL weight matching ng_x1's reward
     c.results = "docs/results/frontier/RESULTS.md"
     return c

@@ -40,6 +40,8 @@ def get_config(arg=None):
     c.grid.controls = ()              # arms NormGuard is also compared with, paired by seed (e.g. a KL control)
     c.grid.choose_max_gain_loss = 0.0  # > 0: the report names the arm with the largest KID reduction among those
                                        # losing at most this fraction of the base gain (calibration; 0 = off)
+    c.grid.match_weights = mlc.ConfigDict()  # method -> a dotted key its non-NormGuard arms set (e.g. "loss.beta"):
+                                             # the report interpolates the value matching NormGuard's reward gain
     # one reward per run: a registered name (weight 1) or a name in grid.composites
     c.grid.rewards = ("preference", "verifier")
     c.grid.composites = mlc.ConfigDict({"verifier_colour": {"verifier": 1.0, "colourfulness": 0.01}})
