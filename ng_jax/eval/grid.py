@@ -16,8 +16,8 @@
 5. The report (`config.results`, its JSON and figures in results/ next to it; ng_jax.eval.report).
 
 `grid.worker="I/N"` trains only every N-th run from the I-th (I = 0..N-1) and stops after them: N such
-commands started at once share the runs (on 2 cores, two workers train about 1.3x as many runs per hour as
-one; on several hosts sharing a bucket, one worker each). The command without `grid.worker` then reuses
+commands started at once share the runs (on 2 cores, two workers train 1.2-1.3x as many runs per hour as
+one: benchmarks/workers.py; on several hosts sharing a bucket, one worker each). The command without `grid.worker` then reuses
 them all and does 3-5.
 
 `grid.report_only=True` skips 1 and 4: the report of the runs finished so far (the others listed as not

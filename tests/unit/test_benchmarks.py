@@ -7,6 +7,9 @@ one compiled step per method and NormGuard weight) and reads back its JSON.
 """
 
 import json
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +23,7 @@ pytest.importorskip("diffusers", reason="needs the test extra (torch 2.13.0 + di
 
 from benchmarks import run as bench_run  # noqa: E402
 from benchmarks import torch_reference as tr  # noqa: E402
+from tests.fixtures import REPO  # noqa: E402
 
 pytestmark = pytest.mark.needs_torch
 
@@ -206,3 +210,14 @@ def test_accelerator_script_smoke(tmp_path):
     for row in res["rows"].values():
         assert row["flops"] > 0 and row["ng_jax_xla"]["seconds"] > 0 and row["pytorch_sdpa"]["seconds"] > 0
     assert res["dims"]["num_layers"] == 2 and json.load(open(tmp_path / "a.json"))["dtype"] == "float32"
+
+
+def test_workers_benchmark_reports_the_throughput_of_side_by_side_processes(tmp_path):
+    """benchmarks/workers.py at its smoke size: one process alone, then two side by side, and the ratio."""
+    out = tmp_path / "w.json"
+    subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "workers.py"), "--calls", "1", "--batch", "2",
+                    "--out", str(out)], check=True, capture_output=True, cwd=REPO)
+    r = json.loads(out.read_text())
+    assert r["workers"] == 2 and len(r["side_by_side_s_per_call"]) == 2 and r["alone_s_per_call"] > 0
+    assert r["throughput_ratio"] == pytest.approx(2 * r["alone_s_per_call"] / np.mean(r["side_by_side_s_per_call"]))
+    assert r["device"].startswith("cpu")
