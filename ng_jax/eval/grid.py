@@ -39,7 +39,7 @@ import numpy as np
 
 from ng_jax import storage
 from ng_jax.config.checks import ConfigError, check_config
-from ng_jax.config.methods import load_config_file
+from ng_jax.config.methods import METHODS, load_config_file
 from ng_jax.data.render import render_fn
 from ng_jax.eval import analyze, report
 from ng_jax.eval.evaluate import repeat_prompts
@@ -120,6 +120,14 @@ def run_specs(config) -> dict[str, RunSpec]:
     seed by seed: the first seed of every cell trains before any cell's second, so that an interrupted grid
     already holds complete pairs across methods and rewards."""
     g = config.grid
+    for key, known in (("methods", tuple(METHODS)), ("rewards", None), ("seeds", None)):
+        items = (g[key],) if isinstance(g[key], (str, int)) else tuple(g[key])
+        if any(isinstance(x, str) and "," in x for x in items):  # --config.grid.methods=nft,awm: one string
+            raise ValueError(f"grid.{key}={g[key]!r}: one item holding a comma; on the command line write a Python "
+                             f"tuple, quoted: --config.grid.{key}=\"('a', 'b')\" (with your items)")
+        for item in (items if known else ()):
+            if item not in known:
+                raise ValueError(f"grid.{key}: unknown {key[:-1]} {item!r}; expected some of {known}")
     order = []
     for method in g.methods:
         for arm, spec in g.arms.items():

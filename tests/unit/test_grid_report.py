@@ -30,6 +30,13 @@ def test_grid_config_errors_name_the_key():
     with pytest.raises(ValueError, match="unknown reward 'beauty'"):
         grid.run_specs(c)
     c = grid.load_config_file("experiments/toy_grid.py")
+    c.grid.methods = ("nft,awm",)   # what --config.grid.methods=nft,awm gives
+    with pytest.raises(ValueError, match="one item holding a comma"):
+        grid.run_specs(c)
+    c.grid.methods = ("nft", "sgd")
+    with pytest.raises(ValueError, match="unknown method 'sgd'"):
+        grid.run_specs(c)
+    c = grid.load_config_file("experiments/toy_grid.py")
     c.grid.arms.normguard.set = "normguard.lamda=0.3"
     with pytest.raises(KeyError, match="normguard.lamda"):
         grid.run_specs(c)
