@@ -613,7 +613,8 @@ def arms_table(grouped: dict, reward: str, base_arm: str, arms: list[str]) -> li
 def choose_arm(by_arm: dict, base_arm: str, max_gain_loss: float, candidates=None) -> dict | None:
     """The calibration's rule, fixed before its results: among the arms (`candidates`, default all) that lose at most `max_gain_loss` of
     the base arm's reward gain (mean paired loss over seeds, as a fraction of the base gain on those seeds), the one
-    with the largest mean paired KID reduction (CFG-free). None when no arm qualifies."""
+    with the largest mean paired KID reduction (CFG-free). None when no arm qualifies; an arm that does not lower
+    KID does not (e.g. a NormGuard whose hinge never fired: bit-identical to the base)."""
     base = by_arm.get(base_arm, {})
     base_gains = values(base, reward_gain)
     base_kids = values(base, lambda s: endpoint(s, "kid"))
@@ -628,7 +629,7 @@ def choose_arm(by_arm: dict, base_arm: str, max_gain_loss: float, candidates=Non
             continue
         fraction = -float(np.mean(list(gains.values()))) / base_gain
         kid = float(np.mean(list(kids.values())))
-        if fraction <= max_gain_loss and (best is None or kid < best["kid_difference"]):
+        if fraction <= max_gain_loss and kid < 0 and (best is None or kid < best["kid_difference"]):
             best = {"arm": arm, "gain_loss_fraction": fraction, "kid_difference": kid, "seeds": len(kids)}
     return best
 
@@ -641,11 +642,12 @@ def choice_lines(grouped: dict, reward: str, base_arm: str, max_gain_loss: float
         if r == reward:
             chosen[method] = choose_arm(by_arm, base_arm, max_gain_loss, candidates)
     lines = [f"**Chosen setting** (rule fixed before the last seed was seen: the largest mean KID reduction, CFG-free, among "
-             f"the NormGuard arms that lose at most {max_gain_loss:.0%} of the base arm's reward gain):"]
+             f"the NormGuard arms that lose at most {max_gain_loss:.0%} of the base arm's reward gain; an arm that does "
+             "not lower KID does not qualify):"]
     for method, c in chosen.items():
         lines.append(f"- {method}: " + ("no arm qualifies" if c is None else
                                         f"`{c['arm']}` (gain lost {c['gain_loss_fraction']:.1%}, KID "
-                                        f"{c['kid_difference']:+.1f}, {c['seeds']} seeds)"))
+                                        f"{c['kid_difference']:+.1f}, {c['seeds']} seed{'s' if c['seeds'] > 1 else ''})"))
     return lines + [""], chosen
 
 

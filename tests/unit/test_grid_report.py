@@ -201,6 +201,8 @@ def test_frontier_and_the_kl_control(tmp_path):
     assert report.choose_arm(by_arm, "base", 0.2) == pytest.approx(
         {"arm": "lam1", "gain_loss_fraction": 0.1 / 0.6, "kid_difference": -30.0, "seeds": 5})
     assert report.choose_arm(by_arm, "base", 0.05) is None
+    # an arm identical to the base (a hinge that never fired) loses nothing but lowers nothing: not chosen
+    assert report.choose_arm({"base": by_arm["base"], "idle": by_arm["base"]}, "base", 0.1) is None
     c.grid.choose_max_gain_loss = 0.1
     text = open(report.write_results(c, c.workdir, runs, {}, 60.0)).read()
     assert "- awm: `lam0p3` (gain lost 8.3%, KID -10.0, 5 seeds)" in text
