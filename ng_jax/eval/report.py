@@ -169,23 +169,47 @@ def claims_for(base: dict, ng: dict, margins: dict) -> tuple[list[stats.Claim], 
     return cl, vals
 
 
+def _final(summary: dict) -> str:
+    return json.dumps(summary.get("eval"), sort_keys=True)
+
+
+def inert_seeds(base: dict, ng: dict) -> list:
+    """The seeds whose NormGuard run's final evaluation equals its base run's to the bit: the hinge never
+    fired (the two runs share everything else), so NormGuard did nothing there."""
+    return sorted(s for s in base.keys() & ng.keys() if base[s] and ng[s] and _final(base[s]) == _final(ng[s]))
+
+
+NG_EFFECTS = ("d_ratio_guided", "d_gain", "d_kid", "d_kid_guided")  # the claims about what NormGuard does
+
+
 def verdict_rows(grouped: dict, base_arm: str, ng_arm: str, margins: dict) -> dict:
-    """reward -> rows of stats.judge_claims, Holm-corrected across every claim of that reward's cells."""
+    """reward -> rows of stats.judge_claims, Holm-corrected across every claim of that reward's cells. In a cell
+    where NormGuard never acted (every paired seed `inert_seeds`), its effect claims are not tested: a zero
+    difference on every seed would otherwise "keep the reward" with p = 0."""
     out = {}
     for reward in sorted({r for r, _ in grouped}):
-        claims, vals = [], {}
+        claims, vals, inert = [], {}, []
         for (r, method), arms in sorted(grouped.items()):
             if r != reward or base_arm not in arms or ng_arm not in arms:
                 continue
             cl, v = claims_for(arms[base_arm], arms[ng_arm], margins)
+            paired = arms[base_arm].keys() & arms[ng_arm].keys()
+            idle = bool(paired) and len(inert_seeds(arms[base_arm], arms[ng_arm])) == len(paired)
             for c in cl:
                 key = f"{method}:{c.endpoint}"
-                claims.append(stats.Claim(f"{method}: {c.name}", key, c.direction, c.threshold, c.margin_text))
+                claim = stats.Claim(f"{method}: {c.name}", key, c.direction, c.threshold, c.margin_text)
+                if idle and c.endpoint in NG_EFFECTS:
+                    inert.append((claim, len(paired)))
+                    continue
+                claims.append(claim)
                 vals[key] = v[c.endpoint]
         rows = stats.judge_claims(claims, vals)
         missing = [c for c in claims if not vals.get(c.endpoint)]
         rows += [{"claim": c.name, "endpoint": c.endpoint, "margin": c.margin_text, "verdict": "not measured",
                   "n": 0} for c in missing]
+        rows += [{"claim": c.name, "endpoint": c.endpoint, "margin": c.margin_text, "n": 0,
+                  "verdict": f"not tested: the hinge never fired ({n} of {n} seeds bit-identical to base)"}
+                 for c, n in inert]
         out[reward] = rows
     return out
 
@@ -538,6 +562,10 @@ def write_results(config, workdir: str, runs: dict, timings: dict, total_s: floa
             cell["matched_kid"] = {"by_seed": m, **stats.interval(m).as_dict()}
             rows.append([method, f"KID at matched reward ({len(m)} of {len(ng)} seeds matchable)", "", "",
                          _ci(stats.interval(m), 1)])
+            idle = inert_seeds(base, ng)
+            cell["inert_seeds"] = idle
+            rows.append([method, "seeds where the hinge never fired (runs bit-identical)", "", "",
+                         f"{len(idle)} of {len(base.keys() & ng.keys())}"])
         md += ["### Endpoints (final evaluation; mean [95% t interval] over seeds)", "",
                _table(["method", "endpoint", base_arm, ng_arm, f"{ng_arm} - {base_arm} (paired)"], rows), "",
                "KID at matched reward: each NormGuard run against its own seed's base run, whose evaluation "

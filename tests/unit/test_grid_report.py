@@ -107,6 +107,21 @@ def _paired(method, arm, seed):
     return _summary(0.99 + j, 1.02 + j, 0.475 + j, 40.0 + 100 * j + 2 * (seed % 2), 60.0 + 3 * (1 - 2 * (seed % 2)))
 
 
+def test_a_normguard_that_never_fired_is_not_credited_with_keeping_the_reward(tmp_path):
+    # NormGuard runs bit-identical to their base runs (the hinge never fired): zero differences on every seed
+    c, runs = _write(tmp_path, lambda method, arm, seed: _paired(method, "base", seed))
+    text = open(report.write_results(c, c.workdir, runs, {}, 60.0)).read()
+    for claim in ("keeps the reward", "lowers the norm (CFG 4.5)", "restores quality (KID, CFG-free)"):
+        assert _verdict(text, f"awm: NormGuard {claim}") == "not tested: the hinge never fired (5 of 5 seeds " \
+                                                           "bit-identical to base)"
+    assert _verdict(text, "awm: base RL inflates the norm (CFG 4.5)") == "reproduces"  # the base claims stand
+    assert "| awm | seeds where the hinge never fired (runs bit-identical) |  |  | 5 of 5 |" in text
+    # one seed where NormGuard acted: the cell is tested (the idle seeds count as the zero effects they are)
+    c, runs = _write(tmp_path / "b", lambda method, arm, seed: _paired(method, arm if seed == 100 else "base", seed))
+    text = open(report.write_results(c, c.workdir, runs, {}, 60.0)).read()
+    assert "not tested" not in text and "| awm | seeds where the hinge never fired (runs bit-identical) |  |  | 4 of 5 |" in text
+
+
 def test_report_verdicts_from_paired_seeds(tmp_path):
     c, runs = _write(tmp_path, _paired)
     text = open(report.write_results(c, c.workdir, runs, {}, 60.0)).read()
