@@ -705,15 +705,15 @@ def matching_weight(by_arm: dict, base_arm: str, target_arm: str, weights: dict)
 def matching_lines(grouped: dict, runs: dict, reward: str, base_arm: str, ng_arm: str, keys: dict,
                    ng_arms) -> tuple[list[str], dict]:
     """The report's paragraph on the weight of each method's other arms (`grid.match_weights`: method ->
-    the dotted config key they set, e.g. "loss.beta") that matches NormGuard's reward gain, and its JSON."""
+    the dotted config key they set, e.g. "loss.beta"; the base arm counts at its own value of that key) that
+    matches NormGuard's reward gain, and its JSON."""
     found = {}
     for (r, method), by_arm in sorted(grouped.items()):
         if r != reward or method not in keys:
             continue
         weights = {}
-        for spec in runs.values():
-            if spec.method == method and spec.reward == reward and spec.arm in by_arm and spec.arm != base_arm \
-                    and spec.arm not in ng_arms:
+        for spec in runs.values():  # the base arm too: the family at the method's default weight (difference 0)
+            if spec.method == method and spec.reward == reward and spec.arm in by_arm and spec.arm not in ng_arms:
                 node = spec.config
                 for part in str(keys[method]).split("."):
                     node = node[part]

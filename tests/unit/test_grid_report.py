@@ -326,3 +326,10 @@ def test_matching_weight_interpolates_in_log_weight_between_the_bracketing_arms(
                                          {"awm": "loss.beta"}, ["ng_x0p33", "ng_x1", "ng_x3"])
     assert found["awm"]["weight"] == pytest.approx(10 ** (0.08 / 0.18))
     assert "- awm (`loss.beta`): 2.78 (between `kl1` and `kl10`" in "\n".join(lines)
+    # the base arm is the family at its default weight (AWM's loss.beta 1e-4, difference 0): a NormGuard that loses
+    # less than the weakest KL arm is matched between the two
+    by_arm["ng_x1"] = arm({0: 0.99, 1: 1.99})     # -0.01: between base (0) and kl1 (-0.02)
+    _, found = report.matching_lines({("preference", "awm"): by_arm}, runs, "preference", "base", "ng_x1",
+                                     {"awm": "loss.beta"}, ["ng_x0p33", "ng_x1", "ng_x3"])
+    assert found["awm"]["between"] == ["base", "kl1"]
+    assert found["awm"]["weight"] == pytest.approx(10 ** ((np.log10(1e-4) + np.log10(1.0)) / 2))
