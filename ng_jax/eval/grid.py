@@ -17,8 +17,8 @@
 
 `grid.worker="I/N"` trains only every N-th run from the I-th (I = 0..N-1) and stops after them: N such
 commands started at once share the runs (on 2 cores, two workers train 1.2-1.3x as many runs per hour as
-one: benchmarks/workers.py; on several hosts sharing a bucket, one worker each). The command without `grid.worker` then reuses
-them all and does 3-5.
+one: benchmarks/workers.py; on several hosts sharing a bucket, one worker each). The command without
+`grid.worker` then reuses them all and does 3-5.
 
 `grid.report_only=True` skips 1 and 4: the report of the runs finished so far (the others listed as not
 finished), e.g. while the grid still trains in the background.
@@ -120,7 +120,7 @@ def run_specs(config) -> dict[str, RunSpec]:
     seed by seed: the first seed of every cell trains before any cell's second, so that an interrupted grid
     already holds complete pairs across methods and rewards."""
     g = config.grid
-    for key, known in (("methods", tuple(METHODS)), ("rewards", None), ("seeds", None)):
+    for key, known in (("methods", tuple(METHODS)), ("rewards", None)):
         items = (g[key],) if isinstance(g[key], (str, int)) else tuple(g[key])
         if any(isinstance(x, str) and "," in x for x in items):  # --config.grid.methods=nft,awm: one string
             raise ValueError(f"grid.{key}={g[key]!r}: one item holding a comma; on the command line write a Python "
