@@ -374,9 +374,10 @@ def plot_frontier(grouped: dict, reward: str, base_arm: str, path: str, ng_arms)
                 continue
             err = lambda ivs: [[iv.mean - iv.t_low if iv.n > 2 else 0 for iv in ivs],  # noqa: E731
                                [iv.t_high - iv.mean if iv.n > 2 else 0 for iv in ivs]]
+            ax.plot([g.mean for _, g, _ in pts] + [0.0], [k.mean for _, _, k in pts] + [0.0], "-",
+                    color=colours[family], lw=1)  # the family's path, from the base (its weight 0)
             ax.errorbar([g.mean for _, g, _ in pts], [k.mean for _, _, k in pts], xerr=err([g for _, g, _ in pts]),
-                        yerr=err([k for _, _, k in pts]), fmt="o-" if len(pts) > 1 else "o", color=colours[family],
-                        label=family, capsize=2, lw=1)
+                        yerr=err([k for _, _, k in pts]), fmt="o", color=colours[family], label=family, capsize=2)
             for a, g, k in pts:
                 ax.annotate(a, (g.mean, k.mean), fontsize=6, xytext=(2, 2), textcoords="offset points")
         ax.set_xlabel("reward gain - base (paired)")
@@ -718,17 +719,17 @@ def matching_lines(grouped: dict, runs: dict, reward: str, base_arm: str, ng_arm
                 for part in str(keys[method]).split("."):
                     node = node[part]
                 weights[spec.arm] = float(node)
-        found[method] = matching_weight(by_arm, base_arm, ng_arm, weights)
+        found[method] = matching_weight(by_arm, base_arm, ng_arm, weights) if ng_arm in by_arm else "no NormGuard run"
     if not found:
         return [], {}
     lines = [f"**Weight matching NormGuard's reward** (`{ng_arm}`; mean paired reward-gain differences to the base, "
              "interpolated in log weight):"]
     for method, m in found.items():
         lines.append(f"- {method} (`{keys[method]}`): " + (
-            "not bracketed by the weights tried" if m is None else
-            f"{m['weight']:.3g} (between `{m['between'][0]}` and `{m['between'][1]}`; NormGuard's gain difference "
-            f"{m['target_gain_difference']:+.3f}, {m['seeds']} seeds)"))
-    return lines + [""], found
+            f"no finished `{ng_arm}` run yet" if isinstance(m, str) else "not bracketed by the weights tried" if m is None
+            else f"{m['weight']:.3g} (between `{m['between'][0]}` and `{m['between'][1]}`; NormGuard's gain difference "
+                 f"{m['target_gain_difference']:+.3f}, {m['seeds']} seed{'s' if m['seeds'] > 1 else ''})"))
+    return lines + [""], {k: (None if isinstance(v, str) else v) for k, v in found.items()}
 
 
 def analyses_section(workdir: str, fig_dir: str) -> list[str]:

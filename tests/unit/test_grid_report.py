@@ -333,3 +333,6 @@ def test_matching_weight_interpolates_in_log_weight_between_the_bracketing_arms(
                                      {"awm": "loss.beta"}, ["ng_x0p33", "ng_x1", "ng_x3"])
     assert found["awm"]["between"] == ["base", "kl1"]
     assert found["awm"]["weight"] == pytest.approx(10 ** ((np.log10(1e-4) + np.log10(1.0)) / 2))
+    lines, found = report.matching_lines({("preference", "awm"): {"base": by_arm["base"], "kl1": by_arm["kl1"]}}, runs,
+                                         "preference", "base", "ng_x1", {"awm": "loss.beta"}, ["ng_x1"])
+    assert found == {"awm": None} and "- awm (`loss.beta`): no finished `ng_x1` run yet" in lines
