@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 
+import ml_collections as mlc
 import numpy as np
 import pytest
 from PIL import Image
@@ -45,7 +46,12 @@ def test_grid_config_errors_name_the_key():
 def test_the_shipped_grid_pairs_base_and_normguard_runs():
     c = grid.load_config_file("experiments/toy_grid.py")
     runs = grid.run_specs(c)
-    assert len(runs) == 3 * 2 * (5 + 3)  # the verifier cells run 3 seeds
+    assert len(runs) == 3 * 2 * (5 + 3) + 2 * 5  # the verifier cells run 3 seeds; the KL control: AWM, NFT x 5
+    from ng_jax.configs.experiments.toy_grid import KL_CONTROL
+    for method, (key, weight) in KL_CONTROL.items():
+        kl = runs[f"{method}_kl_preference_s100"].config
+        assert kl.normguard.lam == 0 and kl.loss[key.split(".")[1]] == weight
+    assert not any(n.startswith("dpo_kl") or (n.split("_")[1] == "kl" and "verifier" in n) for n in runs)
     a, b = runs["awm_base_preference_s100"].config, runs["awm_normguard_preference_s100"].config
     assert a.normguard.lam == 0 and b.normguard.lam > 0
     assert a.space == "centred" and a.eval.variants.guided.cfg_scale == 4.5
@@ -80,6 +86,8 @@ def _write(root, make, methods=("awm",), commit_of=lambda name: report.commit())
     c.workdir = os.path.join(str(root), "grid")
     c.reference = os.path.join(REPO, "ng_jax", "assets", "reference_stage1")
     c.grid.methods, c.grid.rewards, c.grid.seeds = methods, ("preference",), SEEDS
+    c.grid.arms = mlc.ConfigDict({a: c.grid.arms[a] for a in ("base", "normguard")})  # the pairs only
+    c.grid.controls = ()
     c.results = os.path.join(str(root), "RESULTS.md")
     runs = grid.run_specs(c)
     for name, spec in runs.items():

@@ -46,6 +46,7 @@ def get_config(arg=None):
     else:
         raise ValueError(f"calibration.py: unknown variant {arg!r}; it has none")
     c.grid.arms = mlc.ConfigDict(arms)
+    c.grid.controls = ()
     c.grid.normguard_arm = _name(1.0, 0.02)
     # cheaper evaluations than the grid's: 204 images at epoch 10, 272 before and after (CFG-free and guided)
     c.overrides.eval.every = 10

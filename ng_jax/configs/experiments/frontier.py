@@ -59,6 +59,7 @@ def get_config(arg=None):
         arms[f"kl{_tag(w)}"] = {"normguard": False, "set": "", "methods": tuple(KL_KEY),
                                 "set_by_method": {m: f"{k}={method_lambda(m, w):g}" for m, k in KL_KEY.items()}}
     c.grid.arms = mlc.ConfigDict(arms)
+    c.grid.controls = ()
     c.grid.normguard_arm = "ng_x1"
     c.grid.match_weights = mlc.ConfigDict(KL_KEY)  # the report interpolates the KL weight matching ng_x1's reward
     c.results = "docs/results/frontier/RESULTS.md"

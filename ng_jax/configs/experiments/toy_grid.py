@@ -1,6 +1,7 @@
 """The confirmatory grid on the toy world: {NFT, AWM, DPO} x {base, +NormGuard} x {preference reward,
-verifier} x seeds, then the analyses of the most inflating seed, then docs/RESULTS.md with paired
-statistics and a verdict per claim (ng_jax/eval/grid.py, ng_jax/eval/report.py).
+verifier} x seeds, plus the KL control (AWM and NFT with a stronger KL term to the reference, preference
+reward), then the analyses of the most inflating seed, then docs/RESULTS.md with paired statistics and a
+verdict per claim (ng_jax/eval/grid.py, ng_jax/eval/report.py).
 
     python -m ng_jax.main --config=ng_jax/configs/experiments/toy_grid.py
 
@@ -15,6 +16,11 @@ Tiny smoke version (minutes): tests/e2e/test_grid.py.
 """
 
 import ml_collections as mlc
+
+# The KL control's weight per method: the KL-to-reference weight whose final reward gain matched NormGuard's
+# (its calibrated lambda) in the frontier's seed 0, interpolated in log weight between the two weights that
+# bracket it (docs/results/frontier/RESULTS.md, "Weight matching NormGuard's reward"). The defaults are 1e-4.
+KL_CONTROL = {"awm": ("loss.beta", 0.0091), "nft": ("loss.kl_beta", 0.0081)}
 
 
 def get_config(arg=None):
@@ -32,12 +38,17 @@ def get_config(arg=None):
     c.grid = mlc.ConfigDict()
     c.grid.methods = ("nft", "awm", "dpo")
     # arm -> the method's config file without / with `_normguard` (its calibrated lambda and margin), plus
-    # optional settings ("normguard.lam=0.3,normguard.margin=0.02")
+    # optional settings ("normguard.lam=0.3,normguard.margin=0.02"), optionally limited to some methods / rewards.
+    # `kl`: the control a reviewer asks for first, the base method held closer to the reference by a stronger
+    # KL term, at the weight whose reward matched NormGuard's in the frontier (KL_CONTROL).
     c.grid.arms = mlc.ConfigDict({"base": {"normguard": False, "set": ""},
-                                  "normguard": {"normguard": True, "set": ""}})
+                                  "normguard": {"normguard": True, "set": ""},
+                                  "kl": {"normguard": False, "set": "", "methods": tuple(KL_CONTROL),
+                                         "rewards": ("preference",),
+                                         "set_by_method": {m: f"{k}={w}" for m, (k, w) in KL_CONTROL.items()}}})
     c.grid.base_arm = "base"
     c.grid.normguard_arm = "normguard"
-    c.grid.controls = ()              # arms NormGuard is also compared with, paired by seed (e.g. a KL control)
+    c.grid.controls = ("kl",)         # arms NormGuard is also compared with, paired by seed
     c.grid.choose_max_gain_loss = 0.0  # > 0: the report names the arm with the largest KID reduction among those
                                        # losing at most this fraction of the base gain (calibration; 0 = off)
     c.grid.match_weights = mlc.ConfigDict()  # method -> a dotted key its non-NormGuard arms set (e.g. "loss.beta"):
