@@ -48,24 +48,25 @@ RULES: list[tuple[str, Callable[[Any], bool], str]] = [
 ]
 
 
-def _get(config, dotted: str):
+def get_dotted(config, dotted: str):
+    """`config` at the dotted key ("loss.beta"), or MISSING when there is no such key."""
     node = config
     for part in dotted.split("."):
         if not hasattr(node, "keys") or part not in node:
-            return _MISSING
+            return MISSING
         node = node[part]
     return node
 
 
-_MISSING = object()
+MISSING = object()
 
 
 def _cross_field_problems(config) -> list[str]:
     """Settings that are each valid but cannot work together."""
     out = []
     for block in ("eval", "sample"):
-        rescale, scale = _get(config, f"{block}.cfg_rescale"), _get(config, f"{block}.cfg_scale")
-        if rescale is not _MISSING and scale is not _MISSING and rescale and float(scale) == 1.0:
+        rescale, scale = get_dotted(config, f"{block}.cfg_rescale"), get_dotted(config, f"{block}.cfg_scale")
+        if rescale is not MISSING and scale is not MISSING and rescale and float(scale) == 1.0:
             out.append(f"{block}.cfg_rescale={rescale} acts only on a guided velocity, but {block}.cfg_scale=1 "
                        f"(CFG-free); set {block}.cfg_scale (e.g. 4.5) or {block}.cfg_rescale=0")
     return out
@@ -74,13 +75,13 @@ def _cross_field_problems(config) -> list[str]:
 def check_config(config) -> None:
     """Raise ValueError naming the first bad setting."""
     for key, ok, expected in RULES:
-        value = _get(config, key)
-        if value is _MISSING:
+        value = get_dotted(config, key)
+        if value is MISSING:
             continue
         if not ok(value):
             raise ValueError(f"{key}={value!r}: expected {expected}")
-    mesh = _get(config, "mesh.shape")
-    if mesh is not _MISSING and len(tuple(mesh)) != 3:
+    mesh = get_dotted(config, "mesh.shape")
+    if mesh is not MISSING and len(tuple(mesh)) != 3:
         raise ValueError(f"mesh.shape={tuple(mesh)!r}: expected 3 entries (data, fsdp, tensor)")
     for problem in _cross_field_problems(config):
         raise ValueError(problem)
@@ -90,11 +91,11 @@ def check_config(config) -> None:
 
 def _check_real_model(config) -> None:
     """A real-model config (model.family sd3 / sd35 / flux1_dev) needs an existing model.weights_dir."""
-    family = _get(config, "model.family")
-    if family is _MISSING or family == "toy_mmdit":
+    family = get_dotted(config, "model.family")
+    if family is MISSING or family == "toy_mmdit":
         return
-    path = _get(config, "model.weights_dir")
-    problem = weights_dir_problem(family, "" if path is _MISSING else path)
+    path = get_dotted(config, "model.weights_dir")
+    problem = weights_dir_problem(family, "" if path is MISSING else path)
     if problem:
         raise ValueError(problem)
 
@@ -112,14 +113,14 @@ def weights_dir_problem(family: str, path) -> str | None:
 
 def _check_clip_reward_dirs(config) -> None:
     """CLIP-based rewards (ng_jax.rewards.clip) read local weights: rewards.<name>_dir must be a directory."""
-    weights = _get(config, "rewards.weights")
-    if weights is _MISSING:
+    weights = get_dotted(config, "rewards.weights")
+    if weights is MISSING:
         return
     for name in ("clip_score", "pickscore", "hpsv2"):
         if name not in weights:
             continue
-        path = _get(config, f"rewards.{name}_dir")
-        if path is _MISSING or not path:
+        path = get_dotted(config, f"rewards.{name}_dir")
+        if path is MISSING or not path:
             raise ValueError(f"rewards.{name}_dir is required for the {name!r} reward: pass "
                              f"--config.rewards.{name}_dir=DIR, a local transformers CLIPModel directory")
         if not os.path.isdir(str(path)):

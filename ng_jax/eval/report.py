@@ -23,6 +23,7 @@ from collections import defaultdict
 import numpy as np
 
 from ng_jax import logs, storage
+from ng_jax.config.checks import MISSING, ConfigError, get_dotted
 from ng_jax.eval import stats
 from ng_jax.models.bundle import bundle_fingerprint
 
@@ -475,6 +476,7 @@ def write_results(config, workdir: str, runs: dict, timings: dict, total_s: floa
     summaries = read_summaries(workdir, runs) if summaries is None else summaries
     g = config.grid
     base_arm, ng_arm = str(g.base_arm), str(g.normguard_arm)
+    ng_arms = [a for a in g.arms if g.arms[a].normguard]
     margins = {"inflation": float(g.margins.inflation), "reward_kept": float(g.margins.reward_kept)}
     grouped = cells(runs, summaries)
     out_path = str(config.results)
@@ -575,17 +577,15 @@ def write_results(config, workdir: str, runs: dict, timings: dict, total_s: floa
         if len(g.arms) > 2:
             md += arms_table(grouped, reward, base_arm, list(g.arms))
         if float(g.get("choose_max_gain_loss", 0.0)) > 0:
-            ng_arms = [a for a in g.arms if g.arms[a].normguard]
             lines, data.setdefault("chosen", {})[reward] = choice_lines(grouped, reward, base_arm,
                                                                         float(g.choose_max_gain_loss), ng_arms)
             md += lines
         if g.get("match_weights"):
             lines, data.setdefault("matching_weight", {})[reward] = matching_lines(
-                grouped, runs, reward, base_arm, ng_arm, dict(g.match_weights), [a for a in g.arms if g.arms[a].normguard])
+                grouped, runs, reward, base_arm, ng_arm, dict(g.match_weights), ng_arms)
             md += lines
         md += controls_table(grouped, reward, ng_arm, tuple(g.get("controls") or ()))
-        if plot_frontier(grouped, reward, base_arm, os.path.join(fig_dir, f"frontier_{reward}.png"),
-                         [a for a in g.arms if g.arms[a].normguard]):
+        if plot_frontier(grouped, reward, base_arm, os.path.join(fig_dir, f"frontier_{reward}.png"), ng_arms):
             md += [f"![frontier, {reward}](results/frontier_{reward}.png)", ""]
         seed = most_inflating_seed(grouped, reward, base_arm)
         if seed is not None and sample_comparison(workdir, runs, reward, seed, (base_arm, ng_arm),
@@ -708,28 +708,31 @@ def matching_lines(grouped: dict, runs: dict, reward: str, base_arm: str, ng_arm
     """The report's paragraph on the weight of each method's other arms (`grid.match_weights`: method ->
     the dotted config key they set, e.g. "loss.beta"; the base arm counts at its own value of that key) that
     matches NormGuard's reward gain, and its JSON."""
-    found = {}
+    found, unfinished = {}, set()
     for (r, method), by_arm in sorted(grouped.items()):
         if r != reward or method not in keys:
             continue
         weights = {}
         for spec in runs.values():  # the base arm too: the family at the method's default weight (difference 0)
             if spec.method == method and spec.reward == reward and spec.arm in by_arm and spec.arm not in ng_arms:
-                node = spec.config
-                for part in str(keys[method]).split("."):
-                    node = node[part]
-                weights[spec.arm] = float(node)
-        found[method] = matching_weight(by_arm, base_arm, ng_arm, weights) if ng_arm in by_arm else "no NormGuard run"
+                value = get_dotted(spec.config, str(keys[method]))
+                if value is MISSING:
+                    raise ConfigError(f"grid.match_weights.{method}={keys[method]!r}: no such key in the runs' config")
+                weights[spec.arm] = float(value)
+        found[method] = matching_weight(by_arm, base_arm, ng_arm, weights)
+        if ng_arm not in by_arm:
+            unfinished.add(method)
     if not found:
         return [], {}
     lines = [f"**Weight matching NormGuard's reward** (`{ng_arm}`; mean paired reward-gain differences to the base, "
              "interpolated in log weight):"]
     for method, m in found.items():
         lines.append(f"- {method} (`{keys[method]}`): " + (
-            f"no finished `{ng_arm}` run yet" if isinstance(m, str) else "not bracketed by the weights tried" if m is None
-            else f"{m['weight']:.3g} (between `{m['between'][0]}` and `{m['between'][1]}`; NormGuard's gain difference "
-                 f"{m['target_gain_difference']:+.3f}, {m['seeds']} seed{'s' if m['seeds'] > 1 else ''})"))
-    return lines + [""], {k: (None if isinstance(v, str) else v) for k, v in found.items()}
+            f"no finished `{ng_arm}` run yet" if method in unfinished else "not bracketed by the weights tried"
+            if m is None else f"{m['weight']:.3g} (between `{m['between'][0]}` and `{m['between'][1]}`; NormGuard's "
+                              f"gain difference {m['target_gain_difference']:+.3f}, {m['seeds']} seed"
+                              f"{'s' if m['seeds'] > 1 else ''})"))
+    return lines + [""], found
 
 
 def analyses_section(workdir: str, fig_dir: str) -> list[str]:

@@ -344,3 +344,6 @@ def test_matching_weight_interpolates_in_log_weight_between_the_bracketing_arms(
     lines, found = report.matching_lines({("preference", "awm"): {"base": by_arm["base"], "kl1": by_arm["kl1"]}}, runs,
                                          "preference", "base", "ng_x1", {"awm": "loss.beta"}, ["ng_x1"])
     assert found == {"awm": None} and "- awm (`loss.beta`): no finished `ng_x1` run yet" in lines
+    with pytest.raises(ConfigError, match=r"grid.match_weights.awm='loss.betta': no such key"):
+        report.matching_lines({("preference", "awm"): by_arm}, runs, "preference", "base", "ng_x1",
+                              {"awm": "loss.betta"}, ["ng_x1"])
