@@ -6,9 +6,8 @@ Lambda 3, margin 0.05: the setting the calibration sweep chose (ng_jax/configs/e
 lambda {0.1, 0.3, 1, 3} x margin {0, 0.02, 0.05}, seeds 0 and 1, preference reward, the grid's world), by
 a rule fixed before its last seed was seen: the largest mean KID reduction among the settings that lose at
 most 10% of the base method's reward gain. It lost 9.7% of the gain and lowered KID by 158 (base 580,
-noise floor +-2.3), paired over the 2 seeds (docs/results/calibration/RESULTS.md). Margin 0 lost 15-27%
-of the gain at every lambda: a per-sample hinge at ||v|| = ||v_ref|| also pushes down the samples that the
-reference itself would have drawn with a larger norm.
+noise floor +-2.3), paired over the 2 seeds (docs/results/calibration/RESULTS.md). Margin 0 lost 15-28%
+of the gain at every lambda and pushed the CFG-free norm ratio below 1 (0.97-0.99): over-shrinkage.
 """
 
 from ng_jax.config import methods
