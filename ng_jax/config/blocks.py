@@ -215,6 +215,9 @@ def eval_config(*, every: int, num_prompts: int, samples_per_prompt: int, batch_
     c.seed = 0                   # the evaluation noise (fixed: every evaluation scores the same prompts and noise)
     c.renorm = False             # inference-time renormalisation to the reference norm (baseline)
     c.cfg_rescale = 0.0          # CFG-rescale phi (baseline; acts only with cfg_scale != 1)
+    c.norms = "always"           # which evaluations measure the norm ratio against the reference (one more
+                                 # model forward per sampling step): "always"; "final" (before training and
+                                 # after the last epoch only); "never" (the keys are None); variants may override
     c.min_samples_per_category = 0  # top up prompt categories with few prompts to this many samples
     c.quality = quality          # FD and k-NN precision/recall against real renders (the shapes world's judges)
     c.accuracy = quality         # verifier accuracy per prompt category (the shapes world's verifier)

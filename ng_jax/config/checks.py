@@ -11,6 +11,9 @@ from typing import Any, Callable
 
 from ng_jax.errors import UserError
 
+# `eval.norms`: which evaluations measure the norm ratio (ng_jax.eval.evaluate.RunEvaluation)
+NORMS_MODES = ("always", "final", "never")
+
 
 class ConfigError(UserError, ValueError):
     """A setting that cannot work (reported in one line by the entry point)."""
@@ -45,6 +48,7 @@ RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("lora.rank", *_nonneg),
     ("render", lambda v: v in ("clip", "soft", "headroom"), "\"clip\", \"soft\" or \"headroom\""),
     ("space", lambda v: v in ("pixel", "centred"), "\"pixel\" or \"centred\""),
+    ("eval.norms", lambda v: v in NORMS_MODES, " or ".join(f'"{m}"' for m in NORMS_MODES)),
 ]
 
 
@@ -69,6 +73,11 @@ def _cross_field_problems(config) -> list[str]:
         if rescale is not MISSING and scale is not MISSING and rescale and float(scale) == 1.0:
             out.append(f"{block}.cfg_rescale={rescale} acts only on a guided velocity, but {block}.cfg_scale=1 "
                        f"(CFG-free); set {block}.cfg_scale (e.g. 4.5) or {block}.cfg_rescale=0")
+    variants = get_dotted(config, "eval.variants")
+    for name, overrides in ({} if variants is MISSING else variants).items():
+        if "norms" in overrides and overrides["norms"] not in NORMS_MODES:
+            out.append(f"eval.variants.{name}.norms={overrides['norms']!r}: expected "
+                       + " or ".join(f'"{m}"' for m in NORMS_MODES))
     return out
 
 

@@ -21,7 +21,7 @@ import ml_collections as mlc
 import numpy as np
 
 from ng_jax import flow, logs, sharding, storage
-from ng_jax.config.checks import ConfigError
+from ng_jax.config.checks import NORMS_MODES, ConfigError
 from ng_jax.data import world
 from ng_jax.data.prompts import category_of
 from ng_jax.data.render import render_fn, world_stack
@@ -51,6 +51,15 @@ def _out_of_range(x0):
     return jnp.mean((jnp.abs(x0) > 1.0).astype(jnp.float32), axis=tuple(range(1, x0.ndim)))
 
 
+def norms_mode(eval_cfg) -> str:
+    """`eval.norms`: which evaluations measure the norm ratio ("always"; "final": only before training and
+    after the last epoch; "never"), checked."""
+    mode = eval_cfg.get("norms", "always")
+    if mode not in NORMS_MODES:
+        raise ConfigError(f"eval.norms={mode!r}: expected one of {', '.join(map(repr, NORMS_MODES))}")
+    return mode
+
+
 def repeat_prompts(prompts: list[str], samples_per_prompt: int, min_per_category: int = 0) -> list[str]:
     """Each prompt `samples_per_prompt` times, consecutively; a category with few prompts (the test split
     holds 1 counting and 2 single-object prompts) gets more samples per prompt, so that it has at least
@@ -69,7 +78,7 @@ class Evaluator:
 
     def __init__(self, eval_cfg, stack, mesh, *, weighted, policy_params, workdir: str | None,
                  prompts: list[str] | None = None, policy_is_ref: bool = False,
-                 rules=sharding.LOGICAL_RULES):
+                 rules=sharding.LOGICAL_RULES, record_norms: bool | None = None):
         model, ref_params = stack.model, stack.ref
         self.cfg, self.model, self.mesh, self.stack = eval_cfg, model, mesh, stack
         self.weighted, self.policy_params, self.ref = weighted, policy_params, ref_params
@@ -85,6 +94,9 @@ class Evaluator:
         if float(eval_cfg.get("cfg_rescale", 0.0)) and float(eval_cfg.cfg_scale) == 1.0:
             raise ConfigError(f"eval.cfg_rescale={eval_cfg.cfg_rescale} acts only on a guided velocity, but "
                               "eval.cfg_scale=1 (CFG-free); set eval.cfg_scale (e.g. 4.5) or eval.cfg_rescale=0")
+        # The norm ratio needs a second (reference) forward pass per sampling step; without it the result's
+        # norm_ratio keys are None ("not measured"). Default: as `eval.norms` ("never" turns it off).
+        self.record_norms = (norms_mode(eval_cfg) != "never") if record_norms is None else bool(record_norms)
         self.batch = int(eval_cfg.batch_size)
         multiple = sharding.batch_size_multiple(mesh)
         if self.batch % multiple:
@@ -100,7 +112,8 @@ class Evaluator:
                       for i in range(0, len(prompts_padded), self.batch)]
         opt = lambda key: None if eval_cfg.get(key) is None else float(eval_cfg[key])  # noqa: E731
         self.sampler = make_sampler(model.apply, num_steps=int(eval_cfg.num_steps), shift=float(eval_cfg.shift),
-                                    mu=opt("mu"), s_min=opt("s_min"), cfg_scale=float(eval_cfg.cfg_scale), record=("x0", "norms"),
+                                    mu=opt("mu"), s_min=opt("s_min"), cfg_scale=float(eval_cfg.cfg_scale),
+                                    record=("x0", "norms") if self.record_norms else ("x0",),
                                     renorm_to_ref=bool(eval_cfg.get("renorm", False)),
                                     cfg_rescale_phi=float(eval_cfg.get("cfg_rescale", 0.0)))
         # Inputs are batch-sharded; outputs are left to the compiler (the grid `sigmas` and the
@@ -111,7 +124,7 @@ class Evaluator:
         self.uncond = jax.device_put(self.uncond, sh)
         # Scoring the reference itself (`policy_is_ref`): its norms are the policy's, so the sampler skips
         # the second (reference) forward pass per step that the norm ratio otherwise needs.
-        ref_pass = not policy_is_ref or bool(eval_cfg.get("renorm", False))
+        ref_pass = (self.record_norms and not policy_is_ref) or bool(eval_cfg.get("renorm", False))
         # Activations are placed by the run's rule table (`rules`), as in the rollout.
         sample = lambda p, r, noise, c, u: self.sampler(policy_params(p, r), noise, c, u, None,  # noqa: E731
                                                         ref_params=r if ref_pass else None)
@@ -131,21 +144,26 @@ class Evaluator:
             if self.stack.is_toy:  # the fraction of image values past [-1, 1] before rendering
                 shift = 0.0 if self.stack.shift is None else jnp.asarray(self.stack.shift, out.x0.dtype)
                 over.append(sharding.to_host(_out_of_range(out.x0 + shift)))
-            pol.append(sharding.to_host(out.norms_policy))
-            ref.append(pol[-1] if out.norms_ref is None else sharding.to_host(out.norms_ref))
+            if self.record_norms:
+                pol.append(sharding.to_host(out.norms_policy))
+                ref.append(pol[-1] if out.norms_ref is None else sharding.to_host(out.norms_ref))
         sigmas = sharding.to_host(out.sigmas)
         self.last_out_of_range = float(np.concatenate(over)[: self.n].mean()) if over else None
+        if not self.record_norms:
+            return np.concatenate(xs)[: self.n], None, None, sigmas
         return (np.concatenate(xs)[: self.n], np.concatenate(pol, 1)[:, : self.n],
                 np.concatenate(ref, 1)[:, : self.n], sigmas)
 
     def __call__(self, trainable, *, tag: str, step: int) -> dict:
         images, norm_p, norm_r, sigmas = self.sample(trainable)
         total, parts = self.weighted.score_host(images, self.prompts)
-        ratio = np.asarray(flow.norm_ratio(norm_p, norm_r))  # [N_steps, n], as the train step's
         result = {"step": int(step), "n_images": int(self.n), "reward": float(np.mean(total)),
-                  "norm_ratio": float(ratio.mean()),
-                  "norm_ratio_by_sigma": [[float(s), float(r)] for s, r in zip(sigmas[:-1], ratio.mean(1))],
-                  "norm_ratio_spread_by_sigma": [[float(s), float(r)] for s, r in zip(sigmas[:-1], ratio.std(1))]}
+                  "norm_ratio": None, "norm_ratio_by_sigma": None, "norm_ratio_spread_by_sigma": None}
+        if norm_p is not None:
+            ratio = np.asarray(flow.norm_ratio(norm_p, norm_r))  # [N_steps, n], as the train step's
+            result.update(norm_ratio=float(ratio.mean()),
+                          norm_ratio_by_sigma=[[float(s), float(r)] for s, r in zip(sigmas[:-1], ratio.mean(1))],
+                          norm_ratio_spread_by_sigma=[[float(s), float(r)] for s, r in zip(sigmas[:-1], ratio.std(1))])
         for name, vals in parts.items():
             result[f"reward_{name}"] = float(np.mean(vals))
         if self.last_out_of_range is not None:
@@ -197,16 +215,19 @@ class RunEvaluation:
         self._evaluators: dict = {}
 
     def evaluator(self, final: bool, variant: str = "") -> Evaluator:
+        overrides = {k: v for k, v in (self.cfg.variants[variant].items() if variant else ()) if k != "final_only"}
+        mode = norms_mode({"norms": overrides.get("norms", self.cfg.get("norms", "always"))})
         n_final = int(self.cfg.final_samples_per_prompt)
-        key = (final and n_final > 0, variant)
+        own = final and (n_final > 0 or mode == "final")  # the final evaluations get their own evaluator
+        key = (own, variant)
         if key not in self._evaluators:
             cfg = copy.deepcopy(self.cfg)
-            if key[0]:
+            if own and n_final > 0:
                 cfg.samples_per_prompt = n_final
-            for k, v in (self.cfg.variants[variant].items() if variant else ()):
-                if k != "final_only":
-                    cfg[k] = v
-            self._evaluators[key] = Evaluator(cfg, self.stack, self.mesh, **self.kwargs)
+            for k, v in overrides.items():
+                cfg[k] = v
+            self._evaluators[key] = Evaluator(cfg, self.stack, self.mesh, **self.kwargs,
+                                              record_norms=mode == "always" or (mode == "final" and own))
         return self._evaluators[key]
 
     def __call__(self, params, *, tag: str, step: int, final: bool = False) -> dict:

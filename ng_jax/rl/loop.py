@@ -252,12 +252,14 @@ def run(config, workdir: str) -> int:
 
 
 def _log_eval_images(writer, workdir: str, tag: str, step: int, result: dict) -> None:
-    """An evaluation's sample grids (as the evaluator saved them) and its norm-ratio plot, as images."""
+    """An evaluation's sample grids (as the evaluator saved them) and its norm-ratio plot (when it measured
+    norms: `eval.norms`), as images."""
     for suffix in [""] + [f"_{name}" for name in (result.get("variants") or {})]:
         path = os.path.join(workdir, "samples", f"{tag}{suffix}.png")
         if storage.is_file(path):
             writer.write_image(step, f"samples{suffix or '_plain'}", path)
-    writer.write_image(step, "norm_ratio", logs.norm_ratio_figure(result, f"{tag}: norm ratio"))
+    if any(r.get("norm_ratio_by_sigma") for r in [result, *(result.get("variants") or {}).values()]):
+        writer.write_image(step, "norm_ratio", logs.norm_ratio_figure(result, f"{tag}: norm ratio"))
 
 
 def _restore_or_init(ckpt, init_state, state_abstract, state_sh, stack, stream, method: str, workdir: str,

@@ -453,7 +453,8 @@ def test_evaluation_sampler_places_activations_by_the_rule_table(files):
 def test_initial_evaluation_is_cached_across_runs_and_final_only_variants(files, tmp_path, monkeypatch):
     """Two runs of different seeds that share the reference and the evaluation settings evaluate the
     reference once (eval.initial_cache); a final_only variant runs before training and after the last
-    epoch only."""
+    epoch only. With eval.norms="final" only the evaluations before and after training measure the norm
+    ratio, and a variant's norms="never" skips it there too."""
     calls = []
     real_call = evaluate.Evaluator.__call__
     monkeypatch.setattr(evaluate.Evaluator, "__call__",
@@ -465,7 +466,8 @@ def test_initial_evaluation_is_cached_across_runs_and_final_only_variants(files,
         config.eval.every = 1
         config.eval.quality = False
         config.eval.initial_cache = str(tmp_path / "initial")
-        config.eval.variants = mlc.ConfigDict({"steps2": {"num_steps": 2, "final_only": True}})
+        config.eval.norms = "final"
+        config.eval.variants = mlc.ConfigDict({"steps2": {"num_steps": 2, "final_only": True, "norms": "never"}})
         assert loop.run(config, str(tmp_path / f"s{seed}")) == 0
         with open(tmp_path / f"s{seed}" / "summary.json") as f:
             summaries.append(json.load(f))
@@ -473,6 +475,12 @@ def test_initial_evaluation_is_cached_across_runs_and_final_only_variants(files,
                      "epoch_0001", "epoch_0002", "epoch_0002_steps2"]
     assert summaries[0]["eval_initial"] == summaries[1]["eval_initial"]
     assert "steps2" in summaries[0]["eval_initial"]["variants"] and "steps2" in summaries[1]["eval"]["variants"]
+    for s in summaries:
+        assert [h["epoch"] for h in s["history"]] == [1, 2]
+        assert "norm_ratio" not in s["history"][0]  # epoch 1: no reference pass (the history keeps numbers only)
+        for final in (s["eval_initial"], s["eval"]):
+            assert 0.5 < final["norm_ratio"] < 2 and len(final["norm_ratio_by_sigma"]) == config.eval.num_steps
+            assert final["variants"]["steps2"]["norm_ratio"] is None and final["variants"]["steps2"]["reward"] is not None
     assert len(os.listdir(tmp_path / "initial")) == 1
     # another reward is another cache entry
     config.rewards.weights = mlc.ConfigDict({"jpeg_compressibility": 1.0})

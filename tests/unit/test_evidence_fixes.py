@@ -72,6 +72,19 @@ def test_cfg_rescale_without_guidance_is_a_one_line_error():
     check_config(c)  # guided: fine
 
 
+def test_eval_norms_mode_is_checked_in_the_block_and_in_each_variant():
+    c = rl_config("awm")
+    c.eval.norms = "sometimes"
+    with pytest.raises(ValueError, match=r"^eval.norms='sometimes': expected \"always\" or \"final\" or \"never\"$"):
+        check_config(c)
+    c.eval.norms = "final"
+    c.eval.variants = mlc.ConfigDict({"steps4": {"num_steps": 4, "norms": "nope"}})
+    with pytest.raises(ValueError, match=r"^eval.variants.steps4.norms='nope': expected"):
+        check_config(c)
+    c.eval.variants.steps4.norms = "never"
+    check_config(c)
+
+
 @pytest.mark.parametrize("method", ["awm", "dpo"])
 def test_term_gradients_add_up_to_the_step_gradient_and_match_hand_computed_v_gradients(method):
     """With term_grads the step's gradient is unchanged (base + lam * hinge pulled back through one forward),

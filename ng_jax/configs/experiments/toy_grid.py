@@ -74,9 +74,11 @@ def get_config(arg=None):
     c.overrides.eval = mlc.ConfigDict({
         "every": 5, "num_prompts": 0, "samples_per_prompt": 12,   # 17 evaluation prompts x 12 = 204 images
         "final_samples_per_prompt": 24, "batch_size": 102,        # before and after training: 408 images
+        # the report reads norm ratios from the final 20-step evaluations only: the others skip the reference pass
+        "norms": "final",
         "variants": {"guided": {"cfg_scale": 4.5, "final_only": True},
-                     "steps4": {"num_steps": 4, "final_only": True},
-                     "steps6": {"num_steps": 6, "final_only": True}},
+                     "steps4": {"num_steps": 4, "final_only": True, "norms": "never"},
+                     "steps6": {"num_steps": 6, "final_only": True, "norms": "never"}},
     })
 
     c.analysis = mlc.ConfigDict()     # settings of the analyses (see ng_jax/configs/analyze.py)
