@@ -24,7 +24,7 @@ import numpy as np
 
 from ng_jax import logs, storage
 from ng_jax.config.checks import MISSING, ConfigError, get_dotted
-from ng_jax.eval import stats
+from ng_jax.eval import runs_table, stats
 from ng_jax.models.bundle import bundle_fingerprint
 
 RUN_COMMIT = "grid_run_commit.txt"  # in each grid run directory: the code commit that trained it
@@ -76,11 +76,7 @@ def _table(header, rows):
 
 def high_sigma_ratio(result: dict | None) -> float | None:
     """Mean of an evaluation's per-step norm ratio over the steps at sigma >= HIGH_SIGMA."""
-    by = (result or {}).get("norm_ratio_by_sigma")
-    if not by:
-        return None
-    vals = [r for s, r in by if s >= HIGH_SIGMA - 1e-9]
-    return float(np.mean(vals)) if vals else None
+    return runs_table.high_sigma_ratio(result, HIGH_SIGMA)
 
 
 def variant(result: dict | None, name: str) -> dict | None:

@@ -21,13 +21,13 @@ import numpy as np
 from ng_jax import storage
 
 
-def high_sigma_ratio(result: dict, min_sigma: float) -> float | None:
+def high_sigma_ratio(result: dict | None, min_sigma: float) -> float | None:
     """Mean of the per-step norm ratios at sigma >= min_sigma (None when the result has none)."""
     by = result.get("norm_ratio_by_sigma") if result else None
     if not by:
         return None
     by = np.asarray(by, float)
-    keep = by[:, 0] >= min_sigma
+    keep = by[:, 0] >= min_sigma - 1e-9  # a grid sigma of 0.5 may be stored as 0.49999999
     return float(by[keep, 1].mean()) if keep.any() else None
 
 
