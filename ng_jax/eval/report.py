@@ -140,6 +140,20 @@ def matched_kid(base_runs: dict, ng_runs: dict, key: str = "kid") -> dict:
     return out
 
 
+def few_step_contrast(base: dict, ng: dict, few: str = "kid_steps4") -> dict:
+    """seed -> NormGuard's relative KID change at few steps minus at 20: (ng - base) / base of the `few`
+    endpoint minus that of "kid". Negative: NormGuard removes a larger share of the base run's KID at few
+    steps (the paper's "more so at few sampling steps"). Relative, because few-step samples have a larger KID
+    whatever the model; seeds whose base KID is not above 0 are left out."""
+    out = {}
+    for seed in sorted(base.keys() & ng.keys()):
+        b4, n4, b20, n20 = (endpoint(x, k) for x, k in ((base[seed], few), (ng[seed], few),
+                                                         (base[seed], "kid"), (ng[seed], "kid")))
+        if None not in (b4, n4, b20, n20) and b4 > 0 and b20 > 0:
+            out[seed] = (n4 - b4) / b4 - (n20 - b20) / b20
+    return out
+
+
 def claims_for(base: dict, ng: dict, margins: dict) -> tuple[list[stats.Claim], dict]:
     """The paper's claims for one (reward, method) cell and the values each is judged on."""
     gains = values(base, reward_gain)
@@ -154,7 +168,9 @@ def claims_for(base: dict, ng: dict, margins: dict) -> tuple[list[stats.Claim], 
           stats.Claim("NormGuard keeps the reward", "d_gain", "above", -delta,
                       f"gain difference above -{margins['reward_kept']:.0%} of the base gain (-{delta:.3g})"),
           stats.Claim("NormGuard restores quality (KID, CFG-free)", "d_kid", "below", 0.0, "difference below 0"),
-          stats.Claim("NormGuard restores quality (KID, CFG 4.5)", "d_kid_guided", "below", 0.0, "difference below 0")]
+          stats.Claim("NormGuard restores quality (KID, CFG 4.5)", "d_kid_guided", "below", 0.0, "difference below 0"),
+          stats.Claim("NormGuard restores more quality at 4 steps than at 20 (KID, CFG-free)", "dd_kid_steps4", "below",
+                      0.0, "relative KID difference at 4 steps minus at 20 below 0")]
     vals = {"base_ratio": values(base, lambda s: endpoint(s, "ratio")),
             "base_ratio_guided": values(base, lambda s: endpoint(s, "ratio_guided")),
             "d_ratio_guided": stats.paired(values(base, lambda s: endpoint(s, "ratio_guided")),
@@ -162,7 +178,8 @@ def claims_for(base: dict, ng: dict, margins: dict) -> tuple[list[stats.Claim], 
             "d_gain": stats.paired(gains, values(ng, reward_gain)) if base_gain > 0 else {},
             "d_kid": stats.paired(values(base, lambda s: endpoint(s, "kid")), values(ng, lambda s: endpoint(s, "kid"))),
             "d_kid_guided": stats.paired(values(base, lambda s: endpoint(s, "kid_guided")),
-                                         values(ng, lambda s: endpoint(s, "kid_guided")))}
+                                         values(ng, lambda s: endpoint(s, "kid_guided"))),
+            "dd_kid_steps4": few_step_contrast(base, ng)}
     return cl, vals
 
 
@@ -176,7 +193,7 @@ def inert_seeds(base: dict, ng: dict) -> list:
     return sorted(s for s in base.keys() & ng.keys() if base[s] and ng[s] and _final(base[s]) == _final(ng[s]))
 
 
-NG_EFFECTS = ("d_ratio_guided", "d_gain", "d_kid", "d_kid_guided")  # the claims about what NormGuard does
+NG_EFFECTS = ("d_ratio_guided", "d_gain", "d_kid", "d_kid_guided", "dd_kid_steps4")  # the claims about what NormGuard does
 
 
 def verdict_rows(grouped: dict, base_arm: str, ng_arm: str, margins: dict) -> dict:
@@ -513,7 +530,9 @@ def write_results(config, workdir: str, runs: dict, timings: dict, total_s: floa
            "otherwise it is **inconclusive**. Margins: inflation means a base norm ratio above "
            f"{1 + margins['inflation']:.2f} (the paper reports 5-15%); the reward is kept when the gain lost to "
            f"NormGuard is under {margins['reward_kept']:.0%} of the base gain (non-inferiority); quality is restored "
-           "when the KID difference is below 0.", ""]
+           "when the KID difference is below 0; it is restored more at few steps when NormGuard's relative KID "
+           "change, (NormGuard - base) / base, is lower at 4 steps than at 20 (relative, as few-step samples have "
+           "a larger KID whatever the model).", ""]
     if floors:
         md += ["Noise floors of the quality measures at the final evaluation's size (real renders against real "
                f"renders of the same prompts, {floors['draws']} draws, N = {floors['n']}): KID {floors['kid_mean']:.1f} "

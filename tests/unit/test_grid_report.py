@@ -157,6 +157,34 @@ def test_report_verdicts_from_paired_seeds(tmp_path):
     assert "Warning" not in text and f"`{report.commit()}` (10 runs)" in text
 
 
+def test_few_step_claim_compares_relative_kid_changes_at_4_and_20_steps(tmp_path):
+    """NormGuard removes 20% of the base KID at 20 steps and 40% at 4 steps (where KID is 4x larger): the relative
+    contrast is -0.2 on every seed (+- jitter) and the claim reproduces; the absolute differences would say the
+    same for the wrong reason, so the test makes them disagree in a second grid (a smaller absolute drop at 4 steps
+    that is still a larger share)."""
+    def make(kid4_base, kid4_ng):
+        def f(method, arm, seed):
+            j = JITTER[seed]
+            s = _paired(method, arm, seed)
+            base_kid = 50.0 + 100 * j
+            kid20 = base_kid if arm == "base" else 0.8 * base_kid
+            s["eval"]["kid"] = kid20
+            s["eval"]["variants"]["steps4"] = {"kid": (kid4_base if arm == "base" else kid4_ng) * (1 + j)}
+            return s
+        return f
+
+    c, runs = _write(tmp_path, make(200.0, 120.0))   # -40% at 4 steps, -20% at 20
+    text = open(report.write_results(c, c.workdir, runs, {}, 60.0)).read()
+    claim = "awm: NormGuard restores more quality at 4 steps than at 20 (KID, CFG-free)"
+    assert _verdict(text, claim) == "reproduces"
+    data = json.load(open(tmp_path / "results" / "RESULTS.json"))
+    row = next(r for r in data["verdicts"]["preference"] if r["claim"] == claim)
+    assert row["n"] == 5 and row["mean"] == pytest.approx(-0.2)
+    c, runs = _write(tmp_path / "b", make(20.0, 18.0))   # -2 absolute (smaller than -10 at 20 steps) but -10%: worse
+    text = open(report.write_results(c, c.workdir, runs, {}, 60.0)).read()
+    assert _verdict(text, claim) == "contradicts"         # +0.1 on every seed: the interval lies above 0
+
+
 def test_holm_across_methods_and_not_matchable_seeds(tmp_path):
     # three methods, each with a weak KID improvement (raw one-sided p between 0.05/6 and 0.05): significant
     # alone, not after Holm across the 18 claims
