@@ -303,6 +303,8 @@ def run(config, workdir: str) -> int:
     else:
         mixed = check_code(workdir, runs, started_at, bool(config.grid.allow_mixed_code))
     reference_sha = bundle_fingerprint(config.reference or None)
+    left = 0 if report_only else sum(not storage.is_file(os.path.join(workdir, n), "summary.json")
+                                     for j, n in enumerate(runs) if j % workers == worker)
     for i, (name, spec) in enumerate(runs.items() if not report_only else (), 1):
         if (i - 1) % workers != worker:
             continue
@@ -324,6 +326,10 @@ def run(config, workdir: str) -> int:
             print(f"{name}: stopped before the end (exit {code}); rerun the command to resume it")
             return code or 1
         timings[name] = time.time() - t0
+        left -= 1
+        mean = sum(timings.values()) / len(timings)
+        print(f"{name}: trained in {timings[name] / 60:.1f} min; {left} run(s) left for this process, about "
+              f"{left * mean / 3600:.1f} h at its mean so far")
     if workers > 1 and not report_only:
         print(f"worker {worker}/{workers}: its runs are finished; once every worker's are, the command without "
               "grid.worker reuses them and writes the report")

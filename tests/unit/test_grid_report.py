@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 
 import ml_collections as mlc
 import numpy as np
@@ -270,6 +272,32 @@ def test_report_only_reports_the_finished_runs_without_training(tmp_path, monkey
     assert grid.run(c, c.workdir) == 0
     text = open(c.results).read()
     assert f"| {missing} |  | not finished |" in text and "`abc1234` (9 runs)" in text
+
+
+def test_a_worker_says_how_many_of_its_runs_are_left(tmp_path, monkeypatch, capsys):
+    """Worker 1/2 of a 10-run grid whose runs 0-3 finished earlier: it trains runs 5, 7 and 9 (run 1 and 3 are
+    reused) and counts down the runs left to it."""
+    c, runs = _write(tmp_path, _paired)
+    names = list(runs)
+    sha = grid.bundle_fingerprint(c.reference)
+    for n in names[:4]:   # finished by this grid: its recorded config and reference
+        storage.write_text(os.path.join(c.workdir, n, grid.RUN_CONFIG), runs[n].config.to_json_best_effort())
+        storage.write_text(os.path.join(c.workdir, n, grid.RUN_REFERENCE), sha + "\n")
+    for n in names[4:]:
+        shutil.rmtree(os.path.join(c.workdir, n))
+    trained = []
+
+    def fake_run(config, run_dir):
+        trained.append(os.path.basename(run_dir))
+        storage.write_text(os.path.join(run_dir, "summary.json"), json.dumps(_paired("awm", "base", 100)))
+        return 0
+
+    monkeypatch.setattr(grid.loop, "run", fake_run)
+    c.grid.worker = "1/2"
+    assert grid.run(c, c.workdir) == 0
+    assert trained == names[5::2]
+    out = capsys.readouterr().out
+    assert [int(x) for x in re.findall(r"trained in [0-9.]+ min; (\d+) run\(s\) left", out)] == [2, 1, 0]
 
 
 def test_a_grid_in_a_bucket_reports_as_on_the_local_disk(tmp_path, gcs, monkeypatch):
