@@ -85,7 +85,8 @@ class Context:
         return self.evaluator(**overrides)(self.checkpoints[label], tag=f"{tag}_{label}", step=0)
 
 
-def _quality(r: dict) -> dict:
+def quality(r: dict) -> dict:
+    """The reward and quality numbers of an evaluation result."""
     return {k: r.get(k) for k in ("reward", "accuracy", "fd", "precision", "recall", "norm_ratio", "kid", "kid_ci_low",
                                   "kid_ci_high", "saturation_diff")}
 
@@ -101,7 +102,7 @@ def analyze_norms(ctx: Context) -> dict:
         r = ctx.evaluate(label, "norms")
         by, spread = np.asarray(r["norm_ratio_by_sigma"]), np.asarray(r["norm_ratio_spread_by_sigma"])
         out[label] = {"sigma": by[:, 0].tolist(), "mean": by[:, 1].tolist(), "spread": spread[:, 1].tolist(),
-                      **_quality(r)}
+                      **quality(r)}
     plots.norm_curves(os.path.join(ctx.out, "norms.png"), out)
     print("| checkpoint | mean ratio | max ratio (sigma) | reward |\n|---|---|---|---|")
     for label, c in out.items():
@@ -119,7 +120,7 @@ def analyze_renorm(ctx: Context) -> dict:
     variants = {"plain": {}, "renorm": {"renorm": True}, f"plain{guided}": {"cfg_scale": w},
                 f"renorm{guided}": {"cfg_scale": w, "renorm": True},
                 f"cfg_rescale_{phi:g}{guided}": {"cfg_scale": w, "cfg_rescale": phi}}
-    out = {label: {name: _quality(ctx.evaluate(label, f"renorm_{name}", **ov)) for name, ov in variants.items()}
+    out = {label: {name: quality(ctx.evaluate(label, f"renorm_{name}", **ov)) for name, ov in variants.items()}
            for label in ctx.checkpoints}
     plots.grouped_bars(os.path.join(ctx.out, "renorm.png"), out, ("reward", "kid", "fd"),
                        "inference-time renormalisation and CFG-rescale")
@@ -136,7 +137,7 @@ def analyze_few_step(ctx: Context) -> dict:
     steps = [int(s) for s in ctx.a.few_steps]
     out = {}
     for label in ctx.checkpoints:
-        rows = [_quality(ctx.evaluate(label, f"steps{n}", num_steps=n)) for n in steps]
+        rows = [quality(ctx.evaluate(label, f"steps{n}", num_steps=n)) for n in steps]
         out[label] = {"num_steps": steps, **{k: [r[k] for r in rows] for k in rows[0]}}
     plots.lines(os.path.join(ctx.out, "few_step.png"), out, "num_steps", ("reward", "kid", "fd"),
                 "few-step sampling", "Euler steps", logx=True)

@@ -55,6 +55,7 @@ from ng_jax.sampling import from_uint8, to_uint8
 RUN_CONFIG = "grid_run_config.json"
 RUN_REFERENCE = "grid_run_reference.txt"  # params sha256 of the reference bundle the run started from
 FLOORS = "floors.json"
+RESCALING = report.RESCALING_DIR  # WORKDIR/rescaling/<base run>.json: its final policy sampled with rescaling
 
 
 @dataclasses.dataclass(frozen=True)
@@ -232,6 +233,8 @@ def measure_floors(first: mlc.ConfigDict, draws: int, seed: int = 0) -> dict:
 def analysis_config(config, checkpoints: list[str], runs: list[str]) -> mlc.ConfigDict:
     a = load_config_file("analyze.py")
     a.reference = config.reference
+    if config.grid.get("analysis_reward"):   # the evaluations report the reward the analysed runs were trained on
+        a.rewards.weights = mlc.ConfigDict(reward_weights(config.grid, str(config.grid.analysis_reward)))
     a.space = config.get("space", "pixel")
     a.render = config.get("render", "clip")
     first = next(iter(run_specs(config).values())).config
@@ -271,6 +274,53 @@ def _analyses(config, workdir: str, runs: dict[str, RunSpec], summaries: dict, r
     analyze.run(a_cfg, a_dir)
     timings["analysis"] = time.time() - t0
     storage.write_text(record, a_json)
+
+
+def rescaling_variants(config) -> dict:
+    """name -> eval overrides of the inference-time baselines applied to the base runs' final policies:
+    renormalisation to the reference norm, CFG-free and guided, and CFG-rescale (guided only: it acts on the
+    guided velocity alone). Guided at `analysis.guided_cfg_scale`, which must be the runs' "guided" variant's."""
+    w, phi = float(config.analysis.guided_cfg_scale), float(config.analysis.cfg_rescale_phi)
+    guided = (config.overrides.get("eval") or {}).get("variants", {}).get("guided")
+    if guided is not None and float(guided["cfg_scale"]) != w:
+        raise ConfigError(f"analysis.guided_cfg_scale={w:g} differs from the runs' guided evaluation "
+                          f"(cfg_scale {guided['cfg_scale']:g}): the rescaled samples are paired with it")
+    return {"renorm": {"renorm": True}, "guided_renorm": {"cfg_scale": w, "renorm": True},
+            "guided_rescale": {"cfg_scale": w, "cfg_rescale": phi, "norms": "never"}}
+
+
+def _rescaling(config, workdir: str, runs: dict[str, RunSpec], timings: dict, variants: dict | None = None) -> None:
+    """The inference-time baselines on every finished base run of `grid.rescaling_methods` with the analysis
+    reward, on its final evaluation's prompts, noise and size, so that each pairs seed by seed with the run's
+    own final evaluation (plain and guided) and with its NormGuard run's. One file per run, reused when its
+    variants are unchanged; the file records the commit that sampled it."""
+    g = config.grid
+    methods, reward = tuple(g.get("rescaling_methods") or ()), str(g.get("analysis_reward") or "")
+    if not methods or not reward:
+        return
+    variants = json.loads(json.dumps(variants or rescaling_variants(config)))
+    todo = {}
+    for name, spec in runs.items():
+        path = os.path.join(workdir, RESCALING, f"{name}.json")
+        if spec.arm != g.base_arm or spec.reward != reward or spec.method not in methods \
+                or not storage.is_file(workdir, name, "summary.json"):
+            continue
+        if (storage.read_json(path) or {}).get("variants_config") != variants:
+            todo[name] = path
+    if not todo:
+        return
+    a = analysis_config(config, [f"{n}={os.path.join(workdir, n)}" for n in todo], [])
+    first = next(iter(runs.values())).config
+    a.eval.samples_per_prompt = int(first.eval.final_samples_per_prompt or first.eval.samples_per_prompt)
+    ctx = analyze.Context(a, os.path.join(workdir, RESCALING))
+    t_all = time.time()
+    for i, (name, path) in enumerate(todo.items(), 1):
+        t0 = time.time()
+        results = {v: analyze.quality(ctx.evaluate(name, f"rescaling_{v}", **ov)) for v, ov in variants.items()}
+        storage.write_text(path, json.dumps({"commit": report.commit(), "variants_config": variants,
+                                             "results": results, "seconds": time.time() - t0}, indent=1))
+        print(f"rescaling [{i}/{len(todo)}] {name}: {time.time() - t0:.0f} s")
+    timings["rescaling"] = time.time() - t_all
 
 
 def parse_worker(text: str) -> tuple[int, int]:
@@ -342,9 +392,13 @@ def run(config, workdir: str) -> int:
                                              or floors.get("draws") != int(config.grid.floor_draws)):
         floors = measure_floors(first, int(config.grid.floor_draws))
         storage.write_text(floors_path, json.dumps(floors, indent=1))
+    # The analyses and the rescaling sample finished policies and train nothing: they run under report_only too
+    # (grid.analysis_reward="" skips both, e.g. for a quick snapshot).
+    trained_now = bool(timings)
+    _rescaling(config, workdir, runs, timings)
     summaries = report.read_summaries(workdir, runs)
-    if config.grid.get("analysis_reward") and not report_only:
-        _analyses(config, workdir, runs, summaries, bool(timings), timings)
+    if config.grid.get("analysis_reward"):
+        _analyses(config, workdir, runs, summaries, trained_now, timings)
     path = report.write_results(config, workdir, runs, timings, total_s=time.time() - t_start, floors=floors,
                                 mixed_code=mixed, summaries=summaries)
     print(f"report: {path}")

@@ -454,6 +454,76 @@ def controls_table(grouped: dict, reward: str, ng_arm: str, controls) -> list[st
             _table(["method", "control", "endpoint", "control", ng_arm, f"{ng_arm} - control (paired)"], rows), ""]
 
 
+RESCALING_DIR = "rescaling"   # as ng_jax.eval.grid.RESCALING
+# (label, the base run's sample: summary variant or rescaling result, the NormGuard sample it is compared with)
+RESCALED = (("CFG-free", ("eval", ""), ""), ("CFG-free, renormalised", ("rescaling", "renorm"), ""),
+            ("CFG 4.5", ("eval", "guided"), "guided"), ("CFG 4.5, renormalised", ("rescaling", "guided_renorm"), "guided"),
+            ("CFG 4.5, CFG-rescale", ("rescaling", "guided_rescale"), "guided"))
+
+
+def rescaling_section(grouped: dict, workdir: str, runs: dict, reward: str, base_arm: str,
+                      ng_arm: str) -> tuple[list[str], dict]:
+    """The paper's "rescaling the velocity at inference time does not repair it", seed by seed: each base run's
+    final policy sampled with renormalisation to the reference norm (CFG-free and guided) and CFG-rescale
+    (WORKDIR/rescaling, same prompts and noise as its final evaluation), against the same run's plain samples
+    and its seed's NormGuard run. Claims (Holm across this table's): NormGuard's KID is below the rescaled
+    base run's."""
+    names = {(spec.method, spec.seed): n for n, spec in runs.items() if spec.arm == base_arm and spec.reward == reward}
+    rows, claims, vals, data, commits = [], [], {}, {}, set()
+    for (r, method), by_arm in sorted(grouped.items()):
+        base, ng = by_arm.get(base_arm, {}), by_arm.get(ng_arm, {})
+        rescaled = {seed: storage.read_json(os.path.join(workdir, RESCALING_DIR, f"{names[(method, seed)]}.json"))
+                    for seed in base if r == reward and (method, seed) in names}
+        rescaled = {seed: x for seed, x in rescaled.items() if x}
+        if not rescaled:
+            continue
+        commits |= {x.get("commit", "?") for x in rescaled.values()}
+
+        def sample(seed, where):
+            kind, name = where
+            if kind == "eval":
+                return variant(base[seed].get("eval"), name)
+            return rescaled[seed]["results"].get(name) if seed in rescaled else None
+
+        cell = data.setdefault(method, {})
+        for label, where, ng_var in RESCALED:
+            b_kid = {s: x["kid"] for s in base if (x := sample(s, where)) and x.get("kid") is not None}
+            b_rew = {s: x["reward"] for s in base if (x := sample(s, where)) and x.get("reward") is not None}
+            n_kid = values(ng, lambda x, v=ng_var: (variant(x.get("eval"), v) or {}).get("kid"))
+            d = stats.paired(b_kid, n_kid)
+            cell[label] = {"base_kid_by_seed": b_kid, "base_reward_by_seed": b_rew, "ng_minus_base_kid_by_seed": d}
+            rows.append([method, label, _ci(stats.interval(b_rew), 3), _ci(stats.interval(b_kid), 1),
+                         _ci(stats.interval(d), 1)])
+            if where[0] == "rescaling":
+                key = f"{method}:{where[1]}"
+                claims.append(stats.Claim(f"{method}: NormGuard beats the base run {label} (KID)", key, "below", 0.0,
+                                          "NormGuard's KID minus the rescaled base run's below 0"))
+                vals[key] = d
+    if not rows:
+        return [], {}
+    verdicts = stats.judge_claims(claims, vals)
+    data["verdicts"] = verdicts
+    return (["### Inference-time rescaling of the base runs (mean [95% t interval] over seeds)", "",
+             "Each base run's final policy, sampled on its final evaluation's prompts and noise with the velocity "
+             "renormalised to the reference's norm at every step, or with CFG-rescale (phi as in the analyses), "
+             f"against NormGuard's run of the same seed without any rescaling (evaluated at commit(s) "
+             f"{', '.join(f'`{c}`' for c in sorted(commits))}). The paper: rescaling at inference time does not "
+             "repair the base run; then NormGuard's KID stays below the rescaled base run's.", "",
+             _table(["method", "base run sampled", "base reward", "base KID", f"{ng_arm} KID - base KID (paired)"],
+                    rows), "", _verdict_table(verdicts), ""], data)
+
+
+def _verdict_table(rows: list[dict]) -> str:
+    """Claims as judged by stats.judge_claims: interval, p-values and verdict."""
+    return _table(["claim", "margin", "seeds", "mean [95% t]", "bootstrap 95%", "p (one-sided)", "p (Holm)", "verdict"],
+                  [[r["claim"], r.get("margin", ""), r.get("n", 0),
+                    _ci(stats.Interval(r["n"], r.get("mean", np.nan), r.get("sd", np.nan), r.get("t_low", np.nan),
+                                       r.get("t_high", np.nan), r.get("boot_low", np.nan), r.get("boot_high", np.nan)), 4)
+                    if r.get("n") else "n/a",
+                    f"[{_f(r.get('boot_low'), 4)}, {_f(r.get('boot_high'), 4)}]" if r.get("n", 0) > 1 else "n/a",
+                    _f(r.get("p"), 4), _f(r.get("p_holm"), 4), f"**{r['verdict']}**"] for r in rows])
+
+
 # ------------------------------------------------------------------------------------------ report
 
 
@@ -497,7 +567,10 @@ def write_results(config, workdir: str, runs: dict, timings: dict, total_s: floa
     storage.makedirs(fig_dir)
     verdicts = verdict_rows(grouped, base_arm, ng_arm, margins)
     commits = run_commits(workdir, [n for n in runs if summaries[n] is not None])  # the finished runs
-    compute_s = sum(float(s.get("wall_s") or 0.0) for s in summaries.values() if s) + float(timings.get("analysis", 0.0))
+    rescale_s = sum(float((storage.read_json(os.path.join(workdir, RESCALING_DIR, f)) or {}).get("seconds", 0.0))
+                    for f in storage.listdir(os.path.join(workdir, RESCALING_DIR)) if f.endswith(".json"))
+    compute_s = (sum(float(s.get("wall_s") or 0.0) for s in summaries.values() if s) + float(timings.get("analysis", 0.0))
+                 + rescale_s)
     wall_s = wall_clock_s(summaries.values())
     first = next(iter(runs.values())).config
     rewards = [r for r in g.rewards if any(rr == r for rr, _ in grouped)]
@@ -507,7 +580,9 @@ def write_results(config, workdir: str, runs: dict, timings: dict, total_s: floa
           f"({platform.machine()}, {os.cpu_count()} CPU threads). The runs were trained at "
           + ", ".join(f"`{c}` ({len(ns)} runs)" for c, ns in sorted(commits.items()))
           + f"; their compute: {compute_s / 3600:.2f} h in all (training and evaluation, summed over runs"
-          + (", plus the analyses" if "analysis" in timings else "") + ")"
+          + (", plus the analyses" if "analysis" in timings else "")
+          + (f", plus {rescale_s / 3600:.2f} h sampling the base runs with inference-time rescaling" if rescale_s else "")
+          + ")"
           + ("" if wall_s is None else f", {wall_s / 3600:.2f} h of wall clock (runs trained side by side counted once)")
           + f". This invocation took {total_s / 60:.1f} min.",
           ""]
@@ -541,16 +616,7 @@ def write_results(config, workdir: str, runs: dict, timings: dict, total_s: floa
     data = {"commit": commit(), "run_commits": commits, "compute_s": compute_s, "wall_clock_s": wall_s, "floors": floors, "margins": margins,
             "verdicts": verdicts, "cells": {}}
     for reward in rewards:
-        md += [f"## Reward `{reward}`", "", "### Verdicts", "",
-               _table(["claim", "margin", "seeds", "mean [95% t]", "bootstrap 95%", "p (one-sided)", "p (Holm)",
-                       "verdict"],
-                      [[r["claim"], r.get("margin", ""), r.get("n", 0),
-                        _ci(stats.Interval(r["n"], r.get("mean", np.nan), r.get("sd", np.nan), r.get("t_low", np.nan),
-                                           r.get("t_high", np.nan), r.get("boot_low", np.nan), r.get("boot_high", np.nan)), 4)
-                        if r.get("n") else "n/a",
-                        f"[{_f(r.get('boot_low'), 4)}, {_f(r.get('boot_high'), 4)}]" if r.get("n", 0) > 1 else "n/a",
-                        _f(r.get("p"), 4), _f(r.get("p_holm"), 4), f"**{r['verdict']}**"]
-                       for r in verdicts.get(reward, [])]), ""]
+        md += [f"## Reward `{reward}`", "", "### Verdicts", "", _verdict_table(verdicts.get(reward, [])), ""]
         rows = []
         for (r, method), arms in sorted(grouped.items()):
             if r != reward:
@@ -600,6 +666,10 @@ def write_results(config, workdir: str, runs: dict, timings: dict, total_s: floa
                 grouped, runs, reward, base_arm, ng_arm, dict(g.match_weights), ng_arms)
             md += lines
         md += controls_table(grouped, reward, ng_arm, tuple(g.get("controls") or ()))
+        lines, rescaled = rescaling_section(grouped, workdir, runs, reward, base_arm, ng_arm)
+        if rescaled:
+            md += lines
+            data.setdefault("rescaling", {})[reward] = rescaled
         if plot_frontier(grouped, reward, base_arm, os.path.join(fig_dir, f"frontier_{reward}.png"), ng_arms):
             md += [f"![frontier, {reward}](results/frontier_{reward}.png)", ""]
         seed = most_inflating_seed(grouped, reward, base_arm)

@@ -41,6 +41,7 @@ def _tiny_grid(root, bundle, prompts):
                         "steps4": {"num_steps": 4, "final_only": True}}},
     })
     c.analysis.samples_per_prompt = 2
+    c.analysis.guided_cfg_scale = 2.0   # as the runs' guided evaluation: rescaled samples pair with it
     c.analysis.few_steps = (2, 4)
     c.analysis.adjoint_prompts = 2
     c.analysis.adjoint_samples = 1
@@ -80,7 +81,7 @@ def test_tiny_grid_runs_pairs_reports_reuses_and_refuses(tmp_path, capsys, tiny_
     assert f"KID {floors['kid_mean']:.1f} +- {floors['kid_std']:.1f}" in text
     data = json.load(open(tmp_path / "docs" / "results" / "RESULTS.json"))
     rows = data["verdicts"]["jpeg_incompressibility"]
-    assert len(rows) == 6 and all(r["verdict"] in ("reproduces", "contradicts", "inconclusive", "not measured")
+    assert len(rows) == 7 and all(r["verdict"] in ("reproduces", "contradicts", "inconclusive", "not measured")
                                   for r in rows)
     kid = data["cells"]["jpeg_incompressibility/awm"]["kid"]
     for s in (0, 1):
@@ -93,13 +94,33 @@ def test_tiny_grid_runs_pairs_reports_reuses_and_refuses(tmp_path, capsys, tiny_
     label = next(k for k in adjoint if k != "reference")
     assert f"| {label} | 2 | {adjoint[label]['mean_coherence']:.3f} | {adjoint[label]['significant_steps']} of" in text
 
+    # the base runs sampled again with inference-time rescaling, in the report beside NormGuard's runs
+    rescaled = {s: json.load(open(os.path.join(config.workdir, grid.RESCALING, f"awm_base_jpeg_incompressibility_s{s}.json")))
+                for s in (0, 1)}
+    for r in rescaled.values():
+        assert r["commit"] == report.commit() and set(r["results"]) == {"renorm", "guided_renorm", "guided_rescale"}
+        assert all(v["kid"] is not None for v in r["results"].values())
+    assert "### Inference-time rescaling of the base runs" in text
+    assert "| awm: NormGuard beats the base run CFG 4.5, renormalised (KID) |" in text
+
     # repeating the command reuses every run and the analyses
     stamps = [os.path.getmtime(os.path.join(config.workdir, n, "summary.json")) for n in names]
     capsys.readouterr()
     assert grid.run(config, config.workdir) == 0
     out = capsys.readouterr().out
     assert out.count("finished earlier, reused") == 4 and "analyses: finished earlier" in out
+    assert "rescaling [" not in out   # reused too
     assert stamps == [os.path.getmtime(os.path.join(config.workdir, n, "summary.json")) for n in names]
+    # the rescaled samples pair with the run's final evaluation: sampled plain and guided the same way, they
+    # reproduce the run's own numbers (same prompts, noise and size)
+    plain = {"plain": {}, "guided": {"cfg_scale": 2.0}}
+    grid._rescaling(config, config.workdir, grid.run_specs(config), {}, variants=plain)
+    for s in (0, 1):
+        again = json.load(open(os.path.join(config.workdir, grid.RESCALING, f"awm_base_jpeg_incompressibility_s{s}.json")))
+        final = summaries[f"awm_base_jpeg_incompressibility_s{s}"]["eval"]
+        for name, ev in (("plain", final), ("guided", final["variants"]["guided"])):
+            for k in ("reward", "kid", "norm_ratio"):
+                assert again["results"][name][k] == pytest.approx(ev[k], rel=1e-5), (s, name, k)
 
     # a changed setting is never silently reused
     config.overrides.optim.lr = 2 * config.overrides.optim.lr

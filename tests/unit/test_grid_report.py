@@ -187,6 +187,28 @@ def test_few_step_claim_compares_relative_kid_changes_at_4_and_20_steps(tmp_path
     assert _verdict(text, claim) == "contradicts"         # +0.1 on every seed: the interval lies above 0
 
 
+def test_rescaled_base_runs_are_paired_with_normguard_by_seed(tmp_path):
+    """The base runs sampled with inference-time rescaling (WORKDIR/rescaling, as grid._rescaling writes them):
+    renormalising lowers the base KID by 2, which leaves NormGuard 8 +- 2 below it (reproduces); guided, NormGuard's
+    KID 60 +- 3 against the renormalised base's 59 is inconclusive."""
+    c, runs = _write(tmp_path, _paired)
+    for name, spec in runs.items():
+        if spec.arm == "base":
+            base_kid = 50.0 + 100 * JITTER[spec.seed]
+            storage.write_text(os.path.join(c.workdir, grid.RESCALING, f"{name}.json"), json.dumps(
+                {"commit": "feed123", "seconds": 360.0, "results": {"renorm": {"reward": 1.4, "kid": base_kid - 2},
+                                                                    "guided_renorm": {"reward": 1.3, "kid": 59.0},
+                                                                    "guided_rescale": {"reward": 1.3, "kid": 65.0}}}))
+    text = open(report.write_results(c, c.workdir, runs, {}, 60.0)).read()
+    assert "evaluated at commit(s) `feed123`" in text and "plus 0.50 h sampling the base runs" in text
+    assert _verdict(text, "awm: NormGuard beats the base run CFG-free, renormalised (KID)") == "reproduces"
+    assert _verdict(text, "awm: NormGuard beats the base run CFG 4.5, renormalised (KID)") == "inconclusive"
+    data = json.load(open(tmp_path / "results" / "RESULTS.json"))["rescaling"]["preference"]["awm"]
+    d = data["CFG-free, renormalised"]["ng_minus_base_kid_by_seed"]
+    assert d == {str(seed): pytest.approx(-8.0 + 2 * (seed % 2)) for seed in SEEDS}
+    assert data["CFG 4.5"]["base_kid_by_seed"] == {str(seed): 60.0 for seed in SEEDS}   # the summaries' guided KID
+
+
 def test_holm_across_methods_and_not_matchable_seeds(tmp_path):
     # three methods, each with a weak KID improvement (raw one-sided p between 0.05/6 and 0.05): significant
     # alone, not after Holm across the 18 claims

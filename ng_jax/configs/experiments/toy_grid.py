@@ -60,13 +60,20 @@ def get_config(arg=None):
     # the preference reward carries the claims; the verifier cells drop to 3 seeds to fit ~6 h on 2 cores
     c.grid.seeds_by_reward = mlc.ConfigDict({"verifier": (100, 101, 102)})
     c.grid.allow_mixed_code = False   # True: report runs trained by different commits (the report says so)
-    c.grid.report_only = False        # True: no training, the report of the runs finished so far
+    c.grid.report_only = False        # True: no training, the report of the runs finished so far (the floors,
+                                      # analyses and rescaling still sample what is missing; analysis_reward=""
+                                      # skips the last two for a quick snapshot)
     c.grid.worker = ""                # "I/N": train only every N-th run from the I-th, then stop (N commands at
                                       # once share the runs); the command without it then reports
     c.grid.floor_draws = 20           # real-vs-real draws of the KID / FD noise floors (0: not measured)
     c.grid.margins = mlc.ConfigDict({"inflation": 0.03,     # base ratio above 1.03 counts as inflation
                                      "reward_kept": 0.2})   # non-inferiority: lose < 20% of the base gain
-    c.grid.analysis_reward = "preference"   # analyses on this reward's most inflating seed ("" = none)
+    c.grid.analysis_reward = "preference"   # analyses on this reward's most inflating seed, scored with this
+                                            # reward ("" = no analyses and no rescaling)
+    # every seed's base run of these methods (analysis reward) sampled again with inference-time renormalisation
+    # and CFG-rescale, paired with its NormGuard run; also under grid.report_only (it trains nothing). DPO is left
+    # out: its base runs did not inflate the norm in the frontier (docs/DEFAULTS.md). () = off
+    c.grid.rescaling_methods = ("awm", "nft")
 
     # Applied to every run's config (dotted keys as on the command line).
     c.overrides = mlc.ConfigDict()
