@@ -395,14 +395,14 @@ def test_frontier_points_are_paired_differences_to_the_base(tmp_path):
                                     str(tmp_path / "g.png"), [])
 
 
-def test_matching_weight_interpolates_in_log_weight_between_the_bracketing_arms():
+def test_matching_weight_interpolates_in_weight_between_the_bracketing_arms():
     def arm(gains):  # seed -> reward gain
         return {s: _summary(1.0, 1.0, g, 0.0, 0.0) for s, g in gains.items()}
     by_arm = {"base": arm({0: 1.0, 1: 2.0}), "ng": arm({0: 0.9, 1: 1.9}),               # NormGuard: -0.1
               "kl1": arm({0: 0.98, 1: 1.98}), "kl10": arm({0: 0.8, 1: 1.8}), "kl100": arm({0: 0.5, 1: 1.5})}
     m = report.matching_weight(by_arm, "base", "ng", {"kl1": 1.0, "kl10": 10.0, "kl100": 100.0})
-    # -0.1 lies 0.08 / 0.18 of the way from kl1 (-0.02) to kl10 (-0.2): 10 ** (0.08 / 0.18)
-    assert m["between"] == ["kl1", "kl10"] and m["weight"] == pytest.approx(10 ** (0.08 / 0.18))
+    # -0.1 lies 0.08 / 0.18 of the way from kl1 (-0.02) to kl10 (-0.2): 1 + 9 * 0.08 / 0.18 = 5
+    assert m["between"] == ["kl1", "kl10"] and m["weight"] == pytest.approx(5.0)
     assert m["target_gain_difference"] == pytest.approx(-0.1) and m["seeds"] == 2
     assert report.matching_weight(by_arm, "base", "ng", {"kl10": 10.0, "kl100": 100.0}) is None  # not bracketed
     # in the report, the weights come from the runs' configs (the frontier's KL arms set loss.beta)
@@ -410,15 +410,15 @@ def test_matching_weight_interpolates_in_log_weight_between_the_bracketing_arms(
     by_arm = {"base": by_arm["base"], "ng_x1": by_arm["ng"], "kl1": by_arm["kl1"], "kl10": by_arm["kl10"]}
     lines, found = report.matching_lines({("preference", "awm"): by_arm}, runs, "preference", "base", "ng_x1",
                                          {"awm": "loss.beta"}, ["ng_x0p33", "ng_x1", "ng_x3"])
-    assert found["awm"]["weight"] == pytest.approx(10 ** (0.08 / 0.18))
-    assert "- awm (`loss.beta`): 2.78 (between `kl1` and `kl10`" in "\n".join(lines)
+    assert found["awm"]["weight"] == pytest.approx(5.0)
+    assert "- awm (`loss.beta`): 5 (between `kl1` and `kl10`" in "\n".join(lines)
     # the base arm is the family at its default weight (AWM's loss.beta 1e-4, difference 0): a NormGuard that loses
     # less than the weakest KL arm is matched between the two
     by_arm["ng_x1"] = arm({0: 0.99, 1: 1.99})     # -0.01: between base (0) and kl1 (-0.02)
     _, found = report.matching_lines({("preference", "awm"): by_arm}, runs, "preference", "base", "ng_x1",
                                      {"awm": "loss.beta"}, ["ng_x0p33", "ng_x1", "ng_x3"])
     assert found["awm"]["between"] == ["base", "kl1"]
-    assert found["awm"]["weight"] == pytest.approx(10 ** ((np.log10(1e-4) + np.log10(1.0)) / 2))
+    assert found["awm"]["weight"] == pytest.approx((1e-4 + 1.0) / 2)
     lines, found = report.matching_lines({("preference", "awm"): {"base": by_arm["base"], "kl1": by_arm["kl1"]}}, runs,
                                          "preference", "base", "ng_x1", {"awm": "loss.beta"}, ["ng_x1"])
     assert found == {"awm": None} and "- awm (`loss.beta`): no finished `ng_x1` run yet" in lines

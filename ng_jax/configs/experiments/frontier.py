@@ -14,7 +14,7 @@ Seeds 0 and 1 (the calibration's, not the grid's), the preference reward, the gr
   of the policy loss), at these weights times the same exchange rate.
 
 The report plots final KID against reward gain per arm: whichever family lies below the other at equal reward
-dominates. The KL weight whose reward matches NormGuard's (interpolated in log weight) becomes the grid's KL
+dominates. The KL weight whose reward matches NormGuard's (interpolated linearly in weight) becomes the grid's KL
 control (`grid.controls` in toy_grid.py).
 
     python -m ng_jax.main --config=ng_jax/configs/experiments/frontier.py
