@@ -13,6 +13,12 @@ from ng_jax.errors import UserError
 
 # `eval.norms`: which evaluations measure the norm ratio (ng_jax.eval.evaluate.RunEvaluation)
 NORMS_MODES = ("always", "final", "never")
+_NORMS_EXPECTED = " or ".join(f'"{m}"' for m in NORMS_MODES)
+
+
+def norms_problem(key: str, value) -> str | None:
+    """One line saying what is wrong with an `eval.norms` setting (in the block or a variant), or None."""
+    return None if value in NORMS_MODES else f"{key}={value!r}: expected {_NORMS_EXPECTED}"
 
 
 class ConfigError(UserError, ValueError):
@@ -48,7 +54,7 @@ RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("lora.rank", *_nonneg),
     ("render", lambda v: v in ("clip", "soft", "headroom"), "\"clip\", \"soft\" or \"headroom\""),
     ("space", lambda v: v in ("pixel", "centred"), "\"pixel\" or \"centred\""),
-    ("eval.norms", lambda v: v in NORMS_MODES, " or ".join(f'"{m}"' for m in NORMS_MODES)),
+    ("eval.norms", lambda v: v in NORMS_MODES, _NORMS_EXPECTED),
 ]
 
 
@@ -75,9 +81,8 @@ def _cross_field_problems(config) -> list[str]:
                        f"(CFG-free); set {block}.cfg_scale (e.g. 4.5) or {block}.cfg_rescale=0")
     variants = get_dotted(config, "eval.variants")
     for name, overrides in ({} if variants is MISSING else variants).items():
-        if "norms" in overrides and overrides["norms"] not in NORMS_MODES:
-            out.append(f"eval.variants.{name}.norms={overrides['norms']!r}: expected "
-                       + " or ".join(f'"{m}"' for m in NORMS_MODES))
+        if "norms" in overrides and (problem := norms_problem(f"eval.variants.{name}.norms", overrides["norms"])):
+            out.append(problem)
     return out
 
 

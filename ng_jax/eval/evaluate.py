@@ -21,7 +21,7 @@ import ml_collections as mlc
 import numpy as np
 
 from ng_jax import flow, logs, sharding, storage
-from ng_jax.config.checks import NORMS_MODES, ConfigError
+from ng_jax.config.checks import ConfigError, norms_problem
 from ng_jax.data import world
 from ng_jax.data.prompts import category_of
 from ng_jax.data.render import render_fn, world_stack
@@ -51,13 +51,13 @@ def _out_of_range(x0):
     return jnp.mean((jnp.abs(x0) > 1.0).astype(jnp.float32), axis=tuple(range(1, x0.ndim)))
 
 
-def norms_mode(eval_cfg) -> str:
-    """`eval.norms`: which evaluations measure the norm ratio ("always"; "final": only before training and
-    after the last epoch; "never"), checked."""
-    mode = eval_cfg.get("norms", "always")
-    if mode not in NORMS_MODES:
-        raise ConfigError(f"eval.norms={mode!r}: expected one of {', '.join(map(repr, NORMS_MODES))}")
-    return mode
+def norms_mode(value, key: str = "eval.norms") -> str:
+    """An `eval.norms` setting, checked: which evaluations measure the norm ratio ("always"; "final": only
+    before training and after the last epoch; "never")."""
+    problem = norms_problem(key, value)
+    if problem:
+        raise ConfigError(problem)
+    return value
 
 
 def repeat_prompts(prompts: list[str], samples_per_prompt: int, min_per_category: int = 0) -> list[str]:
@@ -96,7 +96,8 @@ class Evaluator:
                               "eval.cfg_scale=1 (CFG-free); set eval.cfg_scale (e.g. 4.5) or eval.cfg_rescale=0")
         # The norm ratio needs a second (reference) forward pass per sampling step; without it the result's
         # norm_ratio keys are None ("not measured"). Default: as `eval.norms` ("never" turns it off).
-        self.record_norms = (norms_mode(eval_cfg) != "never") if record_norms is None else bool(record_norms)
+        self.record_norms = (norms_mode(eval_cfg.get("norms", "always")) != "never") if record_norms is None \
+            else bool(record_norms)
         self.batch = int(eval_cfg.batch_size)
         multiple = sharding.batch_size_multiple(mesh)
         if self.batch % multiple:
@@ -216,7 +217,8 @@ class RunEvaluation:
 
     def evaluator(self, final: bool, variant: str = "") -> Evaluator:
         overrides = {k: v for k, v in (self.cfg.variants[variant].items() if variant else ()) if k != "final_only"}
-        mode = norms_mode({"norms": overrides.get("norms", self.cfg.get("norms", "always"))})
+        mode = (norms_mode(overrides["norms"], f"eval.variants.{variant}.norms") if "norms" in overrides
+                else norms_mode(self.cfg.get("norms", "always")))
         n_final = int(self.cfg.final_samples_per_prompt)
         own = final and (n_final > 0 or mode == "final")  # the final evaluations get their own evaluator
         key = (own, variant)

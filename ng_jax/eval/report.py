@@ -487,8 +487,9 @@ def rescaling_section(grouped: dict, workdir: str, runs: dict, reward: str, base
 
         cell = data.setdefault(method, {})
         for label, where, ng_var in RESCALED:
-            b_kid = {s: x["kid"] for s in base if (x := sample(s, where)) and x.get("kid") is not None}
-            b_rew = {s: x["reward"] for s in base if (x := sample(s, where)) and x.get("reward") is not None}
+            sampled = {s: x for s in base if (x := sample(s, where))}
+            b_kid = {s: x["kid"] for s, x in sampled.items() if x.get("kid") is not None}
+            b_rew = {s: x["reward"] for s, x in sampled.items() if x.get("reward") is not None}
             n_kid = values(ng, lambda x, v=ng_var: (variant(x.get("eval"), v) or {}).get("kid"))
             d = stats.paired(b_kid, n_kid)
             cell[label] = {"base_kid_by_seed": b_kid, "base_reward_by_seed": b_rew, "ng_minus_base_kid_by_seed": d}
