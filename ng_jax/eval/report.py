@@ -259,14 +259,23 @@ def _save(fig, path: str) -> bool:
 def _band(ax, x, ys: np.ndarray, colour: str, label: str, fmt: str = "-", **kw) -> None:
     """The mean over seeds (rows of `ys`) against `x`, with its 95% t band when there are several seeds."""
     ivs = [stats.interval(ys[:, k], n_boot=10) for k in range(ys.shape[1])]
-    ax.plot(x, [iv.mean for iv in ivs], fmt, color=colour, label=f"{label} ({len(ys)} seeds)", **kw)
+    ax.plot(x, [iv.mean for iv in ivs], fmt, color=colour, label=f"{label} ({len(ys)} seed{'s' * (len(ys) > 1)})",
+            **kw)
     if len(ys) > 1:
         ax.fill_between(x, [iv.t_low for iv in ivs], [iv.t_high for iv in ivs], color=colour, alpha=0.2)
 
 
-def plot_norms(grouped: dict, reward: str, base_arm: str, ng_arm: str, path: str) -> bool:
+ARM_STYLES = (("tab:red", "-"), ("tab:blue", "-"), ("tab:green", "--"), ("tab:purple", "--"), ("tab:olive", ":"))
+
+
+def _styled(arms) -> list[tuple[str, str, str]]:
+    """(arm, colour, line style) per arm: the base red, NormGuard blue, then the controls dashed."""
+    return [(a, *ARM_STYLES[i % len(ARM_STYLES)]) for i, a in enumerate(arms)]
+
+
+def plot_norms(grouped: dict, reward: str, arms, path: str) -> bool:
     """Norm ratio against sigma (final evaluation, CFG-free and CFG 4.5), mean and 95% t band over seeds,
-    base vs NormGuard, one panel per method and guidance."""
+    per arm (`arms`: the base, NormGuard, then any controls), one panel per method and guidance."""
     methods = sorted(m for r, m in grouped if r == reward)
     if not methods:
         return False
@@ -274,12 +283,12 @@ def plot_norms(grouped: dict, reward: str, base_arm: str, ng_arm: str, path: str
     for j, m in enumerate(methods):
         for i, var in enumerate(("", "guided")):
             ax = axes[i][j]
-            for arm, colour in ((base_arm, "tab:red"), (ng_arm, "tab:blue")):
+            for arm, colour, line in _styled(arms):
                 curves = [np.asarray(variant(s["eval"], var)["norm_ratio_by_sigma"])
                           for s in grouped[(reward, m)].get(arm, {}).values() if variant(s["eval"], var)]
                 if not curves:
                     continue
-                _band(ax, curves[0][:, 0], np.stack([c[:, 1] for c in curves]), colour, arm)
+                _band(ax, curves[0][:, 0], np.stack([c[:, 1] for c in curves]), colour, arm, line)
             ax.axhline(1.0, color="grey", lw=0.8)
             ax.set_title(f"{m}, {'CFG 4.5' if var else 'CFG-free'}")
             ax.set_xlabel("sigma")
@@ -290,8 +299,8 @@ def plot_norms(grouped: dict, reward: str, base_arm: str, ng_arm: str, path: str
     return _save(fig, path)
 
 
-def plot_trajectories(grouped: dict, reward: str, base_arm: str, ng_arm: str, path: str) -> bool:
-    """Evaluation reward and KID against epoch, mean and 95% t band over seeds, per method."""
+def plot_trajectories(grouped: dict, reward: str, arms, path: str) -> bool:
+    """Evaluation reward and KID against epoch, mean and 95% t band over seeds, per method and arm."""
     methods = sorted(m for r, m in grouped if r == reward)
     if not methods:
         return False
@@ -299,7 +308,7 @@ def plot_trajectories(grouped: dict, reward: str, base_arm: str, ng_arm: str, pa
     for j, m in enumerate(methods):
         for i, key in enumerate(("reward", "kid")):
             ax = axes[i][j]
-            for arm, colour in ((base_arm, "tab:red"), (ng_arm, "tab:blue")):
+            for arm, colour, line in _styled(arms):
                 runs = list(grouped[(reward, m)].get(arm, {}).values())
                 if not runs:
                     continue
@@ -308,15 +317,15 @@ def plot_trajectories(grouped: dict, reward: str, base_arm: str, ng_arm: str, pa
                 epochs = [e for e, _ in series[0]]
                 ys = np.asarray([[np.nan if v is None else v for _, v in ser] for ser in series if len(ser) == len(epochs)],
                                 np.float64)
-                _band(ax, epochs, ys, colour, arm, "o-", ms=3)
+                _band(ax, epochs, ys, colour, arm, "o" + line, ms=3)
             ax.set_title(f"{m}: evaluation {key}")
             ax.set_xlabel("epoch")
             ax.legend(fontsize=7)
     return _save(fig, path)
 
 
-def plot_few_step(grouped: dict, reward: str, base_arm: str, ng_arm: str, path: str) -> bool:
-    """KID at 4, 6 and 20 sampling steps (final evaluation), mean and 95% t interval over seeds."""
+def plot_few_step(grouped: dict, reward: str, arms, path: str) -> bool:
+    """KID at 4, 6 and 20 sampling steps (final evaluation), mean and 95% t interval over seeds, per arm."""
     methods = sorted(m for r, m in grouped if r == reward)
     steps = (("kid_steps4", 4), ("kid_steps6", 6), ("kid", 20))
     if not methods:
@@ -324,14 +333,14 @@ def plot_few_step(grouped: dict, reward: str, base_arm: str, ng_arm: str, path: 
     fig, axes = _figure((4 * len(methods), 3.4), 1, len(methods))
     for j, m in enumerate(methods):
         ax = axes[0][j]
-        for arm, colour in ((base_arm, "tab:red"), (ng_arm, "tab:blue")):
+        for arm, colour, line in _styled(arms):
             pts = []
             for key, n in steps:
                 iv = stats.interval(values(grouped[(reward, m)].get(arm, {}), lambda s: endpoint(s, key)), n_boot=10)
                 if iv.n:
                     pts.append((n, iv))
             if pts:
-                ax.errorbar([n for n, _ in pts], [iv.mean for _, iv in pts], fmt="o-", color=colour, label=arm, capsize=3,
+                ax.errorbar([n for n, _ in pts], [iv.mean for _, iv in pts], fmt="o" + line, color=colour, label=arm, capsize=3,
                             yerr=[[iv.mean - iv.t_low if iv.n > 1 else 0 for _, iv in pts],
                                   [iv.t_high - iv.mean if iv.n > 1 else 0 for _, iv in pts]])
         ax.set_xscale("log")
@@ -401,31 +410,37 @@ def plot_frontier(grouped: dict, reward: str, base_arm: str, path: str, ng_arms)
     return _save(fig, path)
 
 
-def sample_comparison(workdir: str, runs: dict, reward: str, seed: int, arms: tuple[str, str], path: str) -> bool:
-    """The final sample grids (CFG-free, and CFG 4.5 when evaluated) of the base and NormGuard runs of one
-    seed, per method, stacked top to bottom under a caption: the same prompts and evaluation noise."""
+def sample_comparison(workdir: str, runs: dict, reward: str, seed: int, arms, path: str) -> bool:
+    """The final sample grids (CFG-free, and CFG 4.5 when evaluated) of one seed's runs of `arms`, side by side
+    (one column per arm, one row per method and guidance, each under a caption): the same prompts and
+    evaluation noise in every column."""
     from PIL import Image, ImageDraw
 
-    panels = []
-    for name, spec in sorted(runs.items(), key=lambda kv: (kv[1].method, arms.index(kv[1].arm)
-                                                          if kv[1].arm in arms else 9)):
+    rows: dict[tuple[str, str], dict[str, Image.Image]] = {}
+    for name, spec in sorted(runs.items(), key=lambda kv: kv[1].method):
         if spec.reward != reward or spec.seed != seed or spec.arm not in arms:
             continue
         epochs = int(spec.config.rl.epochs)
         for suffix, label in (("", "CFG-free"), ("_guided", "CFG 4.5")):
             png = os.path.join(workdir, name, "samples", f"epoch_{epochs:04d}{suffix}.png")
             if storage.is_file(png):
-                panels.append((f"{spec.method} {spec.arm}, seed {seed}, epoch {epochs}, {label}",
-                               Image.open(io.BytesIO(storage.path(png).read_bytes()))))
-    if not panels:
+                rows.setdefault((spec.method, label), {})[spec.arm] = Image.open(
+                    io.BytesIO(storage.path(png).read_bytes())).convert("RGB")
+    if not rows:
         return False
-    width = max(im.width for _, im in panels)
-    out = Image.new("RGB", (width, sum(im.height + 14 for _, im in panels)), "white")
-    y = 0
-    for caption, im in panels:
-        ImageDraw.Draw(out).text((2, y + 1), caption, fill="black")
-        out.paste(im.convert("RGB"), (0, y + 14))
-        y += im.height + 14
+    cols = [a for a in arms if any(a in r for r in rows.values())]
+    width = max(im.width for r in rows.values() for im in r.values())
+    height = max(im.height for r in rows.values() for im in r.values())
+    gap, caption = 8, 14
+    out = Image.new("RGB", (len(cols) * (width + gap) - gap, len(rows) * (height + caption)), "white")
+    draw = ImageDraw.Draw(out)
+    for i, ((method, label), by_arm) in enumerate(rows.items()):
+        y = i * (height + caption)
+        for j, arm in enumerate(cols):
+            x = j * (width + gap)
+            draw.text((x + 2, y + 1), f"{method} {arm}, seed {seed}, {label}", fill="black")
+            if arm in by_arm:
+                out.paste(by_arm[arm], (x, y + caption))
     logs.write_png(path, out)
     return True
 
@@ -673,15 +688,16 @@ def write_results(config, workdir: str, runs: dict, timings: dict, total_s: floa
             data.setdefault("rescaling", {})[reward] = rescaled
         if plot_frontier(grouped, reward, base_arm, os.path.join(fig_dir, f"frontier_{reward}.png"), ng_arms):
             md += [f"![frontier, {reward}](results/frontier_{reward}.png)", ""]
+        plotted = [base_arm, ng_arm, *(a for a in g.get("controls") or () if a in g.arms)]
         seed = most_inflating_seed(grouped, reward, base_arm)
-        if seed is not None and sample_comparison(workdir, runs, reward, seed, (base_arm, ng_arm),
+        if seed is not None and sample_comparison(workdir, runs, reward, seed, plotted,
                                                   os.path.join(fig_dir, f"samples_{reward}.png")):
-            md += [f"Final samples of the base and NormGuard runs of seed {seed} (the seed whose base runs inflate "
-                   "most under guidance), on the same prompts and noise:", "",
+            md += [f"Final samples of seed {seed} (the seed whose base runs inflate most under guidance), "
+                   f"{', '.join(plotted)} side by side, on the same prompts and noise:", "",
                    f"![samples, {reward}](results/samples_{reward}.png)", ""]
         for kind, fn in (("norms", plot_norms), ("trajectories", plot_trajectories), ("few_step", plot_few_step)):
             name = f"{kind}_{reward}.png"
-            if fn(grouped, reward, base_arm, ng_arm, os.path.join(fig_dir, name)):
+            if fn(grouped, reward, plotted, os.path.join(fig_dir, name)):
                 md += [f"![{kind}, {reward}](results/{name})", ""]
     md += analyses_section(workdir, fig_dir)
     md += ["## Every run", "", _table(

@@ -425,3 +425,23 @@ def test_matching_weight_interpolates_in_weight_between_the_bracketing_arms():
     with pytest.raises(ConfigError, match=r"grid.match_weights.awm='loss.betta': no such key"):
         report.matching_lines({("preference", "awm"): by_arm}, runs, "preference", "base", "ng_x1",
                               {"awm": "loss.betta"}, ["ng_x1"])
+
+
+def test_sample_comparison_puts_the_arms_of_one_seed_side_by_side(tmp_path):
+    """One column per arm (in the order asked), one row per method and guidance; each grid pasted whole under
+    its caption, so the same prompt and noise sit at the same place in every column."""
+    c, runs = _write(tmp_path, _paired, methods=("awm", "nft"))
+    colours = {"base": (255, 0, 0), "normguard": (0, 0, 255)}
+    for name, spec in runs.items():
+        if spec.seed == 100:
+            for suffix in ("", "_guided"):
+                logs.write_png(os.path.join(c.workdir, name, "samples", f"epoch_{int(spec.config.rl.epochs):04d}{suffix}.png"),
+                               Image.new("RGB", (40, 30), colours[spec.arm]))
+    path = str(tmp_path / "s.png")
+    assert report.sample_comparison(c.workdir, runs, "preference", 100, ["normguard", "base", "kl"], path)
+    im = Image.open(path).convert("RGB")
+    assert im.size == (2 * 40 + 8, 4 * (30 + 14))   # no column for an arm without runs
+    for row in range(4):                            # awm / nft x CFG-free / CFG 4.5
+        y = row * 44 + 14 + 15
+        assert im.getpixel((20, y)) == colours["normguard"] and im.getpixel((48 + 20, y)) == colours["base"]
+    assert not report.sample_comparison(c.workdir, runs, "preference", 999, ["base"], str(tmp_path / "t.png"))
