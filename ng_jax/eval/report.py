@@ -123,6 +123,27 @@ def values(arm_runs: dict, fn) -> dict:
     return {s: v for s, v in ((s, fn(x)) for s, x in arm_runs.items()) if v is not None}
 
 
+def ratio_differences(base_runs: dict, arm_runs: dict, var: str = "") -> dict | None:
+    """The norm ratio per sigma of the final evaluation (`var`: "" CFG-free, "guided"), paired by seed: {"sigma":
+    [...], "by_seed": {seed: [arm - base per sigma]}, "difference": [Interval dict per sigma]}; None without a
+    seed that both arms evaluated on the same sigmas."""
+    by_seed, sigma = {}, None
+    for seed in sorted(base_runs.keys() & arm_runs.keys()):
+        b, a = (variant(runs[seed]["eval"], var) for runs in (base_runs, arm_runs))
+        if not b or not a or not b.get("norm_ratio_by_sigma") or not a.get("norm_ratio_by_sigma"):
+            continue
+        b, a = np.asarray(b["norm_ratio_by_sigma"], np.float64), np.asarray(a["norm_ratio_by_sigma"], np.float64)
+        if b.shape != a.shape or not np.allclose(b[:, 0], a[:, 0]) or (sigma is not None and not np.allclose(sigma, b[:, 0])):
+            continue
+        sigma = b[:, 0]
+        by_seed[seed] = (a[:, 1] - b[:, 1]).tolist()
+    if not by_seed:
+        return None
+    d = np.asarray(list(by_seed.values()))
+    return {"sigma": sigma.tolist(), "by_seed": by_seed,
+            "difference": [stats.interval(d[:, k], n_boot=1000).as_dict() for k in range(d.shape[1])]}
+
+
 def matched_kid(base_runs: dict, ng_runs: dict, key: str = "kid") -> dict:
     """seed -> NormGuard's final KID - its own seed's base KID interpolated at NormGuard's final reward along
     the base run's evaluation trajectory (the reference's evaluation, then every periodic one); seeds whose
@@ -297,6 +318,34 @@ def plot_norms(grouped: dict, reward: str, arms, path: str) -> bool:
                 ax.set_ylabel("||v_theta|| / ||v_ref||")
             ax.legend(fontsize=7)
     return _save(fig, path)
+
+
+def plot_norm_differences(grouped: dict, reward: str, arms, path: str) -> bool:
+    """Each arm's norm ratio minus its own seed's base run's against sigma (final evaluation, CFG-free and CFG
+    4.5), mean and 95% t band over seeds, one panel per method and guidance (`arms`: the base first)."""
+    methods = sorted(m for r, m in grouped if r == reward)
+    if not methods:
+        return False
+    fig, axes = _figure((4 * len(methods), 6.4), 2, len(methods), sharey="row")
+    drew = False
+    for j, m in enumerate(methods):
+        by_arm = grouped[(reward, m)]
+        for i, var in enumerate(("", "guided")):
+            ax = axes[i][j]
+            for arm, colour, line in _styled(arms)[1:]:
+                d = ratio_differences(by_arm.get(arms[0], {}), by_arm.get(arm, {}), var)
+                if d:
+                    _band(ax, d["sigma"], np.asarray(list(d["by_seed"].values())), colour, f"{arm} - {arms[0]}", line)
+                    drew = True
+            ax.axhline(0.0, color="grey", lw=0.8)
+            ax.set_title(f"{m}, {'CFG 4.5' if var else 'CFG-free'}: paired difference")
+            ax.set_xlabel("sigma")
+            ax.invert_xaxis()
+            if j == 0:
+                ax.set_ylabel("norm ratio - base's (same seed)")
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=7)
+    return _save(fig, path) if drew else False
 
 
 def plot_trajectories(grouped: dict, reward: str, arms, path: str) -> bool:
@@ -658,6 +707,7 @@ def write_results(config, workdir: str, runs: dict, timings: dict, total_s: floa
             gains = stats.paired(values(base, reward_gain), values(ng, reward_gain))
             rows.append([method, "reward gain", _ci(stats.interval(values(base, reward_gain)), 3),
                          _ci(stats.interval(values(ng, reward_gain)), 3), _ci(stats.interval(gains), 3)])
+            cell["ratio_by_sigma"] = {var or "cfg_free": ratio_differences(base, ng, var) for var in ("", "guided")}
             m = matched_kid(base, ng)
             cell["matched_kid"] = {"by_seed": m, **stats.interval(m).as_dict()}
             rows.append([method, f"KID at matched reward ({len(m)} of {len(ng)} seeds matchable)", "", "",
@@ -695,7 +745,8 @@ def write_results(config, workdir: str, runs: dict, timings: dict, total_s: floa
             md += [f"Final samples of seed {seed} (the seed whose base runs inflate most under guidance), "
                    f"{', '.join(plotted)} side by side, on the same prompts and noise:", "",
                    f"![samples, {reward}](results/samples_{reward}.png)", ""]
-        for kind, fn in (("norms", plot_norms), ("trajectories", plot_trajectories), ("few_step", plot_few_step)):
+        for kind, fn in (("norms", plot_norms), ("norm_differences", plot_norm_differences),
+                         ("trajectories", plot_trajectories), ("few_step", plot_few_step)):
             name = f"{kind}_{reward}.png"
             if fn(grouped, reward, plotted, os.path.join(fig_dir, name)):
                 md += [f"![{kind}, {reward}](results/{name})", ""]

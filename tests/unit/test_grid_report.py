@@ -445,3 +445,28 @@ def test_sample_comparison_puts_the_arms_of_one_seed_side_by_side(tmp_path):
         y = row * 44 + 14 + 15
         assert im.getpixel((20, y)) == colours["normguard"] and im.getpixel((48 + 20, y)) == colours["base"]
     assert not report.sample_comparison(c.workdir, runs, "preference", 999, ["base"], str(tmp_path / "t.png"))
+
+
+def test_norm_ratio_differences_are_paired_per_sigma(tmp_path):
+    # seed 1's base inflates much more than seed 0's; NormGuard takes 0.02 and 0.04 off at sigma >= 0.75
+    base = {0: _summary(1.02, 1.05, 0.5, 0.0, 0.0), 1: _summary(1.10, 1.15, 0.5, 0.0, 0.0)}
+    ng = {0: _summary(1.00, 1.01, 0.5, 0.0, 0.0), 1: _summary(1.06, 1.10, 0.5, 0.0, 0.0),
+          2: _summary(1.0, 1.0, 0.5, 0.0, 0.0)}   # a seed without its base run is left out
+    d = report.ratio_differences(base, ng)
+    assert d["sigma"] == [1.0, 0.75, 0.25] and sorted(d["by_seed"]) == [0, 1]
+    assert np.allclose(d["by_seed"][1], [-0.04, -0.04, 0.0])
+    assert [round(iv["mean"], 6) for iv in d["difference"]] == [-0.03, -0.03, 0.0]
+    iv = stats.interval([-0.02, -0.04])   # two seeds: an interval as wide as t with 1 degree of freedom makes it
+    assert (d["difference"][0]["t_low"], d["difference"][0]["t_high"]) == pytest.approx((iv.t_low, iv.t_high))
+    assert d["difference"][0]["t_high"] > 0
+    g = report.ratio_differences(base, ng, "guided")
+    assert np.allclose(g["by_seed"][0], [-0.04, -0.04, 0.0]) and np.allclose(g["by_seed"][1], [-0.05, -0.05, 0.0])
+    # evaluated on other sigmas: not paired
+    other = {0: json.loads(json.dumps(ng[0]))}
+    other[0]["eval"]["norm_ratio_by_sigma"][1][0] = 0.5
+    assert report.ratio_differences(base, other) is None
+    grouped = {("preference", "awm"): {"base": base, "normguard": ng}}
+    assert report.plot_norm_differences(grouped, "preference", ["base", "normguard"], str(tmp_path / "d.png"))
+    assert os.path.getsize(tmp_path / "d.png") > 1000
+    assert not report.plot_norm_differences({("preference", "awm"): {"base": base}}, "preference",
+                                            ["base", "normguard"], str(tmp_path / "e.png"))
