@@ -161,6 +161,22 @@ def matched_kid(base_runs: dict, ng_runs: dict, key: str = "kid") -> dict:
     return out
 
 
+def matched_kid_between(ctrl_runs: dict, ng_runs: dict, key: str = "kid") -> dict:
+    """seed -> NormGuard's KID - the control's, at the lower of their two final rewards: the run that ends with
+    the higher reward is read along its own evaluation trajectory at the other's final reward (as
+    `matched_kid`); seeds where that reward lies outside the trajectory are left out (not matchable)."""
+    out = {}
+    for seed in sorted(ctrl_runs.keys() & ng_runs.keys()):
+        ctrl, ng = {seed: ctrl_runs[seed]}, {seed: ng_runs[seed]}
+        if endpoint(ng[seed], "reward") is None or endpoint(ctrl[seed], "reward") is None:
+            continue
+        if endpoint(ng[seed], "reward") <= endpoint(ctrl[seed], "reward"):
+            out.update(matched_kid(ctrl, ng, key))
+        else:
+            out.update({s: -v for s, v in matched_kid(ng, ctrl, key).items()})
+    return out
+
+
 def few_step_contrast(base: dict, ng: dict, few: str = "kid_steps4") -> dict:
     """seed -> NormGuard's relative KID change at few steps minus at 20: (ng - base) / base of the `few`
     endpoint minus that of "kid". Negative: NormGuard removes a larger share of the base run's KID at few
@@ -494,28 +510,40 @@ def sample_comparison(workdir: str, runs: dict, reward: str, seed: int, arms, pa
     return True
 
 
-def controls_table(grouped: dict, reward: str, ng_arm: str, controls) -> list[str]:
-    """NormGuard against each control arm (e.g. the base method with a stronger KL term), paired by seed."""
-    rows = []
+def controls_table(grouped: dict, reward: str, ng_arm: str, controls) -> tuple[list[str], dict]:
+    """NormGuard against each control arm (e.g. the base method with a stronger KL term), paired by seed: the
+    Markdown lines and {method/control: {endpoint: interval of the paired differences, with its seeds}}."""
+    rows, data = [], {}
     for (r, method), by_arm in sorted(grouped.items()):
         if r != reward or ng_arm not in by_arm:
             continue
         for ctrl in controls:
             if ctrl not in by_arm:
                 continue
+            cell = data.setdefault(f"{method}/{ctrl}", {})
             for name, label, fn in (("gain", "reward gain", reward_gain),
                                     ("kid", "KID, CFG-free", lambda s: endpoint(s, "kid")),
                                     ("kid_guided", "KID, CFG 4.5", lambda s: endpoint(s, "kid_guided")),
                                     ("ratio", "norm ratio, CFG-free", lambda s: endpoint(s, "ratio")),
                                     ("ratio_guided", "norm ratio, CFG 4.5", lambda s: endpoint(s, "ratio_guided"))):
                 c_, n_ = values(by_arm[ctrl], fn), values(by_arm[ng_arm], fn)
+                d = stats.paired(c_, n_)
+                cell[name] = {"by_seed": d, **stats.interval(d).as_dict()}
                 k = _digits(name)
                 rows.append([method, ctrl, label, _ci(stats.interval(c_), k), _ci(stats.interval(n_), k),
-                             _ci(stats.interval(stats.paired(c_, n_)), k)])
+                             _ci(stats.interval(d), k)])
+            m = matched_kid_between(by_arm[ctrl], by_arm[ng_arm])
+            cell["matched_kid"] = {"by_seed": m, **stats.interval(m).as_dict()}
+            rows.append([method, ctrl, f"KID at matched reward, CFG-free ({len(m)} of "
+                         f"{len(by_arm[ctrl].keys() & by_arm[ng_arm].keys())} seeds matchable)", "", "",
+                         _ci(stats.interval(m), 1)])
     if not rows:
-        return []
+        return [], data
     return ["### NormGuard against the controls (mean [95% t interval] over seeds)", "",
-            _table(["method", "control", "endpoint", "control", ng_arm, f"{ng_arm} - control (paired)"], rows), ""]
+            _table(["method", "control", "endpoint", "control", ng_arm, f"{ng_arm} - control (paired)"], rows), "",
+            "KID at matched reward: per seed, the run with the higher final reward is read along its own evaluation "
+            "trajectory (KID against reward) at the other run's final reward, so both KIDs are taken at the same "
+            "reward.", ""], data
 
 
 RESCALING_DIR = "rescaling"   # as ng_jax.eval.grid.RESCALING
@@ -731,7 +759,10 @@ def write_results(config, workdir: str, runs: dict, timings: dict, total_s: floa
             lines, data.setdefault("matching_weight", {})[reward] = matching_lines(
                 grouped, runs, reward, base_arm, ng_arm, dict(g.match_weights), ng_arms)
             md += lines
-        md += controls_table(grouped, reward, ng_arm, tuple(g.get("controls") or ()))
+        lines, controls = controls_table(grouped, reward, ng_arm, tuple(g.get("controls") or ()))
+        md += lines
+        if controls:
+            data.setdefault("controls", {})[reward] = controls
         lines, rescaled = rescaling_section(grouped, workdir, runs, reward, base_arm, ng_arm)
         if rescaled:
             md += lines

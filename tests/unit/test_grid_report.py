@@ -470,3 +470,22 @@ def test_norm_ratio_differences_are_paired_per_sigma(tmp_path):
     assert os.path.getsize(tmp_path / "d.png") > 1000
     assert not report.plot_norm_differences({("preference", "awm"): {"base": base}}, "preference",
                                             ["base", "normguard"], str(tmp_path / "e.png"))
+
+
+def test_kid_against_a_control_is_matched_at_the_lower_final_reward():
+    ctrl = {0: _summary(1.0, 1.0, 0.4, 30.0, 0.0, history=[(5, 1.2, 10.0), (10, 1.4, 30.0)]),
+            1: _summary(1.0, 1.0, 0.4, 30.0, 0.0, history=[(5, 1.2, 10.0), (10, 1.4, 30.0)]),
+            2: _summary(1.0, 1.0, -0.1, 5.0, 0.0, history=[(5, 0.95, 3.0), (10, 0.9, 5.0)])}
+    ng = {0: _summary(1.0, 1.0, 0.5, 60.0, 0.0, history=[(5, 1.2, 10.0), (10, 1.5, 60.0)]),   # higher reward
+          1: _summary(1.0, 1.0, 0.3, 25.0, 0.0, history=[(5, 1.1, 8.0), (10, 1.3, 25.0)]),    # lower reward
+          2: _summary(1.0, 1.0, 0.6, 70.0, 0.0, history=[(5, 1.3, 20.0), (10, 1.6, 70.0)])}
+    m = report.matched_kid_between(ctrl, ng)
+    # seed 0: NormGuard's trajectory at the control's 1.4 (10 + 50 * 2/3) minus the control's 30; seed 1:
+    # NormGuard's 25 minus the control's trajectory at 1.3 (20); seed 2: the control's 0.9 is below every
+    # reward NormGuard's trajectory (from the reference's 1.0) went through: not matchable
+    assert sorted(m) == [0, 1]
+    assert m[0] == pytest.approx(10.0 + 50.0 * 2 / 3 - 30.0) and m[1] == pytest.approx(25.0 - 20.0)
+    grouped = {("preference", "awm"): {"normguard": ng, "kl": ctrl}}
+    lines, data = report.controls_table(grouped, "preference", "normguard", ("kl",))
+    assert data["awm/kl"]["matched_kid"]["by_seed"] == m and data["awm/kl"]["gain"]["by_seed"][2] == pytest.approx(0.7)
+    assert any("| awm | kl | KID at matched reward, CFG-free (2 of 3 seeds matchable) |" in line for line in lines)
