@@ -310,58 +310,59 @@ def _styled(arms) -> list[tuple[str, str, str]]:
     return [(a, *ARM_STYLES[i % len(ARM_STYLES)]) for i, a in enumerate(arms)]
 
 
-def plot_norms(grouped: dict, reward: str, arms, path: str) -> bool:
-    """Norm ratio against sigma (final evaluation, CFG-free and CFG 4.5), mean and 95% t band over seeds,
-    per arm (`arms`: the base, NormGuard, then any controls), one panel per method and guidance."""
-    methods = sorted(m for r, m in grouped if r == reward)
-    if not methods:
-        return False
-    fig, axes = _figure((4 * len(methods), 6.4), 2, len(methods), sharey="row")
-    for j, m in enumerate(methods):
-        for i, var in enumerate(("", "guided")):
-            ax = axes[i][j]
-            for arm, colour, line in _styled(arms):
-                curves = [np.asarray(variant(s["eval"], var)["norm_ratio_by_sigma"])
-                          for s in grouped[(reward, m)].get(arm, {}).values() if variant(s["eval"], var)]
-                if not curves:
-                    continue
-                _band(ax, curves[0][:, 0], np.stack([c[:, 1] for c in curves]), colour, arm, line)
-            ax.axhline(1.0, color="grey", lw=0.8)
-            ax.set_title(f"{m}, {'CFG 4.5' if var else 'CFG-free'}")
-            ax.set_xlabel("sigma")
-            ax.invert_xaxis()
-            if j == 0:
-                ax.set_ylabel("||v_theta|| / ||v_ref||")
-            ax.legend(fontsize=7)
-    return _save(fig, path)
-
-
-def plot_norm_differences(grouped: dict, reward: str, arms, path: str) -> bool:
-    """Each arm's norm ratio minus its own seed's base run's against sigma (final evaluation, CFG-free and CFG
-    4.5), mean and 95% t band over seeds, one panel per method and guidance (`arms`: the base first)."""
+def _sigma_panels(grouped: dict, reward: str, path: str, draw, level: float, ylabel: str, title: str = "") -> bool:
+    """One panel per method (columns) and guidance (rows: CFG-free, CFG 4.5) with sigma falling left to right;
+    `draw(ax, arm -> seed -> summary, variant)` plots into a panel and says whether it drew anything. False
+    (and no file) when nothing was drawn."""
     methods = sorted(m for r, m in grouped if r == reward)
     if not methods:
         return False
     fig, axes = _figure((4 * len(methods), 6.4), 2, len(methods), sharey="row")
     drew = False
     for j, m in enumerate(methods):
-        by_arm = grouped[(reward, m)]
         for i, var in enumerate(("", "guided")):
             ax = axes[i][j]
-            for arm, colour, line in _styled(arms)[1:]:
-                d = ratio_differences(by_arm.get(arms[0], {}), by_arm.get(arm, {}), var)
-                if d:
-                    _band(ax, d["sigma"], np.asarray(list(d["by_seed"].values())), colour, f"{arm} - {arms[0]}", line)
-                    drew = True
-            ax.axhline(0.0, color="grey", lw=0.8)
-            ax.set_title(f"{m}, {'CFG 4.5' if var else 'CFG-free'}: paired difference")
+            drew |= draw(ax, grouped[(reward, m)], var)
+            ax.axhline(level, color="grey", lw=0.8)
+            ax.set_title(f"{m}, {'CFG 4.5' if var else 'CFG-free'}{title}")
             ax.set_xlabel("sigma")
             ax.invert_xaxis()
             if j == 0:
-                ax.set_ylabel("norm ratio - base's (same seed)")
+                ax.set_ylabel(ylabel)
             if ax.get_legend_handles_labels()[0]:
                 ax.legend(fontsize=7)
     return _save(fig, path) if drew else False
+
+
+def plot_norms(grouped: dict, reward: str, arms, path: str) -> bool:
+    """Norm ratio against sigma (final evaluation, CFG-free and CFG 4.5), mean and 95% t band over seeds,
+    per arm (`arms`: the base, NormGuard, then any controls), one panel per method and guidance."""
+    def draw(ax, by_arm, var):
+        drew = False
+        for arm, colour, line in _styled(arms):
+            curves = [np.asarray(variant(s["eval"], var)["norm_ratio_by_sigma"])
+                      for s in by_arm.get(arm, {}).values() if variant(s["eval"], var)]
+            if curves:
+                _band(ax, curves[0][:, 0], np.stack([c[:, 1] for c in curves]), colour, arm, line)
+                drew = True
+        return drew
+
+    return _sigma_panels(grouped, reward, path, draw, 1.0, "||v_theta|| / ||v_ref||")
+
+
+def plot_norm_differences(grouped: dict, reward: str, arms, path: str) -> bool:
+    """Each arm's norm ratio minus its own seed's base run's against sigma (final evaluation, CFG-free and CFG
+    4.5), mean and 95% t band over seeds, one panel per method and guidance (`arms`: the base first)."""
+    def draw(ax, by_arm, var):
+        drew = False
+        for arm, colour, line in _styled(arms)[1:]:
+            d = ratio_differences(by_arm.get(arms[0], {}), by_arm.get(arm, {}), var)
+            if d:
+                _band(ax, d["sigma"], np.asarray(list(d["by_seed"].values())), colour, f"{arm} - {arms[0]}", line)
+                drew = True
+        return drew
+
+    return _sigma_panels(grouped, reward, path, draw, 0.0, "norm ratio - base's (same seed)", ": paired difference")
 
 
 def plot_trajectories(grouped: dict, reward: str, arms, path: str) -> bool:
