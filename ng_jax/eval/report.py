@@ -44,6 +44,31 @@ def commit() -> str:
         return "unknown"
 
 
+def changed_since(old: str) -> list[str] | None:
+    """The files of the ng_jax package that differ between commit `old` and the checkout (working tree
+    included); None when git cannot tell (outside a checkout, or an unknown commit)."""
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        out = subprocess.run(["git", "diff", "--name-only", old.removesuffix("-dirty"), "--", "."], cwd=package,
+                             capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return sorted(line.strip() for line in out.splitlines() if line.strip())
+
+
+def _code_since_lines(commits: dict) -> list[str]:
+    """A sentence naming what changed in the package between the runs' commit and the report's (when they
+    differ): a reader can check that none of it trains or samples."""
+    if len(commits) != 1 or next(iter(commits)) == commit():
+        return []
+    old = next(iter(commits))
+    files = changed_since(old)
+    if files is None:
+        return [f"The runs' commit `{old}` is not in this checkout's history: what changed since is unknown.", ""]
+    return [f"Package files changed between the runs' commit `{old}` and this report's (`git diff --name-only {old} "
+            f"-- ng_jax`): {', '.join(f'`{f}`' for f in files) if files else 'none'}.", ""]
+
+
 def run_commits(workdir: str, names) -> dict[str, list[str]]:
     """commit -> the runs (of `names` that have started) it trained."""
     found = defaultdict(list)
@@ -680,6 +705,7 @@ def write_results(config, workdir: str, runs: dict, timings: dict, total_s: floa
           + ("" if wall_s is None else f", {wall_s / 3600:.2f} h of wall clock (runs trained side by side counted once)")
           + f". This invocation took {total_s / 60:.1f} min.",
           ""]
+    md += _code_since_lines(commits)
     if mixed_code:
         md += [f"**Warning: these runs come from {len(mixed_code)} different code versions** "
                "(`grid.allow_mixed_code` or `grid.report_only`); their differences may be code, not NormGuard.", ""]

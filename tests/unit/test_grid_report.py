@@ -10,6 +10,7 @@ import json
 import os
 import re
 import shutil
+import subprocess
 
 import ml_collections as mlc
 import numpy as np
@@ -489,3 +490,22 @@ def test_kid_against_a_control_is_matched_at_the_lower_final_reward():
     lines, data = report.controls_table(grouped, "preference", "normguard", ("kl",))
     assert data["awm/kl"]["matched_kid"]["by_seed"] == m and data["awm/kl"]["gain"]["by_seed"][2] == pytest.approx(0.7)
     assert any("| awm | kl | KID at matched reward, CFG-free (2 of 3 seeds matchable) |" in line for line in lines)
+
+
+def test_the_report_names_the_package_files_changed_since_the_runs_commit():
+    package = os.path.join(REPO, "ng_jax")
+
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=package, capture_output=True, text=True).stdout.strip()
+
+    last = git("log", "-1", "--format=%h", "--", ".")   # the newest commit that changed the package
+    if not last or not git("rev-parse", "--verify", "--quiet", f"{last}^"):
+        pytest.skip("needs a git checkout with the package's history")
+    touched = set(git("show", "--name-only", "--format=", last, "--", ".").splitlines())
+    assert touched and touched <= set(report.changed_since(f"{last}^"))
+    line = report._code_since_lines({f"{last}^": ["run"]})[0]
+    assert line.startswith(f"Package files changed between the runs' commit `{last}^`") and all(
+        f"`{f}`" in line for f in touched)
+    assert report._code_since_lines({report.commit(): ["run"]}) == []   # trained by this very code
+    assert report.changed_since("0123abc") is None
+    assert "is not in this checkout's history" in report._code_since_lines({"0123abc": ["run"]})[0]
