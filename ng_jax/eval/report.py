@@ -651,6 +651,27 @@ def read_summaries(workdir: str, names) -> dict:
     return {n: storage.read_json(os.path.join(workdir, n, "summary.json")) for n in names}
 
 
+def compute_breakdown(workdir: str, summaries: dict) -> dict | None:
+    """Where the finished runs' compute went, in seconds summed over runs, from their metrics.jsonl: training
+    epochs (rollouts, rewards, optimizer steps), periodic evaluations, final evaluations (every variant), and
+    the rest of their wall_s (compiling, checkpoints, start-up). Attempts of a resumed run all count. None when
+    no finished run has metrics."""
+    out = {"training": 0.0, "periodic evaluations": 0.0, "final evaluations": 0.0, "rest": 0.0}
+    found = False
+    for name, s in summaries.items():
+        path = os.path.join(workdir, name, "metrics.jsonl")
+        if not s or not storage.is_file(path):
+            continue
+        found, epochs, parts = True, int(s.get("epochs") or 0), dict.fromkeys(out, 0.0)
+        for row in logs.read_metrics(path):
+            parts["training"] += float(row.get("train/epoch_s") or 0.0)
+            if row.get("eval/eval_s") is not None and row.get("step", 0) > 0:
+                parts["final evaluations" if row["step"] == epochs else "periodic evaluations"] += float(row["eval/eval_s"])
+        parts["rest"] = max(0.0, float(s.get("wall_s") or 0.0) - sum(parts.values()))
+        out = {k: out[k] + parts[k] for k in out}
+    return out if found else None
+
+
 def wall_clock_s(summaries) -> float | None:
     """Seconds during which at least one of the runs was training: the union of their [finished_at - wall_s,
     finished_at] spans, so that runs trained side by side (`grid.worker`) count once. None when a finished
@@ -705,6 +726,11 @@ def write_results(config, workdir: str, runs: dict, timings: dict, total_s: floa
           + ("" if wall_s is None else f", {wall_s / 3600:.2f} h of wall clock (runs trained side by side counted once)")
           + f". This invocation took {total_s / 60:.1f} min.",
           ""]
+    breakdown = compute_breakdown(workdir, summaries)
+    if breakdown and sum(breakdown.values()) > 0:
+        total = sum(breakdown.values())
+        md += ["Where the runs' compute went (from their metrics, every attempt of a resumed run): " + ", ".join(
+            f"{k} {v / 3600:.2f} h ({v / total:.0%})" for k, v in breakdown.items()) + ".", ""]
     md += _code_since_lines(commits)
     if mixed_code:
         md += [f"**Warning: these runs come from {len(mixed_code)} different code versions** "
@@ -733,7 +759,8 @@ def write_results(config, workdir: str, runs: dict, timings: dict, total_s: floa
                f"renders of the same prompts, {floors['draws']} draws, N = {floors['n']}): KID {floors['kid_mean']:.1f} "
                f"+- {floors['kid_std']:.1f}, FD {floors['fd_mean']:.1f} +- {floors['fd_std']:.1f}. KID is in the "
                "judge's kernel units (not x 1e3).", ""]
-    data = {"commit": commit(), "run_commits": commits, "compute_s": compute_s, "wall_clock_s": wall_s, "floors": floors, "margins": margins,
+    data = {"commit": commit(), "run_commits": commits, "compute_s": compute_s, "wall_clock_s": wall_s,
+            "compute_breakdown_s": breakdown, "floors": floors, "margins": margins,
             "verdicts": verdicts, "cells": {}}
     for reward in rewards:
         md += [f"## Reward `{reward}`", "", "### Verdicts", "", _verdict_table(verdicts.get(reward, [])), ""]

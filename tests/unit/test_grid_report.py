@@ -509,3 +509,18 @@ def test_the_report_names_the_package_files_changed_since_the_runs_commit():
     assert report._code_since_lines({report.commit(): ["run"]}) == []   # trained by this very code
     assert report.changed_since("0123abc") is None
     assert "is not in this checkout's history" in report._code_since_lines({"0123abc": ["run"]})[0]
+
+
+def test_compute_breakdown_splits_the_runs_time_from_their_metrics(tmp_path):
+    rows = [{"step": 0, "eval/eval_s": 0.5},                        # the initial evaluation (cached: not counted)
+            {"step": 1, "train/epoch_s": 10.0}, {"step": 2, "train/epoch_s": 12.0}, {"step": 2, "eval/eval_s": 5.0},
+            {"step": 1, "train/epoch_s": 11.0},                     # a second attempt after an interruption
+            {"step": 4, "train/epoch_s": 9.0}, {"step": 4, "eval/eval_s": 30.0}]
+    for name, wall in (("a", 100.0), ("b", 60.0)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    summaries = {"a": {"epochs": 4, "wall_s": 100.0}, "b": {"epochs": 4, "wall_s": 60.0}, "c": None}
+    b = report.compute_breakdown(str(tmp_path), summaries)
+    assert b == {"training": 84.0, "periodic evaluations": 10.0, "final evaluations": 60.0,
+                 "rest": (100.0 - 77.0) + 0.0}   # run b's parts exceed its wall_s: its rest is 0, not negative
+    assert report.compute_breakdown(str(tmp_path), {"c": None}) is None
