@@ -732,6 +732,10 @@ def write_results(config, workdir: str, runs: dict, timings: dict, total_s: floa
         md += ["Where the runs' compute went (from their metrics, every attempt of a resumed run): " + ", ".join(
             f"{k} {v / 3600:.2f} h ({v / total:.0%})" for k, v in breakdown.items()) + ".", ""]
     md += _code_since_lines(commits)
+    unfinished = [n for n, x in summaries.items() if x is None]
+    if unfinished:
+        md += [f"**A snapshot of a grid in progress: {len(runs) - len(unfinished)} of {len(runs)} runs have finished.** "
+               "The statistics use the seeds finished so far; the unfinished runs are listed at the end.", ""]
     if mixed_code:
         md += [f"**Warning: these runs come from {len(mixed_code)} different code versions** "
                "(`grid.allow_mixed_code` or `grid.report_only`); their differences may be code, not NormGuard.", ""]

@@ -524,3 +524,13 @@ def test_compute_breakdown_splits_the_runs_time_from_their_metrics(tmp_path):
     assert b == {"training": 84.0, "periodic evaluations": 10.0, "final evaluations": 60.0,
                  "rest": (100.0 - 77.0) + 0.0}   # run b's parts exceed its wall_s: its rest is 0, not negative
     assert report.compute_breakdown(str(tmp_path), {"c": None}) is None
+
+
+def test_a_report_of_an_unfinished_grid_says_it_is_a_snapshot(tmp_path):
+    c, runs = _write(tmp_path, _paired)
+    assert "snapshot of a grid in progress" not in open(report.write_results(c, c.workdir, runs, {}, 60.0)).read()
+    for name in list(runs)[-2:]:
+        os.remove(os.path.join(c.workdir, name, "summary.json"))
+    text = open(report.write_results(c, c.workdir, runs, {}, 60.0)).read()
+    assert "**A snapshot of a grid in progress: 8 of 10 runs have finished.**" in text
+    assert text.count("| not finished |") == 2
