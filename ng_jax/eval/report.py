@@ -158,8 +158,9 @@ def ratio_differences(base_runs: dict, arm_runs: dict, var: str = "") -> dict | 
         if not b or not a or not b.get("norm_ratio_by_sigma") or not a.get("norm_ratio_by_sigma"):
             continue
         b, a = np.asarray(b["norm_ratio_by_sigma"], np.float64), np.asarray(a["norm_ratio_by_sigma"], np.float64)
-        if b.shape != a.shape or not np.allclose(b[:, 0], a[:, 0]) or (sigma is not None and not np.allclose(sigma, b[:, 0])):
-            continue
+        if b.shape != a.shape or not np.allclose(b[:, 0], a[:, 0]) or (
+                sigma is not None and (sigma.shape != b[:, 0].shape or not np.allclose(sigma, b[:, 0]))):
+            continue   # evaluated on other sigmas than the other arm or the first paired seed: not comparable
         sigma = b[:, 0]
         by_seed[seed] = (a[:, 1] - b[:, 1]).tolist()
     if not by_seed:

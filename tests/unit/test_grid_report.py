@@ -466,6 +466,11 @@ def test_norm_ratio_differences_are_paired_per_sigma(tmp_path):
     other = {0: json.loads(json.dumps(ng[0]))}
     other[0]["eval"]["norm_ratio_by_sigma"][1][0] = 0.5
     assert report.ratio_differences(base, other) is None
+    longer = {**ng, 1: json.loads(json.dumps(ng[1]))}   # seed 1 on more sigmas than seed 0: seed 0 alone
+    longer[1]["eval"]["norm_ratio_by_sigma"].append([0.1, 0.5])
+    base_longer = {**base, 1: json.loads(json.dumps(base[1]))}
+    base_longer[1]["eval"]["norm_ratio_by_sigma"].append([0.1, 0.5])
+    assert sorted(report.ratio_differences(base_longer, longer)["by_seed"]) == [0]
     grouped = {("preference", "awm"): {"base": base, "normguard": ng}}
     assert report.plot_norm_differences(grouped, "preference", ["base", "normguard"], str(tmp_path / "d.png"))
     assert os.path.getsize(tmp_path / "d.png") > 1000
