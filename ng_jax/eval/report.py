@@ -31,15 +31,17 @@ RUN_COMMIT = "grid_run_commit.txt"  # in each grid run directory: the code commi
 HIGH_SIGMA = 0.5                    # the norm ratio endpoints average the sampling steps at sigma >= this
 
 
+def _git(*args: str) -> str:
+    """Output of a git command run in the package's directory (raises OSError / CalledProcessError)."""
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return subprocess.run(["git", *args], cwd=package, capture_output=True, text=True, check=True).stdout.strip()
+
+
 def commit() -> str:
     """The checkout's short commit hash, "-dirty" when tracked files differ from it; "unknown" outside git."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
-                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, check=True).stdout.strip()
-        return head + ("-dirty" if dirty else "")
+        return _git("rev-parse", "--short", "HEAD") + ("-dirty" if _git("status", "--porcelain", "--untracked-files=no")
+                                                       else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
@@ -47,19 +49,17 @@ def commit() -> str:
 def changed_since(old: str) -> list[str] | None:
     """The files of the ng_jax package that differ between commit `old` and the checkout (working tree
     included); None when git cannot tell (outside a checkout, or an unknown commit)."""
-    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
-        out = subprocess.run(["git", "diff", "--name-only", old.removesuffix("-dirty"), "--", "."], cwd=package,
-                             capture_output=True, text=True, check=True).stdout
+        out = _git("diff", "--name-only", old.removesuffix("-dirty"), "--", ".")
     except (OSError, subprocess.CalledProcessError):
         return None
     return sorted(line.strip() for line in out.splitlines() if line.strip())
 
 
-def _code_since_lines(commits: dict) -> list[str]:
-    """A sentence naming what changed in the package between the runs' commit and the report's (when they
-    differ): a reader can check that none of it trains or samples."""
-    if len(commits) != 1 or next(iter(commits)) == commit():
+def _code_since_lines(commits: dict, head: str) -> list[str]:
+    """A sentence naming what changed in the package between the runs' commit and the report's, `head` (when
+    they differ): a reader can check that none of it trains or samples."""
+    if len(commits) != 1 or next(iter(commits)) == head:
         return []
     old = next(iter(commits))
     files = changed_since(old)
@@ -701,6 +701,7 @@ def write_results(config, workdir: str, runs: dict, timings: dict, total_s: floa
     g = config.grid
     base_arm, ng_arm = str(g.base_arm), str(g.normguard_arm)
     ng_arms = [a for a in g.arms if g.arms[a].normguard]
+    plotted = [base_arm, ng_arm, *(a for a in g.get("controls") or () if a in g.arms)]  # the figures' arms
     margins = {"inflation": float(g.margins.inflation), "reward_kept": float(g.margins.reward_kept)}
     grouped = cells(runs, summaries)
     out_path = str(config.results)
@@ -708,6 +709,7 @@ def write_results(config, workdir: str, runs: dict, timings: dict, total_s: floa
     storage.makedirs(fig_dir)
     verdicts = verdict_rows(grouped, base_arm, ng_arm, margins)
     commits = run_commits(workdir, [n for n in runs if summaries[n] is not None])  # the finished runs
+    head = commit()
     rescale_s = sum(float((storage.read_json(os.path.join(workdir, RESCALING_DIR, f)) or {}).get("seconds", 0.0))
                     for f in storage.listdir(os.path.join(workdir, RESCALING_DIR)) if f.endswith(".json"))
     compute_s = (sum(float(s.get("wall_s") or 0.0) for s in summaries.values() if s) + float(timings.get("analysis", 0.0))
@@ -717,7 +719,7 @@ def write_results(config, workdir: str, runs: dict, timings: dict, total_s: floa
     rewards = [r for r in g.rewards if any(rr == r for rr, _ in grouped)]
 
     md = ["# NormGuard on the toy world: measured results", "",
-          f"Produced by `{_command()}` at commit `{commit()}` on {datetime.date.today().isoformat()} "
+          f"Produced by `{_command()}` at commit `{head}` on {datetime.date.today().isoformat()} "
           f"({platform.machine()}, {os.cpu_count()} CPU threads). The runs were trained at "
           + ", ".join(f"`{c}` ({len(ns)} runs)" for c, ns in sorted(commits.items()))
           + f"; their compute: {compute_s / 3600:.2f} h in all (training and evaluation, summed over runs"
@@ -732,7 +734,7 @@ def write_results(config, workdir: str, runs: dict, timings: dict, total_s: floa
         total = sum(breakdown.values())
         md += ["Where the runs' compute went (from their metrics, every attempt of a resumed run): " + ", ".join(
             f"{k} {v / 3600:.2f} h ({v / total:.0%})" for k, v in breakdown.items()) + ".", ""]
-    md += _code_since_lines(commits)
+    md += _code_since_lines(commits, head)
     unfinished = [n for n, x in summaries.items() if x is None]
     if unfinished:
         md += [f"**A snapshot of a grid in progress: {len(runs) - len(unfinished)} of {len(runs)} runs have finished.** "
@@ -764,7 +766,7 @@ def write_results(config, workdir: str, runs: dict, timings: dict, total_s: floa
                f"renders of the same prompts, {floors['draws']} draws, N = {floors['n']}): KID {floors['kid_mean']:.1f} "
                f"+- {floors['kid_std']:.1f}, FD {floors['fd_mean']:.1f} +- {floors['fd_std']:.1f}. KID is in the "
                "judge's kernel units (not x 1e3).", ""]
-    data = {"commit": commit(), "run_commits": commits, "compute_s": compute_s, "wall_clock_s": wall_s,
+    data = {"commit": head, "run_commits": commits, "compute_s": compute_s, "wall_clock_s": wall_s,
             "compute_breakdown_s": breakdown, "floors": floors, "margins": margins,
             "verdicts": verdicts, "cells": {}}
     for reward in rewards:
@@ -828,7 +830,6 @@ def write_results(config, workdir: str, runs: dict, timings: dict, total_s: floa
             data.setdefault("rescaling", {})[reward] = rescaled
         if plot_frontier(grouped, reward, base_arm, os.path.join(fig_dir, f"frontier_{reward}.png"), ng_arms):
             md += [f"![frontier, {reward}](results/frontier_{reward}.png)", ""]
-        plotted = [base_arm, ng_arm, *(a for a in g.get("controls") or () if a in g.arms)]
         seed = most_inflating_seed(grouped, reward, base_arm)
         if seed is not None and sample_comparison(workdir, runs, reward, seed, plotted,
                                                   os.path.join(fig_dir, f"samples_{reward}.png")):

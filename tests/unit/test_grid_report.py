@@ -508,12 +508,12 @@ def test_the_report_names_the_package_files_changed_since_the_runs_commit():
         pytest.skip("needs a git checkout with the package's history")
     touched = set(git("show", "--name-only", "--format=", last, "--", ".").splitlines())
     assert touched and touched <= set(report.changed_since(f"{last}^"))
-    line = report._code_since_lines({f"{last}^": ["run"]})[0]
+    line = report._code_since_lines({f"{last}^": ["run"]}, report.commit())[0]
     assert line.startswith(f"Package files changed between the runs' commit `{last}^`") and all(
         f"`{f}`" in line for f in touched)
-    assert report._code_since_lines({report.commit(): ["run"]}) == []   # trained by this very code
+    assert report._code_since_lines({report.commit(): ["run"]}, report.commit()) == []   # trained by this very code
     assert report.changed_since("0123abc") is None
-    assert "is not in this checkout's history" in report._code_since_lines({"0123abc": ["run"]})[0]
+    assert "is not in this checkout's history" in report._code_since_lines({"0123abc": ["run"]}, report.commit())[0]
 
 
 def test_compute_breakdown_splits_the_runs_time_from_their_metrics(tmp_path):
