@@ -596,6 +596,7 @@ def rescaling_section(grouped: dict, workdir: str, runs: dict, reward: str, base
         rescaled = {seed: x for seed, x in rescaled.items() if x}
         if not rescaled:
             continue
+        base = {s: x for s, x in base.items() if s in rescaled}  # every row on the same seeds (a grid in progress)
         commits |= {x.get("commit", "?") for x in rescaled.values()}
 
         def sample(seed, where):
@@ -612,7 +613,7 @@ def rescaling_section(grouped: dict, workdir: str, runs: dict, reward: str, base
             n_kid = values(ng, lambda x, v=ng_var: (variant(x.get("eval"), v) or {}).get("kid"))
             d = stats.paired(b_kid, n_kid)
             cell[label] = {"base_kid_by_seed": b_kid, "base_reward_by_seed": b_rew, "ng_minus_base_kid_by_seed": d}
-            rows.append([method, label, _ci(stats.interval(b_rew), 3), _ci(stats.interval(b_kid), 1),
+            rows.append([method, label, len(b_kid), _ci(stats.interval(b_rew), 3), _ci(stats.interval(b_kid), 1),
                          _ci(stats.interval(d), 1)])
             if where[0] == "rescaling":
                 key = f"{method}:{where[1]}"
@@ -628,8 +629,9 @@ def rescaling_section(grouped: dict, workdir: str, runs: dict, reward: str, base
              "renormalised to the reference's norm at every step, or with CFG-rescale (phi as in the analyses), "
              f"against NormGuard's run of the same seed without any rescaling (evaluated at commit(s) "
              f"{', '.join(f'`{c}`' for c in sorted(commits))}). The paper: rescaling at inference time does not "
-             "repair the base run; then NormGuard's KID stays below the rescaled base run's.", "",
-             _table(["method", "base run sampled", "base reward", "base KID", f"{ng_arm} KID - base KID (paired)"],
+             "repair the base run; then NormGuard's KID stays below the rescaled base run's. Every row uses the seeds "
+             "whose base run has been sampled with rescaling.", "",
+             _table(["method", "base run sampled", "seeds", "base reward", "base KID", f"{ng_arm} KID - base KID (paired)"],
                     rows), "", _verdict_table(verdicts), ""], data)
 
 

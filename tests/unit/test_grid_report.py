@@ -210,6 +210,23 @@ def test_rescaled_base_runs_are_paired_with_normguard_by_seed(tmp_path):
     assert data["CFG 4.5"]["base_kid_by_seed"] == {str(seed): 60.0 for seed in SEEDS}   # the summaries' guided KID
 
 
+def test_rescaling_rows_use_only_the_seeds_sampled_with_rescaling(tmp_path):
+    """In a grid in progress some base runs have no rescaled samples yet: the plain rows of the rescaling table
+    must then use the same seeds as the rescaled ones, or the table compares different seed sets."""
+    c, runs = _write(tmp_path, _paired)
+    done = SEEDS[:3]
+    for name, spec in runs.items():
+        if spec.arm == "base" and spec.seed in done:
+            storage.write_text(os.path.join(c.workdir, grid.RESCALING, f"{name}.json"), json.dumps(
+                {"commit": "feed123", "seconds": 360.0, "results": {"renorm": {"reward": 1.4, "kid": 1.0}}}))
+    text = open(report.write_results(c, c.workdir, runs, {}, 60.0)).read()
+    data = json.load(open(tmp_path / "results" / "RESULTS.json"))["rescaling"]["preference"]["awm"]
+    want = {str(s) for s in done}
+    assert set(data["CFG-free"]["base_kid_by_seed"]) == want and set(data["CFG 4.5"]["base_kid_by_seed"]) == want
+    assert set(data["CFG-free, renormalised"]["ng_minus_base_kid_by_seed"]) == want
+    assert [line for line in text.splitlines() if line.startswith("| awm | CFG-free |")][0].split(" | ")[2] == "3"
+
+
 def test_holm_across_methods_and_not_matchable_seeds(tmp_path):
     # three methods, each with a weak KID improvement (raw one-sided p between 0.05/6 and 0.05): significant
     # alone, not after Holm across the 18 claims
