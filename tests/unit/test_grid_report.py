@@ -208,6 +208,12 @@ def test_rescaled_base_runs_are_paired_with_normguard_by_seed(tmp_path):
     d = data["CFG-free, renormalised"]["ng_minus_base_kid_by_seed"]
     assert d == {str(seed): pytest.approx(-8.0 + 2 * (seed % 2)) for seed in SEEDS}
     assert data["CFG 4.5"]["base_kid_by_seed"] == {str(seed): 60.0 for seed in SEEDS}   # the summaries' guided KID
+    # what the rescaling did to the base run itself: -2 CFG-free, 59 - 60 and 65 - 60 against its guided samples
+    assert data["CFG-free, renormalised"]["rescaled_minus_plain_kid_by_seed"] == {
+        str(seed): pytest.approx(-2.0) for seed in SEEDS}
+    assert data["CFG 4.5, renormalised"]["rescaled_minus_plain_kid_by_seed"] == {str(s): -1.0 for s in SEEDS}
+    assert data["CFG 4.5, CFG-rescale"]["rescaled_minus_plain_kid_by_seed"] == {str(s): 5.0 for s in SEEDS}
+    assert "rescaled_minus_plain_kid_by_seed" not in data["CFG-free"]
 
 
 def test_rescaling_rows_use_only_the_seeds_sampled_with_rescaling(tmp_path):
