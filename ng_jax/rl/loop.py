@@ -204,8 +204,8 @@ def run(config, workdir: str) -> int:
                                                   weighted.device_inputs(epoch_prompts))
                     jax.block_until_ready((x0, rewards, parts))  # a failing callback surfaces here
                 rewards, parts = sharding.to_host(rewards), sharding.to_host(parts)
-                t_roll, (reward_busy, reward_span) = time.time() - t0, weighted.take_timing()
-                t_train = time.time()
+                t_train = time.time()   # one clock reading ends the rollout and starts training: the parts add up
+                t_roll, (reward_busy, reward_span) = t_train - t0, weighted.take_timing()
                 # --- advantages -> optimizer steps -> old/EMA update
                 advantages = np.asarray(adv_fn(jnp.asarray(rewards), jnp.asarray(prompt_ids)))
                 metrics = logs.StepMetrics(bucket_centres())
@@ -222,10 +222,10 @@ def run(config, workdir: str) -> int:
                 if metrics.steps == 0:  # e.g. DPO when every group's rewards tie
                     say(f"warning: epoch {done} took no optimizer step (rl.method={rl.method}, "
                         f"rewards {'all tie within every group' if rl.method == 'dpo' else 'gave no full batch'})")
-                record = metrics.record()
+                record, t_end = metrics.record(), time.time()
                 record.update(reward=float(rewards.mean()), reward_std=float(rewards.std()), epoch=done,
-                              rollout_s=t_roll, epoch_s=time.time() - t0, optimizer_steps=int(state.step),
-                              train_s=time.time() - t_train, reward_host_s=reward_busy, reward_host_span_s=reward_span,
+                              rollout_s=t_roll, epoch_s=t_end - t0, optimizer_steps=int(state.step),
+                              train_s=t_end - t_train, reward_host_s=reward_busy, reward_host_span_s=reward_span,
                               epoch_optimizer_steps=metrics.steps)
                 record.update({f"reward/{name}": float(parts[:, i].mean()) for i, name in enumerate(weighted.names)})
                 writer.write(done, record, prefix="train/")
