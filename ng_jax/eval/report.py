@@ -618,13 +618,12 @@ def rescaling_section(grouped: dict, workdir: str, runs: dict, reward: str, base
                 plain = {s: x["kid"] for s in base if (x := sample(s, ("eval", ng_var))) and x.get("kid") is not None}
                 cell[label]["rescaled_minus_plain_kid_by_seed"] = dk = stats.paired(plain, b_kid)
                 change = _ci(stats.interval(dk), 1)
-            rows.append([method, label, len(b_kid), _ci(stats.interval(b_rew), 3), _ci(stats.interval(b_kid), 1),
-                         change, _ci(stats.interval(d), 1)])
-            if where[0] == "rescaling":
                 key = f"{method}:{where[1]}"
                 claims.append(stats.Claim(f"{method}: NormGuard beats the base run {label} (KID)", key, "below", 0.0,
                                           "NormGuard's KID minus the rescaled base run's below 0"))
                 vals[key] = d
+            rows.append([method, label, len(b_kid), _ci(stats.interval(b_rew), 3), _ci(stats.interval(b_kid), 1),
+                         change, _ci(stats.interval(d), 1)])
     if not rows:
         return [], {}
     verdicts = stats.judge_claims(claims, vals)
