@@ -256,8 +256,9 @@ def _analyses(config, workdir: str, runs: dict[str, RunSpec], summaries: dict, r
     seed = report.most_inflating_seed(report.cells(runs, summaries), str(g.analysis_reward), str(g.base_arm))
     if seed is None:
         return
-    chosen = [f"{n}={os.path.join(workdir, n)}" for n, s in runs.items()
-              if s.reward == g.analysis_reward and s.seed == seed and s.arm in (g.base_arm, g.normguard_arm)]
+    chosen = [f"{n}={os.path.join(workdir, n)}" for n, s in runs.items()   # finished runs only (a snapshot)
+              if s.reward == g.analysis_reward and s.seed == seed and s.arm in (g.base_arm, g.normguard_arm)
+              and summaries.get(n)]
     a_cfg = analysis_config(config, ["reference"] + chosen, [os.path.join(workdir, n) for n in runs])
     a_dir = os.path.join(workdir, "analysis")
     record = os.path.join(a_dir, RUN_CONFIG)

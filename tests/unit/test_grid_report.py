@@ -320,6 +320,21 @@ def test_report_only_reports_the_finished_runs_without_training(tmp_path, monkey
     assert f"| {missing} |  | not finished |" in text and "`abc1234` (9 runs)" in text
 
 
+def test_the_analyses_of_a_snapshot_sample_only_finished_runs(tmp_path, monkeypatch):
+    """The analyses' seed is the one whose finished base runs inflate most; a run of that seed still training
+    (no policy yet) is left out of them rather than failing the report."""
+    c, runs = _write(tmp_path, _paired, methods=("awm", "nft"))
+    seed = max(SEEDS, key=JITTER.get)
+    missing = f"nft_normguard_preference_s{seed}"
+    os.remove(os.path.join(c.workdir, missing, "summary.json"))
+    sampled = {}
+    monkeypatch.setattr(grid.analyze, "run", lambda cfg, out: sampled.update(runs=cfg.analysis.checkpoints))
+    grid._analyses(c, c.workdir, runs, report.read_summaries(c.workdir, runs), False, {})
+    names = [x.split("=")[0] for x in sampled["runs"].split(",")]
+    assert names == ["reference"] + [f"{m}_{a}_preference_s{seed}" for m, a in
+                                     (("awm", "base"), ("awm", "normguard"), ("nft", "base"))]
+
+
 def test_a_worker_says_how_many_of_its_runs_are_left(tmp_path, monkeypatch, capsys):
     """Worker 1/2 of a 10-run grid whose runs 0-3 finished earlier: it trains runs 5, 7 and 9 (run 1 and 3 are
     reused) and counts down the runs left to it."""
