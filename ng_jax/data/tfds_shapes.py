@@ -13,8 +13,11 @@ Both builders write array_record files and are read through the random-access da
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import logging
+import os
 from typing import Sequence
 
 import numpy as np
@@ -189,21 +192,47 @@ def _make_builder(builder_cls, data_dir: str, config: tfds.core.BuilderConfig) -
     return builder_cls(data_dir=data_dir, config=config.name if config.name in predefined else config)
 
 
-def _prepared_source(builder: tfds.core.DatasetBuilder, split: str, splits: tuple[str, ...]):
-    if split not in splits:
-        raise ValueError(f"unknown split {split!r} for {builder.name}; expected one of {splits}")
-    if not builder.is_prepared():
-        print(f"preparing {builder.name}/{builder.builder_config.name} under {builder.data_dir} (once)", flush=True)
-        absl_logger = logging.getLogger("absl")
-        level = absl_logger.level
-        absl_logger.setLevel(logging.ERROR)  # tfds narrates every shard; one line above is enough
-        tfds.disable_progress_bar()
+@contextlib.contextmanager
+def _exclusive(data_dir: str):
+    """Held while one process prepares a dataset under a local `data_dir`: processes started at once (the
+    grid's workers) would otherwise each prepare it and all but the first fail to rename their copy into
+    place. A bucket (gs://...) has no file locks; there the processes must not start at once."""
+    if "://" in data_dir:
+        yield
+        return
+    os.makedirs(data_dir, exist_ok=True)
+    with open(os.path.join(data_dir, ".prepare.lock"), "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
         try:
-            builder.download_and_prepare(file_format=FILE_FORMAT)
+            yield
         finally:
-            absl_logger.setLevel(level)
-            tfds.enable_progress_bar()
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _prepared_source(builder_cls, data_dir: str, config: tfds.core.BuilderConfig, split: str,
+                     splits: tuple[str, ...]):
+    if split not in splits:
+        raise ValueError(f"unknown split {split!r} for {builder_cls.name}; expected one of {splits}")
+    builder = _make_builder(builder_cls, data_dir, config)
+    if not builder.is_prepared():
+        with _exclusive(data_dir):
+            builder = _make_builder(builder_cls, data_dir, config)  # another process may have prepared it
+            if not builder.is_prepared():
+                _prepare(builder)
     return builder.as_data_source(split)
+
+
+def _prepare(builder: tfds.core.DatasetBuilder) -> None:
+    print(f"preparing {builder.name}/{builder.builder_config.name} under {builder.data_dir} (once)", flush=True)
+    absl_logger = logging.getLogger("absl")
+    level = absl_logger.level
+    absl_logger.setLevel(logging.ERROR)  # tfds narrates every shard; one line above is enough
+    tfds.disable_progress_bar()
+    try:
+        builder.download_and_prepare(file_format=FILE_FORMAT)
+    finally:
+        absl_logger.setLevel(level)
+        tfds.enable_progress_bar()
 
 
 def load_image_text(data_dir: str, split: str, examples_per_prompt: int = 4,
@@ -211,7 +240,7 @@ def load_image_text(data_dir: str, split: str, examples_per_prompt: int = 4,
     """The random-access data source (len(), [i] -> {"image", "prompt", "category"}) of a split,
     preparing the dataset under `data_dir` on first use."""
     config = image_text_config(examples_per_prompt, categories, prompts_per_category)
-    return _prepared_source(_make_builder(ShapesImageText, data_dir, config), split, ("train", "test"))
+    return _prepared_source(ShapesImageText, data_dir, config, split, ("train", "test"))
 
 
 def load_prompts(data_dir: str, split: str, categories: Sequence[str] = CATEGORIES,
@@ -219,5 +248,5 @@ def load_prompts(data_dir: str, split: str, categories: Sequence[str] = CATEGORI
     """The random-access data source ([i] -> {"prompt", "category"}) of the train, test or eval prompts,
     preparing the dataset under `data_dir` on first use."""
     config = prompts_config(categories, eval_per_category, prompts_per_category)
-    return _prepared_source(_make_builder(ShapesPrompts, data_dir, config), split, ("train", "test", "eval"))
+    return _prepared_source(ShapesPrompts, data_dir, config, split, ("train", "test", "eval"))
 

@@ -77,6 +77,32 @@ def test_prompts_builder_splits(tfds_dir):
     assert sorted(c for c, _ in pairs["eval"]) == ["colors", "colors", "position", "position"]
 
 
+_PREPARE_AT_ONCE = """
+import sys, time
+from ng_jax.data import tfds_shapes
+time.sleep(max(0.0, float(sys.argv[2]) - time.time()))  # both processes ask at the same moment
+ds = tfds_shapes.load_prompts(sys.argv[1], "eval", categories=("colors",), eval_per_category=2)
+print("eval prompts:", len(ds))
+"""
+
+
+def test_processes_started_at_once_prepare_a_dataset_once(tmp_path):
+    """The grid's workers start together on a fresh data_dir: one prepares the dataset, the other waits
+    and reads it (without the lock the second failed to rename its own copy into place)."""
+    import os
+    import subprocess
+    import time
+
+    start = f"{time.time() + 12:.3f}"  # after both have imported
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    procs = [subprocess.Popen([sys.executable, "-c", _PREPARE_AT_ONCE, str(tmp_path), start], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert all("eval prompts: 2" in o for o in outs), outs
+    assert sum(o.count("preparing shapes_prompts") for o in outs) == 1, outs
+
+
 # ------------------------------------------------------------------------------------------ prompt files
 
 
