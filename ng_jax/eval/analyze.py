@@ -23,6 +23,8 @@ from __future__ import annotations
 import copy
 import os
 import sys
+import time
+from typing import Callable, Collection
 
 import jax
 import numpy as np
@@ -237,13 +239,16 @@ def selected(config) -> list[str]:
     return [name]
 
 
-def run(config, workdir: str) -> int:
-
+def run(config, workdir: str, skip: Collection[str] = (),
+        on_finished: Callable[[str, float], None] | None = None) -> int:
+    """The selected analyses but those in `skip`, each written to WORKDIR/<name>.json as it finishes;
+    `on_finished(name, seconds)` is called after each (the models' loading counted in the first)."""
     try:
-        names = selected(config)
+        names = [n for n in selected(config) if n not in skip]
     except ValueError as err:
         raise ConfigError(str(err)) from None
     storage.makedirs(workdir)
+    t0 = time.time()
     needs_models = [n for n in names if n != "matched"]
     ctx = Context(config, workdir) if needs_models else type("C", (), {"a": config.analysis, "out": workdir})()
     for name in names:
@@ -253,6 +258,9 @@ def run(config, workdir: str) -> int:
         except ValueError as err:
             raise ConfigError(str(err)) from None
         logs.write_json(os.path.join(workdir, f"{name}.json"), result)
+        if on_finished is not None:
+            on_finished(name, time.time() - t0)
+        t0 = time.time()
     print(f"results: {workdir}")
     return 0
 

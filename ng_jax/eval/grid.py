@@ -12,7 +12,8 @@
 3. The noise floors of the quality measures at the final evaluation's size (real renders against real
    renders of the same prompts), measured once.
 4. Optionally (`grid.analysis_reward`), the analyses (ng_jax.eval.analyze) on the checkpoints of the seed
-   whose base run inflates the norm most under guidance.
+   whose base run inflates the norm most under guidance; each is recorded as it finishes
+   (WORKDIR/analysis/grid_analyses.json, with its time), so that an interrupted grid reruns only the others.
 5. The report (`config.results`, its JSON and figures in results/ next to it; ng_jax.eval.report).
 
 `grid.worker="I/N"` trains only every N-th run from the I-th (I = 0..N-1) and stops after them: N such
@@ -250,8 +251,7 @@ def analysis_config(config, checkpoints: list[str], runs: list[str]) -> mlc.Conf
     return a
 
 
-def _analyses(config, workdir: str, runs: dict[str, RunSpec], summaries: dict, retrained: bool,
-              timings: dict) -> None:
+def _analyses(config, workdir: str, runs: dict[str, RunSpec], summaries: dict, retrained: bool) -> None:
     g = config.grid
     seed = report.most_inflating_seed(report.cells(runs, summaries), str(g.analysis_reward), str(g.base_arm))
     if seed is None:
@@ -261,20 +261,35 @@ def _analyses(config, workdir: str, runs: dict[str, RunSpec], summaries: dict, r
               and summaries.get(n)]
     a_cfg = analysis_config(config, ["reference"] + chosen, [os.path.join(workdir, n) for n in runs])
     a_dir = os.path.join(workdir, "analysis")
-    record = os.path.join(a_dir, RUN_CONFIG)
-    a_json = a_cfg.to_json_best_effort(indent=1, sort_keys=True)
-    recorded = storage.read_text(record)
-    done = recorded == a_json and all(
-        storage.is_file(a_dir, f"{k}.json") for k in ("norms", "renorm", "few_step", "adjoint"))
-    if done and not retrained:
+    record_path = os.path.join(a_dir, report.ANALYSIS_RECORD)
+    settings = json.loads(a_cfg.to_json_best_effort(sort_keys=True))
+    record = storage.read_json(record_path) or _earlier_record(a_dir, settings, analyze.selected(a_cfg))
+    if retrained or record.get("settings") != settings:   # runs trained since, or other settings: all again
+        for path in (record_path, os.path.join(a_dir, RUN_CONFIG)):  # (RUN_CONFIG: earlier code's record)
+            if storage.is_file(path):
+                storage.path(path).unlink()
+        record = {"settings": settings, "seconds": {}}
+    finished = {n for n in record["seconds"] if storage.is_file(a_dir, f"{n}.json")}
+    if finished >= set(analyze.selected(a_cfg)):
         print("analyses: finished earlier with these runs and settings, reused")
         return
-    if recorded is not None:
-        storage.path(record).unlink()  # an interrupted analysis must not be mistaken for a finished one
-    t0 = time.time()
-    analyze.run(a_cfg, a_dir)
-    timings["analysis"] = time.time() - t0
-    storage.write_text(record, a_json)
+    if finished:
+        print(f"analyses: {', '.join(sorted(finished))} finished earlier with these runs and settings, reused")
+
+    def done(name: str, seconds: float) -> None:   # recorded one by one: an interrupted grid resumes the rest
+        record["seconds"][name] = seconds
+        storage.write_text(record_path, json.dumps(record, indent=1))
+
+    analyze.run(a_cfg, a_dir, skip=finished, on_finished=done)
+
+
+def _earlier_record(a_dir: str, settings: dict, names) -> dict:
+    """The record of analyses run by earlier code: their settings in RUN_CONFIG, written once all had
+    finished (their time unknown)."""
+    text = storage.read_text(os.path.join(a_dir, RUN_CONFIG))
+    if text is None or json.loads(text) != settings:
+        return {}
+    return {"settings": settings, "seconds": dict.fromkeys(n for n in names if storage.is_file(a_dir, f"{n}.json"))}
 
 
 def rescaling_variants(config) -> dict:
@@ -290,7 +305,7 @@ def rescaling_variants(config) -> dict:
             "guided_rescale": {"cfg_scale": w, "cfg_rescale": phi, "norms": "never"}}
 
 
-def _rescaling(config, workdir: str, runs: dict[str, RunSpec], timings: dict, variants: dict | None = None) -> None:
+def _rescaling(config, workdir: str, runs: dict[str, RunSpec], variants: dict | None = None) -> None:
     """The inference-time baselines on every finished base run of `grid.rescaling_methods` with the analysis
     reward, on its final evaluation's prompts, noise and size, so that each pairs seed by seed with the run's
     own final evaluation (plain and guided) and with its NormGuard run's. One file per run, reused when its
@@ -314,14 +329,12 @@ def _rescaling(config, workdir: str, runs: dict[str, RunSpec], timings: dict, va
     first = next(iter(runs.values())).config
     a.eval.samples_per_prompt = int(first.eval.final_samples_per_prompt or first.eval.samples_per_prompt)
     ctx = analyze.Context(a, os.path.join(workdir, RESCALING))
-    t_all = time.time()
     for i, (name, path) in enumerate(todo.items(), 1):
         t0 = time.time()
         results = {v: analyze.quality(ctx.evaluate(name, f"rescaling_{v}", **ov)) for v, ov in variants.items()}
         storage.write_text(path, json.dumps({"commit": report.commit(), "variants_config": variants,
                                              "results": results, "seconds": time.time() - t0}, indent=1))
         print(f"rescaling [{i}/{len(todo)}] {name}: {time.time() - t0:.0f} s")
-    timings["rescaling"] = time.time() - t_all
 
 
 def parse_worker(text: str) -> tuple[int, int]:
@@ -396,11 +409,11 @@ def run(config, workdir: str) -> int:
     # The analyses and the rescaling sample finished policies and train nothing: they run under report_only too
     # (grid.analysis_reward="" skips both, e.g. for a quick snapshot).
     trained_now = bool(timings)
-    _rescaling(config, workdir, runs, timings)
+    _rescaling(config, workdir, runs)
     summaries = report.read_summaries(workdir, runs)
     if config.grid.get("analysis_reward"):
-        _analyses(config, workdir, runs, summaries, trained_now, timings)
-    path = report.write_results(config, workdir, runs, timings, total_s=time.time() - t_start, floors=floors,
+        _analyses(config, workdir, runs, summaries, trained_now)
+    path = report.write_results(config, workdir, runs, total_s=time.time() - t_start, floors=floors,
                                 mixed_code=mixed, summaries=summaries)
     print(f"report: {path}")
     return 0

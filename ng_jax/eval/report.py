@@ -574,6 +574,8 @@ def controls_table(grouped: dict, reward: str, ng_arm: str, controls) -> tuple[l
 
 
 RESCALING_DIR = "rescaling"   # as ng_jax.eval.grid.RESCALING
+# WORKDIR/analysis/grid_analyses.json: {"settings": ..., "seconds": {analysis: s}} of the analyses finished with them
+ANALYSIS_RECORD = "grid_analyses.json"
 # (label, the base run's sample: summary variant or rescaling result, the NormGuard sample it is compared with)
 RESCALED = (("CFG-free", ("eval", ""), ""), ("CFG-free, renormalised", ("rescaling", "renorm"), ""),
             ("CFG 4.5", ("eval", "guided"), "guided"), ("CFG 4.5, renormalised", ("rescaling", "guided_renorm"), "guided"),
@@ -700,7 +702,7 @@ def wall_clock_s(summaries) -> float | None:
     return total
 
 
-def write_results(config, workdir: str, runs: dict, timings: dict, total_s: float, floors: dict | None = None,
+def write_results(config, workdir: str, runs: dict, total_s: float, floors: dict | None = None,
                   mixed_code: dict | None = None, summaries: dict | None = None) -> str:
     """Write `config.results` (Markdown) and its JSON beside it (`<stem>.json`, every number the report
     shows) and its figures in `results/` next to it; returns the Markdown path. `summaries`: the runs'
@@ -720,8 +722,9 @@ def write_results(config, workdir: str, runs: dict, timings: dict, total_s: floa
     head = commit()
     rescale_s = sum(float((storage.read_json(os.path.join(workdir, RESCALING_DIR, f)) or {}).get("seconds", 0.0))
                     for f in storage.listdir(os.path.join(workdir, RESCALING_DIR)) if f.endswith(".json"))
-    compute_s = (sum(float(s.get("wall_s") or 0.0) for s in summaries.values() if s) + float(timings.get("analysis", 0.0))
-                 + rescale_s)
+    analysis_s = sum(float(x or 0.0) for x in ((storage.read_json(os.path.join(
+        workdir, "analysis", ANALYSIS_RECORD)) or {}).get("seconds") or {}).values())  # reused ones included
+    compute_s = sum(float(s.get("wall_s") or 0.0) for s in summaries.values() if s) + analysis_s + rescale_s
     wall_s = wall_clock_s(summaries.values())
     first = next(iter(runs.values())).config
     rewards = [r for r in g.rewards if any(rr == r for rr, _ in grouped)]
@@ -731,7 +734,7 @@ def write_results(config, workdir: str, runs: dict, timings: dict, total_s: floa
           f"({platform.machine()}, {os.cpu_count()} CPU threads). The runs were trained at "
           + ", ".join(f"`{c}` ({len(ns)} runs)" for c, ns in sorted(commits.items()))
           + f"; their compute: {compute_s / 3600:.2f} h in all (training and evaluation, summed over runs"
-          + (", plus the analyses" if "analysis" in timings else "")
+          + (f", plus {analysis_s / 3600:.2f} h of analyses" if analysis_s else "")
           + (f", plus {rescale_s / 3600:.2f} h sampling the base runs with inference-time rescaling" if rescale_s else "")
           + ")"
           + ("" if wall_s is None else f", {wall_s / 3600:.2f} h of wall clock (runs trained side by side counted once)")

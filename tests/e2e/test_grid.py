@@ -114,7 +114,7 @@ def test_tiny_grid_runs_pairs_reports_reuses_and_refuses(tmp_path, capsys, tiny_
     # the rescaled samples pair with the run's final evaluation: sampled plain and guided the same way, they
     # reproduce the run's own numbers (same prompts, noise and size)
     plain = {"plain": {}, "guided": {"cfg_scale": 2.0}}
-    grid._rescaling(config, config.workdir, grid.run_specs(config), {}, variants=plain)
+    grid._rescaling(config, config.workdir, grid.run_specs(config), variants=plain)
     for s in (0, 1):
         again = json.load(open(os.path.join(config.workdir, grid.RESCALING, f"awm_base_jpeg_incompressibility_s{s}.json")))
         final = summaries[f"awm_base_jpeg_incompressibility_s{s}"]["eval"]

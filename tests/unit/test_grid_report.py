@@ -121,7 +121,7 @@ def _paired(method, arm, seed):
 def test_a_normguard_that_never_fired_is_not_credited_with_keeping_the_reward(tmp_path):
     # NormGuard runs bit-identical to their base runs (the hinge never fired): zero differences on every seed
     c, runs = _write(tmp_path, lambda method, arm, seed: _paired(method, "base", seed))
-    text = open(report.write_results(c, c.workdir, runs, {}, 60.0)).read()
+    text = open(report.write_results(c, c.workdir, runs, 60.0)).read()
     for claim in ("keeps the reward", "lowers the norm (CFG 4.5)", "restores quality (KID, CFG-free)"):
         assert _verdict(text, f"awm: NormGuard {claim}") == "not tested: the hinge never fired (5 of 5 seeds " \
                                                            "bit-identical to base)"
@@ -129,13 +129,13 @@ def test_a_normguard_that_never_fired_is_not_credited_with_keeping_the_reward(tm
     assert "| awm | seeds where the hinge never fired (runs bit-identical) |  |  | 5 of 5 |" in text
     # one seed where NormGuard acted: the cell is tested (the idle seeds count as the zero effects they are)
     c, runs = _write(tmp_path / "b", lambda method, arm, seed: _paired(method, arm if seed == 100 else "base", seed))
-    text = open(report.write_results(c, c.workdir, runs, {}, 60.0)).read()
+    text = open(report.write_results(c, c.workdir, runs, 60.0)).read()
     assert "not tested" not in text and "| awm | seeds where the hinge never fired (runs bit-identical) |  |  | 4 of 5 |" in text
 
 
 def test_report_verdicts_from_paired_seeds(tmp_path):
     c, runs = _write(tmp_path, _paired)
-    text = open(report.write_results(c, c.workdir, runs, {}, 60.0)).read()
+    text = open(report.write_results(c, c.workdir, runs, 60.0)).read()
     assert _verdict(text, "awm: base RL inflates the norm (CFG 4.5)") == "reproduces"
     assert _verdict(text, "awm: base RL inflates the norm (CFG-free)") == "contradicts"   # 1.01 +- 0.01 < 1.03
     assert _verdict(text, "awm: NormGuard lowers the norm (CFG 4.5)") == "reproduces"
@@ -177,14 +177,14 @@ def test_few_step_claim_compares_relative_kid_changes_at_4_and_20_steps(tmp_path
         return f
 
     c, runs = _write(tmp_path, make(200.0, 120.0))   # -40% at 4 steps, -20% at 20
-    text = open(report.write_results(c, c.workdir, runs, {}, 60.0)).read()
+    text = open(report.write_results(c, c.workdir, runs, 60.0)).read()
     claim = "awm: NormGuard restores more quality at 4 steps than at 20 (KID, CFG-free)"
     assert _verdict(text, claim) == "reproduces"
     data = json.load(open(tmp_path / "results" / "RESULTS.json"))
     row = next(r for r in data["verdicts"]["preference"] if r["claim"] == claim)
     assert row["n"] == 5 and row["mean"] == pytest.approx(-0.2)
     c, runs = _write(tmp_path / "b", make(20.0, 18.0))   # -2 absolute (smaller than -10 at 20 steps) but -10%: worse
-    text = open(report.write_results(c, c.workdir, runs, {}, 60.0)).read()
+    text = open(report.write_results(c, c.workdir, runs, 60.0)).read()
     assert _verdict(text, claim) == "contradicts"         # +0.1 on every seed: the interval lies above 0
 
 
@@ -200,7 +200,7 @@ def test_rescaled_base_runs_are_paired_with_normguard_by_seed(tmp_path):
                 {"commit": "feed123", "seconds": 360.0, "results": {"renorm": {"reward": 1.4, "kid": base_kid - 2},
                                                                     "guided_renorm": {"reward": 1.3, "kid": 59.0},
                                                                     "guided_rescale": {"reward": 1.3, "kid": 65.0}}}))
-    text = open(report.write_results(c, c.workdir, runs, {}, 60.0)).read()
+    text = open(report.write_results(c, c.workdir, runs, 60.0)).read()
     assert "evaluated at commit(s) `feed123`" in text and "plus 0.50 h sampling the base runs" in text
     assert _verdict(text, "awm: NormGuard beats the base run CFG-free, renormalised (KID)") == "reproduces"
     assert _verdict(text, "awm: NormGuard beats the base run CFG 4.5, renormalised (KID)") == "inconclusive"
@@ -225,7 +225,7 @@ def test_rescaling_rows_use_only_the_seeds_sampled_with_rescaling(tmp_path):
         if spec.arm == "base" and spec.seed in done:
             storage.write_text(os.path.join(c.workdir, grid.RESCALING, f"{name}.json"), json.dumps(
                 {"commit": "feed123", "seconds": 360.0, "results": {"renorm": {"reward": 1.4, "kid": 1.0}}}))
-    text = open(report.write_results(c, c.workdir, runs, {}, 60.0)).read()
+    text = open(report.write_results(c, c.workdir, runs, 60.0)).read()
     data = json.load(open(tmp_path / "results" / "RESULTS.json"))["rescaling"]["preference"]["awm"]
     want = {str(s) for s in done}
     assert set(data["CFG-free"]["base_kid_by_seed"]) == want and set(data["CFG 4.5"]["base_kid_by_seed"]) == want
@@ -244,7 +244,7 @@ def test_holm_across_methods_and_not_matchable_seeds(tmp_path):
         return _summary(1.0, 1.0, 0.7, 50.0 + d[seed], 50.0)   # final reward 1.7: beyond the base trajectory
 
     c, runs = _write(tmp_path, make, methods=("nft", "awm", "dpo"))
-    text = open(report.write_results(c, c.workdir, runs, {}, 60.0)).read()
+    text = open(report.write_results(c, c.workdir, runs, 60.0)).read()
     p = stats.one_sided_p(list(d.values()), 0.0, "below")
     assert 0.05 / 6 < p < 0.05
     for m in ("nft", "awm", "dpo"):
@@ -261,7 +261,7 @@ def test_runs_from_other_code_are_refused_unless_allowed(tmp_path):
         grid.check_code(c.workdir, runs, report.commit(), allow=False)
     mixed = grid.check_code(c.workdir, runs, report.commit(), allow=True)
     assert sorted(mixed["abc1234"]) == ["awm_base_preference_s101", "awm_normguard_preference_s101"]
-    text = open(report.write_results(c, c.workdir, runs, {}, 60.0, mixed_code=mixed)).read()
+    text = open(report.write_results(c, c.workdir, runs, 60.0, mixed_code=mixed)).read()
     assert "**Warning: these runs come from 2 different code versions**" in text
     assert grid.check_code(c.workdir, [n for n in runs if not n.endswith("s101")], report.commit(), False) is None
 
@@ -288,7 +288,7 @@ def test_frontier_and_the_kl_control(tmp_path):
         os.makedirs(os.path.join(c.workdir, name))
         with open(os.path.join(c.workdir, name, "summary.json"), "w") as f:
             json.dump(make(spec.method, spec.arm, spec.seed), f)
-    text = open(report.write_results(c, c.workdir, runs, {}, 60.0)).read()
+    text = open(report.write_results(c, c.workdir, runs, 60.0)).read()
     assert "| awm | kl1 | KID, CFG-free | 67.0 [65.0, 69.0] | 52.0 [50.0, 54.0] | -15.0 [-15.0, -15.0] |" in text
     assert "| awm | kl1 | reward gain | 0.500 [0.500, 0.500] | 0.500 [0.500, 0.500] | 0.000 [0.000, 0.000] |" in text
     assert "| awm | lam0p3 | 5 | 0.550 (-0.050) |" in text   # every arm against base
@@ -303,7 +303,7 @@ def test_frontier_and_the_kl_control(tmp_path):
     # an arm identical to the base (a hinge that never fired) loses nothing but lowers nothing: not chosen
     assert report.choose_arm({"base": by_arm["base"], "idle": by_arm["base"]}, "base", 0.1) is None
     c.grid.choose_max_gain_loss = 0.1
-    text = open(report.write_results(c, c.workdir, runs, {}, 60.0)).read()
+    text = open(report.write_results(c, c.workdir, runs, 60.0)).read()
     assert "- awm: `lam0p3` (gain lost 8.3%, KID -10.0, 5 seeds)" in text
     assert os.path.getsize(tmp_path / "results" / "frontier_preference.png") > 1000
 
@@ -328,11 +328,49 @@ def test_the_analyses_of_a_snapshot_sample_only_finished_runs(tmp_path, monkeypa
     missing = f"nft_normguard_preference_s{seed}"
     os.remove(os.path.join(c.workdir, missing, "summary.json"))
     sampled = {}
-    monkeypatch.setattr(grid.analyze, "run", lambda cfg, out: sampled.update(runs=cfg.analysis.checkpoints))
-    grid._analyses(c, c.workdir, runs, report.read_summaries(c.workdir, runs), False, {})
+    monkeypatch.setattr(grid.analyze, "run", lambda cfg, out, **kw: sampled.update(runs=cfg.analysis.checkpoints))
+    grid._analyses(c, c.workdir, runs, report.read_summaries(c.workdir, runs), False)
     names = [x.split("=")[0] for x in sampled["runs"].split(",")]
     assert names == ["reference"] + [f"{m}_{a}_preference_s{seed}" for m, a in
                                      (("awm", "base"), ("awm", "normguard"), ("nft", "base"))]
+
+
+def test_interrupted_analyses_resume_where_they_stopped(tmp_path, monkeypatch):
+    """Each analysis is recorded as it finishes: a grid stopped after two of them reruns only the others, runs
+    trained since rerun them all, and the report counts every finished analysis's time, reused or not."""
+    c, runs = _write(tmp_path, _paired, methods=("awm",))
+    summaries = report.read_summaries(c.workdir, runs)
+    calls = []
+
+    def fake_run(cfg, out, skip=(), on_finished=None, stop_after=None):
+        names = [n for n in grid.analyze.selected(cfg) if n not in skip]
+        calls.append(names)
+        for i, name in enumerate(names):
+            if i == stop_after:
+                raise KeyboardInterrupt
+            storage.write_text(os.path.join(out, f"{name}.json"), "{}")
+            on_finished(name, 600.0)
+
+    monkeypatch.setattr(grid.analyze, "run", lambda *a, **kw: fake_run(*a, **kw, stop_after=2))
+    with pytest.raises(KeyboardInterrupt):
+        grid._analyses(c, c.workdir, runs, summaries, False)
+    monkeypatch.setattr(grid.analyze, "run", fake_run)
+    grid._analyses(c, c.workdir, runs, summaries, False)
+    everything = calls[0]
+    assert everything[:4] == ["norms", "renorm", "few_step", "adjoint"] and calls[1] == everything[2:]
+    grid._analyses(c, c.workdir, runs, summaries, False)
+    assert len(calls) == 2   # all finished: nothing runs
+    text = open(report.write_results(c, c.workdir, runs, 60.0)).read()
+    assert f"plus {len(everything) * 600 / 3600:.2f} h of analyses" in text
+    grid._analyses(c, c.workdir, runs, summaries, True)
+    assert calls[2] == everything
+    # a workdir whose analyses earlier code recorded (their settings in RUN_CONFIG, once all had finished)
+    a_dir = os.path.join(c.workdir, "analysis")
+    settings = storage.read_json(os.path.join(a_dir, report.ANALYSIS_RECORD))["settings"]
+    os.remove(os.path.join(a_dir, report.ANALYSIS_RECORD))
+    storage.write_text(os.path.join(a_dir, grid.RUN_CONFIG), json.dumps(settings, indent=1))
+    grid._analyses(c, c.workdir, runs, summaries, False)
+    assert len(calls) == 3
 
 
 def test_a_worker_says_how_many_of_its_runs_are_left(tmp_path, monkeypatch, capsys):
@@ -571,9 +609,9 @@ def test_compute_breakdown_splits_the_runs_time_from_their_metrics(tmp_path):
 
 def test_a_report_of_an_unfinished_grid_says_it_is_a_snapshot(tmp_path):
     c, runs = _write(tmp_path, _paired)
-    assert "snapshot of a grid in progress" not in open(report.write_results(c, c.workdir, runs, {}, 60.0)).read()
+    assert "snapshot of a grid in progress" not in open(report.write_results(c, c.workdir, runs, 60.0)).read()
     for name in list(runs)[-2:]:
         os.remove(os.path.join(c.workdir, name, "summary.json"))
-    text = open(report.write_results(c, c.workdir, runs, {}, 60.0)).read()
+    text = open(report.write_results(c, c.workdir, runs, 60.0)).read()
     assert "**A snapshot of a grid in progress: 8 of 10 runs have finished.**" in text
     assert text.count("| not finished |") == 2
