@@ -468,6 +468,64 @@ def frontier_points(grouped: dict, reward: str, base_arm: str, ng_arms) -> dict:
     return out
 
 
+def kid_on_path(points: list[tuple[float, float]], gain: float) -> float | None:
+    """The KID of a family's path (its runs' (reward gain, KID) of one seed, the base run among them: the
+    family at its weakest setting) at `gain`, linear between the two runs whose gains bracket it; None
+    outside the gains the family reached."""
+    pts = sorted(points)
+    for (g1, k1), (g2, k2) in zip(pts, pts[1:]):
+        if g1 <= gain <= g2:
+            return k1 if g2 == g1 else k1 + (gain - g1) / (g2 - g1) * (k2 - k1)
+    return None
+
+
+def frontier_dominance(grouped: dict, reward: str, base_arm: str, ng_arms) -> dict:
+    """method -> NormGuard arm -> seed -> its final KID minus the other family's (FRONTIER_OTHER, e.g. the
+    stronger KL terms) at the same reward gain, read on that family's path through the same seed's runs
+    (`kid_on_path`); seeds where NormGuard's gain lies outside the path are left out (not matchable).
+    Below 0: NormGuard lies below the other family at equal reward (better quality for the same reward)."""
+    ng_arms = set(ng_arms)
+    out = {}
+    for (r, m), by_arm in sorted(grouped.items()):
+        others = [a for a in by_arm if a != base_arm and a not in ng_arms]
+        if r != reward or not others or base_arm not in by_arm:
+            continue
+        for a in sorted(ng_arms & by_arm.keys()):
+            diffs = {}
+            for seed, ng in sorted(by_arm[a].items()):
+                path = [(reward_gain(by_arm[x][seed]), endpoint(by_arm[x][seed], "kid"))
+                        for x in [base_arm, *others] if seed in by_arm[x]]
+                path = [p for p in path if None not in p]
+                g, k = reward_gain(ng), endpoint(ng, "kid")
+                on_path = None if g is None or k is None or len(path) < 2 else kid_on_path(path, g)
+                if on_path is not None:
+                    diffs[seed] = k - on_path
+            out.setdefault(m, {})[a] = diffs
+    return out
+
+
+def dominance_lines(grouped: dict, reward: str, base_arm: str, ng_arms) -> tuple[list[str], dict]:
+    """The report's table of `frontier_dominance` (mean [95% t interval] over seeds), and its JSON."""
+    found = frontier_dominance(grouped, reward, base_arm, ng_arms)
+    rows, data = [], {}
+    for m, by_ng in found.items():
+        for a, diffs in by_ng.items():
+            iv = stats.interval(diffs)
+            seeds = sorted(grouped[(reward, m)][a])
+            data.setdefault(m, {})[a] = {"by_seed": diffs, **iv.as_dict()}
+            rows.append([m, a, f"{len(diffs)} of {len(seeds)}", _ci(iv, 1),
+                         ", ".join(f"{s}: {diffs[s]:+.1f}" if s in diffs else f"{s}: not matchable" for s in seeds)])
+    if not rows:
+        return [], data
+    return [f"**Which family dominates** (final KID, CFG-free, of each NormGuard arm minus that of the base method "
+            f"with another setting at the same reward gain; per seed, read on the path through that seed's `{base_arm}` "
+            "run and its other-setting runs, linear between the two whose gains bracket NormGuard's: a seed outside "
+            "them is not matchable. Below 0: NormGuard has the better quality at equal reward; the line between two "
+            "runs is an assumption, not a trained model):", "",
+            _table(["method", "NormGuard arm", "seeds matchable", "KID difference at equal reward", "by seed"], rows),
+            ""], data
+
+
 def plot_frontier(grouped: dict, reward: str, base_arm: str, path: str, ng_arms) -> bool:
     """Each arm's final KID against its reward gain, both as paired differences to the base arm of the same
     seeds (`frontier_points`; the base at 0, 0; mean over seeds, 95% paired t bars from 3 seeds on:
@@ -841,6 +899,10 @@ def write_results(config, workdir: str, runs: dict, total_s: float, floors: dict
             data.setdefault("rescaling", {})[reward] = rescaled
         if plot_frontier(grouped, reward, base_arm, os.path.join(fig_dir, f"frontier_{reward}.png"), ng_arms):
             md += [f"![frontier, {reward}](results/frontier_{reward}.png)", ""]
+            lines, dominance = dominance_lines(grouped, reward, base_arm, ng_arms)
+            md += lines
+            if dominance:
+                data.setdefault("frontier_dominance", {})[reward] = dominance
         seed = most_inflating_seed(grouped, reward, base_arm)
         if seed is not None and sample_comparison(workdir, runs, reward, seed, plotted,
                                                   os.path.join(fig_dir, f"samples_{reward}.png")):

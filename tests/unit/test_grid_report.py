@@ -472,6 +472,24 @@ def test_frontier_points_are_paired_differences_to_the_base(tmp_path):
                                     str(tmp_path / "g.png"), [])
 
 
+def test_frontier_dominance_reads_the_other_family_at_normguards_reward_seed_by_seed():
+    # seed 0: base (gain 1.0, KID 100), kl (0.6, 20): at NormGuard's gain 0.9 the KL path has KID 80,
+    # NormGuard has 90 -> +10. Seed 1: NormGuard's gain 1.5 lies above its base run's: not matchable.
+    base = {0: _summary(1.0, 1.0, 1.0, 100.0, 0.0), 1: _summary(1.0, 1.0, 1.2, 500.0, 0.0)}
+    ng = {0: _summary(1.0, 1.0, 0.9, 90.0, 0.0), 1: _summary(1.0, 1.0, 1.5, 300.0, 0.0)}
+    kl = {0: _summary(1.0, 1.0, 0.6, 20.0, 0.0), 1: _summary(1.0, 1.0, 0.8, 100.0, 0.0)}
+    grouped = {("preference", "awm"): {"base": base, "ng_x1": ng, "kl1": kl}}
+    found = report.frontier_dominance(grouped, "preference", "base", ["ng_x1"])
+    assert list(found["awm"]["ng_x1"]) == [0]
+    assert found["awm"]["ng_x1"][0] == pytest.approx(10.0)
+    assert report.kid_on_path([(0.0, 10.0), (1.0, 30.0), (0.5, 0.0)], 0.75) == pytest.approx(15.0)
+    assert report.kid_on_path([(0.0, 10.0), (1.0, 30.0)], 1.5) is None
+    lines, data = report.dominance_lines(grouped, "preference", "base", ["ng_x1"])
+    assert "| awm | ng_x1 | 1 of 2 | 10.0 (1 seed) | 0: +10.0, 1: not matchable |" in "\n".join(lines)
+    assert report.frontier_dominance({("preference", "awm"): {"base": base, "ng_x1": ng}}, "preference", "base",
+                                     ["ng_x1"]) == {}
+
+
 def test_matching_weight_interpolates_in_weight_between_the_bracketing_arms():
     def arm(gains):  # seed -> reward gain
         return {s: _summary(1.0, 1.0, g, 0.0, 0.0) for s, g in gains.items()}
