@@ -216,8 +216,9 @@ def _prepared_source(builder_cls, data_dir: str, config: tfds.core.BuilderConfig
     builder = _make_builder(builder_cls, data_dir, config)
     if not builder.is_prepared():
         with _exclusive(data_dir):
-            builder = _make_builder(builder_cls, data_dir, config)  # another process may have prepared it
-            if not builder.is_prepared():
+            if builder.is_prepared():   # another process prepared it meanwhile: read its dataset info
+                builder = _make_builder(builder_cls, data_dir, config)
+            else:
                 _prepare(builder)
     return builder.as_data_source(split)
 
