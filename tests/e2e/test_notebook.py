@@ -25,7 +25,7 @@ def test_demo_notebook_runs(tmp_path, monkeypatch, tiny_reference):
     from tests.unit.test_grid_report import _paired, _write
 
     c, runs = _write(tmp_path / "grid_report", _paired)
-    report.write_results(c, c.workdir, runs, {}, 60.0)
+    report.write_results(c, c.workdir, runs, 60.0)
     results = tmp_path / "grid_report" / "results" / "RESULTS.json"
     monkeypatch.setenv("NG_DEMO_RESULTS", str(results))
     monkeypatch.setenv("NG_DEMO_TINY", "1")
