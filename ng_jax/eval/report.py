@@ -468,22 +468,12 @@ def frontier_points(grouped: dict, reward: str, base_arm: str, ng_arms) -> dict:
     return out
 
 
-def kid_on_path(points: list[tuple[float, float]], gain: float) -> float | None:
-    """The KID of a family's path (its runs' (reward gain, KID) of one seed, the base run among them: the
-    family at its weakest setting) at `gain`, linear between the two runs whose gains bracket it; None
-    outside the gains the family reached."""
-    pts = sorted(points)
-    for (g1, k1), (g2, k2) in zip(pts, pts[1:]):
-        if g1 <= gain <= g2:
-            return k1 if g2 == g1 else k1 + (gain - g1) / (g2 - g1) * (k2 - k1)
-    return None
-
-
 def frontier_dominance(grouped: dict, reward: str, base_arm: str, ng_arms) -> dict:
     """method -> NormGuard arm -> seed -> its final KID minus the other family's (FRONTIER_OTHER, e.g. the
-    stronger KL terms) at the same reward gain, read on that family's path through the same seed's runs
-    (`kid_on_path`); seeds where NormGuard's gain lies outside the path are left out (not matchable).
-    Below 0: NormGuard lies below the other family at equal reward (better quality for the same reward)."""
+    stronger KL terms) at the same reward gain, read on that family's path through the same seed's runs (sorted
+    by gain, linear between the two whose gains bracket NormGuard's: `stats.value_at_reward`); seeds where
+    NormGuard's gain lies outside the path are left out (not matchable). Below 0: NormGuard lies below the other
+    family at equal reward (better quality for the same reward)."""
     ng_arms = set(ng_arms)
     out = {}
     for (r, m), by_arm in sorted(grouped.items()):
@@ -497,7 +487,7 @@ def frontier_dominance(grouped: dict, reward: str, base_arm: str, ng_arms) -> di
                         for x in [base_arm, *others] if seed in by_arm[x]]
                 path = [p for p in path if None not in p]
                 g, k = reward_gain(ng), endpoint(ng, "kid")
-                on_path = None if g is None or k is None or len(path) < 2 else kid_on_path(path, g)
+                on_path = None if g is None or k is None or len(path) < 2 else stats.value_at_reward(sorted(path), g)
                 if on_path is not None:
                     diffs[seed] = k - on_path
             out.setdefault(m, {})[a] = diffs

@@ -482,8 +482,8 @@ def test_frontier_dominance_reads_the_other_family_at_normguards_reward_seed_by_
     found = report.frontier_dominance(grouped, "preference", "base", ["ng_x1"])
     assert list(found["awm"]["ng_x1"]) == [0]
     assert found["awm"]["ng_x1"][0] == pytest.approx(10.0)
-    assert report.kid_on_path([(0.0, 10.0), (1.0, 30.0), (0.5, 0.0)], 0.75) == pytest.approx(15.0)
-    assert report.kid_on_path([(0.0, 10.0), (1.0, 30.0)], 1.5) is None
+    assert report.stats.value_at_reward(sorted([(0.0, 10.0), (1.0, 30.0), (0.5, 0.0)]), 0.75) == pytest.approx(15.0)
+    assert report.stats.value_at_reward([(0.0, 10.0), (1.0, 30.0)], 1.5) is None
     lines, data = report.dominance_lines(grouped, "preference", "base", ["ng_x1"])
     assert "| awm | ng_x1 | 1 of 2 | 10.0 (1 seed) | 0: +10.0, 1: not matchable |" in "\n".join(lines)
     assert report.frontier_dominance({("preference", "awm"): {"base": base, "ng_x1": ng}}, "preference", "base",
