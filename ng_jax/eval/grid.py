@@ -15,6 +15,8 @@
    whose base run inflates the norm most under guidance; each is recorded as it finishes
    (WORKDIR/analysis/grid_analyses.json, with its time), so that an interrupted grid reruns only the others.
 5. The report (`config.results`, its JSON and figures in results/ next to it; ng_jax.eval.report).
+6. Optionally (`grid.export=DIR`), a copy of the workdir without checkpoints or policies (`export`): the same
+   command pointed at it, on another machine, trains only the unfinished runs and writes the same report.
 
 `grid.worker="I/N"` trains only every N-th run from the I-th (I = 0..N-1) and stops after them: N such
 commands started at once share the runs (on 2 cores, two workers train 1.2-1.3x as many runs per hour as
@@ -57,6 +59,9 @@ RUN_CONFIG = "grid_run_config.json"
 RUN_REFERENCE = "grid_run_reference.txt"  # params sha256 of the reference bundle the run started from
 FLOORS = "floors.json"
 RESCALING = report.RESCALING_DIR  # WORKDIR/rescaling/<base run>.json: its final policy sampled with rescaling
+# Where a run and the reference's cached evaluation live: inside the grid's workdir, which may move (a copy on
+# another machine, a bucket), so a run's recorded config is compared without them.
+LOCATION_KEYS = ("workdir", "eval.initial_cache")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,7 +185,7 @@ def _check_recorded_config(c: mlc.ConfigDict, run_dir: str, reference_sha: str) 
                           f"delete it or point grid workdir elsewhere")
     old = dict(_flatten(recorded_config))
     new = dict(_flatten(json.loads(c.to_json_best_effort())))
-    diff = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    diff = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and k not in LOCATION_KEYS)
     if diff:
         shown = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff[:4])
         raise ConfigError(f"{run_dir} was started with another config ({shown}{', ...' if len(diff) > 4 else ''}); "
@@ -242,6 +247,7 @@ def analysis_config(config, checkpoints: list[str], runs: list[str]) -> mlc.Conf
     a.eval = copy.deepcopy(first.eval)
     a.eval.cfg_rescale = 0.0
     a.eval.variants = mlc.ConfigDict()
+    a.eval.initial_cache = ""   # the RL loop's cache only
     a.eval.samples_per_prompt = int(config.analysis.samples_per_prompt)
     for key in ("few_steps", "cfg_rescale_phi", "guided_cfg_scale", "adjoint_prompts", "adjoint_samples"):
         a.analysis[key] = config.analysis[key]
@@ -262,9 +268,9 @@ def _analyses(config, workdir: str, runs: dict[str, RunSpec], summaries: dict, r
     a_cfg = analysis_config(config, ["reference"] + chosen, [os.path.join(workdir, n) for n in runs])
     a_dir = os.path.join(workdir, "analysis")
     record_path = os.path.join(a_dir, report.ANALYSIS_RECORD)
-    settings = json.loads(a_cfg.to_json_best_effort(sort_keys=True))
+    settings = portable_settings(json.loads(a_cfg.to_json_best_effort(sort_keys=True)))
     record = storage.read_json(record_path) or _earlier_record(a_dir, settings, analyze.selected(a_cfg))
-    if retrained or record.get("settings") != settings:   # runs trained since, or other settings: all again
+    if retrained or portable_settings(record.get("settings")) != settings:   # runs trained since, or other settings: all again
         for path in (record_path, os.path.join(a_dir, RUN_CONFIG)):  # (RUN_CONFIG: earlier code's record)
             if storage.is_file(path):
                 storage.path(path).unlink()
@@ -283,11 +289,35 @@ def _analyses(config, workdir: str, runs: dict[str, RunSpec], summaries: dict, r
     analyze.run(a_cfg, a_dir, skip=finished, on_finished=done)
 
 
+def portable_settings(settings: dict | None) -> dict | None:
+    """The analyses' settings as recorded and compared: the run directories they name written relative to the
+    grid's workdir ("{workdir}/<run>") and the RL loop's cache location left out, so that a copy of the workdir
+    elsewhere (another machine, a bucket) reuses its analyses. Settings recorded with absolute paths (earlier
+    code) are read the same way: their workdir is the directory holding the runs they name."""
+    if not settings or "analysis" not in settings:
+        return settings
+    out = copy.deepcopy(settings)
+    out.get("eval", {}).pop("initial_cache", None)
+    a = out["analysis"]
+    runs = [r for r in str(a.get("runs") or "").split(",") if r]
+    if runs and not runs[0].startswith("{workdir}/"):
+        root = os.path.dirname(runs[0].rstrip("/")) + "/"
+        for key in ("runs", "checkpoints"):
+            a[key] = ",".join(_under(entry, root) for entry in str(a.get(key) or "").split(","))
+    return out
+
+
+def _under(entry: str, root: str) -> str:
+    """A checkpoint entry (PATH or LABEL=PATH) with PATH under `root` written as {workdir}/..."""
+    label, sep, path = entry.rpartition("=")
+    return f"{label}{sep}{{workdir}}/{path[len(root):]}" if path.startswith(root) else entry
+
+
 def _earlier_record(a_dir: str, settings: dict, names) -> dict:
     """The record of analyses run by earlier code: their settings in RUN_CONFIG, written once all had
     finished (their time unknown)."""
     text = storage.read_text(os.path.join(a_dir, RUN_CONFIG))
-    if text is None or json.loads(text) != settings:
+    if text is None or portable_settings(json.loads(text)) != settings:
         return {}
     return {"settings": settings, "seconds": dict.fromkeys(n for n in names if storage.is_file(a_dir, f"{n}.json"))}
 
@@ -352,6 +382,8 @@ def parse_worker(text: str) -> tuple[int, int]:
 
 def run(config, workdir: str) -> int:
     t_start = time.time()
+    config = copy.deepcopy(config)
+    config.workdir = workdir   # the runs' directories and the reference's cached evaluation go under the one given
     try:
         runs = run_specs(config)
     except (KeyError, ValueError) as err:
@@ -416,4 +448,37 @@ def run(config, workdir: str) -> int:
     path = report.write_results(config, workdir, runs, total_s=time.time() - t_start, floors=floors,
                                 mixed_code=mixed, summaries=summaries)
     print(f"report: {path}")
+    if config.grid.get("export"):
+        export(config, workdir, runs, summaries, str(config.grid.export))
     return 0
+
+
+def export(config, workdir: str, runs: dict[str, RunSpec], summaries: dict, dest: str) -> None:
+    """A copy of the grid's workdir without checkpoints or policies (local or gs://): every finished run's
+    records (summary, metrics, config, commit, reference) and, for the seed whose final samples the report
+    shows, those samples; the reference's cached evaluations, the noise floors, the analyses' results and
+    the rescaled samples' scores. The same command at the same commit, pointed at the copy, reuses all of it
+    and writes the same report; unfinished runs are left out (they train from the start there)."""
+    base_arm = str(config.grid.base_arm)
+    grouped = report.cells(runs, summaries)
+    shown = {r: report.most_inflating_seed(grouped, r, base_arm) for r in {s.reward for s in runs.values()}}
+    files = [FLOORS]
+    for name, spec in runs.items():
+        if not summaries.get(name):
+            continue
+        files += [os.path.join(name, f) for f in ("summary.json", "metrics.jsonl", RUN_CONFIG, report.RUN_COMMIT,
+                                                  RUN_REFERENCE)]
+        if spec.seed == shown[spec.reward]:
+            final = f"epoch_{int(spec.config.rl.epochs):04d}"
+            files += [os.path.join(name, "samples", f"{final}{s}.png") for s in ("", "_guided")]
+    for sub, ends in (("initial_evals", (".json",)), ("analysis", (".json", ".png")), (RESCALING, (".json",))):
+        files += [os.path.join(sub, f) for f in storage.listdir(os.path.join(workdir, sub)) if f.endswith(ends)]
+    size = 0
+    for f in files:
+        src = os.path.join(workdir, f)
+        if storage.is_file(src):
+            data = storage.path(src).read_bytes()
+            storage.write_bytes(os.path.join(dest, f), data)
+            size += len(data)
+    print(f"copy without checkpoints: {dest} ({sum(bool(s) for s in summaries.values())} finished runs, "
+          f"{size / 2**20:.1f} MiB)")

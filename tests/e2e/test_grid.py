@@ -4,6 +4,7 @@ tests/unit/test_grid_report.py)."""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 
@@ -111,6 +112,29 @@ def test_tiny_grid_runs_pairs_reports_reuses_and_refuses(tmp_path, capsys, tiny_
     assert out.count("finished earlier, reused") == 4 and "analyses: finished earlier" in out
     assert "rescaling [" not in out   # reused too
     assert stamps == [os.path.getmtime(os.path.join(config.workdir, n, "summary.json")) for n in names]
+    # a copy of the workdir without checkpoints (grid.export), used as the workdir elsewhere: nothing trains or
+    # samples there, and its report is the same
+    copied = str(tmp_path / "elsewhere" / "grid")
+    config.grid.export = copied
+    assert grid.run(config, config.workdir) == 0
+    config.grid.export = ""
+    files = [os.path.relpath(os.path.join(d, f), copied) for d, _, fs in os.walk(copied) for f in fs]
+    assert {f.split(os.sep)[0] for f in files} == set(names) | {"initial_evals", "analysis", grid.RESCALING, grid.FLOORS}
+    assert not [f for f in files if f.split(os.sep)[1:2] in (["checkpoints"], ["policy"])]
+    elsewhere = copy.deepcopy(config)
+    elsewhere.results = str(tmp_path / "elsewhere" / "RESULTS.md")
+    capsys.readouterr()
+    assert grid.run(elsewhere, copied) == 0
+    out = capsys.readouterr().out
+    assert out.count("finished earlier, reused") == 4 and "analyses: finished earlier" in out
+    assert "rescaling [" not in out
+
+    def body(path):
+        return [line for line in open(path).read().splitlines() if not line.startswith("Produced by")]
+
+    assert body(elsewhere.results) == body(config.results)
+    assert os.path.getsize(tmp_path / "elsewhere" / "results" / "samples_jpeg_incompressibility.png") > 1000
+
     # the rescaled samples pair with the run's final evaluation: sampled plain and guided the same way, they
     # reproduce the run's own numbers (same prompts, noise and size)
     plain = {"plain": {}, "guided": {"cfg_scale": 2.0}}

@@ -320,6 +320,31 @@ def test_report_only_reports_the_finished_runs_without_training(tmp_path, monkey
     assert f"| {missing} |  | not finished |" in text and "`abc1234` (9 runs)" in text
 
 
+def test_a_moved_grid_reuses_its_runs_and_keeps_new_ones_inside_it(tmp_path, monkeypatch):
+    """The workdir given on the command line, not the config's default, holds the runs and the reference's
+    cached evaluation; runs recorded at another location (a copy from another machine) are reused there."""
+    c, runs = _write(tmp_path, lambda m, a, s: _summary(1.0, 1.05, 0.5, 50.0, 50.0))
+    for name, spec in runs.items():
+        storage.write_text(os.path.join(c.workdir, name, grid.RUN_CONFIG),
+                           spec.config.to_json_best_effort(indent=1, sort_keys=True))
+        storage.write_text(os.path.join(c.workdir, name, grid.RUN_REFERENCE), grid.bundle_fingerprint(c.reference) + "\n")
+    moved = str(tmp_path / "moved")
+    shutil.copytree(c.workdir, moved)
+    left = list(runs)[-1]
+    os.remove(os.path.join(moved, left, "summary.json"))
+    started = {}
+
+    def fake_run(cfg, run_dir):
+        started[run_dir] = cfg
+        return 1   # stopped
+
+    monkeypatch.setattr(grid.loop, "run", fake_run)
+    assert grid.run(c, moved) == 1
+    (run_dir, cfg), = started.items()
+    assert run_dir == os.path.join(moved, left)
+    assert cfg.workdir == run_dir and cfg.eval.initial_cache == os.path.join(moved, "initial_evals")
+
+
 def test_the_analyses_of_a_snapshot_sample_only_finished_runs(tmp_path, monkeypatch):
     """The analyses' seed is the one whose finished base runs inflate most; a run of that seed still training
     (no policy yet) is left out of them rather than failing the report."""
@@ -371,6 +396,18 @@ def test_interrupted_analyses_resume_where_they_stopped(tmp_path, monkeypatch):
     storage.write_text(os.path.join(a_dir, grid.RUN_CONFIG), json.dumps(settings, indent=1))
     grid._analyses(c, c.workdir, runs, summaries, False)
     assert len(calls) == 3
+    # a copy of the workdir elsewhere (another machine) reuses them, whether recorded with the runs' paths
+    # relative to the workdir or, by earlier code, absolute
+    absolute = json.loads(json.dumps(settings).replace("{workdir}", c.workdir))
+    assert absolute != settings and grid.portable_settings(absolute) == settings
+    storage.write_text(os.path.join(a_dir, grid.RUN_CONFIG), json.dumps(absolute, indent=1))
+    copied = str(tmp_path / "elsewhere" / "grid")
+    shutil.copytree(c.workdir, copied)
+    grid._analyses(c, copied, runs, summaries, False)
+    assert len(calls) == 3
+    os.remove(os.path.join(copied, "analysis", grid.RUN_CONFIG))
+    grid._analyses(c, copied, runs, summaries, False)
+    assert calls[3] == everything   # no record at all: everything again
 
 
 def test_a_worker_says_how_many_of_its_runs_are_left(tmp_path, monkeypatch, capsys):

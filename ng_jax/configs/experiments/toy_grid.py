@@ -67,6 +67,9 @@ def get_config(arg=None):
                                       # skips the last two for a quick snapshot)
     c.grid.worker = ""                # "I/N": train only every N-th run from the I-th, then stop (N commands at
                                       # once share the runs); the command without it then reports
+    c.grid.export = ""                # a directory (or gs://...): after the report, a copy of the workdir without
+                                      # checkpoints (finished runs' records, the shown samples, analyses), which
+                                      # the same command at the same commit reuses elsewhere and reports the same
     c.grid.floor_draws = 20           # real-vs-real draws of the KID / FD noise floors (0: not measured)
     c.grid.margins = mlc.ConfigDict({"inflation": 0.03,     # base ratio above 1.03 counts as inflation
                                      "reward_kept": 0.2})   # non-inferiority: lose < 20% of the base gain
