@@ -47,8 +47,10 @@ def test_frontier_carries_awms_calibrated_lambda_to_each_method_and_sets_the_kl_
     assert runs["awm_kl10_preference_s1"].config.loss.beta == 10.0
     assert runs["awm_kl100_preference_s1"].config.loss.beta == 100.0
     assert runs["nft_kl0p1_preference_s0"].config.loss.kl_beta == pytest.approx(0.68)
+    assert runs["awm_kl0p03_preference_s1"].config.loss.beta == 0.03
+    assert runs["nft_kl0p03_preference_s1"].config.loss.kl_beta == pytest.approx(0.2)
     assert not any(n.startswith("dpo_kl") for n in runs)
-    assert len(runs) == 2 * (4 + 8 + 8)
+    assert len(runs) == 2 * (4 + 9 + 9)
 
 
 @pytest.mark.parametrize("variant", ["soft_free", "headroom_free,centred,lr=3e-5", "clip_guided,lam"])

@@ -9,9 +9,11 @@ Seeds 0 and 1 (the calibration's, not the grid's), the preference reward, the gr
   to AWM's (measured with `normguard.log_term_grads`, docs/DEFAULTS.md): a hinge of the same weight
   relative to the base loss. The calibration's rule (`grid.choose_max_gain_loss`) names the arm each
   method's config file should carry: `ng_x1` confirms it;
-- `kl0p1`, `kl1`, `kl10`, `kl100` (AWM and NFT): the base method with a stronger KL-to-reference term (AWM
-  `loss.beta`, NFT `loss.kl_beta`, both 1e-4 by default; the term is `mean((v - v_ref)^2)`, in the units
-  of the policy loss), at these weights times the same exchange rate.
+- `kl0p03`, `kl0p1`, `kl1`, `kl10`, `kl100` (AWM and NFT): the base method with a stronger KL-to-reference
+  term (AWM `loss.beta`, NFT `loss.kl_beta`, both 1e-4 by default; the term is `mean((v - v_ref)^2)`, in the
+  units of the policy loss), at these weights times the same exchange rate. `kl0p03` was added after the
+  first 40 runs: of the others only `kl0p1` lies in NormGuard's reward range, so the KL family's KID at
+  NormGuard's reward was read on a straight line from the base run to it; `kl0p03` tests that line.
 
 The report plots final KID against reward gain per arm: whichever family lies below the other at equal reward
 dominates. The KL weight whose reward matches NormGuard's (interpolated linearly in weight) becomes the grid's KL
@@ -30,7 +32,7 @@ LAMBDA_MULTIPLES = (1 / 3, 1.0, 3.0)   # of each method's shipped lambda
 # base-loss parameter-gradient norm relative to AWM's (medians over epochs 2-6 in the grid's world, seed 0,
 # commit 99b2d12: docs/results/calibration/gradient_scales.json)
 LAMBDA_RATE = {"awm": 1.0, "nft": 6.8, "dpo": 33.0}
-KL_WEIGHTS = (0.1, 1.0, 10.0, 100.0)   # AWM's; NFT's are LAMBDA_RATE["nft"] times these
+KL_WEIGHTS = (0.03, 0.1, 1.0, 10.0, 100.0)   # AWM's; NFT's are LAMBDA_RATE["nft"] times these
 KL_KEY = {"awm": "loss.beta", "nft": "loss.kl_beta"}
 METHODS = ("dpo", "nft", "awm")   # DPO and NFT first: their seed-0 arms check the carried-over lambda soonest
 
