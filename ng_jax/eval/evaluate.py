@@ -251,11 +251,13 @@ def initial_evaluation_cache(config, stack) -> str | None:
     train (method, NormGuard, seed, optimizer) start from the same reference and evaluate it on the same
     prompts and noise, so a grid computes that evaluation once. The key covers everything it depends on:
     the reference's parameter checksum, the eval block, the rewards, the sample space and the render.
-    Toy world only (a real model's weights directory has no checksum)."""
+    Not the cache's own location: a moved workdir keeps its entries. Toy world only (a real model's weights
+    directory has no checksum)."""
     directory = str(config.eval.get("initial_cache") or "")
     if not directory or not stack.is_toy:
         return None
-    key = json.dumps([bundle_fingerprint(config.get("reference") or None), json.loads(config.eval.to_json_best_effort()),
+    settings = {k: v for k, v in json.loads(config.eval.to_json_best_effort()).items() if k != "initial_cache"}
+    key = json.dumps([bundle_fingerprint(config.get("reference") or None), settings,
                       json.loads(config.rewards.to_json_best_effort()), config.get("space", "pixel"), config.render],
                      sort_keys=True)
     return os.path.join(directory, hashlib.sha256(key.encode()).hexdigest()[:20] + ".json")

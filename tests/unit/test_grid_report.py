@@ -19,7 +19,7 @@ from PIL import Image
 
 from ng_jax import logs, storage
 from ng_jax.config.checks import ConfigError
-from ng_jax.eval import grid, report, stats
+from ng_jax.eval import evaluate, grid, report, stats
 from tests.fixtures import REPO
 from tests.gcs import BUCKET
 
@@ -343,6 +343,11 @@ def test_a_moved_grid_reuses_its_runs_and_keeps_new_ones_inside_it(tmp_path, mon
     (run_dir, cfg), = started.items()
     assert run_dir == os.path.join(moved, left)
     assert cfg.workdir == run_dir and cfg.eval.initial_cache == os.path.join(moved, "initial_evals")
+    # ... under the same file name as before the move: the moved workdir's cached reference evaluation is reused
+    toy = type("Stack", (), {"is_toy": True})()
+    before, after = (evaluate.initial_evaluation_cache(x, toy) for x in (runs[left].config, cfg))
+    assert os.path.dirname(after) == os.path.join(moved, "initial_evals")
+    assert os.path.basename(after) == os.path.basename(before)
 
 
 def test_the_analyses_of_a_snapshot_sample_only_finished_runs(tmp_path, monkeypatch):
