@@ -247,7 +247,6 @@ def analysis_config(config, checkpoints: list[str], runs: list[str]) -> mlc.Conf
     a.eval = copy.deepcopy(first.eval)
     a.eval.cfg_rescale = 0.0
     a.eval.variants = mlc.ConfigDict()
-    a.eval.initial_cache = ""   # the RL loop's cache only
     a.eval.samples_per_prompt = int(config.analysis.samples_per_prompt)
     for key in ("few_steps", "cfg_rescale_phi", "guided_cfg_scale", "adjoint_prompts", "adjoint_samples"):
         a.analysis[key] = config.analysis[key]
@@ -270,7 +269,8 @@ def _analyses(config, workdir: str, runs: dict[str, RunSpec], summaries: dict, r
     record_path = os.path.join(a_dir, report.ANALYSIS_RECORD)
     settings = portable_settings(json.loads(a_cfg.to_json_best_effort(sort_keys=True)))
     record = storage.read_json(record_path) or _earlier_record(a_dir, settings, analyze.selected(a_cfg))
-    if retrained or portable_settings(record.get("settings")) != settings:   # runs trained since, or other settings: all again
+    # runs trained since, or other settings: all again
+    if retrained or portable_settings(record.get("settings")) != settings:
         for path in (record_path, os.path.join(a_dir, RUN_CONFIG)):  # (RUN_CONFIG: earlier code's record)
             if storage.is_file(path):
                 storage.path(path).unlink()
